@@ -1,0 +1,1 @@
+"""gRPC server interceptors, one concern per module: authentication, rate limiting, tracing."""

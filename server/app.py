@@ -1,0 +1,153 @@
+"""Assembles the gRPC server: the generation service, health, reflection.
+
+Lifecycle: `start()` binds and serves; `stop()` drains gracefully: health
+turns NOT_SERVING (so mesh sidecars stop routing here), new calls are
+refused, in-flight generation calls get up to the grace period to finish,
+and whatever is still open after that (or once no generation call is left,
+such as health Watch streams) is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from interceptors.malformed_request import MalformedRequestInterceptor
+from llmgateway.v1 import generation_pb2 as pb
+from llmgateway.v1 import generation_pb2_grpc as pb_grpc
+from server.config import GatewayConfig, ServerConfig
+from server.routing import Router, build_providers
+from server.servicer import GenerationServicer
+
+log = logging.getLogger(__name__)
+
+GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """grpc channel arguments from the server configuration."""
+    options = [
+        ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+        ("grpc.max_send_message_length", config.max_send_message_bytes),
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            int(config.min_client_ping_interval_s * 1000),
+        ),
+        # grpc turns SO_REUSEPORT on by default, which would let a second
+        # gateway bind the same port silently and steal half the calls.
+        ("grpc.so_reuseport", 0),
+    ]
+    if config.max_connection_idle_s:
+        options.append(("grpc.max_connection_idle_ms", int(config.max_connection_idle_s * 1000)))
+    if config.max_concurrent_streams:
+        options.append(("grpc.max_concurrent_streams", config.max_concurrent_streams))
+    return options
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Gateway:
+    """The gateway's gRPC server and everything it serves."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        router: Router | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        self.config = config
+        self.router = router or Router(build_providers(config))
+        self.servicer = GenerationServicer(self.router)
+        self.health = health.aio.HealthServicer()
+        self._server = grpc.aio.server(
+            interceptors=[MalformedRequestInterceptor(), *interceptors],
+            options=server_options(config.server),
+        )
+        pb_grpc.add_GenerationServiceServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        if config.server.reflection:
+            reflection.enable_server_reflection(
+                (GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            )
+        self.port = 0
+        self._stopping: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        """Binds, starts serving and returns the bound port."""
+        address = _address(self.config.server.host, self.config.server.port)
+        self.port = self._server.add_insecure_port(address)
+        await self._server.start()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        await self.health.set("", serving)
+        await self.health.set(GENERATION_SERVICE, serving)
+        log.info("llm-gateway serving on %s", _address(self.config.server.host, self.port))
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains and stops; safe to call more than once (a later call waits)."""
+        if self._stopping is None:
+            grace = self.config.server.shutdown_grace_s if grace is None else grace
+            self._stopping = asyncio.create_task(self._drain(grace))
+        await asyncio.shield(self._stopping)
+
+    async def stop_now(self) -> None:
+        """Cancels every call at once (a second signal during a drain)."""
+        await self._server.stop(0)
+
+    async def _drain(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        log.info(
+            "shutting down: %d call(s) in flight, up to %.3g s to finish",
+            self.servicer.in_flight,
+            grace,
+        )
+        # server.stop(grace) refuses new calls at once and cancels the rest
+        # after `grace`; health Watch streams never end on their own, so once
+        # no generation call is left we stop waiting for them.
+        stopping = asyncio.create_task(self._server.stop(grace))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.servicer.wait_idle(), grace)
+        await self._server.stop(0)
+        await stopping
+        await self.router.aclose()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Runs the gateway until SIGTERM or SIGINT, then drains and returns."""
+    gateway = Gateway(config)
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
+    background: set[asyncio.Task[None]] = set()
+
+    def on_signal(signum: int) -> None:
+        if signalled.is_set():
+            log.warning("second %s: cancelling in-flight calls", signal.Signals(signum).name)
+            task = loop.create_task(gateway.stop_now())
+            background.add(task)
+            task.add_done_callback(background.discard)
+            return
+        log.info("%s received", signal.Signals(signum).name)
+        signalled.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await signalled.wait()
+    await gateway.stop()

@@ -1,0 +1,144 @@
+"""The gateway's one error hierarchy and its translation to gRPC statuses.
+
+Every error the gateway reports is a GatewayError subclass that declares its
+gRPC status code and an ErrorInfo reason. The servicer's error boundary
+(server/servicer.py) is the only place that turns one into a status on the
+wire, using the google.rpc rich error model through grpcio-status: ErrorInfo
+always, plus BadRequest field violations, RetryInfo or QuotaFailure where
+they apply. Anything that is not a GatewayError becomes INTERNAL with a
+generic message, never UNKNOWN and never a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message as ProtoMessage
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+ERROR_DOMAIN = "llmgateway"
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway reports to its caller."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    reason: ClassVar[str] = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = dict(metadata or {})
+        self.retry_after = retry_after
+
+    def detail_messages(self) -> list[ProtoMessage]:
+        """The google.rpc detail messages besides ErrorInfo and RetryInfo."""
+        return []
+
+    def to_status(self, request_id: str = "") -> grpc.Status:
+        """Builds the rich status (details in `grpc-status-details-bin`)."""
+        metadata = dict(self.metadata)
+        if request_id:
+            metadata["request_id"] = request_id
+        details: list[ProtoMessage] = [
+            error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=metadata)
+        ]
+        if self.retry_after is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(self.retry_after * 1e9))
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.extend(self.detail_messages())
+        packed = []
+        for detail in details:
+            any_detail = any_pb2.Any()
+            any_detail.Pack(detail)
+            packed.append(any_detail)
+        status = status_pb2.Status(
+            code=getattr(code_pb2, self.code.name), message=self.message, details=packed
+        )
+        return rpc_status.to_status(status)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field: `field` is a path such as `messages[0].content[1].text`."""
+
+    field: str
+    description: str
+
+
+class InvalidArgumentError(GatewayError):
+    """The request is malformed; `violations` say which fields and why."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: Sequence[FieldViolation], message: str = "") -> None:
+        self.violations = list(violations)
+        if not message:
+            first = self.violations[0]
+            more = len(self.violations) - 1
+            message = f"invalid request: {first.field}: {first.description}"
+            if more:
+                message += f" (and {more} more field violation{'s' if more > 1 else ''})"
+        super().__init__(message)
+
+    def detail_messages(self) -> list[ProtoMessage]:
+        return [
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in self.violations
+                ]
+            )
+        ]
+
+
+class ModelNotFoundError(GatewayError):
+    """The requested model is not served by this gateway."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "MODEL_NOT_FOUND"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"model {model!r} is not served here; ListModels shows the models that are",
+            metadata={"model": model},
+        )
+
+
+class UnavailableError(GatewayError):
+    """The gateway or an upstream cannot serve the call right now; retry later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "UNAVAILABLE"
+
+
+class ShuttingDownError(UnavailableError):
+    reason = "SHUTTING_DOWN"
+
+
+class InternalError(GatewayError):
+    """A bug or an unexpected state in the gateway; the message stays generic."""
+
+    code = grpc.StatusCode.INTERNAL
+    reason = "INTERNAL"
+
+
+class UpstreamProtocolError(InternalError):
+    """An upstream answered with something the gateway cannot interpret."""
+
+    reason = "UPSTREAM_PROTOCOL_ERROR"

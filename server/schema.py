@@ -1,0 +1,226 @@
+"""The gateway's internal, provider-neutral request and response types.
+
+The servicer turns protobuf into these types at the edge (server/wire.py),
+and providers speak only these: never protobuf, never another provider's
+dict shapes. They are plain slotted dataclasses because they are built on
+the hot path of every call; pydantic is kept for configuration.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+
+class Role(enum.Enum):
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class StopReason(enum.Enum):
+    END_TURN = "end_turn"
+    MAX_TOKENS = "max_tokens"
+    STOP_SEQUENCE = "stop_sequence"
+    TOOL_USE = "tool_use"
+    REFUSAL = "refusal"
+    CONTENT_FILTER = "content_filter"
+    PAUSE_TURN = "pause_turn"
+    CONTEXT_WINDOW_EXCEEDED = "context_window_exceeded"
+
+
+class ToolChoiceMode(enum.Enum):
+    AUTO = "auto"
+    ANY = "any"
+    NONE = "none"
+    TOOL = "tool"
+
+
+@dataclass(slots=True)
+class CacheControl:
+    """A prompt-caching breakpoint; `ttl_seconds` None means the provider default."""
+
+    ttl_seconds: float | None = None
+
+
+@dataclass(slots=True)
+class TextBlock:
+    text: str
+    cache_control: CacheControl | None = None
+
+
+@dataclass(slots=True)
+class ImageBlock:
+    """An image given inline (`data` + `media_type`) or by `url`."""
+
+    data: bytes | None = None
+    url: str | None = None
+    media_type: str = ""
+    cache_control: CacheControl | None = None
+
+
+@dataclass(slots=True)
+class ToolUseBlock:
+    id: str
+    name: str
+    input: dict[str, Any] = field(default_factory=dict)
+    cache_control: CacheControl | None = None
+
+
+@dataclass(slots=True)
+class ToolResultBlock:
+    tool_use_id: str
+    content: list[TextBlock | ImageBlock] = field(default_factory=list)
+    is_error: bool = False
+    cache_control: CacheControl | None = None
+
+
+@dataclass(slots=True)
+class ThinkingBlock:
+    text: str = ""
+    signature: str = ""
+    redacted_data: str = ""
+    cache_control: CacheControl | None = None
+
+
+ContentBlock: TypeAlias = TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock
+
+
+@dataclass(slots=True)
+class Message:
+    role: Role
+    content: list[ContentBlock]
+
+
+@dataclass(slots=True)
+class Tool:
+    name: str
+    description: str = ""
+    input_schema: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ToolChoice:
+    mode: ToolChoiceMode = ToolChoiceMode.AUTO
+    tool_name: str = ""
+    disable_parallel_tool_use: bool = False
+
+
+@dataclass(slots=True)
+class CallerMetadata:
+    end_user_id: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """A validated generation request.
+
+    `model` is the model the caller asked for; `max_tokens` is always set
+    (the servicer fills in the model's default). `request_id` is never empty.
+    """
+
+    model: str
+    messages: list[Message]
+    max_tokens: int
+    request_id: str
+    system: list[TextBlock] = field(default_factory=list)
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: ToolChoice | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop_sequences: list[str] = field(default_factory=list)
+    thinking_budget_tokens: int | None = None
+    metadata: CallerMetadata = field(default_factory=CallerMetadata)
+    provider_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class TokenCountRequest:
+    model: str
+    messages: list[Message]
+    system: list[TextBlock] = field(default_factory=list)
+    tools: list[Tool] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class TokenCount:
+    input_tokens: int
+    estimated: bool
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts. Input counts are disjoint (see the proto's Usage)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class Pricing:
+    """US dollars per million tokens."""
+
+    input_per_mtok: float = 0.0
+    output_per_mtok: float = 0.0
+    cache_read_per_mtok: float = 0.0
+    cache_creation_per_mtok: float = 0.0
+
+
+@dataclass(slots=True, frozen=True)
+class Cost:
+    """The price of one call in billionths of a US dollar (exact sums)."""
+
+    input_nanos: int = 0
+    output_nanos: int = 0
+    cache_read_nanos: int = 0
+    cache_creation_nanos: int = 0
+    currency_code: str = "USD"
+
+    @property
+    def total_nanos(self) -> int:
+        return (
+            self.input_nanos + self.output_nanos + self.cache_read_nanos + self.cache_creation_nanos
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class Capabilities:
+    streaming: bool = True
+    tools: bool = False
+    images: bool = False
+    thinking: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class ModelInfo:
+    """A model a provider serves, as ListModels shows it."""
+
+    id: str
+    provider: str
+    context_window: int
+    max_output_tokens: int
+    default_max_tokens: int
+    display_name: str = ""
+    aliases: tuple[str, ...] = ()
+    pricing: Pricing = Pricing()
+    capabilities: Capabilities = Capabilities()
+
+
+@dataclass(slots=True)
+class GenerationResponse:
+    """A complete response: what folding a stream of events gives."""
+
+    id: str
+    model: str
+    provider: str
+    request_id: str = ""
+    upstream_request_id: str = ""
+    content: list[ContentBlock] = field(default_factory=list)
+    stop_reason: StopReason | None = None
+    stop_sequence: str = ""
+    usage: Usage = field(default_factory=Usage)
+    cost: Cost = field(default_factory=Cost)

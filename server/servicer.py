@@ -1,0 +1,144 @@
+"""The GenerationService servicer: the edge between gRPC and the gateway.
+
+Each RPC decodes and validates its protobuf request (server/decoding.py),
+hands the internal request to the router and encodes what comes back.
+Generate folds the very event stream StreamGenerate forwards. This module
+is also the error boundary: the one place a GatewayError (or an unexpected
+exception) becomes a gRPC status with google.rpc details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import grpc
+
+from llmgateway.v1 import generation_pb2 as pb
+from llmgateway.v1 import generation_pb2_grpc as pb_grpc
+from server.decoding import decode_count_tokens, decode_generate
+from server.encoding import encode_event, encode_models, encode_response
+from server.errors import FieldViolation, GatewayError, InternalError, InvalidArgumentError
+from server.events import fold
+from server.routing import Router
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+# Request ids travel in metadata, so they must be printable ASCII.
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def request_id_of(request: Any, context: grpc.aio.ServicerContext) -> str:
+    """The caller's request id (field, then x-request-id metadata) or a new one."""
+    given = getattr(request, "request_id", "")
+    if given:
+        if not _REQUEST_ID.match(given):
+            raise InvalidArgumentError(
+                [FieldViolation("request_id", "must be 1-128 printable ASCII characters")]
+            )
+        return str(given)
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID.match(value):
+            return value
+    return uuid.uuid4().hex
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: GatewayError, request_id: str) -> None:
+    status = error.to_status(request_id)
+    trailers = (*status.trailing_metadata, (REQUEST_ID_HEADER, request_id))
+    await context.abort(status.code, status.details, trailers)
+
+
+@asynccontextmanager
+async def error_boundary(
+    context: grpc.aio.ServicerContext, request_id: str = ""
+) -> AsyncIterator[None]:
+    """Turns any failure inside into a gRPC status: never UNKNOWN, never a traceback."""
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except GatewayError as err:
+        await _abort(context, err, request_id)
+    except Exception:
+        log.exception("unhandled error serving request %s", request_id)
+        await _abort(
+            context, InternalError(f"internal error (request id {request_id})"), request_id
+        )
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    """Serves llmgateway.v1.GenerationService on a Router."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextmanager
+    def _tracked(self) -> Iterator[None]:
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Generation calls being served right now."""
+        return self._in_flight
+
+    async def wait_idle(self) -> None:
+        """Returns once no generation call is in flight."""
+        await self._idle.wait()
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        request_id = ""
+        with self._tracked():
+            async with error_boundary(context, request_id):
+                request_id = request_id_of(request, context)
+            async with error_boundary(context, request_id):
+                internal, route = decode_generate(request, self._router, request_id)
+                response = await fold(self._router.stream(internal, route))
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+        return encode_response(response)
+
+    async def StreamGenerate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamGenerateResponse]:
+        request_id = ""
+        with self._tracked():
+            async with error_boundary(context, request_id):
+                request_id = request_id_of(request, context)
+            async with error_boundary(context, request_id):
+                internal, route = decode_generate(request, self._router, request_id)
+                context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+                async for event in self._router.stream(internal, route):
+                    yield encode_event(event)
+
+    async def CountTokens(
+        self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CountTokensResponse:
+        async with error_boundary(context):
+            internal, route = decode_count_tokens(request, self._router)
+            count = await self._router.count_tokens(internal, route)
+        return pb.CountTokensResponse(input_tokens=count.input_tokens, estimated=count.estimated)
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        async with error_boundary(context):
+            models = self._router.models(request.provider)
+        return encode_models(models)

@@ -1,0 +1,153 @@
+"""Shared fixtures: an in-process gateway on port 0, called through real channels.
+
+One event loop serves the whole session (grpc.aio objects are bound to the
+loop that made them); see asyncio_default_*_loop_scope in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from llmgateway.v1 import generation_pb2 as pb
+from llmgateway.v1 import generation_pb2_grpc as pb_grpc
+from server.app import Gateway
+from server.config import load_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Scripts every in-process gateway knows, so tests can ask for tool calls and refusals.
+TEST_CONFIG = {
+    "server.host": "127.0.0.1",
+    "server.port": 0,
+    "server.shutdown_grace_s": 5,
+    "providers": {
+        "offline": {
+            "type": "offline",
+            "models": [
+                {"id": "echo", "display_name": "Echo (offline)"},
+                {
+                    "id": "tiny",
+                    "aliases": ["tiny-latest"],
+                    "context_window": 1000,
+                    "max_output_tokens": 50,
+                    "default_max_tokens": 20,
+                },
+            ],
+            "scripts": [
+                {
+                    "match": {"contains": "weather"},
+                    "reply": {
+                        "text": "Let me check.",
+                        "tool_calls": [
+                            {"name": "get_weather", "input": {"city": "Paris"}},
+                            {"name": "get_weather", "input": {"city": "Oslo", "days": 2}},
+                        ],
+                    },
+                },
+                {"match": {"regex": "^forbidden"}, "reply": {"stop_reason": "refusal"}},
+            ],
+        }
+    },
+}
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    address: str
+    channel: grpc.aio.Channel
+    stub: pb_grpc.GenerationServiceStub
+
+
+@pytest.fixture(scope="session")
+async def running() -> AsyncIterator[RunningGateway]:
+    config = load_config(environ={}, overrides=TEST_CONFIG)
+    gateway = Gateway(config)
+    port = await gateway.start()
+    address = f"127.0.0.1:{port}"
+    channel = grpc.aio.insecure_channel(address)
+    yield RunningGateway(gateway, address, channel, pb_grpc.GenerationServiceStub(channel))
+    await channel.close()
+    await gateway.stop(grace=1)
+
+
+@pytest.fixture
+def stub(running: RunningGateway) -> pb_grpc.GenerationServiceStub:
+    return running.stub
+
+
+def user(*texts: str) -> pb.Message:
+    return pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=t) for t in texts])
+
+
+def request(
+    text: str = "Hello there, friend", model: str = "echo", **fields: object
+) -> pb.GenerateRequest:
+    return pb.GenerateRequest(model=model, messages=[user(text)], **fields)  # type: ignore[arg-type]
+
+
+def rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:
+    """The google.rpc.Status in an error's trailers (fails the test when absent)."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            return status_pb2.Status.FromString(value)
+    raise AssertionError(f"no rich status in trailers of {error.code()}: {error.details()}")
+
+
+def detail(status: status_pb2.Status, message_type: type) -> object:
+    """The first detail of a type in a rich status, or None."""
+    for any_detail in status.details:
+        candidate = message_type()
+        if any_detail.Unpack(candidate):
+            return candidate
+    return None
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    bad_request = detail(rich_status(error), error_details_pb2.BadRequest)
+    assert isinstance(bad_request, error_details_pb2.BadRequest), "no BadRequest detail"
+    return {v.field: v.description for v in bad_request.field_violations}
+
+
+@dataclass
+class ServerProcess:
+    process: asyncio.subprocess.Process
+    port: int
+    log: list[str]
+
+
+async def start_server_process(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """Runs `python -m server --port 0 ARGS` and waits until it says where it listens."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "--port",
+        "0",
+        *args,
+        cwd=REPO_ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    log: list[str] = []
+    async with asyncio.timeout(30):
+        while True:
+            line = (await process.stderr.readline()).decode()
+            if not line:
+                raise AssertionError("server exited before serving:\n" + "".join(log))
+            log.append(line)
+            found = re.search(r"serving on [^ ]+:(\d+)", line)
+            if found:
+                return ServerProcess(process, int(found.group(1)), log)
