@@ -44,20 +44,27 @@ def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-async def _refuse(method: str, context: grpc.aio.ServicerContext) -> None:
+# grpc's type stubs describe method handlers with the synchronous
+# ServicerContext; under grpc.aio the behaviours are coroutines taking the aio
+# context, so handlers are treated as Any here.
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Any
+
+
+async def _refuse(method: str, context: Context) -> None:
     status = MalformedRequestError(method).to_status()
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     """Answers undecodable request messages with INVALID_ARGUMENT."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
+    ) -> Handler:
+        handler: Handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
         if handler.request_streaming:
@@ -69,7 +76,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         if handler.unary_unary is not None:
             unary = handler.unary_unary
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary_unary(request: Any, context: Context) -> Any:
                 if request is _UNDECODABLE:
                     await _refuse(method, context)
                 return await unary(request, context)
@@ -80,7 +87,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         streaming = handler.unary_stream
         if inspect.iscoroutinefunction(streaming):  # writes with context.write (health Watch)
 
-            async def unary_stream_writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+            async def unary_stream_writer(request: Any, context: Context) -> None:
                 if request is _UNDECODABLE:
                     await _refuse(method, context)
                 await streaming(request, context)
@@ -89,7 +96,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
                 unary_stream_writer, deserializer, handler.response_serializer
             )
 
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary_stream(request: Any, context: Context) -> Any:
             if request is _UNDECODABLE:
                 await _refuse(method, context)
             async for response in streaming(request, context):

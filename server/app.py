@@ -1,28 +1,29 @@
 """Assembles the gRPC server: the generation service, health, reflection.
 
 Lifecycle: `start()` binds and serves; `stop()` drains gracefully: health
-turns NOT_SERVING (so mesh sidecars stop routing here), new calls are
-refused, in-flight generation calls get up to the grace period to finish,
-and whatever is still open after that (or once no generation call is left,
-such as health Watch streams) is cancelled.
+turns NOT_SERVING (so mesh sidecars stop routing here) and Watch streams
+end, new calls are refused, in-flight calls get up to the grace period to
+finish, and whatever is still open after that is cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import os
 import signal
 from collections.abc import Sequence
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from interceptors.malformed_request import MalformedRequestInterceptor
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from server.config import GatewayConfig, ServerConfig
+from server.health import SERVICE_NAME as HEALTH_SERVICE
+from server.health import SERVING, HealthService
 from server.routing import Router, build_providers
 from server.servicer import GenerationServicer
 
@@ -71,7 +72,7 @@ class Gateway:
         self.config = config
         self.router = router or Router(build_providers(config))
         self.servicer = GenerationServicer(self.router)
-        self.health = health.aio.HealthServicer()
+        self.health = HealthService()
         self._server = grpc.aio.server(
             interceptors=[MalformedRequestInterceptor(), *interceptors],
             options=server_options(config.server),
@@ -80,7 +81,7 @@ class Gateway:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if config.server.reflection:
             reflection.enable_server_reflection(
-                (GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+                (GENERATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server
             )
         self.port = 0
         self._stopping: asyncio.Task[None] | None = None
@@ -90,9 +91,8 @@ class Gateway:
         address = _address(self.config.server.host, self.config.server.port)
         self.port = self._server.add_insecure_port(address)
         await self._server.start()
-        serving = health_pb2.HealthCheckResponse.SERVING
-        await self.health.set("", serving)
-        await self.health.set(GENERATION_SERVICE, serving)
+        self.health.set("", SERVING)
+        self.health.set(GENERATION_SERVICE, SERVING)
         log.info("llm-gateway serving on %s", _address(self.config.server.host, self.port))
         return self.port
 
@@ -103,25 +103,17 @@ class Gateway:
             self._stopping = asyncio.create_task(self._drain(grace))
         await asyncio.shield(self._stopping)
 
-    async def stop_now(self) -> None:
-        """Cancels every call at once (a second signal during a drain)."""
-        await self._server.stop(0)
-
     async def _drain(self, grace: float) -> None:
-        await self.health.enter_graceful_shutdown()
+        self.health.enter_graceful_shutdown()
         log.info(
             "shutting down: %d call(s) in flight, up to %.3g s to finish",
             self.servicer.in_flight,
             grace,
         )
-        # server.stop(grace) refuses new calls at once and cancels the rest
-        # after `grace`; health Watch streams never end on their own, so once
-        # no generation call is left we stop waiting for them.
-        stopping = asyncio.create_task(self._server.stop(grace))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.servicer.wait_idle(), grace)
-        await self._server.stop(0)
-        await stopping
+        # server.stop(grace) refuses new calls at once (GOAWAY), waits for the
+        # calls in flight and cancels what is left after `grace`. Health Watch
+        # streams end by themselves on drain (server/health.py).
+        await self._server.stop(grace)
         await self.router.aclose()
         log.info("stopped")
 
@@ -135,15 +127,12 @@ async def serve(config: GatewayConfig) -> None:
     await gateway.start()
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
-    background: set[asyncio.Task[None]] = set()
 
     def on_signal(signum: int) -> None:
         if signalled.is_set():
-            log.warning("second %s: cancelling in-flight calls", signal.Signals(signum).name)
-            task = loop.create_task(gateway.stop_now())
-            background.add(task)
-            task.add_done_callback(background.discard)
-            return
+            # A second signal means "now": exit without waiting for the drain.
+            log.warning("second %s: exiting without draining", signal.Signals(signum).name)
+            os._exit(1)
         log.info("%s received", signal.Signals(signum).name)
         signalled.set()
 

@@ -142,3 +142,93 @@ class UpstreamProtocolError(InternalError):
     """An upstream answered with something the gateway cannot interpret."""
 
     reason = "UPSTREAM_PROTOCOL_ERROR"
+
+
+# -- Upstream failures -------------------------------------------------------
+# Provider backends map their SDK's exceptions to these, each in one function
+# (server/providers/*). Their metadata names the provider and, when the
+# upstream gave one, its request id, so a caller can quote it to the provider.
+
+
+class UpstreamInvalidRequestError(InvalidArgumentError):
+    """The provider refused the request as malformed (HTTP 400/422)."""
+
+    reason = "UPSTREAM_INVALID_REQUEST"
+
+    def __init__(
+        self,
+        violations: Sequence[FieldViolation],
+        message: str = "",
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(violations, message)
+        self.metadata.update(metadata or {})
+
+
+class RequestTooLargeError(UpstreamInvalidRequestError):
+    """The provider refused the request for its size (HTTP 413)."""
+
+    reason = "REQUEST_TOO_LARGE"
+
+
+class UpstreamModelNotFoundError(GatewayError):
+    """The provider does not know the model the gateway asked for (HTTP 404)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "UPSTREAM_MODEL_NOT_FOUND"
+
+
+class RateLimitedError(GatewayError):
+    """The provider rate-limited the gateway (HTTP 429); RetryInfo says when to retry."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "UPSTREAM_RATE_LIMITED"
+
+
+class QuotaExhaustedError(GatewayError):
+    """The gateway's account with the provider has no quota or credit left."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "UPSTREAM_QUOTA_EXHAUSTED"
+
+
+class UpstreamUnavailableError(UnavailableError):
+    """The provider failed or could not be reached; a retry may succeed."""
+
+    reason = "UPSTREAM_UNAVAILABLE"
+
+
+class UpstreamOverloadedError(UpstreamUnavailableError):
+    """The provider is overloaded (HTTP 529, or an `overloaded_error` event)."""
+
+    reason = "UPSTREAM_OVERLOADED"
+
+
+class UpstreamStreamInterruptedError(UpstreamUnavailableError):
+    """The upstream connection broke, or its stream ended early."""
+
+    reason = "UPSTREAM_STREAM_INTERRUPTED"
+
+
+class DeadlineExceededError(GatewayError):
+    """The caller's deadline ran out while waiting for the provider."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "UPSTREAM_TIMEOUT"
+
+
+class UpstreamAuthError(InternalError):
+    """The provider rejected the gateway's credentials: a gateway misconfiguration.
+
+    Never UNAUTHENTICATED: the caller's own credentials were fine.
+    """
+
+    reason = "UPSTREAM_AUTH_FAILED"
+
+
+class UpstreamRejectedError(GatewayError):
+    """The provider refused the request for a reason the caller may fix (other 4xx)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "UPSTREAM_REJECTED"

@@ -134,6 +134,9 @@ class GenerationRequest:
     thinking_budget_tokens: int | None = None
     metadata: CallerMetadata = field(default_factory=CallerMetadata)
     provider_options: dict[str, Any] = field(default_factory=dict)
+    # When the caller's deadline runs out, on the event loop's clock
+    # (loop.time()); None: no deadline. Upstream calls get what is left.
+    deadline: float | None = None
 
 
 @dataclass(slots=True)
@@ -142,6 +145,7 @@ class TokenCountRequest:
     messages: list[Message]
     system: list[TextBlock] = field(default_factory=list)
     tools: list[Tool] = field(default_factory=list)
+    deadline: float | None = None  # as GenerationRequest.deadline
 
 
 @dataclass(slots=True)

@@ -9,7 +9,6 @@ exception) becomes a gRPC status with google.rpc details.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import uuid
@@ -34,7 +33,7 @@ REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
-def request_id_of(request: Any, context: grpc.aio.ServicerContext) -> str:
+def request_id_of(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """The caller's request id (field, then x-request-id metadata) or a new one."""
     given = getattr(request, "request_id", "")
     if given:
@@ -49,7 +48,9 @@ def request_id_of(request: Any, context: grpc.aio.ServicerContext) -> str:
     return uuid.uuid4().hex
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: GatewayError, request_id: str) -> None:
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], error: GatewayError, request_id: str
+) -> None:
     status = error.to_status(request_id)
     trailers = (*status.trailing_metadata, (REQUEST_ID_HEADER, request_id))
     await context.abort(status.code, status.details, trailers)
@@ -57,7 +58,7 @@ async def _abort(context: grpc.aio.ServicerContext, error: GatewayError, request
 
 @asynccontextmanager
 async def error_boundary(
-    context: grpc.aio.ServicerContext, request_id: str = ""
+    context: grpc.aio.ServicerContext[Any, Any], request_id: str = ""
 ) -> AsyncIterator[None]:
     """Turns any failure inside into a gRPC status: never UNKNOWN, never a traceback."""
     try:
@@ -79,31 +80,22 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(self, router: Router) -> None:
         self._router = router
         self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     @contextmanager
     def _tracked(self) -> Iterator[None]:
         self._in_flight += 1
-        self._idle.clear()
         try:
             yield
         finally:
             self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
 
     @property
     def in_flight(self) -> int:
-        """Generation calls being served right now."""
+        """Generation calls being served right now (reported when draining)."""
         return self._in_flight
 
-    async def wait_idle(self) -> None:
-        """Returns once no generation call is in flight."""
-        await self._idle.wait()
-
     async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GenerateResponse:
         request_id = ""
         with self._tracked():
@@ -116,7 +108,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return encode_response(response)
 
     async def StreamGenerate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
         request_id = ""
         with self._tracked():
@@ -129,7 +121,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     yield encode_event(event)
 
     async def CountTokens(
-        self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CountTokensResponse:
         async with error_boundary(context):
             internal, route = decode_count_tokens(request, self._router)
@@ -137,7 +129,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return pb.CountTokensResponse(input_tokens=count.input_tokens, estimated=count.estimated)
 
     async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
         async with error_boundary(context):
             models = self._router.models(request.provider)

@@ -72,7 +72,10 @@ class ScriptMatch(ProviderSettings):
     @classmethod
     def _compiles(cls, value: str | None) -> str | None:
         if value is not None:
-            re.compile(value)
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"not a valid regular expression: {err}") from None
         return value
 
     @model_validator(mode="after")

@@ -1,0 +1,110 @@
+"""Configuration: precedence, errors that name the bad key, and the shipped example."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.config import ConfigError, load_config
+from server.routing import Router, build_providers
+from tests.conftest import REPO_ROOT
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_serve_the_offline_provider() -> None:
+    config = load_config(environ={})
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 50051)
+    router = Router(build_providers(config))
+    route = router.resolve("echo")
+    assert route is not None
+    assert route.provider.kind == "offline"
+
+
+def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
+    path = write(tmp_path, "server:\n  port: 6000\n  host: 0.0.0.0\nlogging:\n  level: DEBUG\n")
+    config = load_config(
+        path,
+        environ={"LLMGW_SERVER__PORT": "7000", "LLMGW_SERVER__SHUTDOWN_GRACE_S": "2.5"},
+        overrides={"server.port": 8000},
+    )
+    assert config.server.port == 8000
+    assert config.server.host == "0.0.0.0"
+    assert config.server.shutdown_grace_s == 2.5
+    assert config.logging.level == "DEBUG"
+    assert load_config(path, environ={"LLMGW_SERVER__PORT": "7000"}).server.port == 7000
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "server:\n  port: 6001\n")
+    assert load_config(environ={"LLMGW_CONFIG": str(path)}).server.port == 6001
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "key"),
+    [
+        ("server:\n  port: 99999\n", {}, "server.port"),
+        ("server:\n  prot: 1\n", {}, "server.prot"),
+        ("logging:\n  level: LOUD\n", {}, "logging.level"),
+        ("", {"LLMGW_SERVR__PORT": "1"}, "servr"),
+        ("providers:\n  x:\n    models: []\n", {}, "providers.x.type"),
+    ],
+    ids=["out-of-range", "misspelt-key", "bad-enum", "misspelt-env", "missing-type"],
+)
+def test_errors_name_the_bad_key(
+    tmp_path: Path, text: str, environ: dict[str, str], key: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), environ=environ)
+    assert key in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("providers", "key"),
+    [
+        ("x:\n    type: nope\n", "providers.x.type"),
+        ("x:\n    type: offline\n    chunk_delay_ms: -1\n", "providers.x.chunk_delay_ms"),
+        ("x:\n    type: offline\n    colour: red\n", "providers.x.colour"),
+        (
+            "x:\n    type: offline\n    scripts:\n      - match: {regex: '('}\n        reply: {text: hi}\n",
+            "providers.x.scripts.0.match.regex",
+        ),
+        (
+            "x:\n    type: offline\n    scripts:\n      - match: {}\n        reply: {text: hi}\n",
+            "providers.x.scripts.0.match",
+        ),
+    ],
+    ids=["unknown-type", "negative-delay", "unknown-key", "bad-regex", "empty-match"],
+)
+def test_provider_settings_errors_name_the_key(tmp_path: Path, providers: str, key: str) -> None:
+    config = load_config(write(tmp_path, f"providers:\n  {providers}"), environ={})
+    with pytest.raises(ConfigError) as caught:
+        build_providers(config)
+    assert key in str(caught.value)
+
+
+def test_one_model_served_twice_is_refused(tmp_path: Path) -> None:
+    text = "providers:\n  a:\n    type: offline\n  b:\n    type: offline\n"
+    with pytest.raises(ConfigError) as caught:
+        Router(build_providers(load_config(write(tmp_path, text), environ={})))
+    assert "echo" in str(caught.value)
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml", environ={})
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "server: [unclosed\n"), environ={})
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- a list\n"), environ={})
+
+
+def test_shipped_example_config_is_valid() -> None:
+    config = load_config(REPO_ROOT / "config.example.yaml", environ={})
+    router = Router(build_providers(config))
+    assert router.resolve("echo") is not None
