@@ -71,7 +71,8 @@ def test_errors_name_the_bad_key(
         ("x:\n    type: offline\n    chunk_delay_ms: -1\n", "providers.x.chunk_delay_ms"),
         ("x:\n    type: offline\n    colour: red\n", "providers.x.colour"),
         (
-            "x:\n    type: offline\n    scripts:\n      - match: {regex: '('}\n        reply: {text: hi}\n",
+            "x:\n    type: offline\n    scripts:\n"
+            "      - match: {regex: '('}\n        reply: {text: hi}\n",
             "providers.x.scripts.0.match.regex",
         ),
         (
