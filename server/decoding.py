@@ -16,6 +16,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 
 from llmgateway.v1 import generation_pb2 as pb
+from server.catalog import resolve_model
 from server.errors import FieldViolation, InvalidArgumentError, ModelNotFoundError
 from server.routing import Route, Router
 from server.schema import (
@@ -239,9 +240,12 @@ class _Decoder:
 
 
 def decode_generate(
-    request: pb.GenerateRequest, router: Router, request_id: str
+    request: pb.GenerateRequest, router: Router, request_id: str, deadline: float | None = None
 ) -> tuple[GenerationRequest, Route]:
-    """Validates a GenerateRequest and returns it as an internal request with its route."""
+    """Validates a GenerateRequest and returns it as an internal request with its route.
+
+    `deadline` is when the caller's deadline runs out, on the loop's clock.
+    """
     d = _Decoder()
     if not request.model:
         d.bad("model", "must name a model (see ListModels)")
@@ -259,7 +263,7 @@ def decode_generate(
             d.bad("thinking.budget_tokens", "must be positive")
     d.raise_if_invalid()
 
-    route = router.resolve(request.model)
+    route = resolve_model(router, request.model)
     if route is None:
         raise ModelNotFoundError(request.model)
     model = route.model
@@ -290,13 +294,14 @@ def decode_generate(
             thinking_budget_tokens=thinking_budget,
             metadata=CallerMetadata(metadata.end_user_id, dict(metadata.tags)),
             provider_options=struct_to_dict(request.provider_options),
+            deadline=deadline,
         ),
         route,
     )
 
 
 def decode_count_tokens(
-    request: pb.CountTokensRequest, router: Router
+    request: pb.CountTokensRequest, router: Router, deadline: float | None = None
 ) -> tuple[TokenCountRequest, Route]:
     """Validates a CountTokensRequest."""
     d = _Decoder()
@@ -306,7 +311,7 @@ def decode_count_tokens(
     messages = d.messages(request.messages)
     tools = d.tools(request.tools)
     d.raise_if_invalid()
-    route = router.resolve(request.model)
+    route = resolve_model(router, request.model)
     if route is None:
         raise ModelNotFoundError(request.model)
-    return TokenCountRequest(request.model, messages, system, tools), route
+    return TokenCountRequest(request.model, messages, system, tools, deadline), route

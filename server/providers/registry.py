@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 # kind -> "module:Class"; imported lazily so an unused provider's SDK is never loaded.
 _BUILTIN: dict[str, str] = {
     "offline": "server.providers.offline:OfflineProvider",
+    "anthropic": "server.providers.anthropic_messages:AnthropicProvider",
+    "openai": "server.providers.openai_chat:OpenAIChatProvider",
 }
 
 

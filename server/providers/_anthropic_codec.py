@@ -1,0 +1,299 @@
+"""Anthropic Messages API <-> the gateway's types: the request out, the events back.
+
+`request_arguments` turns a GenerationRequest into keyword arguments for
+`AsyncAnthropic.messages.create`; `MessagesStreamDecoder` turns the raw
+stream events the SDK yields into the gateway's StreamEvents, one for one,
+as they arrive. Rules where the two do not meet one to one:
+
+- thinking: a model with `thinking: budget` gets `{type: enabled,
+  budget_tokens}` (at least 1024, as Anthropic requires); one with
+  `thinking: adaptive` (Claude 5 models, where a budget is a 400) gets
+  `{type: adaptive}` and the budget is not sent: max_tokens bounds thinking
+  and answer together there. `provider_options.output_config.effort`
+  steers adaptive thinking.
+- temperature/top_p/top_k go in the body when the model accepts them and
+  are refused with INVALID_ARGUMENT when it does not (Claude 5 models); the
+  SDK no longer types them, so they travel in `extra_body`.
+- cache_control: `{type: ephemeral}`, with a TTL rounded up to one Anthropic
+  supports (5m, else 1h).
+- Server-tool blocks (web search results and the like) are not in the
+  contract and are skipped; the gateway's block indexes stay contiguous.
+- Usage is cumulative in `message_delta`: each one replaces the last, and a
+  count it leaves out keeps its `message_start` value.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+from server.errors import FieldViolation, UpstreamStreamInterruptedError
+from server.events import (
+    ContentBlockStart,
+    ContentBlockStop,
+    MessageDelta,
+    MessageStart,
+    MessageStop,
+    SignatureDelta,
+    StreamEvent,
+    TextDelta,
+    ThinkingDelta,
+    ToolInputDelta,
+)
+from server.schema import (
+    CacheControl,
+    ContentBlock,
+    GenerationRequest,
+    ImageBlock,
+    Message,
+    StopReason,
+    TextBlock,
+    ThinkingBlock,
+    Tool,
+    ToolChoice,
+    ToolChoiceMode,
+    ToolResultBlock,
+    ToolUseBlock,
+    Usage,
+)
+
+MIN_THINKING_BUDGET = 1024
+
+STOP_REASONS: Mapping[str, StopReason] = {
+    "end_turn": StopReason.END_TURN,
+    "max_tokens": StopReason.MAX_TOKENS,
+    "stop_sequence": StopReason.STOP_SEQUENCE,
+    "tool_use": StopReason.TOOL_USE,
+    "pause_turn": StopReason.PAUSE_TURN,
+    "refusal": StopReason.REFUSAL,
+    "model_context_window_exceeded": StopReason.CONTEXT_WINDOW_EXCEEDED,
+}
+
+
+# -- Request -------------------------------------------------------------------
+
+
+def cache_control(cache: CacheControl) -> dict[str, str]:
+    if cache.ttl_seconds is None:
+        return {"type": "ephemeral"}
+    return {"type": "ephemeral", "ttl": "5m" if cache.ttl_seconds <= 300 else "1h"}
+
+
+def content_block(block: ContentBlock) -> dict[str, Any]:
+    out: dict[str, Any]
+    if isinstance(block, TextBlock):
+        out = {"type": "text", "text": block.text}
+    elif isinstance(block, ImageBlock):
+        if block.url is not None:
+            out = {"type": "image", "source": {"type": "url", "url": block.url}}
+        else:
+            data = base64.b64encode(block.data or b"").decode("ascii")
+            source = {"type": "base64", "media_type": block.media_type, "data": data}
+            out = {"type": "image", "source": source}
+    elif isinstance(block, ToolUseBlock):
+        out = {"type": "tool_use", "id": block.id, "name": block.name, "input": block.input}
+    elif isinstance(block, ToolResultBlock):
+        out = {
+            "type": "tool_result",
+            "tool_use_id": block.tool_use_id,
+            "content": [content_block(b) for b in block.content],
+        }
+        if block.is_error:
+            out["is_error"] = True
+    elif block.redacted_data:
+        out = {"type": "redacted_thinking", "data": block.redacted_data}
+    else:
+        out = {"type": "thinking", "thinking": block.text, "signature": block.signature}
+    if block.cache_control is not None:
+        out["cache_control"] = cache_control(block.cache_control)
+    return out
+
+
+def messages(conversation: list[Message]) -> list[dict[str, Any]]:
+    return [
+        {"role": m.role.value, "content": [content_block(b) for b in m.content]}
+        for m in conversation
+    ]
+
+
+def tools(declared: list[Tool]) -> list[dict[str, Any]]:
+    out = []
+    for tool in declared:
+        entry: dict[str, Any] = {
+            "name": tool.name,
+            "input_schema": tool.input_schema or {"type": "object", "properties": {}},
+        }
+        if tool.description:
+            entry["description"] = tool.description
+        out.append(entry)
+    return out
+
+
+def tool_choice(choice: ToolChoice) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": choice.mode.value}
+    if choice.mode is ToolChoiceMode.TOOL:
+        out["name"] = choice.tool_name
+    if choice.disable_parallel_tool_use and choice.mode is not ToolChoiceMode.NONE:
+        out["disable_parallel_tool_use"] = True
+    return out
+
+
+def request_arguments(
+    request: GenerationRequest, upstream_model: str, thinking_mode: str | None
+) -> tuple[dict[str, Any], list[FieldViolation]]:
+    """`messages.create` keyword arguments (sampling and options excepted)."""
+    violations: list[FieldViolation] = []
+    kwargs: dict[str, Any] = {
+        "model": upstream_model,
+        "max_tokens": request.max_tokens,
+        "messages": messages(request.messages),
+    }
+    if request.system:
+        kwargs["system"] = [content_block(b) for b in request.system]
+    if request.tools:
+        kwargs["tools"] = tools(request.tools)
+        if request.tool_choice is not None:
+            kwargs["tool_choice"] = tool_choice(request.tool_choice)
+    if request.stop_sequences:
+        kwargs["stop_sequences"] = request.stop_sequences
+    if request.metadata.end_user_id:
+        kwargs["metadata"] = {"user_id": request.metadata.end_user_id}
+    budget = request.thinking_budget_tokens
+    if budget is not None:
+        if thinking_mode == "adaptive":
+            kwargs["thinking"] = {"type": "adaptive"}
+        elif budget < MIN_THINKING_BUDGET:
+            violations.append(
+                FieldViolation(
+                    "thinking.budget_tokens",
+                    f"must be at least {MIN_THINKING_BUDGET} for Anthropic models",
+                )
+            )
+        else:
+            kwargs["thinking"] = {"type": "enabled", "budget_tokens": budget}
+    return kwargs, violations
+
+
+# -- Stream --------------------------------------------------------------------
+
+
+def _usage(raw: Any, previous: Usage | None = None) -> Usage:
+    """Anthropic usage as ours; counts `raw` leaves out keep their `previous` value."""
+    base = previous or Usage()
+    input_tokens = getattr(raw, "input_tokens", None)
+    output_tokens = getattr(raw, "output_tokens", None)
+    cache_read = getattr(raw, "cache_read_input_tokens", None)
+    cache_write = getattr(raw, "cache_creation_input_tokens", None)
+    return Usage(
+        input_tokens=base.input_tokens if input_tokens is None else input_tokens,
+        output_tokens=base.output_tokens if output_tokens is None else output_tokens,
+        cache_read_input_tokens=base.cache_read_input_tokens if cache_read is None else cache_read,
+        cache_creation_input_tokens=(
+            base.cache_creation_input_tokens if cache_write is None else cache_write
+        ),
+    )
+
+
+class MessagesStreamDecoder:
+    """Turns raw Messages stream events into gateway events, one at a time."""
+
+    __slots__ = (
+        "_blocks",
+        "_model",
+        "_provider",
+        "_request_id",
+        "_stopped",
+        "_upstream_request_id",
+        "_usage",
+    )
+
+    def __init__(
+        self, *, provider: str, model: str, request_id: str, upstream_request_id: str
+    ) -> None:
+        self._provider = provider
+        self._model = model
+        self._request_id = request_id
+        self._upstream_request_id = upstream_request_id
+        # upstream block index -> ours, for the blocks the contract has
+        self._blocks: dict[int, int] = {}
+        self._usage: Usage | None = None
+        self._stopped = False
+
+    def feed(self, raw: Any) -> StreamEvent | None:
+        """The gateway event for one raw event, or None when it has none."""
+        kind = raw.type
+        # Most frequent first: this runs for every chunk.
+        if kind == "content_block_delta":
+            index = self._blocks.get(raw.index)
+            if index is None:
+                return None
+            delta = raw.delta
+            delta_kind = delta.type
+            if delta_kind == "text_delta":
+                return TextDelta(index, delta.text)
+            if delta_kind == "input_json_delta":
+                return ToolInputDelta(index, delta.partial_json)
+            if delta_kind == "thinking_delta":
+                return ThinkingDelta(index, delta.thinking)
+            if delta_kind == "signature_delta":
+                return SignatureDelta(index, delta.signature)
+            return None  # citations and deltas of blocks the contract lacks
+        if kind == "content_block_start":
+            block = _start_block(raw.content_block)
+            if block is None:
+                return None
+            index = len(self._blocks)
+            self._blocks[raw.index] = index
+            return ContentBlockStart(index, block)
+        if kind == "content_block_stop":
+            index = self._blocks.get(raw.index)
+            return None if index is None else ContentBlockStop(index)
+        if kind == "message_start":
+            message = raw.message
+            self._usage = _usage(message.usage)
+            return MessageStart(
+                id=message.id,
+                model=self._model,
+                provider=self._provider,
+                request_id=self._request_id,
+                upstream_request_id=self._upstream_request_id,
+                usage=self._usage,
+            )
+        if kind == "message_delta":
+            # Cumulative: replace, never add.
+            self._usage = _usage(raw.usage, self._usage)
+            reason = raw.delta.stop_reason
+            return MessageDelta(
+                stop_reason=STOP_REASONS.get(reason) if reason else None,
+                stop_sequence=raw.delta.stop_sequence or "",
+                usage=self._usage,
+            )
+        if kind == "message_stop":
+            self._stopped = True
+            return MessageStop()
+        return None
+
+    def finish(self) -> None:
+        """Checks the stream ended properly once the upstream has no more events."""
+        if not self._stopped:
+            raise UpstreamStreamInterruptedError(
+                f"provider {self._provider} ended the stream before message_stop",
+                metadata={
+                    "provider": self._provider,
+                    "upstream_request_id": self._upstream_request_id,
+                },
+            )
+
+
+def _start_block(raw: Any) -> ContentBlock | None:
+    kind = raw.type
+    if kind == "text":
+        return TextBlock(raw.text or "")
+    if kind == "tool_use":
+        return ToolUseBlock(id=raw.id, name=raw.name)
+    if kind == "thinking":
+        return ThinkingBlock(text=raw.thinking or "", signature=raw.signature or "")
+    if kind == "redacted_thinking":
+        return ThinkingBlock(redacted_data=raw.data)
+    return None

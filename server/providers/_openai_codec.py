@@ -1,0 +1,367 @@
+"""OpenAI Chat Completions <-> the gateway's types: the request out, the events back.
+
+`request_arguments` turns a GenerationRequest into keyword arguments for
+`AsyncOpenAI.chat.completions.create`; `ChatStreamDecoder` turns streamed
+chunks into the gateway's StreamEvents as they arrive. Rules where the two
+do not meet one to one:
+
+- system blocks become one `system` message; tool results become `tool`
+  messages, placed before the rest of their user turn (OpenAI wants them
+  right after the assistant's tool calls). A tool result holds only text
+  on OpenAI (an image in one is refused) and has no error flag: an error
+  result's text is sent as "Error: <text>".
+- Thinking blocks in the history are dropped: Chat Completions takes no
+  reasoning as input. Images in assistant turns are refused.
+- max_tokens is sent as `max_completion_tokens` (or `max_tokens`, per the
+  provider's `max_tokens_field`, for older OpenAI-compatible servers).
+- top_k is not a Chat Completions parameter: refused with INVALID_ARGUMENT
+  unless the model lists it in `sampling` (vLLM takes it in the body).
+- thinking: a reasoning model gets `reasoning_effort` from the budget
+  (< 4096 low, < 16384 medium, < 65536 high, else xhigh); the budget itself
+  is not sent. Without thinking the model's default effort applies.
+- cache_control becomes a `prompt_cache_breakpoint` (TTL 30m, or 12h when
+  longer) on models with `cache_breakpoints` (GPT-5.6 and later); it is
+  ignored elsewhere, where OpenAI caches prefixes by itself.
+- The end-user id is sent as `safety_identifier`.
+- Usage: `prompt_tokens` counts cached and cache-written tokens too; the
+  gateway's input_tokens is what is left after both are taken out, so no
+  token is counted twice.
+- finish_reason `stop` is END_TURN even when a stop sequence matched:
+  OpenAI does not say which. A refusal streams as text with REFUSAL.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from server.errors import FieldViolation, UpstreamStreamInterruptedError
+from server.events import (
+    ContentBlockStart,
+    ContentBlockStop,
+    MessageDelta,
+    MessageStart,
+    MessageStop,
+    StreamEvent,
+    TextDelta,
+    ThinkingDelta,
+    ToolInputDelta,
+)
+from server.schema import (
+    CacheControl,
+    GenerationRequest,
+    ImageBlock,
+    Message,
+    Role,
+    StopReason,
+    TextBlock,
+    ThinkingBlock,
+    Tool,
+    ToolChoice,
+    ToolChoiceMode,
+    ToolResultBlock,
+    ToolUseBlock,
+    Usage,
+)
+
+FINISH_REASONS: Mapping[str, StopReason] = {
+    "stop": StopReason.END_TURN,
+    "length": StopReason.MAX_TOKENS,
+    "tool_calls": StopReason.TOOL_USE,
+    "function_call": StopReason.TOOL_USE,
+    "content_filter": StopReason.CONTENT_FILTER,
+}
+
+
+def reasoning_effort(budget_tokens: int) -> str:
+    if budget_tokens < 4096:
+        return "low"
+    if budget_tokens < 16384:
+        return "medium"
+    if budget_tokens < 65536:
+        return "high"
+    return "xhigh"
+
+
+class _Encoder:
+    """Builds the Chat Completions messages of one request, collecting refusals."""
+
+    def __init__(self, cache_breakpoints: bool) -> None:
+        self.cache_breakpoints = cache_breakpoints
+        self.violations: list[FieldViolation] = []
+
+    def text_part(self, block: TextBlock) -> dict[str, Any]:
+        part: dict[str, Any] = {"type": "text", "text": block.text}
+        self.mark(part, block.cache_control)
+        return part
+
+    def image_part(self, block: ImageBlock) -> dict[str, Any]:
+        if block.url is not None:
+            url = block.url
+        else:
+            data = base64.b64encode(block.data or b"").decode("ascii")
+            url = f"data:{block.media_type};base64,{data}"
+        part: dict[str, Any] = {"type": "image_url", "image_url": {"url": url}}
+        self.mark(part, block.cache_control)
+        return part
+
+    def mark(self, part: dict[str, Any], cache: CacheControl | None) -> None:
+        if cache is None or not self.cache_breakpoints:
+            return
+        breakpoint_: dict[str, str] = {"mode": "explicit"}
+        if cache.ttl_seconds is not None:
+            breakpoint_["ttl"] = "30m" if cache.ttl_seconds <= 1800 else "12h"
+        part["prompt_cache_breakpoint"] = breakpoint_
+
+    def system(self, blocks: list[TextBlock]) -> dict[str, Any]:
+        if len(blocks) == 1 and blocks[0].cache_control is None:
+            return {"role": "system", "content": blocks[0].text}
+        return {"role": "system", "content": [self.text_part(b) for b in blocks]}
+
+    def messages(self, conversation: list[Message]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for i, message in enumerate(conversation):
+            if message.role is Role.USER:
+                out.extend(self.user(message, f"messages[{i}]"))
+            else:
+                out.append(self.assistant(message, f"messages[{i}]"))
+        return out
+
+    def user(self, message: Message, path: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        parts: list[dict[str, Any]] = []
+        for j, block in enumerate(message.content):
+            if isinstance(block, ToolResultBlock):
+                out.append(self.tool_result(block, f"{path}.content[{j}].tool_result"))
+            elif isinstance(block, TextBlock):
+                parts.append(self.text_part(block))
+            elif isinstance(block, ImageBlock):
+                parts.append(self.image_part(block))
+        if parts:
+            # One unmarked text part goes as a plain string, which every
+            # OpenAI-compatible server understands.
+            plain = len(parts) == 1 and parts[0].keys() == {"type", "text"}
+            out.append({"role": "user", "content": parts[0]["text"] if plain else parts})
+        return out
+
+    def tool_result(self, block: ToolResultBlock, path: str) -> dict[str, Any]:
+        texts = []
+        for k, inner in enumerate(block.content):
+            if isinstance(inner, TextBlock):
+                texts.append(inner.text)
+            else:
+                self.violations.append(
+                    FieldViolation(f"{path}.content[{k}]", "OpenAI tool results hold only text")
+                )
+        text = "\n".join(texts)
+        if block.is_error:
+            text = f"Error: {text}"
+        return {"role": "tool", "tool_call_id": block.tool_use_id, "content": text}
+
+    def assistant(self, message: Message, path: str) -> dict[str, Any]:
+        texts: list[str] = []
+        calls: list[dict[str, Any]] = []
+        for j, block in enumerate(message.content):
+            if isinstance(block, TextBlock):
+                texts.append(block.text)
+            elif isinstance(block, ToolUseBlock):
+                calls.append(
+                    {
+                        "id": block.id,
+                        "type": "function",
+                        "function": {"name": block.name, "arguments": json.dumps(block.input)},
+                    }
+                )
+            elif isinstance(block, ImageBlock):
+                self.violations.append(
+                    FieldViolation(f"{path}.content[{j}]", "OpenAI assistant turns hold no images")
+                )
+            # ThinkingBlock: Chat Completions takes no reasoning as input.
+        out: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
+        if calls:
+            out["tool_calls"] = calls
+        return out
+
+
+def tools(declared: list[Tool]) -> list[dict[str, Any]]:
+    out = []
+    for tool in declared:
+        function: dict[str, Any] = {
+            "name": tool.name,
+            "parameters": tool.input_schema or {"type": "object", "properties": {}},
+        }
+        if tool.description:
+            function["description"] = tool.description
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def tool_choice(choice: ToolChoice) -> str | dict[str, Any]:
+    if choice.mode is ToolChoiceMode.TOOL:
+        return {"type": "function", "function": {"name": choice.tool_name}}
+    return {"auto": "auto", "any": "required", "none": "none"}[choice.mode.value]
+
+
+def request_arguments(
+    request: GenerationRequest,
+    upstream_model: str,
+    *,
+    reasoning: bool,
+    cache_breakpoints: bool,
+    max_tokens_field: str,
+) -> tuple[dict[str, Any], list[FieldViolation]]:
+    """`chat.completions.create` keyword arguments (sampling and options excepted)."""
+    encoder = _Encoder(cache_breakpoints)
+    conversation = encoder.messages(request.messages)
+    if request.system:
+        conversation.insert(0, encoder.system(request.system))
+    kwargs: dict[str, Any] = {
+        "model": upstream_model,
+        "messages": conversation,
+        max_tokens_field: request.max_tokens,
+        "stream_options": {"include_usage": True},
+    }
+    if request.tools:
+        kwargs["tools"] = tools(request.tools)
+        choice = request.tool_choice
+        if choice is not None:
+            kwargs["tool_choice"] = tool_choice(choice)
+            if choice.disable_parallel_tool_use and choice.mode is not ToolChoiceMode.NONE:
+                kwargs["parallel_tool_calls"] = False
+    if request.stop_sequences:
+        kwargs["stop"] = request.stop_sequences
+    if request.metadata.end_user_id:
+        kwargs["safety_identifier"] = request.metadata.end_user_id
+    if request.thinking_budget_tokens is not None and reasoning:
+        kwargs["reasoning_effort"] = reasoning_effort(request.thinking_budget_tokens)
+    return kwargs, encoder.violations
+
+
+# -- Stream --------------------------------------------------------------------
+
+
+def usage_of(raw: Any) -> Usage:
+    """OpenAI usage as ours: cached and cache-written tokens taken out of input."""
+    details = raw.prompt_tokens_details
+    cached = (details.cached_tokens or 0) if details is not None else 0
+    written = (getattr(details, "cache_write_tokens", None) or 0) if details is not None else 0
+    return Usage(
+        input_tokens=max(0, raw.prompt_tokens - cached - written),
+        output_tokens=raw.completion_tokens,
+        cache_read_input_tokens=cached,
+        cache_creation_input_tokens=written,
+    )
+
+
+class ChatStreamDecoder:
+    """Turns Chat Completions chunks into gateway events.
+
+    Blocks stay open until the finish reason, since tool calls may
+    interleave; they close in order then. The final MessageDelta waits for
+    the usage-only chunk that follows the finish reason.
+    """
+
+    __slots__ = (
+        "_finish",
+        "_model",
+        "_next",
+        "_provider",
+        "_refused",
+        "_request_id",
+        "_started",
+        "_text",
+        "_thinking",
+        "_tool_blocks",
+        "_upstream_request_id",
+        "_usage",
+    )
+
+    def __init__(
+        self, *, provider: str, model: str, request_id: str, upstream_request_id: str
+    ) -> None:
+        self._provider = provider
+        self._model = model
+        self._request_id = request_id
+        self._upstream_request_id = upstream_request_id
+        self._started = False
+        self._next = 0
+        self._text: int | None = None
+        self._thinking: int | None = None
+        self._tool_blocks: dict[int, int] = {}  # tool call index -> block index
+        self._finish: str | None = None
+        self._refused = False
+        self._usage: Usage | None = None
+
+    def feed(self, chunk: Any) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        if not self._started:
+            self._started = True
+            events.append(
+                MessageStart(
+                    id=chunk.id,
+                    model=self._model,
+                    provider=self._provider,
+                    request_id=self._request_id,
+                    upstream_request_id=self._upstream_request_id,
+                )
+            )
+        if chunk.usage is not None:
+            self._usage = usage_of(chunk.usage)
+        for choice in chunk.choices:
+            if choice.index == 0:
+                self._choice(choice, events)
+        return events
+
+    def _choice(self, choice: Any, events: list[StreamEvent]) -> None:
+        delta = choice.delta
+        if delta is not None:
+            # OpenAI-compatible servers (vLLM, Ollama) stream reasoning here.
+            reasoning = getattr(delta, "reasoning_content", None) or getattr(
+                delta, "reasoning", None
+            )
+            if isinstance(reasoning, str) and reasoning:
+                if self._thinking is None:
+                    self._thinking = self._open(ThinkingBlock(), events)
+                events.append(ThinkingDelta(self._thinking, reasoning))
+            text = delta.content
+            if delta.refusal:
+                text, self._refused = delta.refusal, True
+            if text:
+                if self._text is None:
+                    self._text = self._open(TextBlock(""), events)
+                events.append(TextDelta(self._text, text))
+            for call in delta.tool_calls or ():
+                index = self._tool_blocks.get(call.index)
+                function = call.function
+                if index is None:
+                    name = (function.name if function is not None else None) or ""
+                    block = ToolUseBlock(id=call.id or f"call_{call.index}", name=name)
+                    index = self._tool_blocks[call.index] = self._open(block, events)
+                if function is not None and function.arguments:
+                    events.append(ToolInputDelta(index, function.arguments))
+        if choice.finish_reason and self._finish is None:
+            self._finish = choice.finish_reason
+            events.extend(ContentBlockStop(i) for i in range(self._next))
+
+    def _open(
+        self, block: TextBlock | ThinkingBlock | ToolUseBlock, events: list[StreamEvent]
+    ) -> int:
+        index = self._next
+        self._next += 1
+        events.append(ContentBlockStart(index, block))
+        return index
+
+    def finish(self) -> list[StreamEvent]:
+        """The closing events, once the upstream stream has ended."""
+        if self._finish is None:
+            raise UpstreamStreamInterruptedError(
+                f"provider {self._provider} ended the stream before a finish reason",
+                metadata={
+                    "provider": self._provider,
+                    "upstream_request_id": self._upstream_request_id,
+                },
+            )
+        reason = StopReason.REFUSAL if self._refused else FINISH_REASONS.get(self._finish)
+        return [MessageDelta(stop_reason=reason, usage=self._usage), MessageStop()]

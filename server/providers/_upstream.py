@@ -1,0 +1,409 @@
+"""What the SDK-backed providers (Anthropic, OpenAI) have in common.
+
+Their settings (API key, base URL, timeouts, models filled in from the
+shipped catalog in server/catalog.py), the caller's deadline turned into an
+upstream timeout, `provider_options` merged into an SDK call, and the table
+from an upstream HTTP failure to a GatewayError. Each provider still maps
+its own SDK's exceptions in one function; this module only holds the parts
+that would otherwise be written twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import inspect
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
+
+from server.errors import (
+    DeadlineExceededError,
+    FieldViolation,
+    GatewayError,
+    InvalidArgumentError,
+    QuotaExhaustedError,
+    RateLimitedError,
+    RequestTooLargeError,
+    UpstreamAuthError,
+    UpstreamInvalidRequestError,
+    UpstreamModelNotFoundError,
+    UpstreamOverloadedError,
+    UpstreamRejectedError,
+    UpstreamUnavailableError,
+)
+from server.providers.base import ProviderSettings
+from server.schema import Capabilities, ModelInfo, Pricing
+
+log = logging.getLogger(__name__)
+
+SamplingParameter = Literal["temperature", "top_p", "top_k"]
+# Upstream error messages are quoted to the caller; long ones are cut.
+_MAX_MESSAGE = 500
+
+
+class PricingSettings(ProviderSettings):
+    """US dollars per million tokens."""
+
+    input_per_mtok: float = Field(0.0, ge=0)
+    output_per_mtok: float = Field(0.0, ge=0)
+    cache_read_per_mtok: float = Field(0.0, ge=0)
+    cache_creation_per_mtok: float = Field(0.0, ge=0)
+
+
+class UpstreamModel(ProviderSettings):
+    """A model an upstream provider serves.
+
+    Fields left out are taken from the shipped catalog entry for the model
+    (by `upstream_id`, else `id`); the class defaults are the conservative
+    limits given to a model the catalog does not know.
+    """
+
+    id: str = Field(min_length=1)
+    # The provider's name for the model, when it differs from `id`.
+    upstream_id: str | None = None
+    display_name: str = ""
+    aliases: list[str] = []
+    context_window: int = Field(128_000, gt=0)
+    max_output_tokens: int = Field(8_192, gt=0)
+    default_max_tokens: int = Field(4_096, gt=0)
+    pricing: PricingSettings = PricingSettings()
+    tools: bool = True
+    images: bool = True
+    # The sampling parameters the model accepts; others are refused with
+    # INVALID_ARGUMENT before any upstream call.
+    sampling: list[SamplingParameter] = ["temperature", "top_p", "top_k"]
+
+    @property
+    def upstream_name(self) -> str:
+        return self.upstream_id or self.id
+
+    @property
+    def supports_thinking(self) -> bool:
+        return False
+
+    def info(self, provider: str) -> ModelInfo:
+        return ModelInfo(
+            id=self.id,
+            provider=provider,
+            display_name=self.display_name or self.id,
+            aliases=tuple(self.aliases),
+            context_window=self.context_window,
+            max_output_tokens=self.max_output_tokens,
+            default_max_tokens=min(self.default_max_tokens, self.max_output_tokens),
+            pricing=Pricing(**self.pricing.model_dump()),
+            capabilities=Capabilities(
+                streaming=True,
+                tools=self.tools,
+                images=self.images,
+                thinking=self.supports_thinking,
+            ),
+        )
+
+
+def with_catalog_defaults(data: Any, catalog: Mapping[str, Mapping[str, Any]]) -> Any:
+    """A model's raw settings over its catalog entry (a pydantic "before" validator)."""
+    if isinstance(data, Mapping):
+        key = data.get("upstream_id") or data.get("id")
+        if isinstance(key, str) and key in catalog:
+            return {**catalog[key], **data}
+    return data
+
+
+class UpstreamSettings(ProviderSettings):
+    """Settings every SDK-backed provider takes.
+
+    The API key is `api_key`, or else read at start-up from the environment
+    variable `api_key_env` (default: the provider's usual one, such as
+    ANTHROPIC_API_KEY). It is a SecretStr, so it never shows in a repr or
+    a log line.
+    """
+
+    # The variable the SDK itself would read when no key is configured.
+    default_key_env: ClassVar[str] = ""
+
+    api_key_env: str | None = None
+    api_key: SecretStr | None = Field(None, validate_default=True)
+    # None: the SDK's default (which honours ANTHROPIC_BASE_URL / OPENAI_BASE_URL).
+    base_url: str | None = None
+    # The longest an upstream call may take when the caller set no deadline.
+    timeout_s: float = Field(600.0, gt=0)
+    # Model ids with one of these prefixes route here even when not listed,
+    # with conservative limits. None: the provider kind's default prefixes.
+    route_prefixes: list[str] | None = None
+    # Headers sent with every upstream request (e.g. a beta flag).
+    default_headers: dict[str, str] = {}
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_is_available(cls, key: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if key is None:
+            name = info.data.get("api_key_env") or cls.default_key_env
+            if not os.environ.get(name):
+                raise ValueError(f"no API key: set api_key, or the environment variable {name}")
+        return key
+
+    def resolved_api_key(self) -> str:
+        """The API key: `api_key`, else the environment variable's value."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        return os.environ.get(self.api_key_env or self.default_key_env, "")
+
+
+# -- Deadlines -----------------------------------------------------------------
+
+
+def upstream_timeout(deadline: float | None, cap: float) -> float:
+    """The seconds an upstream call may take: what is left of the caller's budget.
+
+    Raises DeadlineExceededError when nothing is left, so that no upstream
+    call starts that could not finish in time.
+    """
+    if deadline is None:
+        return cap
+    left = deadline - asyncio.get_running_loop().time()
+    if left <= 0:
+        raise DeadlineExceededError("the deadline ran out before the upstream call")
+    return min(left, cap)
+
+
+# -- Request building ----------------------------------------------------------
+
+
+def sdk_parameters(method: Callable[..., Any]) -> frozenset[str]:
+    """The keyword arguments an SDK method accepts."""
+    return frozenset(inspect.signature(method).parameters) - {"self"}
+
+
+# The SDK call is ours to shape in these; the rest of provider_options may override.
+_RESERVED_OPTIONS = frozenset({"model", "messages", "stream", "stream_options", "timeout"})
+_RESERVED_HEADERS = frozenset({"authorization", "x-api-key", "api-key"})
+
+
+def merge_provider_options(
+    kwargs: dict[str, Any], options: Mapping[str, Any], known: Collection[str]
+) -> list[FieldViolation]:
+    """Merges `provider_options` into SDK keyword arguments, in place.
+
+    Keys the SDK method takes replace the gateway's value; `extra_headers`,
+    `extra_query` and `extra_body` are merged key by key; any other key goes
+    into the request body untouched (`extra_body`). Returns what was refused.
+    """
+    violations: list[FieldViolation] = []
+    for key, value in options.items():
+        path = f"provider_options.{key}"
+        value = _integral_floats_as_ints(value)
+        if key in _RESERVED_OPTIONS:
+            violations.append(FieldViolation(path, "is set by the gateway and cannot be given"))
+        elif key in ("extra_headers", "extra_query", "extra_body"):
+            if not isinstance(value, dict):
+                violations.append(FieldViolation(path, "must be an object"))
+                continue
+            if key == "extra_headers":
+                bad = [k for k, v in value.items() if not isinstance(v, str)]
+                bad += [k for k in value if k.lower() in _RESERVED_HEADERS]
+                if bad:
+                    violations.append(
+                        FieldViolation(f"{path}.{bad[0]}", "must be a string and not a credential")
+                    )
+                    continue
+            kwargs[key] = {**kwargs.get(key, {}), **value}
+        elif key in known:
+            kwargs[key] = value
+        else:
+            kwargs.setdefault("extra_body", {})[key] = value
+    return violations
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    # google.protobuf.Struct holds every number as a double; upstream APIs
+    # refuse 1024.0 where they expect an integer.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(v) for v in value]
+    return value
+
+
+def sampling_arguments(
+    model: UpstreamModel, temperature: float | None, top_p: float | None, top_k: int | None
+) -> tuple[dict[str, float | int], list[FieldViolation]]:
+    """The sampling parameters to send, and those the model does not accept."""
+    given: dict[str, float | int] = {}
+    if temperature is not None:
+        given["temperature"] = _shortest(temperature)
+    if top_p is not None:
+        given["top_p"] = _shortest(top_p)
+    if top_k is not None:
+        given["top_k"] = top_k
+    violations = [
+        FieldViolation(name, f"model {model.id!r} does not accept {name}")
+        for name in given
+        if name not in model.sampling
+    ]
+    return given, violations
+
+
+def _shortest(value: float) -> float:
+    # Protobuf floats are single precision: 0.7 arrives as 0.699999988079071.
+    return float(f"{value:.7g}")
+
+
+# -- Errors --------------------------------------------------------------------
+
+
+class Redactor:
+    """Removes a secret from text that may quote it (an upstream error message)."""
+
+    __slots__ = ("_secret",)
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+
+    def __call__(self, text: str) -> str:
+        if self._secret and self._secret in text:
+            text = text.replace(self._secret, "[redacted]")
+        return text[:_MAX_MESSAGE]
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The delay a `retry-after-ms` or `retry-after` header asks for, if any."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            value = float(raw_ms) / 1000
+            if math.isfinite(value) and value >= 0:
+                return value
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+        return value if math.isfinite(value) and value >= 0 else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+# What an upstream failure means, whatever the provider called it.
+FailureKind = Literal[
+    "invalid_request",
+    "too_large",
+    "auth",
+    "quota",
+    "not_found",
+    "rate_limited",
+    "overloaded",
+    "unavailable",
+    "rejected",
+]
+
+
+def kind_of_status(status: int) -> FailureKind:
+    """The meaning of an HTTP status from an upstream API."""
+    if status in (400, 422):
+        return "invalid_request"
+    if status == 413:
+        return "too_large"
+    if status in (401, 403):
+        return "auth"
+    if status == 402:
+        return "quota"
+    if status == 404:
+        return "not_found"
+    if status == 429:
+        return "rate_limited"
+    if status == 529:
+        return "overloaded"
+    if status >= 500 or status in (408, 409):
+        return "unavailable"
+    return "rejected"
+
+
+def upstream_failure(
+    kind: FailureKind,
+    *,
+    provider: str,
+    model: str,
+    message: str,
+    metadata: dict[str, str],
+    retry_after: float | None = None,
+    param: str | None = None,
+) -> GatewayError:
+    """The GatewayError for an upstream failure of a kind; `message` is already redacted."""
+    metadata = {"provider": provider, **{k: v for k, v in metadata.items() if v}}
+    said = f": {message}" if message else ""
+    if kind == "invalid_request":
+        violation = FieldViolation(param or "request", message or "refused by the provider")
+        return UpstreamInvalidRequestError(
+            [violation], f"provider {provider} refused the request{said}", metadata=metadata
+        )
+    if kind == "too_large":
+        violation = FieldViolation("request", message or "too large for the provider")
+        return RequestTooLargeError(
+            [violation], f"the request is too large for provider {provider}", metadata=metadata
+        )
+    if kind == "auth":
+        return UpstreamAuthError(
+            f"the gateway's credentials for provider {provider} were refused;"
+            " the gateway is misconfigured",
+            metadata=metadata,
+        )
+    if kind == "quota":
+        return QuotaExhaustedError(
+            f"the gateway's quota with provider {provider} is used up{said}", metadata=metadata
+        )
+    if kind == "not_found":
+        return UpstreamModelNotFoundError(
+            f"provider {provider} does not serve model {model!r}{said}",
+            metadata={**metadata, "model": model},
+        )
+    if kind == "rate_limited":
+        return RateLimitedError(
+            f"provider {provider} is rate-limiting the gateway; retry later",
+            metadata=metadata,
+            retry_after=retry_after,
+        )
+    if kind == "overloaded":
+        return UpstreamOverloadedError(
+            f"provider {provider} is overloaded; retry later",
+            metadata=metadata,
+            retry_after=retry_after,
+        )
+    if kind == "unavailable":
+        return UpstreamUnavailableError(
+            f"provider {provider} failed{said}", metadata=metadata, retry_after=retry_after
+        )
+    return UpstreamRejectedError(
+        f"provider {provider} refused the request{said}", metadata=metadata
+    )
+
+
+def log_upstream_failure(error: GatewayError, request_id: str) -> None:
+    """One log line per upstream failure: what and where, never credentials."""
+    log.warning(
+        "upstream call failed: %s (provider=%s status=%s upstream_request_id=%s request_id=%s)",
+        error.reason,
+        error.metadata.get("provider", ""),
+        error.metadata.get("upstream_status", ""),
+        error.metadata.get("upstream_request_id", ""),
+        request_id,
+    )
+
+
+def refuse(violations: list[FieldViolation]) -> None:
+    if violations:
+        raise InvalidArgumentError(violations)

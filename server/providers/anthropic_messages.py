@@ -1,0 +1,253 @@
+"""The Anthropic provider: Claude models through the official SDK's Messages API.
+
+One `AsyncAnthropic` client per configured instance, reused by every call
+(its connection pool). Generation always streams upstream; the gateway
+folds the stream for unary calls. The SDK's own retries are off
+(max_retries=0): the router owns retries and fallbacks, and two layers of
+retries would multiply. Each call's timeout is what is left of the
+caller's deadline. Translation rules are in _anthropic_codec.py; every SDK
+failure becomes a GatewayError in `_map_error`, and only there.
+
+Provider options: any `messages.create` argument (e.g. `output_config`,
+`service_tier`, `extra_headers`), `betas` (a list, sent as the
+`anthropic-beta` header), and any other key, sent in the body untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal
+
+import anthropic
+import httpx2
+from anthropic.resources.messages import AsyncMessages
+from pydantic import model_validator
+
+from server.catalog import ANTHROPIC_MODELS, ANTHROPIC_PREFIXES
+from server.errors import (
+    DeadlineExceededError,
+    FieldViolation,
+    GatewayError,
+    UpstreamProtocolError,
+    UpstreamStreamInterruptedError,
+)
+from server.events import StreamEvent
+from server.providers import _anthropic_codec as codec
+from server.providers._upstream import (
+    FailureKind,
+    Redactor,
+    UpstreamModel,
+    UpstreamSettings,
+    kind_of_status,
+    log_upstream_failure,
+    merge_provider_options,
+    refuse,
+    retry_after_seconds,
+    sampling_arguments,
+    sdk_parameters,
+    upstream_failure,
+    upstream_timeout,
+    with_catalog_defaults,
+)
+from server.providers.base import Provider
+from server.schema import GenerationRequest, ModelInfo, TokenCount, TokenCountRequest
+
+UPSTREAM_REQUEST_ID_HEADER = "request-id"
+_CREATE_ARGUMENTS = sdk_parameters(AsyncMessages.create)
+
+# Anthropic's error types, for errors that arrive as a stream event (HTTP 200).
+_ERROR_TYPES: dict[str, FailureKind] = {
+    "invalid_request_error": "invalid_request",
+    "request_too_large": "too_large",
+    "authentication_error": "auth",
+    "permission_error": "auth",
+    "billing_error": "quota",
+    "not_found_error": "not_found",
+    "rate_limit_error": "rate_limited",
+    "overloaded_error": "overloaded",
+    "api_error": "unavailable",
+    "timeout_error": "unavailable",
+}
+
+
+class AnthropicModel(UpstreamModel):
+    # How a thinking request is sent: a token budget, or adaptive thinking
+    # (Claude 5 models); None: the model does not think on request.
+    thinking: Literal["budget", "adaptive"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _catalog(cls, data: Any) -> Any:
+        return with_catalog_defaults(data, ANTHROPIC_MODELS)
+
+    @property
+    def supports_thinking(self) -> bool:
+        return self.thinking is not None
+
+
+class AnthropicSettings(UpstreamSettings):
+    default_key_env = "ANTHROPIC_API_KEY"
+    # None: every model of the shipped catalog.
+    models: list[AnthropicModel] | None = None
+
+
+class AnthropicProvider(Provider):
+    """Serves Claude models through `anthropic.AsyncAnthropic`."""
+
+    kind = "anthropic"
+    Settings = AnthropicSettings
+
+    def __init__(self, name: str, settings: AnthropicSettings) -> None:
+        super().__init__(name)
+        api_key = settings.resolved_api_key()
+        self._redact = Redactor(api_key)
+        self._timeout = settings.timeout_s
+        self._client = anthropic.AsyncAnthropic(
+            api_key=api_key,
+            base_url=settings.base_url,
+            timeout=settings.timeout_s,
+            # The router retries and falls back; SDK retries would multiply them.
+            max_retries=0,
+            default_headers=settings.default_headers or None,
+        )
+        configured = settings.models
+        if configured is None:
+            configured = [AnthropicModel(id=model_id) for model_id in ANTHROPIC_MODELS]
+        self._models = {m.id: m for m in configured}
+        self._infos = [m.info(name) for m in configured]
+        prefixes = settings.route_prefixes
+        self._prefixes = tuple(ANTHROPIC_PREFIXES if prefixes is None else prefixes)
+
+    @classmethod
+    def create(cls, name: str, settings: Any) -> AnthropicProvider:
+        return cls(name, settings)
+
+    def models(self) -> Sequence[ModelInfo]:
+        return self._infos
+
+    def unlisted_model(self, model_id: str) -> ModelInfo | None:
+        if model_id.startswith(self._prefixes):
+            return AnthropicModel(id=model_id).info(self.name)
+        return None
+
+    def _model(self, model_id: str) -> AnthropicModel:
+        return self._models.get(model_id) or AnthropicModel(id=model_id)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        model = self._model(request.model)
+        kwargs, violations = codec.request_arguments(request, model.upstream_name, model.thinking)
+        sampling, refused = sampling_arguments(
+            model, request.temperature, request.top_p, request.top_k
+        )
+        violations += refused
+        if sampling:
+            kwargs["extra_body"] = sampling
+        kwargs["extra_headers"] = {"x-request-id": request.request_id}
+        violations += _merge_options(kwargs, request.provider_options)
+        refuse(violations)
+
+        upstream_request_id = ""
+        stream: Any = None
+        try:
+            timeout = upstream_timeout(request.deadline, self._timeout)
+            stream = await self._client.messages.create(**kwargs, stream=True, timeout=timeout)
+            upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+            decoder = codec.MessagesStreamDecoder(
+                provider=self.name,
+                model=request.model,
+                request_id=request.request_id,
+                upstream_request_id=upstream_request_id,
+            )
+            async for raw in stream:
+                event = decoder.feed(raw)
+                if event is not None:
+                    yield event
+            decoder.finish()
+        except (anthropic.AnthropicError, httpx2.HTTPError) as err:
+            error = self._map_error(err, request.model, upstream_request_id)
+            log_upstream_failure(error, request.request_id)
+            raise error from err
+        finally:
+            # Closes the HTTP response at once (not drained), also when the
+            # caller cancelled and this generator was closed mid-stream.
+            if stream is not None:
+                await stream.close()
+
+    async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
+        model = self._model(request.model)
+        kwargs: dict[str, Any] = {
+            "model": model.upstream_name,
+            "messages": codec.messages(request.messages),
+        }
+        if request.system:
+            kwargs["system"] = [codec.content_block(b) for b in request.system]
+        if request.tools:
+            kwargs["tools"] = codec.tools(request.tools)
+        try:
+            timeout = upstream_timeout(request.deadline, self._timeout)
+            counted = await self._client.messages.count_tokens(**kwargs, timeout=timeout)
+        except (anthropic.AnthropicError, httpx2.HTTPError) as err:
+            error = self._map_error(err, request.model, "")
+            log_upstream_failure(error, "")
+            raise error from err
+        return TokenCount(input_tokens=counted.input_tokens, estimated=False)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    def _map_error(
+        self, err: anthropic.AnthropicError | httpx2.HTTPError, model: str, upstream_request_id: str
+    ) -> GatewayError:
+        """The one place an Anthropic SDK failure becomes a GatewayError."""
+        metadata = {"upstream_request_id": upstream_request_id}
+        # Most specific first: timeouts are connection errors, too.
+        if isinstance(err, anthropic.APITimeoutError | httpx2.TimeoutException):
+            return DeadlineExceededError(
+                f"provider {self.name} did not answer within the deadline",
+                metadata={"provider": self.name, **_present(metadata)},
+            )
+        if isinstance(err, anthropic.APIConnectionError | httpx2.TransportError):
+            return UpstreamStreamInterruptedError(
+                f"the connection to provider {self.name} failed",
+                metadata={"provider": self.name, **_present(metadata)},
+            )
+        if isinstance(err, anthropic.APIStatusError):
+            error_type = err.type or ""
+            metadata.update(
+                upstream_request_id=err.request_id or upstream_request_id,
+                upstream_status=str(err.status_code),
+                upstream_error_type=error_type,
+            )
+            # An `event: error` mid-stream arrives with the stream's status, 200.
+            kind = (
+                _ERROR_TYPES.get(error_type, "unavailable")
+                if err.status_code < 400
+                else kind_of_status(err.status_code)
+            )
+            return upstream_failure(
+                kind,
+                provider=self.name,
+                model=model,
+                message=self._redact(err.api_message or ""),
+                metadata=metadata,
+                retry_after=retry_after_seconds(err.response.headers),
+            )
+        return UpstreamProtocolError(
+            f"provider {self.name} answered with something the gateway cannot read",
+            metadata={"provider": self.name, **_present(metadata)},
+        )
+
+
+def _merge_options(kwargs: dict[str, Any], options: dict[str, Any]) -> list[FieldViolation]:
+    if "betas" not in options:
+        return merge_provider_options(kwargs, options, _CREATE_ARGUMENTS)
+    options = dict(options)
+    betas = options.pop("betas")
+    if not (isinstance(betas, list) and all(isinstance(b, str) for b in betas)):
+        return [FieldViolation("provider_options.betas", "must be a list of strings")]
+    kwargs["extra_headers"] = {**kwargs.get("extra_headers", {}), "anthropic-beta": ",".join(betas)}
+    return merge_provider_options(kwargs, options, _CREATE_ARGUMENTS)
+
+
+def _present(values: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in values.items() if v}

@@ -1,0 +1,262 @@
+"""The OpenAI provider: GPT models, or any OpenAI-compatible server, via Chat Completions.
+
+One `AsyncOpenAI` client per configured instance, reused by every call.
+`type: openai` with a `base_url` and a `models` list serves vLLM, Ollama,
+llama.cpp and the like (set `route_prefixes: []` there, so that it does not
+claim `gpt-` ids). Generation always streams upstream with
+`stream_options.include_usage`; the SDK's retries are off (max_retries=0)
+because the router owns retries, and each call's timeout is what is left of
+the caller's deadline. Translation rules are in _openai_codec.py; every SDK
+failure becomes a GatewayError in `_map_error`, and only there.
+
+CountTokens is the gateway's documented estimate (server/token_estimate.py,
+`estimated: true`): tiktoken downloads its encodings at run time, which a
+gateway without internet cannot do, and OpenAI has no counting endpoint for
+Chat Completions.
+
+Provider options: any `chat.completions.create` argument (e.g.
+`reasoning_effort`, `service_tier`, `extra_headers`), and any other key,
+sent in the body untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal
+
+import httpx2
+import openai
+from openai.resources.chat.completions import AsyncCompletions
+from pydantic import model_validator
+
+from server import token_estimate
+from server.catalog import OPENAI_MODELS, OPENAI_PREFIXES
+from server.errors import (
+    DeadlineExceededError,
+    GatewayError,
+    UpstreamProtocolError,
+    UpstreamStreamInterruptedError,
+)
+from server.events import StreamEvent
+from server.providers import _openai_codec as codec
+from server.providers._upstream import (
+    FailureKind,
+    Redactor,
+    SamplingParameter,
+    UpstreamModel,
+    UpstreamSettings,
+    kind_of_status,
+    log_upstream_failure,
+    merge_provider_options,
+    refuse,
+    retry_after_seconds,
+    sampling_arguments,
+    sdk_parameters,
+    upstream_failure,
+    upstream_timeout,
+    with_catalog_defaults,
+)
+from server.providers.base import Provider
+from server.schema import GenerationRequest, ModelInfo, TokenCount, TokenCountRequest
+
+UPSTREAM_REQUEST_ID_HEADER = "x-request-id"
+_CREATE_ARGUMENTS = sdk_parameters(AsyncCompletions.create)
+
+# OpenAI's error types and codes, for an error that arrives inside a stream.
+_ERROR_TYPES: dict[str, FailureKind] = {
+    "invalid_request_error": "invalid_request",
+    "authentication_error": "auth",
+    "permission_error": "auth",
+    "insufficient_quota": "quota",
+    "rate_limit_exceeded": "rate_limited",
+    "requests": "rate_limited",
+    "tokens": "rate_limited",
+    "server_error": "unavailable",
+    "overloaded_error": "overloaded",
+}
+
+
+class OpenAIModel(UpstreamModel):
+    sampling: list[SamplingParameter] = ["temperature", "top_p"]
+    # A reasoning model: thinking requests set reasoning_effort.
+    reasoning: bool = False
+    # The model takes explicit prompt_cache_breakpoint marks (GPT-5.6 and later).
+    cache_breakpoints: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _catalog(cls, data: Any) -> Any:
+        return with_catalog_defaults(data, OPENAI_MODELS)
+
+    @property
+    def supports_thinking(self) -> bool:
+        return self.reasoning
+
+
+class OpenAISettings(UpstreamSettings):
+    default_key_env = "OPENAI_API_KEY"
+    # None: every model of the shipped catalog.
+    models: list[OpenAIModel] | None = None
+    # Older OpenAI-compatible servers know only `max_tokens`.
+    max_tokens_field: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
+
+
+class OpenAIChatProvider(Provider):
+    """Serves models through `openai.AsyncOpenAI().chat.completions`."""
+
+    kind = "openai"
+    Settings = OpenAISettings
+
+    def __init__(self, name: str, settings: OpenAISettings) -> None:
+        super().__init__(name)
+        api_key = settings.resolved_api_key()
+        self._redact = Redactor(api_key)
+        self._timeout = settings.timeout_s
+        self._max_tokens_field = settings.max_tokens_field
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key,
+            base_url=settings.base_url,
+            timeout=settings.timeout_s,
+            # The router retries and falls back; SDK retries would multiply them.
+            max_retries=0,
+            default_headers=settings.default_headers or None,
+        )
+        configured = settings.models
+        if configured is None:
+            configured = [OpenAIModel(id=model_id) for model_id in OPENAI_MODELS]
+        self._models = {m.id: m for m in configured}
+        self._infos = [m.info(name) for m in configured]
+        prefixes = settings.route_prefixes
+        self._prefixes = tuple(OPENAI_PREFIXES if prefixes is None else prefixes)
+
+    @classmethod
+    def create(cls, name: str, settings: Any) -> OpenAIChatProvider:
+        return cls(name, settings)
+
+    def models(self) -> Sequence[ModelInfo]:
+        return self._infos
+
+    def unlisted_model(self, model_id: str) -> ModelInfo | None:
+        if self._prefixes and model_id.startswith(self._prefixes):
+            return OpenAIModel(id=model_id).info(self.name)
+        return None
+
+    def _model(self, model_id: str) -> OpenAIModel:
+        return self._models.get(model_id) or OpenAIModel(id=model_id)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        model = self._model(request.model)
+        kwargs, violations = codec.request_arguments(
+            request,
+            model.upstream_name,
+            reasoning=model.reasoning,
+            cache_breakpoints=model.cache_breakpoints,
+            max_tokens_field=self._max_tokens_field,
+        )
+        sampling, refused = sampling_arguments(
+            model, request.temperature, request.top_p, request.top_k
+        )
+        violations += refused
+        # Not a Chat Completions parameter: only for models that list it (vLLM).
+        top_k = sampling.pop("top_k", None)
+        kwargs.update(sampling)
+        if top_k is not None:
+            kwargs["extra_body"] = {"top_k": top_k}
+        # vLLM and proxies honour X-Request-Id; OpenAI logs X-Client-Request-Id.
+        kwargs["extra_headers"] = {
+            "x-request-id": request.request_id,
+            "x-client-request-id": request.request_id,
+        }
+        violations += merge_provider_options(kwargs, request.provider_options, _CREATE_ARGUMENTS)
+        refuse(violations)
+
+        upstream_request_id = ""
+        stream: Any = None
+        try:
+            timeout = upstream_timeout(request.deadline, self._timeout)
+            stream = await self._client.chat.completions.create(
+                **kwargs, stream=True, timeout=timeout
+            )
+            upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+            decoder = codec.ChatStreamDecoder(
+                provider=self.name,
+                model=request.model,
+                request_id=request.request_id,
+                upstream_request_id=upstream_request_id,
+            )
+            async for chunk in stream:
+                for event in decoder.feed(chunk):
+                    yield event
+            for event in decoder.finish():
+                yield event
+        except (openai.OpenAIError, httpx2.HTTPError) as err:
+            error = self._map_error(err, request.model, upstream_request_id)
+            log_upstream_failure(error, request.request_id)
+            raise error from err
+        finally:
+            # Closes the HTTP response at once, also when the caller cancelled.
+            if stream is not None:
+                await stream.close()
+
+    async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
+        count = token_estimate.count_request(request.system, request.messages, request.tools)
+        return TokenCount(input_tokens=count, estimated=True)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    def _map_error(
+        self, err: openai.OpenAIError | httpx2.HTTPError, model: str, upstream_request_id: str
+    ) -> GatewayError:
+        """The one place an OpenAI SDK failure becomes a GatewayError."""
+        base = {"provider": self.name}
+        if upstream_request_id:
+            base["upstream_request_id"] = upstream_request_id
+        # Most specific first: timeouts are connection errors, too.
+        if isinstance(err, openai.APITimeoutError | httpx2.TimeoutException):
+            return DeadlineExceededError(
+                f"provider {self.name} did not answer within the deadline", metadata=base
+            )
+        if isinstance(err, openai.APIConnectionError | httpx2.TransportError):
+            return UpstreamStreamInterruptedError(
+                f"the connection to provider {self.name} failed", metadata=base
+            )
+        if isinstance(err, openai.APIStatusError):
+            code = err.code or ""
+            kind = "quota" if code == "insufficient_quota" else kind_of_status(err.status_code)
+            return upstream_failure(
+                kind,
+                provider=self.name,
+                model=model,
+                message=self._redact(_body_message(err.body)),
+                metadata={
+                    "upstream_request_id": err.request_id or upstream_request_id,
+                    "upstream_status": str(err.status_code),
+                    "upstream_error_type": err.type or code,
+                },
+                retry_after=retry_after_seconds(err.response.headers),
+                param=err.param,
+            )
+        if isinstance(err, openai.APIError) and err.body is not None:
+            # An error chunk inside a 200 stream: only its body says what it was.
+            error_type = err.type or ""
+            kind = _ERROR_TYPES.get(err.code or "") or _ERROR_TYPES.get(error_type, "unavailable")
+            return upstream_failure(
+                kind,
+                provider=self.name,
+                model=model,
+                message=self._redact(err.message),
+                metadata={**base, "upstream_error_type": error_type},
+                param=err.param,
+            )
+        return UpstreamProtocolError(
+            f"provider {self.name} answered with something the gateway cannot read", metadata=base
+        )
+
+
+def _body_message(body: object) -> str:
+    if isinstance(body, dict):
+        message = body.get("message")
+        if isinstance(message, str):
+            return message
+    return ""

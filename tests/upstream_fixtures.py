@@ -1,0 +1,214 @@
+"""Fixtures for provider tests: a fake upstream, and a gateway whose providers use it.
+
+The fake upstream (tests/fake_upstream) and the gateway both run in the
+session's event loop on 127.0.0.1, port 0; calls go through a real gRPC
+channel, and the providers reach the fake through the real SDKs over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from llmgateway.v1 import generation_pb2 as pb
+from llmgateway.v1 import generation_pb2_grpc as pb_grpc
+from server.app import Gateway
+from server.config import load_config
+from tests.conftest import RunningGateway
+from tests.fake_upstream import FakeUpstream
+
+# Upstream keys: tests check that they never reach a log line or a caller.
+ANTHROPIC_KEY = "sk-ant-test-Zx81-never-log-me"
+OPENAI_KEY = "sk-openai-test-Qw27-never-log-me"
+OPENAI_KEY_ENV = "UPSTREAM_TEST_OPENAI_KEY"
+
+PRICING = {
+    "input_per_mtok": 3.0,
+    "output_per_mtok": 15.0,
+    "cache_read_per_mtok": 0.3,
+    "cache_creation_per_mtok": 3.75,
+}
+
+
+def provider_config(fake: FakeUpstream) -> dict[str, Any]:
+    return {
+        "anthropic": {
+            "type": "anthropic",
+            "api_key": ANTHROPIC_KEY,
+            "base_url": fake.anthropic_url,
+            "models": [
+                {
+                    "id": "claude-test",
+                    "upstream_id": "claude-upstream-1",
+                    "display_name": "Claude (test)",
+                    "aliases": ["claude-test-latest"],
+                    "context_window": 200_000,
+                    "max_output_tokens": 16_000,
+                    "default_max_tokens": 1_024,
+                    "thinking": "budget",
+                    "pricing": PRICING,
+                },
+                # Everything else from the shipped catalog.
+                {"id": "claude-sonnet-5-5"},
+            ],
+        },
+        "openai": {
+            "type": "openai",
+            "api_key_env": OPENAI_KEY_ENV,
+            "base_url": fake.openai_url,
+            "models": [
+                {
+                    "id": "gpt-test",
+                    "upstream_id": "gpt-upstream-1",
+                    "context_window": 400_000,
+                    "max_output_tokens": 32_000,
+                    "default_max_tokens": 2_048,
+                    "reasoning": True,
+                    "cache_breakpoints": True,
+                    "pricing": PRICING,
+                },
+                {"id": "gpt-6-sol"},
+            ],
+        },
+        # An OpenAI-compatible server (vLLM-like): no prefix routing, top_k, max_tokens.
+        "local": {
+            "type": "openai",
+            "api_key": "unused",
+            "base_url": fake.openai_url,
+            "route_prefixes": [],
+            "max_tokens_field": "max_tokens",
+            "models": [
+                {"id": "llama-local", "sampling": ["temperature", "top_p", "top_k"]},
+            ],
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+async def fake_upstream() -> AsyncIterator[FakeUpstream]:
+    fake = FakeUpstream()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+def fake(fake_upstream: FakeUpstream) -> FakeUpstream:
+    """The fake upstream, with no requests recorded and no replies queued."""
+    fake_upstream.reset()
+    return fake_upstream
+
+
+@pytest.fixture(scope="session")
+def _openai_key_in_environment() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(OPENAI_KEY_ENV, OPENAI_KEY)
+        yield
+
+
+@pytest.fixture(scope="session")
+async def upstream_gateway(
+    fake_upstream: FakeUpstream, _openai_key_in_environment: None
+) -> AsyncIterator[RunningGateway]:
+    """A gateway serving the Anthropic, OpenAI and OpenAI-compatible providers above."""
+    config = load_config(
+        environ={},
+        overrides={
+            "server.host": "127.0.0.1",
+            "server.port": 0,
+            # Auth has its own tests; these are about what reaches the providers.
+            "auth.enabled": False,
+            "providers": provider_config(fake_upstream),
+        },
+    )
+    gateway = Gateway(config)
+    port = await gateway.start()
+    address = f"127.0.0.1:{port}"
+    channel = grpc.aio.insecure_channel(address)
+    yield RunningGateway(gateway, address, channel, pb_grpc.GenerationServiceStub(channel))
+    await channel.close()
+    await gateway.stop(grace=1)
+
+
+@pytest.fixture
+def upstream_stub(upstream_gateway: RunningGateway) -> pb_grpc.GenerationServiceStub:
+    return upstream_gateway.stub
+
+
+def ask(model: str, *texts: str, **fields: Any) -> pb.GenerateRequest:
+    """A one-turn request to `model`."""
+    message = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=t) for t in texts])
+    return pb.GenerateRequest(model=model, messages=[message], **fields)
+
+
+async def stream_all(
+    stub: pb_grpc.GenerationServiceStub, req: pb.GenerateRequest
+) -> tuple[list[pb.StreamGenerateResponse], dict[str, str]]:
+    """Every event of a StreamGenerate call, and its trailing metadata."""
+    call = stub.StreamGenerate(req)
+    events = [event async for event in call]
+    return events, {k: v for k, v in await call.trailing_metadata() if isinstance(v, str)}
+
+
+async def generate(
+    stub: pb_grpc.GenerationServiceStub, req: pb.GenerateRequest
+) -> tuple[pb.GenerateResponse, dict[str, str]]:
+    """A Generate call's response, and its trailing metadata."""
+    call = stub.Generate(req)
+    response = await call
+    return response, {k: v for k, v in await call.trailing_metadata() if isinstance(v, str)}
+
+
+def fold_stream(events: list[pb.StreamGenerateResponse]) -> pb.GenerateResponse:
+    """Folds wire events into a response, independently of the server's fold."""
+    assert events[0].WhichOneof("event") == "message_start"
+    assert events[-1].WhichOneof("event") == "message_stop"
+    start = events[0].message_start
+    response = pb.GenerateResponse(
+        id=start.id,
+        model=start.model,
+        provider=start.provider,
+        request_id=start.request_id,
+        upstream_request_id=start.upstream_request_id,
+        usage=start.usage,
+    )
+    blocks: list[pb.ContentBlock] = []
+    tool_json: dict[int, str] = {}
+    for event in events[1:-1]:
+        kind = event.WhichOneof("event")
+        if kind == "content_block_start":
+            assert event.content_block_start.index == len(blocks)
+            block = pb.ContentBlock()
+            block.CopyFrom(event.content_block_start.content_block)
+            blocks.append(block)
+        elif kind == "content_block_delta":
+            delta = event.content_block_delta
+            block = blocks[delta.index]
+            which = delta.WhichOneof("delta")
+            if which == "text":
+                block.text += delta.text
+            elif which == "tool_input_json":
+                tool_json[delta.index] = tool_json.get(delta.index, "") + delta.tool_input_json
+            elif which == "thinking":
+                block.thinking.text += delta.thinking
+            elif which == "thinking_signature":
+                block.thinking.signature += delta.thinking_signature
+        elif kind == "content_block_stop":
+            index = event.content_block_stop.index
+            if index in tool_json:
+                blocks[index].tool_use.input.update(json.loads(tool_json[index]))
+        elif kind == "message_delta":
+            response.stop_reason = event.message_delta.stop_reason
+            response.stop_sequence = event.message_delta.stop_sequence
+            response.usage.CopyFrom(event.message_delta.usage)
+            response.cost.CopyFrom(event.message_delta.cost)
+    response.content.extend(blocks)
+    return response
+
+
+def kinds(events: list[pb.StreamGenerateResponse]) -> list[str]:
+    return [str(e.WhichOneof("event")) for e in events]
