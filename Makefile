@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 ## run: install the gateway and serve it on 127.0.0.1:50051 (offline provider, no keys needed)
 run: $(STAMP)
-	$(BIN)/python -m server $(ARGS)
+	$(BIN)/python -m server --no-auth $(ARGS)
 
 ## test: install everything, then lint, type-check and run the whole test suite
 test: $(STAMP) lint typecheck proto-lint pytest

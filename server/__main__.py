@@ -1,4 +1,8 @@
-"""Command line: `python -m server [--host H] [--port P] [--config FILE]`."""
+"""Command line: `python -m server [--host H] [--port P] [--config FILE] [--no-auth]`.
+
+With no subcommand it serves; `python -m server keys ...` manages API keys
+(server/auth/cli.py).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import sys
 from typing import Any
 
 from server.app import serve
+from server.auth.cli import add_keys_parser, run_keys_command
 from server.config import ConfigError, load_config
 from server.logs import configure_logging
 
@@ -20,6 +25,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="address to listen on (server.host, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (server.port, default 50051)")
     parser.add_argument("--log-level", help="logging.level: DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="auth.enabled=false: serve without credentials (local development, loopback only)",
+    )
+    add_keys_parser(parser.add_subparsers(dest="command", metavar="{keys}"))
     return parser
 
 
@@ -32,12 +43,16 @@ def main(argv: list[str] | None = None) -> int:
         overrides["server.port"] = args.port
     if args.log_level is not None:
         overrides["logging.level"] = args.log_level.upper()
+    if args.no_auth:
+        overrides["auth.enabled"] = False
     try:
         config = load_config(args.config, overrides=overrides)
     except ConfigError as err:
         print(f"llm-gateway: {err}", file=sys.stderr)
         return 2
     configure_logging(config.logging)
+    if args.command == "keys":
+        return run_keys_command(args, config.auth)
     try:
         asyncio.run(serve(config))
     except ConfigError as err:

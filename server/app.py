@@ -9,6 +9,7 @@ finish, and whatever is still open after that is cancelled.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -18,12 +19,18 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from interceptors.auth import AuthInterceptor
 from interceptors.malformed_request import MalformedRequestInterceptor
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
-from server.config import GatewayConfig, ServerConfig
+from llmgateway.v1 import token_pb2_grpc
+from server.auth import GatewayAuth
+from server.auth.service import SERVICE_NAME as TOKEN_SERVICE
+from server.auth.service import TokenServicer
+from server.config import ConfigError, GatewayConfig, ServerConfig
 from server.health import SERVICE_NAME as HEALTH_SERVICE
 from server.health import SERVING, HealthService
+from server.identity import SCOPE_GENERATE
 from server.routing import Router, build_providers
 from server.servicer import GenerationServicer
 
@@ -59,6 +66,16 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another name: it may resolve to anything
+
+
 class Gateway:
     """The gateway's gRPC server and everything it serves."""
 
@@ -73,26 +90,53 @@ class Gateway:
         self.router = router or Router(build_providers(config))
         self.servicer = GenerationServicer(self.router)
         self.health = HealthService()
+        # Auth runs first: an unauthenticated call is refused before anything
+        # else looks at it. None when auth is disabled (local development).
+        self.auth = GatewayAuth.from_config(config.auth) if config.auth.enabled else None
+        auth_interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.auth is not None:
+            auth_interceptors.append(
+                AuthInterceptor(
+                    self.auth.authenticator,
+                    public_services=config.auth.public_services,
+                    scopes={GENERATION_SERVICE: SCOPE_GENERATE, TOKEN_SERVICE: None},
+                )
+            )
         self._server = grpc.aio.server(
-            interceptors=[MalformedRequestInterceptor(), *interceptors],
+            interceptors=[*auth_interceptors, MalformedRequestInterceptor(), *interceptors],
             options=server_options(config.server),
         )
         pb_grpc.add_GenerationServiceServicer_to_server(self.servicer, self._server)
+        token_pb2_grpc.add_TokenServiceServicer_to_server(
+            TokenServicer(self.auth.issuer if self.auth else None), self._server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if config.server.reflection:
             reflection.enable_server_reflection(
-                (GENERATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server
+                (GENERATION_SERVICE, TOKEN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME),
+                self._server,
             )
         self.port = 0
         self._stopping: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Binds, starts serving and returns the bound port."""
+        if not self.config.auth.enabled:
+            if not is_loopback(self.config.server.host):
+                raise ConfigError(
+                    "invalid configuration:\n  auth.enabled: false is only allowed on a loopback"
+                    f" server.host (127.0.0.1, ::1, localhost), not {self.config.server.host!r}"
+                )
+            log.warning(
+                "authentication is DISABLED (auth.enabled: false): every local caller is"
+                " trusted; for local development only"
+            )
         address = _address(self.config.server.host, self.config.server.port)
         self.port = self._server.add_insecure_port(address)
         await self._server.start()
         self.health.set("", SERVING)
         self.health.set(GENERATION_SERVICE, SERVING)
+        self.health.set(TOKEN_SERVICE, SERVING)
         log.info("llm-gateway serving on %s", _address(self.config.server.host, self.port))
         return self.port
 

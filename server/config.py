@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "LLMGW_"
 CONFIG_PATH_ENV = "LLMGW_CONFIG"
@@ -67,9 +67,83 @@ def _default_providers() -> dict[str, ProviderConfig]:
     return {"offline": ProviderConfig(type="offline")}
 
 
+# kind: (API key variable, base URL variable), as each provider's SDK reads them
+_PROVIDER_ENVIRONMENT = {
+    "anthropic": ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"),
+    "openai": ("OPENAI_API_KEY", "OPENAI_BASE_URL"),
+}
+
+
+def default_providers(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """The providers served when none is configured.
+
+    The offline provider always; Anthropic and OpenAI (with the shipped
+    model catalog) when their API key variables are set. The keys stay in
+    the environment: the configuration names the variable, never the key.
+    """
+    providers: dict[str, dict[str, Any]] = {"offline": {"type": "offline"}}
+    for kind, (key_variable, url_variable) in _PROVIDER_ENVIRONMENT.items():
+        if environ.get(key_variable):
+            section: dict[str, Any] = {"type": kind, "api_key_env": key_variable}
+            if environ.get(url_variable):
+                section["base_url"] = environ[url_variable]
+            providers[kind] = section
+    return providers
+
+
+def _auth_state_dir() -> Path:
+    """Where keys live by default: $XDG_STATE_HOME/llm-gateway (~/.local/state/llm-gateway).
+
+    Not the working directory, so the gateway and `python -m server keys`
+    find the same store wherever they are started from.
+    """
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "llm-gateway"
+
+
+# Callable without credentials unless configured otherwise: probes and tools
+# must reach health and reflection before they hold any key.
+DEFAULT_PUBLIC_SERVICES = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
+
+
+class AuthConfig(_Strict):
+    """Who may call: API keys, the tokens traded for them, and the signing keys."""
+
+    # false only for local development: then the gateway refuses non-loopback hosts.
+    enabled: bool = True
+    # SQLite file holding API keys (as keyed hashes, never the keys).
+    key_store: Path = Field(default_factory=lambda: _auth_state_dir() / "keys.sqlite3")
+    # The HMAC-SHA256 secret API keys are hashed with; kept apart from the store
+    # so a copy of the store alone cannot be used to test guesses.
+    secret_file: Path = Field(default_factory=lambda: _auth_state_dir() / "key-secret")
+    # Ed25519 signing keys, one PEM file per key id (<kid>.pem). Every key here
+    # verifies tokens; the newest private key signs unless signing_key_id pins one.
+    signing_keys_dir: Path = Field(default_factory=lambda: _auth_state_dir() / "signing-keys")
+    signing_key_id: str | None = None
+    issuer: str = Field("llm-gateway", min_length=1)
+    audience: str = Field("llm-gateway", min_length=1)
+    token_ttl_s: float = Field(900.0, ge=1, le=86400)
+    # Clock skew tolerated on exp/nbf/iat; RFC 8725 practice: at most a minute.
+    leeway_s: float = Field(30.0, ge=0, le=60)
+    # How long a key's record (and so its revocation) may be served from memory.
+    cache_ttl_s: float = Field(5.0, ge=0, le=300)
+    # Services callable without credentials.
+    public_services: tuple[str, ...] = DEFAULT_PUBLIC_SERVICES
+
+    @field_validator("key_store", "secret_file", "signing_keys_dir")
+    @classmethod
+    def _expand_home(cls, path: Path) -> Path:
+        return path.expanduser()
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = ServerConfig()
     logging: LoggingConfig = LoggingConfig()
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     # Instance name -> provider. The offline provider serves when none is configured.
     providers: dict[str, ProviderConfig] = Field(default_factory=_default_providers)
 
@@ -110,6 +184,8 @@ def load_config(
             _set(data, keys, yaml.safe_load(raw) if raw else raw, origin=name)
     for dotted, value in (overrides or {}).items():
         _set(data, dotted.split("."), value, origin=f"--{dotted}")
+    if "providers" not in data:
+        data["providers"] = default_providers(environ)
 
     try:
         return GatewayConfig.model_validate(data)

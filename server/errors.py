@@ -232,3 +232,60 @@ class UpstreamRejectedError(GatewayError):
 
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "UPSTREAM_REJECTED"
+
+
+# -- Authentication and authorization ----------------------------------------
+# Raised by the auth interceptor (interceptors/auth.py) and the model check
+# (server/identity.py). Whatever check failed, an unauthenticated caller gets
+# the same message and reason, so nothing tells an attacker which one it was.
+
+
+class UnauthenticatedError(GatewayError):
+    """The call carries no credentials, or ones the gateway does not accept."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+    def __init__(self) -> None:
+        super().__init__("missing or invalid credentials")
+
+
+class PermissionDeniedError(GatewayError):
+    """The caller is known but may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+class ModelNotAllowedError(PermissionDeniedError):
+    """The caller's key may not use the requested model."""
+
+    reason = "MODEL_NOT_ALLOWED"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"this key may not use model {model!r}", metadata={"model": model})
+
+
+class MissingScopeError(PermissionDeniedError):
+    """The caller's key lacks the scope the method needs."""
+
+    reason = "MISSING_SCOPE"
+
+    def __init__(self, scope: str) -> None:
+        super().__init__(f"this key lacks the {scope!r} scope", metadata={"scope": scope})
+
+
+class AuthDisabledError(GatewayError):
+    """Authentication is switched off here (local development), so no tokens are issued."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "AUTH_DISABLED"
+
+    def __init__(self) -> None:
+        super().__init__("authentication is disabled on this gateway; no token is needed")
+
+
+class CredentialUnavailableError(InternalError):
+    """The gateway cannot read its own credential for a provider (server/credentials.py)."""
+
+    reason = "UPSTREAM_CREDENTIAL_UNAVAILABLE"

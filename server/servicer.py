@@ -9,6 +9,7 @@ exception) becomes a gRPC status with google.rpc details.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -23,12 +24,15 @@ from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from server.decoding import decode_count_tokens, decode_generate
 from server.encoding import encode_event, encode_models, encode_response
 from server.errors import FieldViolation, GatewayError, InternalError, InvalidArgumentError
-from server.events import fold
+from server.events import MessageStart, fold
+from server.identity import require_model_access
 from server.routing import Router
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+# The provider's id for the call, for a caller who must quote it to the provider.
+UPSTREAM_REQUEST_ID_HEADER = "x-upstream-request-id"
 # Request ids travel in metadata, so they must be printable ASCII.
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
@@ -48,11 +52,26 @@ def request_id_of(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> 
     return uuid.uuid4().hex
 
 
+def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+    """When the caller's deadline runs out, on the event loop's clock; None: no deadline."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return asyncio.get_running_loop().time() + remaining
+
+
+def _trailers(request_id: str, upstream_request_id: str = "") -> tuple[tuple[str, str], ...]:
+    if upstream_request_id:
+        return ((REQUEST_ID_HEADER, request_id), (UPSTREAM_REQUEST_ID_HEADER, upstream_request_id))
+    return ((REQUEST_ID_HEADER, request_id),)
+
+
 async def _abort(
     context: grpc.aio.ServicerContext[Any, Any], error: GatewayError, request_id: str
 ) -> None:
     status = error.to_status(request_id)
-    trailers = (*status.trailing_metadata, (REQUEST_ID_HEADER, request_id))
+    upstream_request_id = error.metadata.get("upstream_request_id", "")
+    trailers = (*status.trailing_metadata, *_trailers(request_id, upstream_request_id))
     await context.abort(status.code, status.details, trailers)
 
 
@@ -102,9 +121,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             async with error_boundary(context, request_id):
                 request_id = request_id_of(request, context)
             async with error_boundary(context, request_id):
-                internal, route = decode_generate(request, self._router, request_id)
+                internal, route = decode_generate(
+                    request, self._router, request_id, deadline_of(context)
+                )
+                # Here, not in the auth interceptor: the model is known only once
+                # the request is decoded and its alias resolved.
+                require_model_access(request.model, route.model.id)
                 response = await fold(self._router.stream(internal, route))
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+        context.set_trailing_metadata(_trailers(request_id, response.upstream_request_id))
         return encode_response(response)
 
     async def StreamGenerate(
@@ -115,16 +139,23 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             async with error_boundary(context, request_id):
                 request_id = request_id_of(request, context)
             async with error_boundary(context, request_id):
-                internal, route = decode_generate(request, self._router, request_id)
-                context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+                internal, route = decode_generate(
+                    request, self._router, request_id, deadline_of(context)
+                )
+                require_model_access(request.model, route.model.id)
+                context.set_trailing_metadata(_trailers(request_id))
                 async for event in self._router.stream(internal, route):
+                    if isinstance(event, MessageStart) and event.upstream_request_id:
+                        trailers = _trailers(request_id, event.upstream_request_id)
+                        context.set_trailing_metadata(trailers)
                     yield encode_event(event)
 
     async def CountTokens(
         self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CountTokensResponse:
         async with error_boundary(context):
-            internal, route = decode_count_tokens(request, self._router)
+            internal, route = decode_count_tokens(request, self._router, deadline_of(context))
+            require_model_access(request.model, route.model.id)
             count = await self._router.count_tokens(internal, route)
         return pb.CountTokensResponse(input_tokens=count.input_tokens, estimated=count.estimated)
 

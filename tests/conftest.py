@@ -7,10 +7,11 @@ loop that made them); see asyncio_default_*_loop_scope in pyproject.toml.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,9 @@ TEST_CONFIG = {
     "server.host": "127.0.0.1",
     "server.port": 0,
     "server.shutdown_grace_s": 5,
+    # Local-development mode, explicitly: these tests are about generation, not
+    # credentials (tests/test_auth*.py build gateways with auth on).
+    "auth.enabled": False,
     "providers": {
         "offline": {
             "type": "offline",
@@ -59,6 +63,44 @@ TEST_CONFIG = {
         }
     },
 }
+
+
+# What no log line may ever hold (issue 4): an API key, a token, or a key hash
+# or secret (48 or 64 hex digits, standing alone).
+_CREDENTIAL_IN_LOG = re.compile(
+    r"llmgw_[0-9a-f]{12}_"
+    r"|eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\."
+    r"|(?<![0-9a-f])(?:[0-9a-f]{48}|[0-9a-f]{64})(?![0-9a-f])"
+)
+
+
+class _LogRecorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.leaks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        if _CREDENTIAL_IN_LOG.search(text):
+            self.leaks.append(f"{record.name}: {text}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_credentials_in_logs() -> Iterator[None]:
+    """Every record logged in the whole suite, at every level, is checked for credentials."""
+    recorder, root, grpc_log = _LogRecorder(), logging.getLogger(), logging.getLogger("grpc")
+    levels = root.level, grpc_log.level
+    root.addHandler(recorder)
+    root.setLevel(logging.DEBUG)
+    # grpc's own DEBUG records (from Cython, mid-call) break pytest's log capture.
+    grpc_log.setLevel(logging.INFO)
+    yield
+    root.removeHandler(recorder)
+    root.setLevel(levels[0])
+    grpc_log.setLevel(levels[1])
+    assert not recorder.leaks, "credentials in logs:\n" + "\n".join(recorder.leaks[:5])
 
 
 @dataclass
@@ -136,7 +178,8 @@ async def start_server_process(*args: str, env: dict[str, str] | None = None) ->
         "0",
         *args,
         cwd=REPO_ROOT,
-        env={**os.environ, **(env or {})},
+        # Auth off unless a test says otherwise (tests/test_auth*.py do).
+        env={**os.environ, "LLMGW_AUTH__ENABLED": "false", **(env or {})},
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -151,3 +194,7 @@ async def start_server_process(*args: str, env: dict[str, str] | None = None) ->
             found = re.search(r"serving on [^ ]+:(\d+)", line)
             if found:
                 return ServerProcess(process, int(found.group(1)), log)
+
+
+# Provider tests' fixtures (fake upstreams, a gateway pointed at them).
+pytest_plugins = ["tests.upstream_fixtures"]

@@ -51,6 +51,7 @@ async def test_list_services_by_reflection(running: RunningGateway) -> None:
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
         "llmgateway.v1.GenerationService",
+        "llmgateway.v1.TokenService",
     ]
 
 

@@ -1,0 +1,144 @@
+"""The direct path: the official SDK calling the fake upstream, no gateway.
+
+It makes the calls a service would make without the gateway (`unary`: a
+non-streaming create; `stream`: a streaming create read to the end) at a
+given concurrency and prints the same JSON summary as bench/loadgen, so the
+gateway's added latency is gateway-path minus this. (The gateway itself
+always streams upstream and folds the stream for Generate.)
+
+Usage: python -m bench.direct_sdk anthropic|openai BASE_URL unary|stream C N
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+import time
+from typing import Any
+
+MAX_TOKENS = 256
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"count": 0, "p50": 0, "p90": 0, "p99": 0, "max": 0, "mean": 0}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+    return {
+        "count": len(ordered),
+        "p50": pick(0.5),
+        "p90": pick(0.9),
+        "p99": pick(0.99),
+        "max": ordered[-1],
+        "mean": sum(ordered) / len(ordered),
+    }
+
+
+async def run(
+    provider: str, base_url: str, method: str, concurrency: int, total: int
+) -> dict[str, Any]:
+    if provider == "anthropic":
+        import anthropic
+
+        client: Any = anthropic.AsyncAnthropic(api_key="bench", base_url=base_url, max_retries=0)
+
+        async def call() -> float | None:
+            first = None
+            start = time.perf_counter()
+            if method == "unary":
+                await client.messages.create(
+                    model="bench-model",
+                    max_tokens=MAX_TOKENS,
+                    messages=[{"role": "user", "content": "Hello"}],
+                )
+                return None
+            stream = await client.messages.create(
+                model="bench-model",
+                max_tokens=MAX_TOKENS,
+                messages=[{"role": "user", "content": "Hello"}],
+                stream=True,
+            )
+            async with stream:
+                async for event in stream:
+                    if first is None and event.type == "content_block_delta":
+                        first = time.perf_counter() - start
+            return first
+    else:
+        import openai
+
+        client = openai.AsyncOpenAI(api_key="bench", base_url=base_url, max_retries=0)
+
+        async def call() -> float | None:
+            first = None
+            start = time.perf_counter()
+            if method == "unary":
+                await client.chat.completions.create(
+                    model="bench-model",
+                    max_completion_tokens=MAX_TOKENS,
+                    messages=[{"role": "user", "content": "Hello"}],
+                )
+                return None
+            stream = await client.chat.completions.create(
+                model="bench-model",
+                max_completion_tokens=MAX_TOKENS,
+                messages=[{"role": "user", "content": "Hello"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            async with stream:
+                async for chunk in stream:
+                    if first is None and chunk.choices and chunk.choices[0].delta.content:
+                        first = time.perf_counter() - start
+            return first
+
+    latencies: list[float] = []
+    firsts: list[float] = []
+    errors: dict[str, int] = {}
+    remaining = total + min(50, total)  # the first 50 calls warm up and are discarded
+    warmup = min(50, total)
+
+    async def worker() -> None:
+        nonlocal remaining, warmup
+        while remaining > 0:
+            remaining -= 1
+            measuring = warmup <= 0
+            warmup -= 1
+            start = time.perf_counter()
+            try:
+                first = await call()
+            except Exception as err:
+                if measuring:
+                    errors[type(err).__name__] = errors.get(type(err).__name__, 0) + 1
+                continue
+            if measuring:
+                latencies.append((time.perf_counter() - start) * 1000)
+                if first is not None:
+                    firsts.append(first * 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    await client.close()
+    result: dict[str, Any] = {
+        "method": method,
+        "concurrency": concurrency,
+        "calls": len(latencies),
+        "errors": sum(errors.values()),
+        "error_codes": errors,
+        "elapsed_s": elapsed,
+        "calls_per_s": len(latencies) / elapsed,
+        "latency_ms": summarize(latencies),
+    }
+    if method == "stream":
+        result["first_chunk_ms"] = summarize(firsts)
+    return result
+
+
+if __name__ == "__main__":
+    provider, base_url, method, concurrency, total = sys.argv[1:6]
+    print(json.dumps(asyncio.run(run(provider, base_url, method, int(concurrency), int(total)))))

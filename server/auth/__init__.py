@@ -1,0 +1,61 @@
+"""Authentication: API keys, the short-lived tokens traded for them, and their checks.
+
+`keys.py` holds the key format, the keyed hash and the SQLite store;
+`tokens.py` the signing keys and the JWTs; `authenticator.py` turns a call's
+metadata into an Identity; `service.py` serves TokenService; `cli.py` is
+`python -m server keys ...`. The interceptor that applies all this to every
+call is interceptors/auth.py. `GatewayAuth` assembles them from `auth:` config.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from server.auth.authenticator import Authenticator
+from server.auth.keys import KeyStore, SecretFile
+from server.auth.tokens import SigningKeyRing, TokenIssuer, TokenVerifier
+from server.config import AuthConfig
+
+__all__ = ["GatewayAuth"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GatewayAuth:
+    """Everything the serving side needs to authenticate calls and issue tokens."""
+
+    config: AuthConfig
+    store: KeyStore
+    ring: SigningKeyRing
+    issuer: TokenIssuer
+    verifier: TokenVerifier
+    authenticator: Authenticator
+
+    @classmethod
+    def from_config(cls, config: AuthConfig) -> GatewayAuth:
+        """Builds it; reads the signing keys now but creates nothing on disk.
+
+        Keys, the secret and the first signing key are made by `python -m
+        server keys create`; until then every credential is refused.
+        """
+        store = KeyStore(config.key_store, cache_ttl=config.cache_ttl_s)
+        ring = SigningKeyRing(config.signing_keys_dir, pinned_kid=config.signing_key_id)
+        ring.load()
+        if not config.key_store.exists():
+            log.warning(
+                "no API key store at %s yet: every call needing credentials is refused"
+                " until `python -m server keys create` makes a key",
+                config.key_store,
+            )
+        elif ring.signer is None:
+            log.warning("no signing key in %s: IssueToken will fail", config.signing_keys_dir)
+        verifier = TokenVerifier(
+            ring, issuer=config.issuer, audience=config.audience, leeway=config.leeway_s
+        )
+        issuer = TokenIssuer(
+            ring, issuer=config.issuer, audience=config.audience, ttl=config.token_ttl_s
+        )
+        authenticator = Authenticator(store, SecretFile(config.secret_file), verifier)
+        return cls(config, store, ring, issuer, verifier, authenticator)

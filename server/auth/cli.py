@@ -1,0 +1,196 @@
+"""`python -m server keys ...`: create, list and revoke API keys; rotate the signing key.
+
+These act on the files named by the `auth:` configuration (the same config
+the gateway reads), so run them with the gateway's --config or LLMGW_*
+environment. A created key is printed once, alone on stdout, so that
+`KEY=$(python -m server keys create --name svc)` captures exactly the key;
+everything else goes to stderr. No command ever prints a key hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterable
+from decimal import Decimal, InvalidOperation
+
+from server.auth.keys import KeyHasher, KeyRecord, KeyStore, ensure_secret
+from server.auth.tokens import create_signing_key, load_signing_keys
+from server.config import AuthConfig
+from server.identity import ALL_MODELS, KNOWN_SCOPES, SCOPE_GENERATE, KeyLimits
+
+
+def add_keys_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Adds `keys` and its subcommands to the top-level parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", default=argparse.SUPPRESS, help="YAML config file (default: $LLMGW_CONFIG)"
+    )
+    keys = subparsers.add_parser("keys", help="manage API keys and signing keys")
+    commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+
+    create = commands.add_parser(
+        "create", parents=[common], help="create an API key and print it (once)"
+    )
+    create.add_argument("--name", required=True, help="who or what the key is for")
+    create.add_argument(
+        "--models",
+        nargs="+",
+        default=[],
+        metavar="MODEL",
+        help="models (ids, aliases or patterns like 'claude-*') the key may use; default all",
+    )
+    create.add_argument(
+        "--scopes",
+        nargs="+",
+        default=[SCOPE_GENERATE],
+        metavar="SCOPE",
+        help=f"scopes among {', '.join(sorted(KNOWN_SCOPES))} (default: {SCOPE_GENERATE})",
+    )
+    create.add_argument("--rpm", type=int, help="requests per minute (for the rate limiter)")
+    create.add_argument("--tpm", type=int, help="tokens per minute (for the rate limiter)")
+    create.add_argument("--budget-usd", help="spending cap in US dollars")
+
+    listing = commands.add_parser("list", parents=[common], help="list keys (never the secret)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    revoke = commands.add_parser(
+        "revoke", parents=[common], help="revoke a key and every token issued for it"
+    )
+    revoke.add_argument("id", help="the key id, as `keys list` shows it")
+
+    commands.add_parser(
+        "rotate-signing-key",
+        parents=[common],
+        help="create a new token signing key; it signs new tokens, older keys still verify",
+    )
+
+
+def _split(values: list[str]) -> list[str]:
+    """Accepts both `--models a b` and `--models a,b`."""
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def _describe(record: KeyRecord) -> dict[str, object]:
+    def when(at: float | None) -> str | None:
+        return None if at is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+    limits = record.limits
+    return {
+        "id": record.id,
+        "name": record.name,
+        "scopes": sorted(record.scopes),
+        "models": list(record.models),
+        "requests_per_minute": limits.requests_per_minute,
+        "tokens_per_minute": limits.tokens_per_minute,
+        "budget_nanos": limits.budget_nanos,
+        "created": when(record.created_at),
+        "revoked": when(record.revoked_at),
+    }
+
+
+def _fail(message: str) -> int:
+    print(f"llm-gateway keys: {message}", file=sys.stderr)
+    return 2
+
+
+def run_keys_command(args: argparse.Namespace, config: AuthConfig) -> int:
+    """Runs one `keys` subcommand; returns the exit status."""
+    store = KeyStore(config.key_store)
+    command = args.keys_command
+    if command == "create":
+        return _create(args, config)
+    if command == "list":
+        records = store.list()
+        if args.json:
+            for record in records:
+                print(json.dumps(_describe(record)))
+        else:
+            _print_table(records)
+        return 0
+    if command == "revoke":
+        if not store.revoke(args.id):
+            return _fail(f"no active key with id {args.id!r}")
+        print(f"revoked key {args.id}; its tokens are refused within seconds", file=sys.stderr)
+        return 0
+    if command == "rotate-signing-key":
+        kid = create_signing_key(config.signing_keys_dir)
+        print(kid)
+        wait = config.token_ttl_s + config.leeway_s
+        print(
+            f"created signing key {kid} in {config.signing_keys_dir}; gateways sign with it"
+            " within 10 seconds. Delete an older key file only once its last token has"
+            f" expired: {wait:g} s (auth.token_ttl_s + auth.leeway_s) after this rotation.",
+            file=sys.stderr,
+        )
+        return 0
+    return _fail(f"unknown command {command!r}")
+
+
+def create_key(
+    config: AuthConfig,
+    *,
+    name: str,
+    scopes: Iterable[str] = (SCOPE_GENERATE,),
+    models: Iterable[str] = ALL_MODELS,
+    limits: KeyLimits | None = None,
+) -> tuple[KeyRecord, str]:
+    """Creates an API key; returns its record and the key, which is kept nowhere.
+
+    The first key also makes what the gateway needs to check it and to sign
+    tokens for it: the hashing secret and a signing key.
+    """
+    hasher = KeyHasher(ensure_secret(config.secret_file))
+    if not any(key.private_key for key in load_signing_keys(config.signing_keys_dir).values()):
+        create_signing_key(config.signing_keys_dir)
+    store = KeyStore(config.key_store)
+    return store.create(hasher, name=name, scopes=scopes, models=models, limits=limits)
+
+
+def _create(args: argparse.Namespace, config: AuthConfig) -> int:
+    scopes = _split(args.scopes)
+    unknown = sorted(set(scopes) - KNOWN_SCOPES)
+    if unknown or not scopes:
+        return _fail(f"--scopes: unknown scope(s) {unknown}; known: {sorted(KNOWN_SCOPES)}")
+    budget_nanos = None
+    if args.budget_usd is not None:
+        try:
+            budget_nanos = int(Decimal(args.budget_usd) * 1_000_000_000)
+        except InvalidOperation:
+            return _fail(f"--budget-usd: not a number: {args.budget_usd!r}")
+    record, key = create_key(
+        config,
+        name=args.name,
+        scopes=scopes,
+        models=_split(args.models) or ALL_MODELS,
+        limits=KeyLimits(args.rpm, args.tpm, budget_nanos),
+    )
+    print(key)
+    print(
+        f"created key {record.id} ({record.name}): store it now, it is not shown again",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _print_table(records: list[KeyRecord]) -> None:
+    rows = [("ID", "NAME", "SCOPES", "MODELS", "CREATED", "REVOKED")]
+    for record in records:
+        described = _describe(record)
+        rows.append(
+            (
+                record.id,
+                record.name,
+                ",".join(sorted(record.scopes)),
+                ",".join(record.models),
+                str(described["created"]),
+                str(described["revoked"] or "-"),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )

@@ -1,0 +1,183 @@
+"""The gateway's own credentials for upstream providers, re-read on a TTL.
+
+A provider backend asks a CredentialSource for its API key on each request
+(`await source.get()`) instead of reading it once at start-up, so a rotated
+key is picked up without a restart. Three kinds of source:
+
+    env_credential("ANTHROPIC_API_KEY")                 # the environment
+    file_credential("/run/secrets/openai", ttl=60)      # a mounted secret
+    command_credential(["vault", "read", ...], ttl=300) # any command's stdout
+
+or, from provider settings, `credential_source(env=..., file=..., command=...,
+ttl_s=...)` with exactly one of the three. The interface is two methods:
+
+    async def get() -> str       # the current value, re-read once `ttl` has passed
+    def invalidate() -> None     # forget it: call after the provider answers 401
+
+A refresh that fails while an earlier value is held keeps serving that value
+(and logs why, never the value); with no value at all, `get()` raises
+CredentialUnavailableError, which callers see as INTERNAL. Values are never
+logged, not even in part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from server.errors import CredentialUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+class CredentialSource(Protocol):
+    """Where a provider's API key comes from."""
+
+    async def get(self) -> str:
+        """The current credential (re-read when older than the source's TTL)."""
+        ...
+
+    def invalidate(self) -> None:
+        """Drops the held value so the next `get()` re-reads it."""
+        ...
+
+
+class _ReadError(Exception):
+    """Reading a credential failed; the message says why and never holds the value."""
+
+
+class RefreshingCredential:
+    """A credential read by `read()`, held for `ttl` seconds (None: until invalidated).
+
+    Concurrent `get()`s share one read.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[], Awaitable[str]],
+        *,
+        ttl: float | None,
+        description: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._read = read
+        self._ttl = math.inf if ttl is None else ttl
+        self.description = description
+        self._clock = clock
+        self._value: str | None = None
+        self._read_at = -math.inf
+        self._reading: asyncio.Task[str] | None = None
+
+    async def get(self) -> str:
+        if self._value is not None and self._clock() - self._read_at < self._ttl:
+            return self._value
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.get_running_loop().create_task(self._refresh())
+        return await asyncio.shield(self._reading)
+
+    def invalidate(self) -> None:
+        self._read_at = -math.inf
+
+    async def _refresh(self) -> str:
+        try:
+            value = (await self._read()).strip()
+            if not value:
+                raise _ReadError("it is empty")
+        except _ReadError as err:
+            if self._value is not None:
+                log.warning("keeping the previous %s: re-reading failed: %s", self.description, err)
+                self._read_at = self._clock()  # retry after another TTL, not on every call
+                return self._value
+            log.error("cannot read the %s: %s", self.description, err)
+            raise CredentialUnavailableError(
+                "the gateway's credential for the provider is unavailable"
+            ) from None
+        self._value, self._read_at = value, self._clock()
+        return value
+
+
+def env_credential(
+    name: str, *, ttl: float | None = 60.0, environ: Mapping[str, str] | None = None
+) -> RefreshingCredential:
+    """The environment variable `name` (os.environ may be updated in-process)."""
+    source = os.environ if environ is None else environ
+
+    async def read() -> str:
+        value = source.get(name)
+        if value is None:
+            raise _ReadError(f"${name} is not set")
+        return value
+
+    return RefreshingCredential(read, ttl=ttl, description=f"credential in ${name}")
+
+
+def file_credential(path: str | Path, *, ttl: float | None = 60.0) -> RefreshingCredential:
+    """The contents of a file (surrounding whitespace stripped), e.g. a mounted secret."""
+    path = Path(path)
+
+    async def read() -> str:
+        try:
+            return await asyncio.to_thread(path.read_text, encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise _ReadError(f"cannot read {path}: {type(err).__name__}") from None
+
+    return RefreshingCredential(read, ttl=ttl, description=f"credential in {path}")
+
+
+def command_credential(
+    argv: Sequence[str], *, ttl: float | None = 300.0, timeout: float = 10.0
+) -> RefreshingCredential:
+    """The standard output of a command (run without a shell), e.g. a secrets-manager CLI."""
+    if not argv:
+        raise ValueError("the credential command is empty")
+    command = list(argv)
+
+    async def read() -> str:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,  # may echo secrets; never read
+            )
+        except OSError as err:
+            raise _ReadError(f"cannot run {command[0]}: {type(err).__name__}") from None
+        try:
+            out, _ = await asyncio.wait_for(process.communicate(), timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise _ReadError(f"{command[0]} did not finish within {timeout:g} s") from None
+        if process.returncode != 0:
+            raise _ReadError(f"{command[0]} exited with status {process.returncode}")
+        return out.decode("utf-8", errors="replace")
+
+    return RefreshingCredential(read, ttl=ttl, description=f"credential from `{command[0]}`")
+
+
+def credential_source(
+    *,
+    env: str | None = None,
+    file: str | Path | None = None,
+    command: Sequence[str] | None = None,
+    ttl_s: float | None = None,
+) -> RefreshingCredential:
+    """The source a provider's settings name: exactly one of env, file and command.
+
+    `ttl_s` overrides the kind's default (env and file 60 s, command 300 s).
+    """
+    given = [kind for kind, value in (("env", env), ("file", file), ("command", command)) if value]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of env, file and command (got {given or 'none'})")
+    if env:
+        return env_credential(env) if ttl_s is None else env_credential(env, ttl=ttl_s)
+    if file:
+        return file_credential(file) if ttl_s is None else file_credential(file, ttl=ttl_s)
+    assert command is not None
+    return command_credential(command) if ttl_s is None else command_credential(command, ttl=ttl_s)
