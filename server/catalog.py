@@ -8,17 +8,15 @@ pages in November 2026. Cache-write prices are the 5-minute (Anthropic) or
 because Usage has a single cache-creation count.
 
 A model id nobody lists but with a provider's prefix (`claude-`, `gpt-`,
-...) still routes to that provider, with the conservative limits of
+...) still routes to that provider (Provider.unlisted_model, asked by
+Router.resolve), with the conservative limits of
 UpstreamModel's defaults and no price, so that a new model works on the
 day it ships.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
-
-from server.routing import Route, Router
-from server.schema import ModelInfo
+from typing import Any
 
 _ADAPTIVE_1M: dict[str, Any] = {
     "context_window": 1_000_000,
@@ -108,28 +106,3 @@ OPENAI_MODELS: dict[str, dict[str, Any]] = {
 
 ANTHROPIC_PREFIXES = ("claude-",)
 OPENAI_PREFIXES = ("gpt-", "o1", "o3", "o4", "chatgpt-")
-
-
-@runtime_checkable
-class ServesUnlisted(Protocol):
-    """A provider that also serves model ids it does not list (by prefix)."""
-
-    def unlisted_model(self, model_id: str) -> ModelInfo | None:
-        """The model an unlisted id names, or None when it is not this provider's."""
-
-
-def resolve_model(router: Router, model_id: str) -> Route | None:
-    """The route for a listed model or alias, else for an id with a provider's prefix.
-
-    Providers are asked in configuration order; the first that claims the
-    id serves it.
-    """
-    route = router.resolve(model_id)
-    if route is not None:
-        return route
-    for provider in router.providers:
-        if isinstance(provider, ServesUnlisted):
-            model = provider.unlisted_model(model_id)
-            if model is not None:
-                return Route(provider, model)
-    return None

@@ -16,7 +16,6 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 
 from llmgateway.v1 import generation_pb2 as pb
-from server.catalog import resolve_model
 from server.errors import FieldViolation, InvalidArgumentError, ModelNotFoundError
 from server.routing import Route, Router
 from server.schema import (
@@ -263,7 +262,7 @@ def decode_generate(
             d.bad("thinking.budget_tokens", "must be positive")
     d.raise_if_invalid()
 
-    route = resolve_model(router, request.model)
+    route = router.resolve(request.model)
     if route is None:
         raise ModelNotFoundError(request.model)
     model = route.model
@@ -311,7 +310,7 @@ def decode_count_tokens(
     messages = d.messages(request.messages)
     tools = d.tools(request.tools)
     d.raise_if_invalid()
-    route = resolve_model(router, request.model)
+    route = router.resolve(request.model)
     if route is None:
         raise ModelNotFoundError(request.model)
     return TokenCountRequest(request.model, messages, system, tools, deadline), route

@@ -70,8 +70,19 @@ class Router:
         return self._providers
 
     def resolve(self, model: str) -> Route | None:
-        """The route for a model id or alias, or None when nobody serves it."""
-        return self._routes.get(model)
+        """The route for a model id or alias, or None when nobody serves it.
+
+        Listed ids and aliases first; then an unlisted id is offered to each
+        provider in configuration order (e.g. `claude-...` to Anthropic).
+        """
+        route = self._routes.get(model)
+        if route is not None:
+            return route
+        for provider in self._providers:
+            info = provider.unlisted_model(model)
+            if info is not None:
+                return Route(provider, info)
+        return None
 
     def models(self, provider: str = "") -> list[ModelInfo]:
         """Every model served (each once, aliases included), optionally of one provider."""

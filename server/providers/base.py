@@ -67,5 +67,13 @@ class Provider(abc.ABC):
     async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
         """Counts the input tokens of a request."""
 
+    def unlisted_model(self, model_id: str) -> ModelInfo | None:
+        """The model an id this provider does not list names, if it serves it anyway.
+
+        SDK providers serve new models by id prefix (`claude-`, `gpt-`) on the
+        day they ship; the default serves only listed models.
+        """
+        return None
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Releases clients and connections at shutdown."""
