@@ -15,6 +15,7 @@ from server.app import serve
 from server.auth.cli import add_keys_parser, run_keys_command
 from server.config import ConfigError, load_config
 from server.logs import configure_logging
+from server.workers import run_workers
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config file (default: $LLMGW_CONFIG, or none)")
     parser.add_argument("--host", help="address to listen on (server.host, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (server.port, default 50051)")
+    parser.add_argument("--workers", type=int, help="server.workers: serving processes (default 1)")
     parser.add_argument("--log-level", help="logging.level: DEBUG, INFO, WARNING or ERROR")
     parser.add_argument(
         "--no-auth",
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["server.host"] = args.host
     if args.port is not None:
         overrides["server.port"] = args.port
+    if args.workers is not None:
+        overrides["server.workers"] = args.workers
     if args.log_level is not None:
         overrides["logging.level"] = args.log_level.upper()
     if args.no_auth:
@@ -53,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.logging)
     if args.command == "keys":
         return run_keys_command(args, config.auth)
+    if config.server.workers > 1:
+        return run_workers(config)
     try:
         asyncio.run(serve(config))
     except ConfigError as err:

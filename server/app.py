@@ -52,8 +52,9 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
             int(config.min_client_ping_interval_s * 1000),
         ),
         # grpc turns SO_REUSEPORT on by default, which would let a second
-        # gateway bind the same port silently and steal half the calls.
-        ("grpc.so_reuseport", 0),
+        # gateway bind the same port silently and steal half the calls; only
+        # our own workers (server.workers) share a port on purpose.
+        ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
     ]
     if config.max_connection_idle_s:
         options.append(("grpc.max_connection_idle_ms", int(config.max_connection_idle_s * 1000)))

@@ -15,10 +15,17 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "LLMGW_"
 CONFIG_PATH_ENV = "LLMGW_CONFIG"
@@ -46,6 +53,15 @@ class ServerConfig(_Strict):
     # On SIGTERM: how long in-flight calls may run before they are cancelled.
     shutdown_grace_s: float = Field(30.0, ge=0)
     reflection: bool = True
+    # Serving processes sharing the port with SO_REUSEPORT (server/workers.py);
+    # one event loop each, so at most one per core helps.
+    workers: int = Field(1, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _workers_need_a_fixed_port(self) -> Self:
+        if self.workers > 1 and self.port == 0:
+            raise ValueError("workers > 1 needs a fixed port (port 0 would give each its own)")
+        return self
 
 
 class LoggingConfig(_Strict):

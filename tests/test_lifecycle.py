@@ -161,3 +161,59 @@ def test_stream_request_shape_is_shared() -> None:
     methods = {m.name: m for m in service.methods}
     assert methods["StreamGenerate"].input_type is methods["Generate"].input_type
     assert methods["StreamGenerate"].server_streaming
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_two_workers_share_a_port_and_drain_together() -> None:
+    port = _free_port()
+    server = await start_server_process("--port", str(port), "--workers", "2")
+    assert server.port == port
+    assert server.process.stderr is not None
+    log = list(server.log)
+    # Both workers report serving on the same port.
+    async with asyncio.timeout(20):
+        while sum(f"serving on 127.0.0.1:{port}" in line for line in log) < 2:
+            log.append((await server.process.stderr.readline()).decode())
+
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(12)]
+    try:
+        replies = await asyncio.gather(
+            *(
+                pb_grpc.GenerationServiceStub(c).Generate(request("hi"), timeout=10)
+                for c in channels
+            )
+        )
+    finally:
+        for channel in channels:
+            await channel.close()
+    assert all(r.content[0].text == "hi" for r in replies)
+
+    server.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(server.process.wait(), 15) == 0
+    rest = (await server.process.stderr.read()).decode()
+    assert rest.count("stopped") == 2, rest
+
+
+async def test_workers_need_a_fixed_port() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "--port",
+        "0",
+        "--workers",
+        "2",
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 2
+    assert b"server" in err
+    assert b"fixed port" in err
