@@ -10,6 +10,7 @@ does. Per-process state (caches, in-memory rate limits) is per worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -49,10 +50,8 @@ def run_workers(config: GatewayConfig) -> int:
     def forward(signum: int, frame: FrameType | None) -> None:
         for worker in workers:
             if worker.pid is not None and worker.is_alive():
-                try:
+                with contextlib.suppress(ProcessLookupError):  # exited meanwhile
                     os.kill(worker.pid, signum)
-                except ProcessLookupError:
-                    pass
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
