@@ -1,0 +1,313 @@
+"""`make bench`: what the gateway costs on the hot path, measured on this machine.
+
+Scenarios (each reported as p50 / p90 / p99 latency and throughput):
+  1. ceiling    a bare grpc.aio server with canned answers (bench/ceiling_server.py)
+  2. offline    the gateway serving the offline provider
+  3. providers  gateway -> Anthropic/OpenAI SDK -> fake upstream, versus the same
+                SDK -> fake upstream directly (bench/direct_sdk.py)
+  4. held       many streams held open, a chunk every 50 ms: RSS, CPU, added delay
+  5. workers    scenario 2 with 1 and 2 server processes (SO_REUSEPORT)
+
+Load comes from bench/loadgen (Go, compiled), pinned to the core the server
+under test does not use. Every run is bounded in calls and in time.
+Results go to bench/results/<date>-<host>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.processes import CORES, ROOT, Service, free_port, pinned, python
+from bench.report import write_reports
+from llmgateway.v1 import generation_pb2 as pb
+
+LOADGEN = ROOT / "bench" / ".bin" / "loadgen"
+CHUNKS = 20
+SERVER_CORE, LOAD_CORE = 0, 1
+
+
+class Bench:
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.work = Path(tempfile.mkdtemp(prefix="bench-"))
+        self.rows: list[dict[str, Any]] = []
+
+    def calls(self, method: str, concurrency: int) -> int:
+        base = 2000 if method == "unary" else 800
+        if concurrency > 1:
+            base *= 3
+        return base // 5 if self.quick else base
+
+    def request_file(self, name: str, request: pb.GenerateRequest) -> Path:
+        path = self.work / f"{name}.bin"
+        path.write_bytes(request.SerializeToString())
+        return path
+
+    def loadgen(
+        self,
+        address: str,
+        request: Path,
+        method: str,
+        concurrency: int,
+        *,
+        calls: int | None = None,
+        seconds: float = 30,
+        conns: int | None = None,
+        interval_ms: int = 0,
+        core: int | None = LOAD_CORE,
+        warmup: int = 50,
+        timeout_s: float = 30,
+    ) -> dict[str, Any]:
+        argv = [
+            *pinned(core),
+            str(LOADGEN),
+            "-addr", address,
+            "-request", str(request),
+            "-method", method,
+            "-c", str(concurrency),
+            "-n", str(calls if calls is not None else self.calls(method, concurrency)),
+            "-d", f"{seconds}s",
+            "-conns", str(conns or (1 if concurrency == 1 else 8)),
+            "-warmup", str(warmup),
+            "-timeout", f"{timeout_s}s",
+        ]  # fmt: skip
+        if interval_ms:
+            argv += ["-interval", f"{interval_ms}ms"]
+        env = {**os.environ, "GOMAXPROCS": "1" if core is not None else str(CORES)}
+        out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
+        return dict(json.loads(out.stdout))
+
+    def direct(self, provider: str, url: str, method: str, concurrency: int) -> dict[str, Any]:
+        calls = max(200, self.calls(method, concurrency) // 3)
+        argv = [*pinned(SERVER_CORE), python(), "-m", "bench.direct_sdk", provider, url, method]
+        argv += [str(concurrency), str(calls)]
+        out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT)
+        return dict(json.loads(out.stdout))
+
+    def record(self, scenario: str, target: str, result: dict[str, Any], **extra: Any) -> None:
+        row = {"scenario": scenario, "target": target, **extra, **result}
+        self.rows.append(row)
+        first = result.get("first_chunk_ms") or {}
+        print(
+            f"  {scenario:9s} {target:22s} {result['method']:6s} c={result['concurrency']:<4d}"
+            f" {result['calls_per_s']:8.0f}/s  p50 {result['latency_ms']['p50']:7.2f}"
+            f"  p99 {result['latency_ms']['p99']:7.2f} ms"
+            + (f"  first chunk p50 {first['p50']:.2f} p99 {first['p99']:.2f}" if first else "")
+            + (f"  errors {result['errors']}" if result.get("errors") else ""),
+            flush=True,
+        )
+
+    # -- configuration -------------------------------------------------------
+
+    def gateway_config(self, port: int, providers: dict[str, Any], workers: int = 1) -> Path:
+        config = {
+            "server": {"host": "127.0.0.1", "port": port, "workers": workers},
+            "logging": {"level": "INFO"},
+            # Loopback development mode: the benchmark measures the serving path.
+            "auth": {"enabled": False},
+            "providers": providers,
+        }
+        path = self.work / f"gateway-{port}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def gateway(self, config: Path, *, core: int | None, workers: int = 1) -> Service:
+        argv = [python(), "-m", "server", "--config", str(config)]
+        return Service("gateway", argv, core=core, count=workers)
+
+    # -- scenarios -----------------------------------------------------------
+
+    def sweep(self, scenario: str, target: str, address: str, request: Path) -> None:
+        for method in ("unary", "stream"):
+            for concurrency in (1, 32, 128):
+                self.record(scenario, target, self.loadgen(address, request, method, concurrency))
+
+    def ceiling_and_offline(self, echo: Path) -> None:
+        port = free_port()
+        argv = [python(), "-m", "bench.ceiling_server", str(port), str(CHUNKS)]
+        with Service("ceiling", argv, core=SERVER_CORE):
+            self.sweep("ceiling", "bare grpc.aio", f"127.0.0.1:{port}", echo)
+        port = free_port()
+        config = self.gateway_config(port, {"offline": {"type": "offline"}})
+        with self.gateway(config, core=SERVER_CORE):
+            self.sweep("offline", "gateway offline", f"127.0.0.1:{port}", echo)
+
+    def providers(self) -> None:
+        upstream_port, port = free_port(), free_port()
+        base = f"http://127.0.0.1:{upstream_port}"
+        providers = {
+            "anthropic": {
+                "type": "anthropic",
+                "api_key": "bench",
+                "base_url": base,
+                "models": [{"id": "bench-claude", "upstream_id": "bench-model"}],
+            },
+            "openai": {
+                "type": "openai",
+                "api_key": "bench",
+                "base_url": f"{base}/v1",
+                "models": [{"id": "bench-gpt", "upstream_id": "bench-model"}],
+            },
+        }
+        fake = [python(), "-m", "bench.fake_upstream", str(upstream_port), str(CHUNKS)]
+        with (
+            Service("fake-upstream", fake, core=LOAD_CORE),
+            self.gateway(self.gateway_config(port, providers), core=SERVER_CORE),
+        ):
+            for provider, model, url in (
+                ("anthropic", "bench-claude", base),
+                ("openai", "bench-gpt", f"{base}/v1"),
+            ):
+                request = self.request_file(model, _request(model, "Hello", max_tokens=256))
+                for method in ("unary", "stream"):
+                    for concurrency in (1, 32, 128):
+                        result = self.loadgen(f"127.0.0.1:{port}", request, method, concurrency)
+                        self.record("providers", f"gateway -> {provider}", result, provider=provider)
+                        result = self.direct(provider, url, method, concurrency)
+                        self.record("providers", f"direct {provider} SDK", result, provider=provider)
+
+    def held_streams(self, streams: int, seconds: int) -> None:
+        port = free_port()
+        config = self.gateway_config(port, {"offline": {"type": "offline"}})
+        chunks = seconds * 20  # one every 50 ms
+        request = _request("echo", " ".join(f"w{i}" for i in range(chunks)), max_tokens=chunks)
+        request.provider_options.update({"chunk_delay_ms": 50})
+        path = self.request_file("held", request)
+        with self.gateway(config, core=SERVER_CORE) as gateway:
+            idle_rss = gateway.rss_mib()
+            samples: list[float] = []
+            done = threading.Event()
+
+            def sample() -> None:
+                while not done.wait(1.0):
+                    samples.append(gateway.rss_mib())
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            cpu_before, started = gateway.cpu_seconds(), time.monotonic()
+            sampler.start()
+            result = self.loadgen(
+                f"127.0.0.1:{port}", path, "stream", streams, calls=streams,
+                seconds=seconds + 30, conns=max(1, streams // 100), interval_ms=50,
+                warmup=0, timeout_s=seconds * 3 + 60,
+            )  # fmt: skip
+            done.set()
+            sampler.join()
+            cpu = (gateway.cpu_seconds() - cpu_before) / (time.monotonic() - started)
+        extra = {
+            "streams": streams,
+            "seconds": seconds,
+            "idle_rss_mib": round(idle_rss, 1),
+            "peak_rss_mib": round(max(samples, default=idle_rss), 1),
+            "cpu_percent_of_one_core": round(100 * cpu, 1),
+        }
+        self.record("held", f"{streams} streams x {seconds}s", result, **extra)
+        delay = result["chunk_added_delay_ms"]
+        print(
+            f"            RSS idle {extra['idle_rss_mib']} MiB, peak {extra['peak_rss_mib']} MiB;"
+            f" CPU {extra['cpu_percent_of_one_core']}% of a core;"
+            f" added delay per chunk p50 {delay['p50']:.2f} p99 {delay['p99']:.2f} ms",
+            flush=True,
+        )
+
+    def workers(self, echo: Path) -> None:
+        for workers in (1, 2):
+            port = free_port()
+            config = self.gateway_config(port, {"offline": {"type": "offline"}}, workers=workers)
+            with self.gateway(config, core=None, workers=workers):
+                for method in ("unary", "stream"):
+                    result = self.loadgen(
+                        f"127.0.0.1:{port}", echo, method, 128, conns=16, core=None
+                    )
+                    self.record("workers", f"{workers} worker(s)", result, workers=workers)
+
+
+def _request(model: str, text: str, max_tokens: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        model=model,
+        max_tokens=max_tokens,
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=text)])],
+    )
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "host": platform.node(),
+        "cores": CORES,
+        "cpu": model,
+        "python": platform.python_version(),
+        "pinning": "server under test on core 0; loadgen and fake upstream on core 1"
+        if pinned(0)
+        else "none (fewer than 2 cores or no taskset)",
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer calls, short holds")
+    parser.add_argument("--held-streams", type=int, default=1000)
+    parser.add_argument("--held-seconds", type=int, default=60)
+    parser.add_argument(
+        "--only", nargs="*", default=["ceiling", "providers", "held", "workers"],
+        help="scenarios: ceiling (with offline), providers, held, workers",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    if not LOADGEN.exists():
+        print("bench/.bin/loadgen is missing: run `make bench`", file=sys.stderr)
+        return 2
+
+    bench = Bench(args.quick)
+    info = machine()
+    print(f"llm-gateway benchmark on {info['cores']} cores ({info['cpu']}); {info['pinning']}")
+    started = time.monotonic()
+    echo = bench.request_file("echo", _request("echo", " ".join(f"w{i}" for i in range(CHUNKS)), 64))
+    if "ceiling" in args.only:
+        bench.ceiling_and_offline(echo)
+    if "providers" in args.only:
+        bench.providers()
+    if "held" in args.only:
+        streams = 200 if args.quick else args.held_streams
+        bench.held_streams(streams, 10 if args.quick else args.held_seconds)
+    if "workers" in args.only:
+        bench.workers(echo)
+
+    stamp = datetime.now(UTC)
+    results = {
+        "date": stamp.isoformat(timespec="seconds"),
+        "machine": info,
+        "quick": args.quick,
+        "duration_s": round(time.monotonic() - started, 1),
+        "rows": bench.rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{stamp:%Y-%m-%d}-{info['host'] or 'host'}{'-quick' if args.quick else ''}"
+    table = write_reports(results, stem)
+    print()
+    print(table)
+    print(f"wrote {stem}.json, {stem}.md and {stem}.png in {results['duration_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
