@@ -35,8 +35,8 @@ def full_table(rows: list[Row]) -> str:
         first = r.get("first_chunk_ms") or {}
         lines.append(
             f"| {r['scenario']} | {r['target']} | {r['method']} | {r['concurrency']} "
-            f"| {r['calls_per_s']:.0f} | {_ms(r['latency_ms']['p50'])} | {_ms(r['latency_ms']['p90'])}"
-            f" | {_ms(r['latency_ms']['p99'])} | "
+            f"| {r['calls_per_s']:.0f} | {_ms(r['latency_ms']['p50'])}"
+            f" | {_ms(r['latency_ms']['p90'])} | {_ms(r['latency_ms']['p99'])} | "
             + (f"{_ms(first['p50'])} / {_ms(first['p99'])}" if first else "")
             + f" | {r.get('errors', 0)} |"
         )
@@ -76,7 +76,8 @@ def headline(rows: list[Row]) -> tuple[str, dict[str, Any]]:
                     ratio = g["calls_per_s"] / d["calls_per_s"]
                     numbers[f"throughput_ratio_{provider}_{method}_c{c}"] = ratio
                     lines.append(
-                        f"- {provider} {method} at concurrency {c}: gateway {g['calls_per_s']:.0f}/s,"
+                        f"- {provider} {method} at concurrency {c}:"
+                        f" gateway {g['calls_per_s']:.0f}/s,"
                         f" direct SDK {d['calls_per_s']:.0f}/s (ratio {ratio:.2f})"
                     )
     for method in ("unary", "stream"):
@@ -104,10 +105,11 @@ def headline(rows: list[Row]) -> tuple[str, dict[str, Any]]:
                 "chunk_added_delay_p99_ms": delay["p99"],
             }
             lines.append(
-                f"- {r['streams']} open streams for {r['seconds']} s: peak RSS {r['peak_rss_mib']} MiB"
-                f" (target < 300), idle {r['idle_rss_mib']} MiB, CPU {r['cpu_percent_of_one_core']}%"
-                f" of a core, added delay per chunk p50 {delay['p50']:.2f} ms, p99 {delay['p99']:.2f}"
-                f" ms (target <= 5), errors {r['errors']}"
+                f"- {r['streams']} open streams for {r['seconds']} s:"
+                f" peak RSS {r['peak_rss_mib']} MiB (target < 300), idle {r['idle_rss_mib']} MiB,"
+                f" CPU {r['cpu_percent_of_one_core']}% of a core, added delay per chunk"
+                f" p50 {delay['p50']:.2f} ms, p99 {delay['p99']:.2f} ms (target <= 5),"
+                f" errors {r['errors']}"
             )
     for method in ("unary", "stream"):
         one = _find(rows, "workers", "1 worker(s)", method, 128)
@@ -155,7 +157,9 @@ def plot(rows: list[Row], path: Path) -> bool:
                 continue
             xs = [p[0] for p in points]
             line = axis.plot(xs, [p[1] for p in points], marker="o", label=f"{target} p50")[0]
-            axis.plot(xs, [p[2] for p in points], ls="--", color=line.get_color(), label=f"{target} p99")
+            axis.plot(
+                xs, [p[2] for p in points], ls="--", color=line.get_color(), label=f"{target} p99"
+            )
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("concurrency")

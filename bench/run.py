@@ -175,9 +175,13 @@ class Bench:
                 for method in ("unary", "stream"):
                     for concurrency in (1, 32, 128):
                         result = self.loadgen(f"127.0.0.1:{port}", request, method, concurrency)
-                        self.record("providers", f"gateway -> {provider}", result, provider=provider)
+                        self.record(
+                            "providers", f"gateway -> {provider}", result, provider=provider
+                        )
                         result = self.direct(provider, url, method, concurrency)
-                        self.record("providers", f"direct {provider} SDK", result, provider=provider)
+                        self.record(
+                            "providers", f"direct {provider} SDK", result, provider=provider
+                        )
 
     def held_streams(self, streams: int, seconds: int) -> None:
         port = free_port()
@@ -281,7 +285,9 @@ def main() -> int:
     info = machine()
     print(f"llm-gateway benchmark on {info['cores']} cores ({info['cpu']}); {info['pinning']}")
     started = time.monotonic()
-    echo = bench.request_file("echo", _request("echo", " ".join(f"w{i}" for i in range(CHUNKS)), 64))
+    echo = bench.request_file(
+        "echo", _request("echo", " ".join(f"w{i}" for i in range(CHUNKS)), 64)
+    )
     if "ceiling" in args.only:
         bench.ceiling_and_offline(echo)
     if "providers" in args.only:

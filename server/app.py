@@ -89,7 +89,9 @@ class Gateway:
     ) -> None:
         self.config = config
         self.router = router or Router(build_providers(config))
-        self.servicer = GenerationServicer(self.router)
+        self.servicer = GenerationServicer(
+            self.router, coalesce_deltas=config.server.coalesce_stream_deltas
+        )
         self.health = HealthService()
         # Auth runs first: an unauthenticated call is refused before anything
         # else looks at it. None when auth is disabled (local development).

@@ -21,6 +21,7 @@ import grpc
 
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
+from server.coalescing import coalesce
 from server.decoding import decode_count_tokens, decode_generate
 from server.encoding import encode_event, encode_models, encode_response
 from server.errors import FieldViolation, GatewayError, InternalError, InvalidArgumentError
@@ -96,8 +97,9 @@ async def error_boundary(
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """Serves llmgateway.v1.GenerationService on a Router."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, *, coalesce_deltas: bool = True) -> None:
         self._router = router
+        self._coalesce = coalesce_deltas
         self._in_flight = 0
 
     @contextmanager
@@ -144,7 +146,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 )
                 require_model_access(request.model, route.model.id)
                 context.set_trailing_metadata(_trailers(request_id))
-                async for event in self._router.stream(internal, route):
+                events = self._router.stream(internal, route)
+                if self._coalesce and not route.provider.exact_chunks:
+                    events = coalesce(events)
+                async for event in events:
                     if isinstance(event, MessageStart) and event.upstream_request_id:
                         trailers = _trailers(request_id, event.upstream_request_id)
                         context.set_trailing_metadata(trailers)

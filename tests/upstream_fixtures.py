@@ -122,6 +122,9 @@ async def upstream_gateway(
             "server.port": 0,
             # Auth has its own tests; these are about what reaches the providers.
             "auth.enabled": False,
+            # One gateway event per upstream event, so these tests see the
+            # translation itself (tests/test_coalescing.py covers merging).
+            "server.coalesce_stream_deltas": False,
             "providers": provider_config(fake_upstream),
         },
     )

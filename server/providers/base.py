@@ -33,6 +33,10 @@ class Provider(abc.ABC):
 
     kind: ClassVar[str]
     Settings: ClassVar[type[ProviderSettings]] = ProviderSettings
+    # True when the chunk boundaries of `stream` are part of the output (a
+    # deterministic test double): the gateway then never merges waiting
+    # deltas (server/coalescing.py) for this provider.
+    exact_chunks: ClassVar[bool] = False
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -132,6 +132,8 @@ class OfflineProvider(Provider):
 
     kind = "offline"
     Settings = OfflineSettings
+    # Consumers' tests may rely on one chunk per token piece.
+    exact_chunks = True
 
     def __init__(self, name: str, settings: OfflineSettings) -> None:
         super().__init__(name)

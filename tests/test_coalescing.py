@@ -1,0 +1,143 @@
+"""Merging stream deltas that are already waiting (server/coalescing.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from llmgateway.v1 import generation_pb2_grpc as pb_grpc
+from server.app import Gateway
+from server.coalescing import coalesce
+from server.config import load_config
+from server.errors import UpstreamOverloadedError
+from server.events import (
+    ContentBlockStart,
+    ContentBlockStop,
+    MessageDelta,
+    MessageStart,
+    MessageStop,
+    ResponseAccumulator,
+    StreamEvent,
+    TextDelta,
+    ToolInputDelta,
+)
+from server.schema import StopReason, TextBlock, ToolUseBlock
+from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream.script import Reply, Text
+from tests.upstream_fixtures import ask, fold_stream, generate, kinds, provider_config, stream_all
+
+EVENTS: list[StreamEvent] = [
+    MessageStart("m", "model", "p"),
+    ContentBlockStart(0, TextBlock("")),
+    *(TextDelta(0, f"w{i} ") for i in range(10)),
+    ContentBlockStop(0),
+    ContentBlockStart(1, ToolUseBlock(id="t", name="f")),
+    ToolInputDelta(1, '{"a":'),
+    ToolInputDelta(1, " 1}"),
+    ContentBlockStop(1),
+    MessageDelta(StopReason.TOOL_USE),
+    MessageStop(),
+]
+
+
+async def source(events: list[StreamEvent], pause: float = 0.0) -> AsyncIterator[StreamEvent]:
+    for event in events:
+        if pause:
+            await asyncio.sleep(pause)
+        yield event
+
+
+async def slow_consumer(stream: AsyncIterator[StreamEvent]) -> list[StreamEvent]:
+    """Reads like a gRPC sender: each message takes a while to go out."""
+    received = []
+    async for event in stream:
+        received.append(event)
+        await asyncio.sleep(0.002)
+    return received
+
+
+def folded(events: list[StreamEvent]) -> object:
+    accumulator = ResponseAccumulator()
+    for event in events:
+        accumulator.add(event)
+    return accumulator.result()
+
+
+async def test_waiting_deltas_of_one_block_merge_and_fold_the_same() -> None:
+    received = await slow_consumer(coalesce(source(EVENTS)))
+    texts = [e for e in received if isinstance(e, TextDelta)]
+    assert len(texts) < 10
+    assert "".join(t.text for t in texts) == "".join(f"w{i} " for i in range(10))
+    tool = [e for e in received if isinstance(e, ToolInputDelta)]
+    assert [t.partial_json for t in tool] == ['{"a": 1}']
+    # Everything else passes through, in order.
+    others = [e for e in received if not isinstance(e, TextDelta | ToolInputDelta)]
+    assert others == [e for e in EVENTS if not isinstance(e, TextDelta | ToolInputDelta)]
+    assert folded(received) == folded(EVENTS)
+
+
+async def test_a_source_slower_than_the_sender_is_not_merged() -> None:
+    received = [e async for e in coalesce(source(EVENTS, pause=0.003))]
+    assert received == EVENTS
+
+
+async def test_an_error_comes_after_the_events_before_it() -> None:
+    async def failing() -> AsyncIterator[StreamEvent]:
+        yield MessageStart("m", "model", "p")
+        yield ContentBlockStart(0, TextBlock(""))
+        yield TextDelta(0, "partial")
+        raise UpstreamOverloadedError("overloaded")
+
+    received: list[StreamEvent] = []
+    with pytest.raises(UpstreamOverloadedError):
+        async for event in coalesce(failing()):
+            received.append(event)
+    assert [type(e) for e in received] == [MessageStart, ContentBlockStart, TextDelta]
+
+
+async def test_closing_early_closes_the_source() -> None:
+    closed = asyncio.Event()
+
+    async def endless() -> AsyncIterator[StreamEvent]:
+        try:
+            yield MessageStart("m", "model", "p")
+            while True:
+                await asyncio.sleep(0.001)
+                yield TextDelta(0, "x")
+        finally:
+            closed.set()
+
+    stream = coalesce(endless())
+    await anext(stream)
+    await stream.aclose()  # type: ignore[attr-defined]
+    await asyncio.wait_for(closed.wait(), 1)
+
+
+async def test_gateway_merges_a_burst_from_the_anthropic_sdk(fake: FakeUpstream) -> None:
+    """Through the real SDK: a response that arrives in one read goes out in fewer messages."""
+    config = load_config(
+        environ={},
+        overrides={
+            "server.port": 0,
+            "auth.enabled": False,
+            "providers": {"anthropic": provider_config(fake)["anthropic"]},
+        },
+    )
+    gateway = Gateway(config)
+    port = await gateway.start()
+    words = [f"w{i} " for i in range(40)]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            fake.enqueue(Reply(blocks=[Text("".join(words), pieces=words)]))
+            events, _ = await stream_all(stub, ask("claude-test", "Hello", request_id="burst"))
+            fake.enqueue(Reply(blocks=[Text("".join(words), pieces=words)]))
+            unary, _ = await generate(stub, ask("claude-test", "Hello", request_id="burst"))
+    finally:
+        await gateway.stop(grace=1)
+    deltas = kinds(events).count("content_block_delta")
+    assert 1 <= deltas < len(words)
+    assert fold_stream(events) == unary
