@@ -31,7 +31,7 @@ from server.config import ConfigError, GatewayConfig, ServerConfig
 from server.health import SERVICE_NAME as HEALTH_SERVICE
 from server.health import SERVING, HealthService
 from server.identity import SCOPE_GENERATE
-from server.routing import Router, build_providers
+from server.routing import Router
 from server.servicer import GenerationServicer
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class Gateway:
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.config = config
-        self.router = router or Router(build_providers(config))
+        self.router = router or Router.from_config(config)
         self.servicer = GenerationServicer(
             self.router, coalesce_deltas=config.server.coalesce_stream_deltas
         )

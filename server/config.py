@@ -159,12 +159,99 @@ class AuthConfig(_Strict):
         return path.expanduser()
 
 
+class RetryConfig(_Strict):
+    """Retries of one deployment on failures a retry may cure (429, 5xx, 529, resets)."""
+
+    # Per deployment, the first try included; 1 turns retries off.
+    max_attempts: int = Field(3, ge=1, le=10)
+    # Full jitter: the n-th retry sleeps uniform(0, min(max, initial * multiplier**(n-1))),
+    # and at least what the upstream's retry-after asks for.
+    initial_backoff_s: float = Field(0.25, gt=0)
+    max_backoff_s: float = Field(8.0, gt=0)
+    multiplier: float = Field(2.0, ge=1)
+    # A retry-after longer than this is not waited for: the next deployment is tried.
+    max_retry_after_s: float = Field(30.0, ge=0)
+    # Bounds each attempt (within the caller's deadline); None: only the deadline.
+    attempt_timeout_s: float | None = Field(None, gt=0)
+
+
+class BreakerConfig(_Strict):
+    """A circuit breaker per deployment: skip one that keeps failing."""
+
+    enabled: bool = True
+    # Consecutive failures (client errors excluded) that open the circuit.
+    failure_threshold: int = Field(5, ge=1)
+    # How long an open circuit skips its deployment before probing it again.
+    recovery_s: float = Field(60.0, gt=0)
+    # Calls let through at once while half-open; one success closes the circuit.
+    half_open_probes: int = Field(1, ge=1)
+
+
+class DeploymentConfig(_Strict):
+    """One place a route's model is served: a provider instance and its model id."""
+
+    provider: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    # Share of calls among deployments of the same priority.
+    weight: float = Field(1.0, gt=0)
+    # Lower is tried first; deployments of one priority are load-balanced.
+    # Default: the position of the first deployment of the same model, so
+    # several deployments of one model share the load and other models are
+    # fallbacks in list order.
+    priority: int | None = None
+    # Limits of this deployment when they differ from the provider's model.
+    context_window: int | None = Field(None, gt=0)
+    max_output_tokens: int | None = Field(None, gt=0)
+
+
+Tier = Literal["small", "medium", "large"]
+
+
+class SmartRoutingConfig(_Strict):
+    """An alias that picks a tier of model from the request (server/routing/smart.py)."""
+
+    alias: str = Field("auto", min_length=1)
+    # Tier -> a model id, alias or route; at least one tier.
+    tiers: dict[Tier, str] = Field(min_length=1)
+    # Estimated input tokens from which the medium and large tiers are chosen.
+    medium_input_tokens: int = Field(2_000, ge=0)
+    large_input_tokens: int = Field(20_000, ge=0)
+    # A request tag (metadata.tags) naming the tier the caller wants.
+    hint_tag: str = "tier"
+    # Keys with a budget under this many nanodollars never get above `small`.
+    low_budget_nanos: int | None = Field(None, ge=0)
+
+
+class RoutingConfig(_Strict):
+    """Routes, retries, circuit breakers and load balancing (server/routing/)."""
+
+    retry: RetryConfig = RetryConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    # How deployments of one priority share calls.
+    balancing: Literal["weighted", "least_in_flight"] = "weighted"
+    # Alias -> deployments, in fallback order. Models not named here route
+    # to the provider that lists them, as without this section.
+    routes: dict[str, list[DeploymentConfig]] = {}
+    smart: SmartRoutingConfig | None = None
+
+    @field_validator("routes")
+    @classmethod
+    def _routes_are_not_empty(
+        cls, routes: dict[str, list[DeploymentConfig]]
+    ) -> dict[str, list[DeploymentConfig]]:
+        for alias, deployments in routes.items():
+            if not deployments:
+                raise ValueError(f"route {alias!r} has no deployments")
+        return routes
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = ServerConfig()
     logging: LoggingConfig = LoggingConfig()
     auth: AuthConfig = Field(default_factory=AuthConfig)
     # Instance name -> provider. The offline provider serves when none is configured.
     providers: dict[str, ProviderConfig] = Field(default_factory=_default_providers)
+    routing: RoutingConfig = RoutingConfig()
 
 
 class ConfigError(Exception):

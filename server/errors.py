@@ -41,6 +41,9 @@ class GatewayError(Exception):
         self.message = message
         self.metadata = dict(metadata or {})
         self.retry_after = retry_after
+        # One line per upstream attempt, in order, set by the router when it
+        # gives up (server/routing/); sent as a DebugInfo detail.
+        self.attempts: list[str] = []
 
     def detail_messages(self) -> list[ProtoMessage]:
         """The google.rpc detail messages besides ErrorInfo and RetryInfo."""
@@ -51,6 +54,8 @@ class GatewayError(Exception):
         metadata = dict(self.metadata)
         if request_id:
             metadata["request_id"] = request_id
+        if self.attempts:
+            metadata["attempts"] = str(len(self.attempts))
         details: list[ProtoMessage] = [
             error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=metadata)
         ]
@@ -59,6 +64,12 @@ class GatewayError(Exception):
             delay.FromNanoseconds(int(self.retry_after * 1e9))
             details.append(error_details_pb2.RetryInfo(retry_delay=delay))
         details.extend(self.detail_messages())
+        if self.attempts:
+            details.append(
+                error_details_pb2.DebugInfo(
+                    stack_entries=self.attempts, detail="upstream attempts, in order"
+                )
+            )
         packed = []
         for detail in details:
             any_detail = any_pb2.Any()
@@ -129,6 +140,18 @@ class UnavailableError(GatewayError):
 
 class ShuttingDownError(UnavailableError):
     reason = "SHUTTING_DOWN"
+
+
+class CircuitOpenError(UnavailableError):
+    """Every deployment that could serve the call is skipped by its circuit breaker."""
+
+    reason = "CIRCUIT_OPEN"
+
+
+class ContextWindowExceededError(InvalidArgumentError):
+    """The input plus max_tokens does not fit the window of any deployment of the model."""
+
+    reason = "CONTEXT_WINDOW_EXCEEDED"
 
 
 class InternalError(GatewayError):

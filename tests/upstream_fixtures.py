@@ -8,7 +8,9 @@ channel, and the providers reach the fake through the real SDKs over HTTP.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -18,6 +20,7 @@ from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from server.app import Gateway
 from server.config import load_config
+from server.routing import Router
 from tests.conftest import RunningGateway
 from tests.fake_upstream import FakeUpstream
 
@@ -126,9 +129,12 @@ async def upstream_gateway(
             # translation itself (tests/test_coalescing.py covers merging).
             "server.coalesce_stream_deltas": False,
             "providers": provider_config(fake_upstream),
+            # One attempt, no breaker: these tests see each upstream failure as
+            # the provider maps it (tests/test_retries.py covers the router's part).
+            "routing": {"retry": {"max_attempts": 1}, "breaker": {"enabled": False}},
         },
     )
-    gateway = Gateway(config)
+    gateway = Gateway(config, router=Router.from_config(config))
     port = await gateway.start()
     address = f"127.0.0.1:{port}"
     channel = grpc.aio.insecure_channel(address)
@@ -215,3 +221,67 @@ def fold_stream(events: list[pb.StreamGenerateResponse]) -> pb.GenerateResponse:
 
 def kinds(events: list[pb.StreamGenerateResponse]) -> list[str]:
     return [str(e.WhichOneof("event")) for e in events]
+
+
+# -- Routed gateways (tests/test_retries.py, test_fallback.py, test_breaker.py, ...) --
+
+FAST_RETRIES = {"max_attempts": 3, "initial_backoff_s": 0.01, "max_backoff_s": 0.05}
+
+
+class ManualClock:
+    """A monotonic clock tests move by hand (circuit breakers' recovery time)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+RoutedGatewayFactory = Callable[..., Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def make_routed_gateway(
+    fake: FakeUpstream, _openai_key_in_environment: None
+) -> AsyncIterator[RoutedGatewayFactory]:
+    """Builds gateways with a `routing` section (fast retries unless given), stopped after the test.
+
+    Deltas are not coalesced, so tests see every upstream chunk.
+    """
+    running: list[RunningGateway] = []
+
+    async def make(
+        routing: dict[str, Any],
+        *,
+        providers: dict[str, Any] | None = None,
+        clock: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
+    ) -> RunningGateway:
+        config = load_config(
+            environ={},
+            overrides={
+                "server.host": "127.0.0.1",
+                "server.port": 0,
+                "server.coalesce_stream_deltas": False,
+                "auth.enabled": False,
+                "providers": providers or provider_config(fake),
+                "routing": {"retry": FAST_RETRIES, **routing},
+            },
+        )
+        router = Router.from_config(config, clock=clock or time.monotonic, rng=rng)
+        gateway = Gateway(config, router=router)
+        port = await gateway.start()
+        address = f"127.0.0.1:{port}"
+        channel = grpc.aio.insecure_channel(address)
+        gw = RunningGateway(gateway, address, channel, pb_grpc.GenerationServiceStub(channel))
+        running.append(gw)
+        return gw
+
+    yield make
+    for gw in running:
+        await gw.channel.close()
+        await gw.gateway.stop(grace=1)

@@ -1,0 +1,44 @@
+"""The record of one routed call: which deployments were tried, how each ended.
+
+The router fills one RoutedCall per generation and hands it to its
+observers when the call ends (tracing and metrics hook in there); the
+attempts also go into the final error's details when every one failed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Outcomes besides a GatewayError's reason.
+OK = "OK"
+CANCELLED = "CANCELLED"  # the caller went away (or the stream was closed) mid-attempt
+SKIPPED_CIRCUIT_OPEN = "SKIPPED_CIRCUIT_OPEN"
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try of one deployment (or one skipped by its circuit breaker)."""
+
+    deployment: str  # "provider/model"
+    outcome: str  # OK, CANCELLED, SKIPPED_CIRCUIT_OPEN, or the error's reason
+    duration_s: float = 0.0
+    # Whether content had reached the caller when it ended (no retry after that).
+    committed: bool = False
+
+    def describe(self) -> str:
+        return f"{self.deployment}: {self.outcome} after {self.duration_s:.3f}s"
+
+
+@dataclass(slots=True)
+class RoutedCall:
+    """What the router did for one call."""
+
+    request_id: str
+    model: str  # as the caller asked for it
+    attempts: list[Attempt] = field(default_factory=list)
+    # Smart routing's pick and why (empty when the model was not the smart alias).
+    tier: str = ""
+    tier_reason: str = ""
+
+    def describe_attempts(self) -> list[str]:
+        return [a.describe() for a in self.attempts]

@@ -1,0 +1,488 @@
+"""The router: from a requested model to the deployments that serve it, and back.
+
+It owns the model catalog (every provider's models and aliases, plus the
+configured routes and the smart alias), and runs each generation through
+the resilience policy: deployments in priority order, load-balanced within
+a priority (balancer.py), each behind a circuit breaker (breaker.py),
+retried with backoff on failures a retry may cure and abandoned for the
+next deployment when it cannot (retry.py). Every wait stays within the
+caller's deadline, and every attempt gets only what is left of it.
+
+The streaming rule: nothing is retried once content has reached the
+caller. Events before the first content-bearing one (message start, empty
+block starts) are held back until it arrives, so a failure before it is
+invisible to the caller; after it, a failure ends the stream with its
+status. Generate folds this same stream, so it gets the same retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+
+from pydantic import ValidationError
+
+from server.config import ConfigError, GatewayConfig, RoutingConfig
+from server.costs import compute_cost
+from server.errors import CircuitOpenError, DeadlineExceededError, GatewayError
+from server.events import ContentBlockStart, MessageDelta, MessageStart, StreamEvent
+from server.providers.base import Provider
+from server.providers.registry import UnknownProviderKindError, provider_class
+from server.routing import balancer, smart
+from server.routing.attempts import CANCELLED, OK, SKIPPED_CIRCUIT_OPEN, Attempt, RoutedCall
+from server.routing.breaker import BreakerState, CircuitBreaker, Clock
+from server.routing.context_window import fitting
+from server.routing.retry import Backoff, Remedy, counts_against_deployment, meaningfulness
+from server.routing.retry import remedy_for as _remedy_for
+from server.routing.route import Deployment, Route
+from server.schema import (
+    Capabilities,
+    GenerationRequest,
+    ModelInfo,
+    TextBlock,
+    ThinkingBlock,
+    TokenCount,
+    TokenCountRequest,
+)
+
+log = logging.getLogger(__name__)
+
+CallObserver = Callable[[RoutedCall], None]
+
+
+def build_providers(config: GatewayConfig) -> list[Provider]:
+    """Instantiates the configured providers; errors name the bad key."""
+    providers: list[Provider] = []
+    for name, section in config.providers.items():
+        try:
+            cls = provider_class(section.type)
+        except UnknownProviderKindError as err:
+            raise ConfigError(f"invalid configuration:\n  providers.{name}.type: {err}") from None
+        try:
+            providers.append(cls.from_settings(name, section.settings()))
+        except ValidationError as err:
+            problems = "\n".join(
+                f"  providers.{name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                for e in err.errors()
+            )
+            raise ConfigError(f"invalid configuration:\n{problems}") from None
+    return providers
+
+
+def _held_back(event: StreamEvent) -> bool:
+    """Whether an event carries nothing yet, so it may wait for the first content."""
+    if isinstance(event, MessageStart):
+        return True
+    if isinstance(event, ContentBlockStart):
+        block = event.block
+        if isinstance(block, TextBlock):
+            return not block.text
+        if isinstance(block, ThinkingBlock):
+            return not (block.text or block.signature or block.redacted_data)
+    return False
+
+
+async def _until_content(upstream: AsyncIterator[StreamEvent]) -> list[StreamEvent]:
+    """The events up to and including the first content-bearing one (or to the end)."""
+    held: list[StreamEvent] = []
+    async for event in upstream:
+        held.append(event)
+        if not _held_back(event):
+            break
+    return held
+
+
+async def _close(upstream: AsyncIterator[StreamEvent]) -> None:
+    # Closing an async generator runs the provider's `finally`, which closes
+    # the upstream response: a cancelled call stops at once.
+    aclose = getattr(upstream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+class Router:
+    """Resolves models to routes and runs calls on their deployments.
+
+    `clock` (monotonic seconds) drives the circuit breakers and `rng` the
+    jitter and load balancing; tests inject both.
+    """
+
+    def __init__(
+        self,
+        providers: Iterable[Provider],
+        routing: RoutingConfig | None = None,
+        *,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._providers = list(providers)
+        self._config = routing or RoutingConfig()
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._backoff = Backoff(self._config.retry, self._rng)
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._in_flight: dict[str, int] = {}
+        # Called with each call's record when it ends (tracing, metrics).
+        self.observers: list[CallObserver] = []
+        self._routes: dict[str, Route] = {}
+        for provider in self._providers:
+            for model in provider.models():
+                for key in (model.id, *model.aliases):
+                    existing = self._routes.get(key)
+                    if existing is None:
+                        self._routes[key] = Route(provider, model)
+                    elif key not in self._config.routes:
+                        raise ConfigError(
+                            f"invalid configuration:\n  providers.{provider.name}: model {key!r}"
+                            f" is also served by provider {existing.provider.name!r}"
+                            f" (a route in routing.routes may serve it from both)"
+                        )
+        # Configured routes take precedence over the catalog: a route named
+        # after a model spreads that model over several deployments.
+        self._configured = {alias: self._configured_route(alias) for alias in self._config.routes}
+        self._smart = self._smart_route()
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig, **kwargs: object) -> Router:
+        """The router of a configuration: its providers and its routing section."""
+        return cls(build_providers(config), config.routing, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def providers(self) -> Sequence[Provider]:
+        return self._providers
+
+    # -- catalog -----------------------------------------------------------------
+
+    def _find(self, provider_name: str, model_id: str, where: str) -> Deployment:
+        provider = next((p for p in self._providers if p.name == provider_name), None)
+        if provider is None:
+            raise ConfigError(
+                f"invalid configuration:\n  {where}.provider: no provider named {provider_name!r}"
+            )
+        model = next(
+            (m for m in provider.models() if model_id in (m.id, *m.aliases)), None
+        ) or provider.unlisted_model(model_id)
+        if model is None:
+            raise ConfigError(
+                f"invalid configuration:\n  {where}.model: provider {provider_name!r}"
+                f" does not serve model {model_id!r}"
+            )
+        return Deployment(provider, model)
+
+    def _configured_route(self, alias: str) -> Route:
+        deployments: list[Deployment] = []
+        first_of_model: dict[str, int] = {}
+        for i, section in enumerate(self._config.routes[alias]):
+            found = self._find(section.provider, section.model, f"routing.routes.{alias}[{i}]")
+            model = found.model
+            limits = {
+                k: v
+                for k, v in (
+                    ("context_window", section.context_window),
+                    ("max_output_tokens", section.max_output_tokens),
+                )
+                if v is not None
+            }
+            if limits:
+                model = dataclasses.replace(model, **limits)  # type: ignore[arg-type]
+            priority = section.priority
+            if priority is None:
+                priority = first_of_model.setdefault(model.id, i)
+            deployments.append(Deployment(found.provider, model, section.weight, priority))
+        return self._combined(alias, deployments)
+
+    @staticmethod
+    def _combined(alias: str, deployments: Sequence[Deployment]) -> Route:
+        """A route over deployments, with the most generous limits among them."""
+        models = [d.model for d in deployments]
+        first = models[0]
+        info = ModelInfo(
+            id=alias,
+            provider=deployments[0].provider.name,
+            display_name=alias,
+            context_window=max(m.context_window for m in models),
+            max_output_tokens=max(m.max_output_tokens for m in models),
+            default_max_tokens=first.default_max_tokens,
+            pricing=first.pricing,
+            capabilities=Capabilities(
+                streaming=True,
+                tools=any(m.capabilities.tools for m in models),
+                images=any(m.capabilities.images for m in models),
+                thinking=any(m.capabilities.thinking for m in models),
+            ),
+        )
+        ordered = tuple(sorted(deployments, key=lambda d: d.priority))
+        return Route(ordered[0].provider, info, ordered)
+
+    def _smart_route(self) -> Route | None:
+        config = self._config.smart
+        if config is None:
+            return None
+        tiers: dict[str, Route] = {}
+        for tier, target in config.tiers.items():
+            route = self._resolve_plain(target)
+            if route is None:
+                raise ConfigError(
+                    f"invalid configuration:\n  routing.smart.tiers.{tier}: no model or route"
+                    f" named {target!r}"
+                )
+            tiers[tier] = route
+        every = [d for route in tiers.values() for d in route.deployments]
+        combined = self._combined(config.alias, every)
+
+        def choose(request: GenerationRequest) -> tuple[Route, str, str]:
+            tier, reason = smart.choose_tier(request, config, smart.caller_budget_nanos())
+            used = smart.configured_tier(tier, config)
+            if used != tier:
+                reason = f"{reason}; tier {tier} not configured"
+            return tiers[used], used, reason
+
+        return dataclasses.replace(combined, choose=choose)
+
+    def _resolve_plain(self, model: str) -> Route | None:
+        route = self._configured.get(model) or self._routes.get(model)
+        if route is not None:
+            return route
+        for provider in self._providers:
+            info = provider.unlisted_model(model)
+            if info is not None:
+                return Route(provider, info)
+        return None
+
+    def resolve(self, model: str) -> Route | None:
+        """The route for a model id, alias, route or the smart alias; None when nobody serves it.
+
+        Configured routes first, then listed ids and aliases; then an unlisted
+        id is offered to each provider in configuration order (e.g. `claude-...`
+        to Anthropic).
+        """
+        if self._smart is not None and model == self._smart.model.id:
+            return self._smart
+        return self._resolve_plain(model)
+
+    def models(self, provider: str = "") -> list[ModelInfo]:
+        """Every model served (each once, aliases included), optionally of one provider.
+
+        Routes (and the smart alias) are listed too when no provider is asked for.
+        """
+        listed = [
+            model
+            for p in self._providers
+            if not provider or p.name == provider
+            for model in p.models()
+        ]
+        if not provider:
+            known = {m.id for m in listed}
+            extra = [*self._configured.values(), *([self._smart] if self._smart else [])]
+            listed += [r.model for r in extra if r.model.id not in known]
+        return listed
+
+    # -- resilience state ------------------------------------------------------------
+
+    def breaker_state(self, deployment: str) -> BreakerState:
+        """The circuit state of a deployment ("provider/model")."""
+        breaker = self._breakers.get(deployment)
+        return BreakerState.CLOSED if breaker is None else breaker.state
+
+    def _breaker(self, deployment: Deployment) -> CircuitBreaker | None:
+        config = self._config.breaker
+        if not config.enabled:
+            return None
+        breaker = self._breakers.get(deployment.name)
+        if breaker is None:
+            breaker = self._breakers[deployment.name] = CircuitBreaker(
+                deployment.name,
+                failure_threshold=config.failure_threshold,
+                recovery_s=config.recovery_s,
+                half_open_probes=config.half_open_probes,
+                clock=self._clock,
+            )
+        return breaker
+
+    def _plan(self, deployments: Sequence[Deployment]) -> Iterator[Deployment]:
+        """Deployments in the order to try them: by priority, balanced within one."""
+        if len(deployments) == 1:
+            yield deployments[0]
+            return
+        priorities = sorted({d.priority for d in deployments})
+        for priority in priorities:
+            group = [d for d in deployments if d.priority == priority]
+            yield from balancer.order(group, self._config.balancing, self._in_flight, self._rng)
+
+    # -- calls -------------------------------------------------------------------------
+
+    async def stream(self, request: GenerationRequest, route: Route) -> AsyncIterator[StreamEvent]:
+        """Runs a generation on the route, with retries and fallbacks, pricing the final usage."""
+        call = RoutedCall(request.request_id, request.model)
+        try:
+            if route.choose is not None:
+                route, call.tier, call.tier_reason = route.choose(request)
+                log.info(
+                    "smart routing: %s -> %s tier (%s), model %s, request_id=%s",
+                    call.model,
+                    call.tier,
+                    call.tier_reason,
+                    route.model.id,
+                    request.request_id,
+                )
+            deployments = fitting(route.deployments, request)
+            # The attempts loop is inline, not a nested generator: it runs for
+            # every event of every call.
+            loop = asyncio.get_running_loop()
+            deadline = request.deadline
+            retry = self._config.retry
+            failures: list[GatewayError] = []
+            for deployment in self._plan(deployments):
+                breaker = self._breaker(deployment)
+                for attempt_number in range(1, retry.max_attempts + 1):
+                    if breaker is not None and not breaker.allow():
+                        call.attempts.append(Attempt(deployment.name, SKIPPED_CIRCUIT_OPEN))
+                        break
+                    request.model = deployment.model.id
+                    request.deadline = deadline
+                    if retry.attempt_timeout_s is not None:
+                        ends = loop.time() + retry.attempt_timeout_s
+                        request.deadline = ends if deadline is None else min(deadline, ends)
+                    attempt = Attempt(deployment.name, OK)
+                    call.attempts.append(attempt)
+                    name = deployment.name
+                    self._in_flight[name] = self._in_flight.get(name, 0) + 1
+                    started = loop.time()
+                    upstream = deployment.provider.stream(request)
+                    try:
+                        held = await _until_content(upstream)
+                        # Content is about to reach the caller: from here on, no retry.
+                        attempt.committed = True
+                        pricing = deployment.model.pricing
+                        for event in held:
+                            if isinstance(event, MessageDelta) and event.usage is not None:
+                                event.cost = compute_cost(event.usage, pricing)
+                            yield event
+                        async for event in upstream:
+                            if isinstance(event, MessageDelta) and event.usage is not None:
+                                event.cost = compute_cost(event.usage, pricing)
+                            yield event
+                        if breaker is not None:
+                            breaker.record_success()
+                        return
+                    except GatewayError as err:
+                        error = err
+                    except BaseException as err:
+                        # The caller went away (cancel, deadline, closed stream) or a
+                        # provider has a bug: says nothing about the deployment's health.
+                        attempt.outcome = (
+                            CANCELLED if not isinstance(err, Exception) else "INTERNAL"
+                        )
+                        if breaker is not None:
+                            breaker.release()
+                        raise
+                    finally:
+                        attempt.duration_s = loop.time() - started
+                        self._in_flight[name] -= 1
+                        await _close(upstream)
+
+                    failures.append(error)
+                    delay = self._after_failure(
+                        call, failures, attempt_number, breaker, deadline, request.request_id
+                    )
+                    if delay is None:
+                        break
+                    await asyncio.sleep(delay)
+                if deadline is not None and loop.time() >= deadline:
+                    break
+            raise self._give_up(call, failures, None)
+        finally:
+            for observe in self.observers:
+                observe(call)
+
+    def _after_failure(
+        self,
+        call: RoutedCall,
+        failures: list[GatewayError],
+        attempt_number: int,
+        breaker: CircuitBreaker | None,
+        deadline: float | None,
+        request_id: str,
+    ) -> float | None:
+        """Records a failed attempt and decides what follows it.
+
+        Returns how long to wait before retrying the same deployment, or None
+        to go on to the next one; raises the final error when nothing may follow.
+        """
+        error, attempt = failures[-1], call.attempts[-1]
+        attempt.outcome = error.reason
+        if breaker is not None:
+            if counts_against_deployment(error):
+                breaker.record_failure()
+            else:
+                breaker.release()
+        now = asyncio.get_running_loop().time()
+        remedy = _remedy_for(error, deadline_passed=deadline is not None and now >= deadline)
+        if attempt.committed or remedy is Remedy.NONE:
+            raise self._give_up(call, failures, error)
+        delay = None
+        if remedy is Remedy.RETRY and attempt_number < self._config.retry.max_attempts:
+            delay = self._backoff.delay(attempt_number, error.retry_after)
+            if delay is not None and deadline is not None and now + delay >= deadline:
+                delay = None  # no sleeping past the caller's deadline
+        log.warning(
+            "attempt %d on %s failed: %s (request_id=%s); %s",
+            attempt_number,
+            attempt.deployment,
+            error.reason,
+            request_id,
+            "trying the next deployment" if delay is None else f"retrying in {delay:.3f}s",
+        )
+        return delay
+
+    def _give_up(
+        self, call: RoutedCall, failures: Sequence[GatewayError], last: GatewayError | None
+    ) -> GatewayError:
+        """The error to report when the call cannot succeed, with the attempts in its details.
+
+        A failure no retry could cure (a 400, a spent deadline) is the answer
+        itself; otherwise the failure the caller can act on best, so a 429
+        with its retry-after is not hidden behind a later generic 503.
+        """
+        if last is not None:
+            chosen = last
+        elif failures:
+            chosen = failures[0]
+            for failure in failures[1:]:
+                if meaningfulness(failure) >= meaningfulness(chosen):
+                    chosen = failure
+        elif any(a.outcome == SKIPPED_CIRCUIT_OPEN for a in call.attempts):
+            chosen = CircuitOpenError(
+                f"every deployment of model {call.model!r} is failing; retry later",
+                metadata={"model": call.model},
+            )
+        else:
+            chosen = DeadlineExceededError("the deadline ran out before an upstream call")
+        chosen.attempts = call.describe_attempts()
+        return chosen
+
+    async def count_tokens(self, request: TokenCountRequest, route: Route) -> TokenCount:
+        """Counts on the first deployment whose circuit is not open, falling back on failures."""
+        failures: list[GatewayError] = []
+        for deployment in route.deployments:
+            breaker = self._breakers.get(deployment.name)
+            if breaker is not None and breaker.state is BreakerState.OPEN:
+                continue
+            request.model = deployment.model.id
+            try:
+                return await deployment.provider.count_tokens(request)
+            except GatewayError as err:
+                if _remedy_for(err, deadline_passed=False) is Remedy.NONE:
+                    raise
+                failures.append(err)
+        if failures:
+            raise max(reversed(failures), key=meaningfulness)
+        raise CircuitOpenError(f"every deployment of model {route.model.id!r} is failing")
+
+    async def aclose(self) -> None:
+        for provider in self._providers:
+            await provider.aclose()
