@@ -1,7 +1,8 @@
 """What the SDK-backed providers (Anthropic, OpenAI) have in common.
 
-Their settings (API key, base URL, timeouts, models filled in from the
-shipped catalog in server/catalog.py), the caller's deadline turned into an
+Their settings (where the API key is read, base URL, timeouts, models
+filled in from the shipped catalog in server/catalog.py), the SDK client
+that follows a rotated API key (KeyedClient), the caller's deadline turned into an
 upstream timeout, `provider_options` merged into an SDK call, and the table
 from an upstream HTTP failure to a GatewayError. Each provider still maps
 its own SDK's exceptions in one function; this module only holds the parts
@@ -16,12 +17,15 @@ import inspect
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Collection, Mapping
-from typing import Any, ClassVar, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Literal, Protocol, Self, TypeVar
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
+from server.credentials import CredentialSource, credential_source
 from server.errors import (
     DeadlineExceededError,
     FieldViolation,
@@ -118,16 +122,26 @@ def with_catalog_defaults(data: Any, catalog: Mapping[str, Mapping[str, Any]]) -
 class UpstreamSettings(ProviderSettings):
     """Settings every SDK-backed provider takes.
 
-    The API key is `api_key`, or else read at start-up from the environment
-    variable `api_key_env` (default: the provider's usual one, such as
-    ANTHROPIC_API_KEY). It is a SecretStr, so it never shows in a repr or
-    a log line.
+    The API key comes from at most one of `api_key` (in the configuration,
+    fixed until a restart), `api_key_env` (an environment variable),
+    `api_key_file` (a file, e.g. a mounted secret) and `api_key_command` (a
+    command's standard output, run without a shell); with none, from the
+    provider's usual environment variable (such as ANTHROPIC_API_KEY). The
+    last three are re-read every `api_key_ttl_s` seconds and right after the
+    provider refuses the key (server/credentials.py), so a rotated key is
+    picked up without a restart. Only where the key lives is configuration:
+    the key itself never shows in a repr, a log line or an error.
     """
 
     # The variable the SDK itself would read when no key is configured.
     default_key_env: ClassVar[str] = ""
 
-    api_key_env: str | None = None
+    # Validated in this order: each source's validator sees the ones above it.
+    api_key_env: str | None = Field(None, min_length=1)
+    api_key_file: Path | None = None
+    api_key_command: list[str] | None = Field(None, min_length=1)
+    # None: 60 s, or 300 s for a command.
+    api_key_ttl_s: float | None = Field(None, gt=0)
     api_key: SecretStr | None = Field(None, validate_default=True)
     # None: the SDK's default (which honours ANTHROPIC_BASE_URL / OPENAI_BASE_URL).
     base_url: str | None = None
@@ -139,20 +153,140 @@ class UpstreamSettings(ProviderSettings):
     # Headers sent with every upstream request (e.g. a beta flag).
     default_headers: dict[str, str] = {}
 
+    @field_validator("api_key_file")
+    @classmethod
+    def _file_is_readable(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if path is not None:
+            _only_source("api_key_file", info)
+            # Once, at start-up: the provider reads it again, off the event loop.
+            try:
+                readable = bool(path.read_text(encoding="utf-8").strip())
+            except (OSError, UnicodeDecodeError) as err:
+                raise ValueError(f"cannot read {path}: {type(err).__name__}") from None
+            if not readable:
+                raise ValueError(f"{path} is empty")
+        return path
+
+    @field_validator("api_key_command")
+    @classmethod
+    def _command_is_runnable(cls, argv: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if argv is not None:
+            _only_source("api_key_command", info)
+            # Not run here: a slow secrets CLI must not hold up start-up.
+            if shutil.which(argv[0]) is None:
+                raise ValueError(f"{argv[0]!r} is not an executable file or on PATH")
+        return argv
+
     @field_validator("api_key")
     @classmethod
     def _key_is_available(cls, key: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
-        if key is None:
-            name = info.data.get("api_key_env") or cls.default_key_env
+        if key is not None:
+            _only_source("api_key", info)
+            return key
+        if any(name not in info.data for name in _KEY_SOURCES):
+            return key  # a source was given but is invalid: that error is enough
+        if info.data["api_key_file"] is None and info.data["api_key_command"] is None:
+            name = info.data["api_key_env"] or cls.default_key_env
             if not os.environ.get(name):
-                raise ValueError(f"no API key: set api_key, or the environment variable {name}")
+                raise ValueError(
+                    f"no API key: set api_key, or the environment variable {name}"
+                    " (or give api_key_file or api_key_command)"
+                )
         return key
 
-    def resolved_api_key(self) -> str:
-        """The API key: `api_key`, else the environment variable's value."""
+    def credential(self) -> CredentialSource:
+        """Where the provider reads its API key on each call."""
         if self.api_key is not None:
-            return self.api_key.get_secret_value()
-        return os.environ.get(self.api_key_env or self.default_key_env, "")
+            return _ConfiguredKey(self.api_key)
+        if self.api_key_file is not None or self.api_key_command is not None:
+            return credential_source(
+                file=self.api_key_file, command=self.api_key_command, ttl_s=self.api_key_ttl_s
+            )
+        return credential_source(
+            env=self.api_key_env or self.default_key_env, ttl_s=self.api_key_ttl_s
+        )
+
+
+_KEY_SOURCES = ("api_key_env", "api_key_file", "api_key_command")
+
+
+def _only_source(name: str, info: ValidationInfo) -> None:
+    """Refuses a second key source next to `name` (those validated before it)."""
+    others = [other for other in _KEY_SOURCES if other != name and info.data.get(other)]
+    if others:
+        raise ValueError(f"give one source for the API key, not both {others[0]} and {name}")
+
+
+class _ConfiguredKey:
+    """`api_key` from the configuration: it changes only with a restart."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: SecretStr) -> None:
+        self._key = key
+
+    async def get(self) -> str:
+        return self._key.get_secret_value()
+
+    def invalidate(self) -> None:
+        pass
+
+
+class _RekeyableClient(Protocol):
+    """What KeyedClient needs of an SDK client (AsyncAnthropic, AsyncOpenAI)."""
+
+    def with_options(self, *, api_key: str) -> Self: ...
+
+    async def close(self) -> None: ...
+
+
+ClientT = TypeVar("ClientT", bound=_RekeyableClient)
+# Never sent: every call goes through KeyedClient.current(), which swaps it out.
+PLACEHOLDER_KEY = "not-yet-read"
+# Keys to remove from upstream error messages: the current one and a few before
+# it (calls under way may still send an older one).
+_REMEMBERED_KEYS = 3
+
+
+class KeyedClient(Generic[ClientT]):
+    """An SDK client that sends the current value of a refreshable API key.
+
+    `base` is built once (with PLACEHOLDER_KEY) and owns the HTTP connection
+    pool. `current()` asks the credential source for the key, a cached
+    string compare in the common case; when the key changed, it swaps to
+    `base.with_options(api_key=key)`, a copy that shares base's HTTP client
+    and so its connection pool (both SDKs' `copy` pass `self._client` on).
+    Calls already under way finish with the client they started with.
+    """
+
+    def __init__(self, provider: str, base: ClientT, source: CredentialSource) -> None:
+        self._provider = provider
+        self._base = base
+        self._source = source
+        self._client = base
+        self._key: str | None = None
+        self.redact = Redactor()
+
+    async def current(self) -> ClientT:
+        """The client to call with; raises CredentialUnavailableError without a key."""
+        key = await self._source.get()
+        if key != self._key:
+            if self._key is not None:
+                log.info(
+                    "provider %s: its API key changed; new calls send the new one", self._provider
+                )
+            self._client = self._base.with_options(api_key=key)
+            self._key = key
+            self.redact.remember(key)
+        return self._client
+
+    def failed(self, error: GatewayError) -> None:
+        """Notes a mapped upstream failure: a refused key is re-read by the next call."""
+        if isinstance(error, UpstreamAuthError):
+            self._source.invalidate()
+
+    async def aclose(self) -> None:
+        await self._base.close()
 
 
 # -- Deadlines -----------------------------------------------------------------
@@ -260,16 +394,22 @@ def _shortest(value: float) -> float:
 
 
 class Redactor:
-    """Removes a secret from text that may quote it (an upstream error message)."""
+    """Removes secrets from text that may quote them (an upstream error message)."""
 
-    __slots__ = ("_secret",)
+    __slots__ = ("_secrets",)
 
-    def __init__(self, secret: str) -> None:
-        self._secret = secret
+    def __init__(self, *secrets: str) -> None:
+        self._secrets = [s for s in secrets if s]
+
+    def remember(self, secret: str) -> None:
+        """Redacts `secret` too, forgetting the oldest beyond a few."""
+        if secret and secret not in self._secrets:
+            self._secrets = [*self._secrets, secret][-_REMEMBERED_KEYS:]
 
     def __call__(self, text: str) -> str:
-        if self._secret and self._secret in text:
-            text = text.replace(self._secret, "[redacted]")
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "[redacted]")
         return text[:_MAX_MESSAGE]
 
 

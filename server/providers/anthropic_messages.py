@@ -1,8 +1,9 @@
 """The Anthropic provider: Claude models through the official SDK's Messages API.
 
 One `AsyncAnthropic` client per configured instance, reused by every call
-(its connection pool). Generation always streams upstream; the gateway
-folds the stream for unary calls. The SDK's own retries are off
+(its connection pool); a rotated API key swaps in a copy that shares the
+pool (KeyedClient in _upstream.py). Generation always streams upstream; the
+gateway folds the stream for unary calls. The SDK's own retries are off
 (max_retries=0): the router owns retries and fallbacks, and two layers of
 retries would multiply. Each call's timeout is what is left of the
 caller's deadline. Translation rules are in _anthropic_codec.py; every SDK
@@ -34,8 +35,9 @@ from server.errors import (
 from server.events import StreamEvent
 from server.providers import _anthropic_codec as codec
 from server.providers._upstream import (
+    PLACEHOLDER_KEY,
     FailureKind,
-    Redactor,
+    KeyedClient,
     UpstreamModel,
     UpstreamSettings,
     kind_of_status,
@@ -99,17 +101,17 @@ class AnthropicProvider(Provider):
 
     def __init__(self, name: str, settings: AnthropicSettings) -> None:
         super().__init__(name)
-        api_key = settings.resolved_api_key()
-        self._redact = Redactor(api_key)
         self._timeout = settings.timeout_s
-        self._client = anthropic.AsyncAnthropic(
-            api_key=api_key,
+        client = anthropic.AsyncAnthropic(
+            api_key=PLACEHOLDER_KEY,
             base_url=settings.base_url,
             timeout=settings.timeout_s,
             # The router retries and falls back; SDK retries would multiply them.
             max_retries=0,
             default_headers=settings.default_headers or None,
         )
+        # Re-reads a rotated key (file, command, environment) without a restart.
+        self._sdk = KeyedClient(name, client, settings.credential())
         configured = settings.models
         if configured is None:
             configured = [AnthropicModel(id=model_id) for model_id in ANTHROPIC_MODELS]
@@ -148,9 +150,10 @@ class AnthropicProvider(Provider):
 
         upstream_request_id = ""
         stream: Any = None
+        client = await self._sdk.current()
         try:
             timeout = upstream_timeout(request.deadline, self._timeout)
-            stream = await self._client.messages.create(**kwargs, stream=True, timeout=timeout)
+            stream = await client.messages.create(**kwargs, stream=True, timeout=timeout)
             upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
             decoder = codec.MessagesStreamDecoder(
                 provider=self.name,
@@ -166,6 +169,7 @@ class AnthropicProvider(Provider):
         except (anthropic.AnthropicError, httpx2.HTTPError) as err:
             error = self._map_error(err, request.model, upstream_request_id)
             log_upstream_failure(error, request.request_id)
+            self._sdk.failed(error)
             raise error from err
         finally:
             # Closes the HTTP response at once (not drained), also when the
@@ -183,17 +187,19 @@ class AnthropicProvider(Provider):
             kwargs["system"] = [codec.content_block(b) for b in request.system]
         if request.tools:
             kwargs["tools"] = codec.tools(request.tools)
+        client = await self._sdk.current()
         try:
             timeout = upstream_timeout(request.deadline, self._timeout)
-            counted = await self._client.messages.count_tokens(**kwargs, timeout=timeout)
+            counted = await client.messages.count_tokens(**kwargs, timeout=timeout)
         except (anthropic.AnthropicError, httpx2.HTTPError) as err:
             error = self._map_error(err, request.model, "")
             log_upstream_failure(error, "")
+            self._sdk.failed(error)
             raise error from err
         return TokenCount(input_tokens=counted.input_tokens, estimated=False)
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._sdk.aclose()
 
     def _map_error(
         self, err: anthropic.AnthropicError | httpx2.HTTPError, model: str, upstream_request_id: str
@@ -228,7 +234,7 @@ class AnthropicProvider(Provider):
                 kind,
                 provider=self.name,
                 model=model,
-                message=self._redact(err.api_message or ""),
+                message=self._sdk.redact(err.api_message or ""),
                 metadata=metadata,
                 retry_after=retry_after_seconds(err.response.headers),
             )

@@ -7,7 +7,10 @@ calls) give a consumer's CI a deterministic LLM. It streams for real, one
 token piece per chunk (server/token_estimate.py), honours `max_tokens` and
 stop sequences, and reports usage.
 
-Provider options it reads: `chunk_delay_ms` (a pause before each chunk).
+Provider options it reads: `chunk_delay_ms`, the interval between chunks.
+Chunks follow a fixed timeline (chunk i at i * interval after the first),
+as a model emits tokens at its own pace, so time the gateway spends sending
+one chunk does not push back the next.
 """
 
 from __future__ import annotations
@@ -166,7 +169,9 @@ class OfflineProvider(Provider):
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         plan = self._plan(request)
         input_tokens = token_estimate.count_request(request.system, request.messages, request.tools)
-        pause = _chunk_delay_seconds(request.provider_options, self._settings.chunk_delay_ms)
+        interval = _chunk_delay_seconds(request.provider_options, self._settings.chunk_delay_ms)
+        clock = asyncio.get_running_loop().time
+        due = clock()
 
         yield MessageStart(
             id=f"msg_{uuid.uuid4().hex[:24]}",
@@ -179,8 +184,9 @@ class OfflineProvider(Provider):
         if plan.text:
             yield ContentBlockStart(index, TextBlock(""))
             for piece in token_estimate.split_pieces(plan.text):
-                if pause:
-                    await asyncio.sleep(pause)
+                if interval:
+                    due += interval
+                    await asyncio.sleep(max(0.0, due - clock()))
                 yield TextDelta(index, piece)
             yield ContentBlockStop(index)
             index += 1
@@ -190,8 +196,9 @@ class OfflineProvider(Provider):
             # Two fragments, as real providers split tool input across deltas.
             middle = len(encoded) // 2
             for fragment in (encoded[:middle], encoded[middle:]):
-                if pause:
-                    await asyncio.sleep(pause)
+                if interval:
+                    due += interval
+                    await asyncio.sleep(max(0.0, due - clock()))
                 yield ToolInputDelta(index, fragment)
             yield ContentBlockStop(index)
             index += 1

@@ -1,6 +1,8 @@
 """The OpenAI provider: GPT models, or any OpenAI-compatible server, via Chat Completions.
 
-One `AsyncOpenAI` client per configured instance, reused by every call.
+One `AsyncOpenAI` client per configured instance, reused by every call; a
+rotated API key swaps in a copy that shares its connection pool (KeyedClient
+in _upstream.py).
 `type: openai` with a `base_url` and a `models` list serves vLLM, Ollama,
 llama.cpp and the like (set `route_prefixes: []` there, so that it does not
 claim `gpt-` ids). Generation always streams upstream with
@@ -40,8 +42,9 @@ from server.errors import (
 from server.events import StreamEvent
 from server.providers import _openai_codec as codec
 from server.providers._upstream import (
+    PLACEHOLDER_KEY,
     FailureKind,
-    Redactor,
+    KeyedClient,
     SamplingParameter,
     UpstreamModel,
     UpstreamSettings,
@@ -109,18 +112,18 @@ class OpenAIChatProvider(Provider):
 
     def __init__(self, name: str, settings: OpenAISettings) -> None:
         super().__init__(name)
-        api_key = settings.resolved_api_key()
-        self._redact = Redactor(api_key)
         self._timeout = settings.timeout_s
         self._max_tokens_field = settings.max_tokens_field
-        self._client = openai.AsyncOpenAI(
-            api_key=api_key,
+        client = openai.AsyncOpenAI(
+            api_key=PLACEHOLDER_KEY,
             base_url=settings.base_url,
             timeout=settings.timeout_s,
             # The router retries and falls back; SDK retries would multiply them.
             max_retries=0,
             default_headers=settings.default_headers or None,
         )
+        # Re-reads a rotated key (file, command, environment) without a restart.
+        self._sdk = KeyedClient(name, client, settings.credential())
         configured = settings.models
         if configured is None:
             configured = [OpenAIModel(id=model_id) for model_id in OPENAI_MODELS]
@@ -172,11 +175,10 @@ class OpenAIChatProvider(Provider):
 
         upstream_request_id = ""
         stream: Any = None
+        client = await self._sdk.current()
         try:
             timeout = upstream_timeout(request.deadline, self._timeout)
-            stream = await self._client.chat.completions.create(
-                **kwargs, stream=True, timeout=timeout
-            )
+            stream = await client.chat.completions.create(**kwargs, stream=True, timeout=timeout)
             upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
             decoder = codec.ChatStreamDecoder(
                 provider=self.name,
@@ -192,6 +194,7 @@ class OpenAIChatProvider(Provider):
         except (openai.OpenAIError, httpx2.HTTPError) as err:
             error = self._map_error(err, request.model, upstream_request_id)
             log_upstream_failure(error, request.request_id)
+            self._sdk.failed(error)
             raise error from err
         finally:
             # Closes the HTTP response at once, also when the caller cancelled.
@@ -203,7 +206,7 @@ class OpenAIChatProvider(Provider):
         return TokenCount(input_tokens=count, estimated=True)
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._sdk.aclose()
 
     def _map_error(
         self, err: openai.OpenAIError | httpx2.HTTPError, model: str, upstream_request_id: str
@@ -228,7 +231,7 @@ class OpenAIChatProvider(Provider):
                 kind,
                 provider=self.name,
                 model=model,
-                message=self._redact(_body_message(err.body)),
+                message=self._sdk.redact(_body_message(err.body)),
                 metadata={
                     "upstream_request_id": err.request_id or upstream_request_id,
                     "upstream_status": str(err.status_code),
@@ -245,7 +248,7 @@ class OpenAIChatProvider(Provider):
                 kind,
                 provider=self.name,
                 model=model,
-                message=self._redact(err.message),
+                message=self._sdk.redact(err.message),
                 metadata={**base, "upstream_error_type": error_type},
                 param=err.param,
             )
