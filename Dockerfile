@@ -15,14 +15,18 @@ COPY clients ./clients
 RUN pip install .
 
 FROM python:3.11-slim
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gateway
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gateway \
+    && mkdir -p /var/lib/llm-gateway && chown 10001 /var/lib/llm-gateway
 COPY --from=build /opt/llm-gateway /opt/llm-gateway
 COPY config.example.yaml /etc/llm-gateway/config.example.yaml
 ENV PATH=/opt/llm-gateway/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     LLMGW_SERVER__HOST=0.0.0.0 \
-    LLMGW_SERVER__PORT=50051
+    LLMGW_SERVER__PORT=50051 \
+    XDG_STATE_HOME=/var/lib/llm-gateway
+# API keys (hashed), their secret and the token signing keys live here.
+VOLUME /var/lib/llm-gateway
 USER 10001
 EXPOSE 50051
 # The gRPC health protocol, not a TCP poke: the check fails while draining.

@@ -41,6 +41,17 @@ proto-lint: $(STAMP)
 		$(BIN)/buf breaking --against '.git#ref=HEAD'; \
 	fi
 
+## bench: build the Go load generator and run every benchmark scenario (about 9 minutes)
+bench: $(STAMP) $(VENV)/.bench-installed bench/.bin/loadgen
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench/.bin/loadgen: bench/loadgen/main.go bench/build-loadgen.sh
+	bench/build-loadgen.sh
+
+$(VENV)/.bench-installed: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $@
+
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
