@@ -21,11 +21,12 @@ import grpc
 
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
+from server.calls import CallObserver, CallRecord, close_record, open_record
 from server.coalescing import coalesce
 from server.decoding import decode_count_tokens, decode_generate
 from server.encoding import encode_event, encode_models, encode_response
 from server.errors import FieldViolation, GatewayError, InternalError, InvalidArgumentError
-from server.events import MessageStart, fold
+from server.events import MessageStart, ResponseAccumulator
 from server.identity import require_model_access
 from server.routing import Router
 
@@ -78,16 +79,21 @@ async def _abort(
 
 @asynccontextmanager
 async def error_boundary(
-    context: grpc.aio.ServicerContext[Any, Any], request_id: str = ""
+    context: grpc.aio.ServicerContext[Any, Any], record: CallRecord | None = None
 ) -> AsyncIterator[None]:
-    """Turns any failure inside into a gRPC status: never UNKNOWN, never a traceback."""
+    """Turns any failure inside into a gRPC status: never UNKNOWN, never a traceback.
+
+    The request id for the status details is read from `record` when the
+    failure happens (it is known only once the request has been read).
+    """
     try:
         yield
     except grpc.aio.AbortError:
         raise
     except GatewayError as err:
-        await _abort(context, err, request_id)
+        await _abort(context, err, record.request_id if record else "")
     except Exception:
+        request_id = record.request_id if record else ""
         log.exception("unhandled error serving request %s", request_id)
         await _abort(
             context, InternalError(f"internal error (request id {request_id})"), request_id
@@ -101,6 +107,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._router = router
         self._coalesce = coalesce_deltas
         self._in_flight = 0
+        # Called with each finished generation call's record (server/calls.py).
+        self.observers: list[CallObserver] = []
 
     @contextmanager
     def _tracked(self) -> Iterator[None]:
@@ -118,29 +126,31 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GenerateResponse:
-        request_id = ""
+        record = open_record("Generate", request.model)
         with self._tracked():
-            async with error_boundary(context, request_id):
-                request_id = request_id_of(request, context)
-            async with error_boundary(context, request_id):
+            async with error_boundary(context, record), self._accounted(record, context):
+                request_id = record.request_id = request_id_of(request, context)
                 internal, route = decode_generate(
                     request, self._router, request_id, deadline_of(context)
                 )
                 # Here, not in the auth interceptor: the model is known only once
                 # the request is decoded and its alias resolved.
                 require_model_access(request.model, route.model.id)
-                response = await fold(self._router.stream(internal, route))
+                accumulator = ResponseAccumulator()
+                async for event in self._router.stream(internal, route):
+                    record.observe(event)
+                    accumulator.add(event)
+                response = accumulator.result()
         context.set_trailing_metadata(_trailers(request_id, response.upstream_request_id))
         return encode_response(response)
 
     async def StreamGenerate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
-        request_id = ""
+        record = open_record("StreamGenerate", request.model)
         with self._tracked():
-            async with error_boundary(context, request_id):
-                request_id = request_id_of(request, context)
-            async with error_boundary(context, request_id):
+            async with error_boundary(context, record), self._accounted(record, context):
+                request_id = record.request_id = request_id_of(request, context)
                 internal, route = decode_generate(
                     request, self._router, request_id, deadline_of(context)
                 )
@@ -150,10 +160,40 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 if self._coalesce and not route.provider.exact_chunks:
                     events = coalesce(events)
                 async for event in events:
+                    record.observe(event)
                     if isinstance(event, MessageStart) and event.upstream_request_id:
                         trailers = _trailers(request_id, event.upstream_request_id)
                         context.set_trailing_metadata(trailers)
                     yield encode_event(event)
+
+    @asynccontextmanager
+    async def _accounted(
+        self, record: CallRecord, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        """Closes `record` with the call's outcome, whichever way the call ends.
+
+        Inside error_boundary, so it sees the GatewayError itself (its code and
+        reason) before the boundary turns it into an abort.
+        """
+        try:
+            yield
+        except GatewayError as err:
+            close_record(record, self.observers, err.code, err.reason)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            close_record(record, self.observers, code)
+            raise
+        except grpc.aio.AbortError:
+            close_record(record, self.observers, grpc.StatusCode.UNKNOWN, "ABORTED")
+            raise
+        except Exception:
+            close_record(record, self.observers, grpc.StatusCode.INTERNAL, "INTERNAL")
+            raise
+        else:
+            close_record(record, self.observers, grpc.StatusCode.OK)
 
     async def CountTokens(
         self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -1,0 +1,121 @@
+"""One record per generation call, handed to observers once the call is over.
+
+The servicer opens a CallRecord when a Generate or StreamGenerate call
+starts, fills it from the events as they pass (who served, time to first
+token, cumulative usage and cost) and closes it exactly once on every way
+out: success, a gateway error, an unexpected error, the caller cancelling
+or its deadline passing. Closing hands it to each observer: the usage
+ledger, metrics, the per-call log line. So whatever consumes "a call
+happened" reads one record, filled in one place, and a cancelled or failed
+stream is accounted for with the output it had produced.
+
+Observers run synchronously on the event loop when the call ends: they
+must not block (queue the work, as the ledger does).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from server.events import (
+    MessageDelta,
+    MessageStart,
+    SignatureDelta,
+    StreamEvent,
+    TextDelta,
+    ThinkingDelta,
+    ToolInputDelta,
+)
+from server.identity import current_identity
+from server.schema import Cost, StopReason, Usage
+
+log = logging.getLogger(__name__)
+
+CallObserver = Callable[["CallRecord"], None]
+_CONTENT = (TextDelta, ToolInputDelta, ThinkingDelta, SignatureDelta)
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """What one generation call did. Times are time.monotonic() seconds."""
+
+    method: str  # "Generate" or "StreamGenerate"
+    request_id: str
+    started_at: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)
+    key_id: str = ""
+    model_requested: str = ""
+    # Filled from MessageStart: who actually served the call.
+    model_served: str = ""
+    provider: str = ""
+    upstream_request_id: str = ""
+    first_token_at: float | None = None
+    usage: Usage = field(default_factory=Usage)
+    cost: Cost = field(default_factory=Cost)
+    stop_reason: StopReason | None = None
+    status: grpc.StatusCode = grpc.StatusCode.OK
+    error_reason: str = ""  # the ErrorInfo reason of a failed call
+    ended_at: float | None = None
+
+    def observe(self, event: StreamEvent) -> None:
+        """Takes what matters for accounting from one event (cheap: runs per event)."""
+        if isinstance(event, _CONTENT):
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+        elif isinstance(event, MessageDelta):
+            # Cumulative: the latest replaces, never adds.
+            if event.usage is not None:
+                self.usage = event.usage
+            if event.cost is not None:
+                self.cost = event.cost
+            if event.stop_reason is not None:
+                self.stop_reason = event.stop_reason
+        elif isinstance(event, MessageStart):
+            self.model_served = event.model
+            self.provider = event.provider
+            self.upstream_request_id = event.upstream_request_id
+            if event.usage is not None:
+                self.usage = event.usage
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.ended_at is None else self.ended_at - self.started_at
+
+    @property
+    def time_to_first_token_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started_at
+
+
+def open_record(method: str, model: str) -> CallRecord:
+    """A record for a call starting now; the servicer sets its request id once known."""
+    identity = current_identity()
+    return CallRecord(
+        method=method,
+        request_id="",
+        key_id=identity.key_id if identity is not None else "",
+        model_requested=model,
+    )
+
+
+def close_record(
+    record: CallRecord,
+    observers: list[CallObserver],
+    status: grpc.StatusCode,
+    error_reason: str = "",
+) -> None:
+    """Ends the record and hands it to every observer (a failing observer is logged)."""
+    if record.ended_at is not None:
+        return
+    record.ended_at = time.monotonic()
+    record.status = status
+    record.error_reason = error_reason
+    for observer in observers:
+        try:
+            observer(record)
+        except Exception:
+            log.exception("call observer %r failed (request_id=%s)", observer, record.request_id)
