@@ -134,6 +134,10 @@ class GenerationRequest:
     thinking_budget_tokens: int | None = None
     metadata: CallerMetadata = field(default_factory=CallerMetadata)
     provider_options: dict[str, Any] = field(default_factory=dict)
+    # False when the caller wants only the whole response (Generate): a
+    # provider may then make one non-streaming upstream call and replay its
+    # result as events through the same decoder (cheaper than parsing SSE).
+    incremental: bool = True
     # When the caller's deadline runs out, on the event loop's clock
     # (loop.time()); None: no deadline. Upstream calls get what is left.
     deadline: float | None = None

@@ -136,6 +136,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 # Here, not in the auth interceptor: the model is known only once
                 # the request is decoded and its alias resolved.
                 require_model_access(request.model, route.model.id)
+                internal.incremental = False
                 accumulator = ResponseAccumulator()
                 async for event in self._router.stream(internal, route):
                     record.observe(event)

@@ -157,11 +157,13 @@ async def test_error_event_mid_stream_ends_the_stream_after_the_content(
     )
     assert info.metadata["upstream_request_id"] == "req_mid"
 
-    # Generate folds the same stream: the caller gets the error, not half a message.
-    fake.enqueue(Reply(error_after=after, stream_error_type=STREAM_ERRORS[provider]))
+    # Generate makes one non-streaming upstream call, so it has no mid-stream:
+    # the same overload arrives as an HTTP error and maps to the same status.
+    fake.enqueue(Reply(status=529 if provider == "anthropic" else 503))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await upstream_stub.Generate(ask(MODELS[provider], "Hi"))
     assert caught.value.code() == StatusCode.UNAVAILABLE
+    assert fake.last().body.get("stream") is not True
 
 
 @pytest.mark.parametrize("provider", ["anthropic", "openai"])

@@ -25,7 +25,9 @@ as they arrive. Rules where the two do not meet one to one:
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any
 
 from server.errors import FieldViolation, UpstreamStreamInterruptedError
@@ -297,3 +299,39 @@ def _start_block(raw: Any) -> ContentBlock | None:
     if kind == "redacted_thinking":
         return ThinkingBlock(redacted_data=raw.data)
     return None
+
+
+def message_as_raw_events(message: Any) -> list[Any]:
+    """A complete (non-streaming) Message as the raw stream events that deliver it.
+
+    Generate makes one non-streaming call; replaying its result through
+    MessagesStreamDecoder keeps a single translation path for both RPCs.
+    """
+    events: list[Any] = [SimpleNamespace(type="message_start", message=message)]
+    for index, block in enumerate(message.content):
+        kind = block.type
+        if kind == "text":
+            start: Any = SimpleNamespace(type="text", text="")
+            deltas = [SimpleNamespace(type="text_delta", text=block.text)]
+        elif kind == "tool_use":
+            start = SimpleNamespace(type="tool_use", id=block.id, name=block.name)
+            deltas = [
+                SimpleNamespace(type="input_json_delta", partial_json=json.dumps(block.input))
+            ]
+        elif kind == "thinking":
+            start = SimpleNamespace(type="thinking", thinking="", signature="")
+            deltas = [
+                SimpleNamespace(type="thinking_delta", thinking=block.thinking),
+                SimpleNamespace(type="signature_delta", signature=block.signature),
+            ]
+        else:  # redacted thinking carries its data in the start; others are dropped
+            start, deltas = block, []
+        events.append(SimpleNamespace(type="content_block_start", index=index, content_block=start))
+        events.extend(
+            SimpleNamespace(type="content_block_delta", index=index, delta=d) for d in deltas
+        )
+        events.append(SimpleNamespace(type="content_block_stop", index=index))
+    delta = SimpleNamespace(stop_reason=message.stop_reason, stop_sequence=message.stop_sequence)
+    events.append(SimpleNamespace(type="message_delta", delta=delta, usage=message.usage))
+    events.append(SimpleNamespace(type="message_stop"))
+    return events

@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any
 
 from server.errors import FieldViolation, UpstreamStreamInterruptedError
@@ -365,3 +366,50 @@ class ChatStreamDecoder:
             )
         reason = StopReason.REFUSAL if self._refused else FINISH_REASONS.get(self._finish)
         return [MessageDelta(stop_reason=reason, usage=self._usage), MessageStop()]
+
+
+def completion_as_chunks(completion: Any) -> list[Any]:
+    """A complete (non-streaming) ChatCompletion as the chunks that would stream it.
+
+    Generate makes one non-streaming call; replaying its result through
+    ChatStreamDecoder keeps a single translation path for both RPCs.
+    """
+    chunks: list[Any] = []
+    for choice in completion.choices:
+        if choice.index != 0:
+            continue
+        message = choice.message
+        calls = [
+            SimpleNamespace(
+                index=i,
+                id=call.id,
+                function=SimpleNamespace(
+                    name=call.function.name, arguments=call.function.arguments
+                ),
+            )
+            for i, call in enumerate(message.tool_calls or ())
+            if getattr(call, "function", None) is not None
+        ]
+        delta = SimpleNamespace(
+            content=message.content,
+            refusal=getattr(message, "refusal", None),
+            reasoning_content=getattr(message, "reasoning_content", None),
+            reasoning=getattr(message, "reasoning", None),
+            tool_calls=calls,
+        )
+        chunks.append(
+            SimpleNamespace(
+                id=completion.id,
+                usage=None,
+                choices=[SimpleNamespace(index=0, delta=delta, finish_reason=None)],
+            )
+        )
+        chunks.append(
+            SimpleNamespace(
+                id=completion.id,
+                usage=None,
+                choices=[SimpleNamespace(index=0, delta=None, finish_reason=choice.finish_reason)],
+            )
+        )
+    chunks.append(SimpleNamespace(id=completion.id, usage=completion.usage, choices=[]))
+    return chunks

@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, Protocol, Self, TypeVar
 
@@ -547,3 +547,9 @@ def log_upstream_failure(error: GatewayError, request_id: str) -> None:
 def refuse(violations: list[FieldViolation]) -> None:
     if violations:
         raise InvalidArgumentError(violations)
+
+
+async def replay(items: list[Any]) -> AsyncIterator[Any]:
+    """Items already in hand as an async iterator, to feed a stream decoder."""
+    for item in items:
+        yield item

@@ -44,6 +44,7 @@ from server.providers._upstream import (
     log_upstream_failure,
     merge_provider_options,
     refuse,
+    replay,
     retry_after_seconds,
     sampling_arguments,
     sdk_parameters,
@@ -153,15 +154,23 @@ class AnthropicProvider(Provider):
         client = await self._sdk.current()
         try:
             timeout = upstream_timeout(request.deadline, self._timeout)
-            stream = await client.messages.create(**kwargs, stream=True, timeout=timeout)
-            upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+            raw_events: AsyncIterator[Any]
+            if request.incremental:
+                stream = await client.messages.create(**kwargs, stream=True, timeout=timeout)
+                upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+                raw_events = stream
+            else:
+                # Generate: one non-streaming call, replayed through the same decoder.
+                response = await client.messages.with_raw_response.create(**kwargs, timeout=timeout)
+                upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+                raw_events = replay(codec.message_as_raw_events(await response.parse()))
             decoder = codec.MessagesStreamDecoder(
                 provider=self.name,
                 model=request.model,
                 request_id=request.request_id,
                 upstream_request_id=upstream_request_id,
             )
-            async for raw in stream:
+            async for raw in raw_events:
                 event = decoder.feed(raw)
                 if event is not None:
                     yield event

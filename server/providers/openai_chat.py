@@ -52,6 +52,7 @@ from server.providers._upstream import (
     log_upstream_failure,
     merge_provider_options,
     refuse,
+    replay,
     retry_after_seconds,
     sampling_arguments,
     sdk_parameters,
@@ -178,15 +179,29 @@ class OpenAIChatProvider(Provider):
         client = await self._sdk.current()
         try:
             timeout = upstream_timeout(request.deadline, self._timeout)
-            stream = await client.chat.completions.create(**kwargs, stream=True, timeout=timeout)
-            upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+            chunks: AsyncIterator[Any]
+            if request.incremental:
+                stream = await client.chat.completions.create(
+                    **kwargs, stream=True, timeout=timeout
+                )
+                upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+                chunks = stream
+            else:
+                # Generate: one non-streaming call, replayed through the same decoder.
+                kwargs.pop("stream_options", None)
+                response = await client.chat.completions.with_raw_response.create(
+                    **kwargs, timeout=timeout
+                )
+                upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+                # The openai SDK's raw response is the legacy one: parse() is sync.
+                chunks = replay(codec.completion_as_chunks(response.parse()))
             decoder = codec.ChatStreamDecoder(
                 provider=self.name,
                 model=request.model,
                 request_id=request.request_id,
                 upstream_request_id=upstream_request_id,
             )
-            async for chunk in stream:
+            async for chunk in chunks:
                 for event in decoder.feed(chunk):
                     yield event
             for event in decoder.finish():
