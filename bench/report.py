@@ -190,6 +190,20 @@ def write_reports(results: dict[str, Any], stem: Path) -> str:
             "",
             lines,
             "",
+            *(
+                [
+                    f"## Medians over {len(results['providers_repetitions'])} repetitions"
+                    " of the providers scenario",
+                    "",
+                    *(
+                        f"- {key}: {value:.3g}"
+                        for key, value in sorted(results["providers_medians"].items())
+                    ),
+                    "",
+                ]
+                if results.get("providers_medians")
+                else []
+            ),
             "## Every run",
             "",
             full_table(results["rows"]),

@@ -1,0 +1,70 @@
+"""The benchmark's arithmetic: added latency, ratios and medians from measured rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.report import headline, write_reports
+from bench.run import medians
+
+
+def row(scenario: str, target: str, method: str, c: int, rate: float, p50: float, p99: float,
+        first: tuple[float, float] | None = None) -> dict[str, Any]:  # fmt: skip
+    result: dict[str, Any] = {
+        "scenario": scenario,
+        "target": target,
+        "method": method,
+        "concurrency": c,
+        "calls_per_s": rate,
+        "latency_ms": {"p50": p50, "p90": p99, "p99": p99},
+        "errors": 0,
+    }
+    if first:
+        result["first_chunk_ms"] = {"p50": first[0], "p99": first[1]}
+    return result
+
+
+ROWS = [
+    row("ceiling", "bare grpc.aio", "unary", 32, 2000, 10, 12),
+    row("offline", "gateway offline", "unary", 32, 1500, 12, 15),
+    row("providers", "gateway -> anthropic", "unary", 1, 300, 2.5, 4.0),
+    row("providers", "direct anthropic SDK", "unary", 1, 400, 1.7, 3.5),
+    row("providers", "gateway -> anthropic", "stream", 1, 200, 4.0, 6.0, first=(2.0, 3.0)),
+    row("providers", "direct anthropic SDK", "stream", 1, 300, 2.5, 4.0, first=(1.5, 2.0)),
+    row("providers", "gateway -> anthropic", "unary", 32, 380, 80, 100),
+    row("providers", "direct anthropic SDK", "unary", 32, 400, 60, 70),
+]
+
+
+def test_headline_numbers() -> None:
+    text, numbers = headline(ROWS)
+    added = numbers["added_ms_anthropic"]
+    assert added["unary_p50"] == pytest.approx(0.8)
+    assert added["unary_p99"] == pytest.approx(0.5)
+    assert added["first_chunk_p50"] == pytest.approx(0.5)
+    assert added["first_chunk_p99"] == pytest.approx(1.0)
+    assert numbers["throughput_ratio_anthropic_unary_c32"] == pytest.approx(0.95)
+    assert numbers["offline_vs_ceiling_unary"] == pytest.approx(0.75)
+    assert "unary p50 +0.80 ms" in text
+
+
+def test_medians_over_repetitions() -> None:
+    runs = [{"a": 1.0, "b": {"c": 10}}, {"a": 3.0, "b": {"c": 30}}, {"a": 2.0, "b": {"c": 20}}]
+    assert medians(runs) == {"a": 2.0, "b.c": 20.0}
+    assert medians(runs[:1]) == {}
+
+
+def test_reports_are_written(tmp_path: Path) -> None:
+    results = {
+        "date": "2026-11-21T00:00:00+00:00",
+        "machine": {"cores": 2, "cpu": "test", "python": "3.11", "pinning": "none"},
+        "quick": True,
+        "duration_s": 1.0,
+        "rows": ROWS,
+    }
+    markdown = write_reports(results, tmp_path / "run")
+    assert (tmp_path / "run.json").exists()
+    assert "| providers | gateway -> anthropic | unary | 1 | 300 |" in markdown
