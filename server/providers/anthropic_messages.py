@@ -2,8 +2,10 @@
 
 One `AsyncAnthropic` client per configured instance, reused by every call
 (its connection pool); a rotated API key swaps in a copy that shares the
-pool (KeyedClient in _upstream.py). Generation always streams upstream; the
-gateway folds the stream for unary calls. The SDK's own retries are off
+pool (KeyedClient in _upstream.py; the common parts are in _sdk_provider.py).
+StreamGenerate streams upstream; Generate makes one non-streaming call and
+replays the whole message through the same stream decoder, so both RPCs
+share one translation. The SDK's own retries are off
 (max_retries=0): the router owns retries and fallbacks, and two layers of
 retries would multiply. Each call's timeout is what is left of the
 caller's deadline. Translation rules are in _anthropic_codec.py; every SDK
@@ -16,7 +18,7 @@ Provider options: any `messages.create` argument (e.g. `output_config`,
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import anthropic
@@ -34,10 +36,9 @@ from server.errors import (
 )
 from server.events import StreamEvent
 from server.providers import _anthropic_codec as codec
+from server.providers._sdk_provider import SdkProvider
 from server.providers._upstream import (
-    PLACEHOLDER_KEY,
     FailureKind,
-    KeyedClient,
     UpstreamModel,
     UpstreamSettings,
     kind_of_status,
@@ -52,8 +53,7 @@ from server.providers._upstream import (
     upstream_timeout,
     with_catalog_defaults,
 )
-from server.providers.base import Provider
-from server.schema import GenerationRequest, ModelInfo, TokenCount, TokenCountRequest
+from server.schema import GenerationRequest, TokenCount, TokenCountRequest
 
 UPSTREAM_REQUEST_ID_HEADER = "request-id"
 _CREATE_ARGUMENTS = sdk_parameters(AsyncMessages.create)
@@ -94,47 +94,16 @@ class AnthropicSettings(UpstreamSettings):
     models: list[AnthropicModel] | None = None
 
 
-class AnthropicProvider(Provider):
+class AnthropicProvider(SdkProvider[AnthropicModel]):
     """Serves Claude models through `anthropic.AsyncAnthropic`."""
 
     kind = "anthropic"
     Settings = AnthropicSettings
 
-    def __init__(self, name: str, settings: AnthropicSettings) -> None:
-        super().__init__(name)
-        self._timeout = settings.timeout_s
-        client = anthropic.AsyncAnthropic(
-            api_key=PLACEHOLDER_KEY,
-            base_url=settings.base_url,
-            timeout=settings.timeout_s,
-            # The router retries and falls back; SDK retries would multiply them.
-            max_retries=0,
-            default_headers=settings.default_headers or None,
-        )
-        # Re-reads a rotated key (file, command, environment) without a restart.
-        self._sdk = KeyedClient(name, client, settings.credential())
-        configured = settings.models
-        if configured is None:
-            configured = [AnthropicModel(id=model_id) for model_id in ANTHROPIC_MODELS]
-        self._models = {m.id: m for m in configured}
-        self._infos = [m.info(name) for m in configured]
-        prefixes = settings.route_prefixes
-        self._prefixes = tuple(ANTHROPIC_PREFIXES if prefixes is None else prefixes)
-
-    @classmethod
-    def create(cls, name: str, settings: Any) -> AnthropicProvider:
-        return cls(name, settings)
-
-    def models(self) -> Sequence[ModelInfo]:
-        return self._infos
-
-    def unlisted_model(self, model_id: str) -> ModelInfo | None:
-        if model_id.startswith(self._prefixes):
-            return AnthropicModel(id=model_id).info(self.name)
-        return None
-
-    def _model(self, model_id: str) -> AnthropicModel:
-        return self._models.get(model_id) or AnthropicModel(id=model_id)
+    client_class = anthropic.AsyncAnthropic
+    Model = AnthropicModel
+    catalog = ANTHROPIC_MODELS
+    default_prefixes = ANTHROPIC_PREFIXES
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         model = self._model(request.model)
@@ -206,9 +175,6 @@ class AnthropicProvider(Provider):
             self._sdk.failed(error)
             raise error from err
         return TokenCount(input_tokens=counted.input_tokens, estimated=False)
-
-    async def aclose(self) -> None:
-        await self._sdk.aclose()
 
     def _map_error(
         self, err: anthropic.AnthropicError | httpx2.HTTPError, model: str, upstream_request_id: str

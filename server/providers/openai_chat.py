@@ -5,8 +5,10 @@ rotated API key swaps in a copy that shares its connection pool (KeyedClient
 in _upstream.py).
 `type: openai` with a `base_url` and a `models` list serves vLLM, Ollama,
 llama.cpp and the like (set `route_prefixes: []` there, so that it does not
-claim `gpt-` ids). Generation always streams upstream with
-`stream_options.include_usage`; the SDK's retries are off (max_retries=0)
+claim `gpt-` ids). StreamGenerate streams upstream with
+`stream_options.include_usage` (without it the stream carries no usage);
+Generate makes one non-streaming call and replays the completion through
+the same chunk decoder. The SDK's retries are off (max_retries=0)
 because the router owns retries, and each call's timeout is what is left of
 the caller's deadline. Translation rules are in _openai_codec.py; every SDK
 failure becomes a GatewayError in `_map_error`, and only there.
@@ -23,7 +25,7 @@ sent in the body untouched.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import httpx2
@@ -41,10 +43,9 @@ from server.errors import (
 )
 from server.events import StreamEvent
 from server.providers import _openai_codec as codec
+from server.providers._sdk_provider import SdkProvider
 from server.providers._upstream import (
-    PLACEHOLDER_KEY,
     FailureKind,
-    KeyedClient,
     SamplingParameter,
     UpstreamModel,
     UpstreamSettings,
@@ -60,8 +61,7 @@ from server.providers._upstream import (
     upstream_timeout,
     with_catalog_defaults,
 )
-from server.providers.base import Provider
-from server.schema import GenerationRequest, ModelInfo, TokenCount, TokenCountRequest
+from server.schema import GenerationRequest, TokenCount, TokenCountRequest
 
 UPSTREAM_REQUEST_ID_HEADER = "x-request-id"
 _CREATE_ARGUMENTS = sdk_parameters(AsyncCompletions.create)
@@ -105,48 +105,20 @@ class OpenAISettings(UpstreamSettings):
     max_tokens_field: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
 
 
-class OpenAIChatProvider(Provider):
+class OpenAIChatProvider(SdkProvider[OpenAIModel]):
     """Serves models through `openai.AsyncOpenAI().chat.completions`."""
 
     kind = "openai"
     Settings = OpenAISettings
 
+    client_class = openai.AsyncOpenAI
+    Model = OpenAIModel
+    catalog = OPENAI_MODELS
+    default_prefixes = OPENAI_PREFIXES
+
     def __init__(self, name: str, settings: OpenAISettings) -> None:
-        super().__init__(name)
-        self._timeout = settings.timeout_s
+        super().__init__(name, settings)
         self._max_tokens_field = settings.max_tokens_field
-        client = openai.AsyncOpenAI(
-            api_key=PLACEHOLDER_KEY,
-            base_url=settings.base_url,
-            timeout=settings.timeout_s,
-            # The router retries and falls back; SDK retries would multiply them.
-            max_retries=0,
-            default_headers=settings.default_headers or None,
-        )
-        # Re-reads a rotated key (file, command, environment) without a restart.
-        self._sdk = KeyedClient(name, client, settings.credential())
-        configured = settings.models
-        if configured is None:
-            configured = [OpenAIModel(id=model_id) for model_id in OPENAI_MODELS]
-        self._models = {m.id: m for m in configured}
-        self._infos = [m.info(name) for m in configured]
-        prefixes = settings.route_prefixes
-        self._prefixes = tuple(OPENAI_PREFIXES if prefixes is None else prefixes)
-
-    @classmethod
-    def create(cls, name: str, settings: Any) -> OpenAIChatProvider:
-        return cls(name, settings)
-
-    def models(self) -> Sequence[ModelInfo]:
-        return self._infos
-
-    def unlisted_model(self, model_id: str) -> ModelInfo | None:
-        if self._prefixes and model_id.startswith(self._prefixes):
-            return OpenAIModel(id=model_id).info(self.name)
-        return None
-
-    def _model(self, model_id: str) -> OpenAIModel:
-        return self._models.get(model_id) or OpenAIModel(id=model_id)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         model = self._model(request.model)
@@ -219,9 +191,6 @@ class OpenAIChatProvider(Provider):
     async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
         count = token_estimate.count_request(request.system, request.messages, request.tools)
         return TokenCount(input_tokens=count, estimated=True)
-
-    async def aclose(self) -> None:
-        await self._sdk.aclose()
 
     def _map_error(
         self, err: openai.OpenAIError | httpx2.HTTPError, model: str, upstream_request_id: str

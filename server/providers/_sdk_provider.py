@@ -1,0 +1,78 @@
+"""What an SDK-backed provider does that does not depend on its SDK.
+
+Its models (configured, or the shipped catalog of its kind), routing of
+unlisted ids by prefix, the caller's deadline as the upstream timeout, and
+the SDK client behind a KeyedClient that follows a rotated API key. A
+subclass names its SDK client class, model class, catalog and prefixes, and
+implements `stream`, `count_tokens` and its one error-mapping function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Generic, TypeVar, cast
+
+from server.providers._upstream import (
+    PLACEHOLDER_KEY,
+    KeyedClient,
+    UpstreamModel,
+    UpstreamSettings,
+)
+from server.providers.base import Provider
+from server.schema import ModelInfo
+
+ModelT = TypeVar("ModelT", bound=UpstreamModel)
+
+
+class SdkProvider(Provider, Generic[ModelT]):
+    """Base of the providers that reach their upstream through an official SDK."""
+
+    # The SDK's async client class, the model settings class, the shipped
+    # catalog and the id prefixes of the kind.
+    client_class: ClassVar[Callable[..., Any]]
+    Model: ClassVar[type[UpstreamModel]]
+    catalog: ClassVar[Mapping[str, Mapping[str, Any]]]
+    default_prefixes: ClassVar[tuple[str, ...]]
+
+    def __init__(self, name: str, settings: UpstreamSettings) -> None:
+        super().__init__(name)
+        self._timeout = settings.timeout_s
+        # Re-reads a rotated key (file, command, environment) without a restart.
+        self._sdk = KeyedClient(name, self.make_client(settings), settings.credential())
+        configured: list[ModelT] | None = getattr(settings, "models", None)
+        if configured is None:
+            configured = [cast(ModelT, self.Model(id=model_id)) for model_id in self.catalog]
+        self._models: dict[str, ModelT] = {m.id: m for m in configured}
+        self._infos = [m.info(name) for m in configured]
+        prefixes = settings.route_prefixes
+        self._prefixes = tuple(self.default_prefixes if prefixes is None else prefixes)
+
+    def make_client(self, settings: UpstreamSettings) -> Any:
+        """The SDK client, one per provider instance (its connection pool is reused)."""
+        return self.client_class(
+            # KeyedClient swaps in the real key, and swaps again when it rotates.
+            api_key=PLACEHOLDER_KEY,
+            base_url=settings.base_url,
+            timeout=settings.timeout_s,
+            # The router retries and falls back; SDK retries would multiply them.
+            max_retries=0,
+            default_headers=settings.default_headers or None,
+        )
+
+    @classmethod
+    def create(cls, name: str, settings: Any) -> SdkProvider[ModelT]:
+        return cls(name, settings)
+
+    def models(self) -> Sequence[ModelInfo]:
+        return self._infos
+
+    def unlisted_model(self, model_id: str) -> ModelInfo | None:
+        if self._prefixes and model_id.startswith(self._prefixes):
+            return self.Model(id=model_id).info(self.name)
+        return None
+
+    def _model(self, model_id: str) -> ModelT:
+        return self._models.get(model_id) or cast(ModelT, self.Model(id=model_id))
+
+    async def aclose(self) -> None:
+        await self._sdk.aclose()
