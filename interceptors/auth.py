@@ -27,6 +27,7 @@ import grpc
 from server.auth.authenticator import Authenticator
 from server.errors import GatewayError, MissingScopeError
 from server.identity import IDENTITY, SCOPE_ADMIN, Identity
+from server.telemetry.audit import AUTH_FAILED, PERMISSION_DENIED, audit_event, peer_of
 
 Context = grpc.aio.ServicerContext[Any, Any]
 # grpc's stubs type method handlers for the sync server; under grpc.aio the
@@ -46,10 +47,19 @@ def _ignore_request(data: bytes) -> None:
     return None
 
 
-def _refusing(handler: Handler, error: GatewayError) -> Handler:
+def _refusing(handler: Handler, error: GatewayError, method: str, key_id: str) -> Handler:
     status = error.to_status()
+    denied = isinstance(error, MissingScopeError)
 
     async def refuse(request: Any, context: Context) -> None:
+        # Here, not in intercept_service: only the handler's context knows the peer.
+        audit_event(
+            PERMISSION_DENIED if denied else AUTH_FAILED,
+            method=method,
+            peer=peer_of(context),
+            reason=error.reason,
+            **({"key_id": key_id} if denied else {}),
+        )
         await context.abort(status.code, status.details, status.trailing_metadata)
 
     behaviors = {name: refuse for name in _BEHAVIORS if getattr(handler, name) is not None}
@@ -111,10 +121,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         service = service_of(method)
         if service in self._public:
             return await continuation(handler_call_details)
+        key_id = ""  # for the audit trail of a denial
         try:
             identity = await self._authenticator.authenticate(
                 handler_call_details.invocation_metadata, method
             )
+            key_id = identity.key_id
             scope = self._scopes.get(service, SCOPE_ADMIN)
             if scope is not None and not identity.has_scope(scope):
                 raise MissingScopeError(scope)
@@ -122,7 +134,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             # The inner interceptors still build the handler (its shape tells
             # how to refuse), but with no identity, and it never runs.
             refused: Handler = await continuation(handler_call_details)
-            return None if refused is None else _refusing(refused, err)
+            return None if refused is None else _refusing(refused, err, method, key_id)
         # Set while the inner interceptors build their handlers too, so a
         # rate limiter can see who is calling before the handler runs.
         token = IDENTITY.set(identity)

@@ -15,6 +15,7 @@ from server.app import serve
 from server.auth.cli import add_keys_parser, run_keys_command
 from server.config import ConfigError, load_config
 from server.logs import configure_logging
+from server.telemetry.audit import configure_audit
 from server.workers import run_workers
 
 
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llm-gateway: {err}", file=sys.stderr)
         return 2
     configure_logging(config.logging)
+    # The audit trail is process-wide like logging: `keys create` audits too.
+    configure_audit(config.audit)
     if args.command == "keys":
         return run_keys_command(args, config.auth)
     if config.server.workers > 1:

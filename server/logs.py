@@ -1,15 +1,92 @@
-"""Process-wide logging set-up: human-readable text or one JSON object per line."""
+"""Process-wide logging: text or JSON lines, a redaction filter, and one line per call.
+
+`configure_logging` installs one stderr handler on the root logger, JSON when
+stderr is not a terminal (format `auto`), and puts `RedactionFilter` on every
+root handler: whatever a library logs (a header dump, an exception carrying
+a request), API keys, bearer tokens and `authorization` values are replaced
+before any formatter sees the record. `log_call` is the CallRecord observer
+that writes the per-call line (logger `llmgw.calls`): ids, model, status,
+tokens, cost, latency; never the key, never prompt or completion text.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 
+from opentelemetry import trace
+
+from server.calls import CallRecord
 from server.config import LoggingConfig
 
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+CALLS_LOGGER = "llmgw.calls"
+REDACTED = "[REDACTED]"
+
+# Applied in order. A key keeps its public id (llmgw_<id>_...), which is no secret
+# and says which key it was; everything secret-shaped is replaced whole.
+_REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # Gateway API keys, and anything else with their prefix.
+    (re.compile(r"(llmgw_[0-9a-f]{12}_)[0-9A-Za-z]+"), r"\1" + REDACTED),
+    (re.compile(r"llmgw_[0-9A-Za-z_-]{16,}"), REDACTED),
+    # Provider keys: sk-..., sk-ant-..., sk-proj-...
+    (re.compile(r"(?<![0-9A-Za-z])sk-[0-9A-Za-z_-]{8,}"), REDACTED),
+    # JWTs (ours and any other): base64url JSON header, payload, optional signature.
+    (re.compile(r"eyJ[0-9A-Za-z_-]{4,}\.[0-9A-Za-z_-]{4,}(?:\.[0-9A-Za-z_-]*)?"), REDACTED),
+    # Whatever follows "Bearer" or "Basic".
+    (re.compile(r"(?i)\b(bearer|basic)(\s+)(?!\[REDACTED\])[^\s'\",;)\]}]+"), r"\1\2" + REDACTED),
+    # The value of an authorization, x-api-key or api_key header, field or argument:
+    # `authorization: x`, `"x-api-key": "x"`, `('authorization', 'x')`, `api_key=x`.
+    (
+        re.compile(
+            r"(?i)((?:proxy-)?authorization|x-api-key|api[_-]?key)(['\"]?\s*[:=,]\s*['\"]?)"
+            r"(?!(?:(?:bearer|basic)\s+)?\[REDACTED\])(?:(?:bearer|basic)\s+)?[^\s'\",;)\]}]+"
+        ),
+        r"\1\2" + REDACTED,
+    ),
+)
+
+
+# What every pattern above needs somewhere in the text: one search rules most text out.
+_SUSPECT = re.compile(r"(?i)llmgw_|sk-|eyJ|bearer|basic|authorization|api[_-]?key")
+
+
+def redact(text: str) -> str:
+    """`text` with API keys, tokens and authorization values replaced."""
+    if _SUSPECT.search(text) is None:
+        return text
+    for pattern, replacement in _REDACTIONS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RedactionFilter(logging.Filter):
+    """Redacts a record in place: message, exception text, stack and string extras.
+
+    On a handler it sees every record that handler emits, whichever logger
+    made it; the record is changed in place, so handlers after it see the
+    redacted text too. The exception is kept (exc_info) for handlers that need
+    it, but the text stdlib formatters print (exc_text) is the redacted one.
+    """
+
+    _exceptions = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self._exceptions.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and isinstance(value, str):
+                record.__dict__[key] = redact(value)
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,17 +102,92 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
                 entry[key] = value
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = record.stack_info
         return json.dumps(entry, default=str)
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def install_redaction(logger: logging.Logger | None = None) -> None:
+    """Puts a RedactionFilter on every handler of `logger` (the root logger by default)."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, RedactionFilter) for f in handler.filters):
+            handler.addFilter(RedactionFilter())
 
 
 def configure_logging(config: LoggingConfig) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if config.format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    json_lines = config.format == "json" or (
+        config.format == "auto" and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+    )
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)
+    for name, level in config.loggers.items():
+        logging.getLogger(name).setLevel(level)
+    logging.getLogger(CALLS_LOGGER).disabled = not config.calls
+    install_redaction(root)
+
+
+# -- the per-call line -----------------------------------------------------------
+
+_calls_log = logging.getLogger(CALLS_LOGGER)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def call_fields(record: CallRecord) -> dict[str, object]:
+    """The per-call line's fields (the JSON keys), from the call's record."""
+    span_context = trace.get_current_span().get_span_context()
+    usage = record.usage
+    return {
+        "request_id": record.request_id,
+        # Set when the call is traced (the line is written inside its span).
+        "trace_id": format(span_context.trace_id, "032x") if span_context.is_valid else "",
+        "key_id": record.key_id,
+        "method": record.method,
+        "model": record.model_requested,
+        "model_served": record.model_served,
+        "provider": record.provider,
+        "status": record.status.name,
+        "error_reason": record.error_reason,
+        "stop_reason": record.stop_reason.value if record.stop_reason is not None else "",
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_read_input_tokens": usage.cache_read_input_tokens,
+        "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+        "cost_nanos": record.cost.total_nanos,
+        "latency_ms": _ms(record.latency_s),
+        "ttft_ms": _ms(record.time_to_first_token_s),
+    }
+
+
+def log_call(record: CallRecord) -> None:
+    """CallRecord observer: one INFO line per generation call."""
+    if not _calls_log.isEnabledFor(logging.INFO):
+        return
+    fields = call_fields(record)
+    served = f"{record.provider}/{record.model_served}" if record.provider else "-"
+    _calls_log.info(
+        "%s %s -> %s %s in %s ms (ttft %s ms), %d+%d tokens, %d nano-USD, request_id=%s",
+        record.method,
+        record.model_requested,
+        served,
+        record.status.name,
+        fields["latency_ms"],
+        fields["ttft_ms"],
+        record.usage.input_tokens,
+        record.usage.output_tokens,
+        record.cost.total_nanos,
+        record.request_id,
+        extra=fields,
+    )

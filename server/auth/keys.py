@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.identity import ALL_MODELS, KeyLimits
+from server.telemetry.audit import KEY_CREATED, KEY_REVOKED, audit_event
 
 KEY_PREFIX = "llmgw_"
 _KEY = re.compile(r"^llmgw_([0-9a-f]{12})_([0-9a-f]{48})$")
@@ -234,6 +235,13 @@ class KeyStore:
                     record.created_at,
                 ),
             )
+        audit_event(
+            KEY_CREATED,
+            key_id=record.id,
+            name=record.name,
+            scopes=sorted(record.scopes),
+            models=list(record.models),
+        )
         return record, key
 
     def list(self) -> list[KeyRecord]:
@@ -247,6 +255,8 @@ class KeyStore:
         """Marks a key revoked; False when no such key (or already revoked)."""
         revoked = self._revoke_row(key_id)
         self._cache.pop(key_id, None)
+        if revoked:
+            audit_event(KEY_REVOKED, key_id=key_id)
         return revoked
 
     def _revoke_row(self, key_id: str) -> bool:
@@ -293,4 +303,6 @@ class KeyStore:
         """Revokes a key; this process stops accepting it (and its tokens) at once."""
         revoked = await asyncio.to_thread(self._revoke_row, key_id)
         self._cache.pop(key_id, None)
+        if revoked:
+            audit_event(KEY_REVOKED, key_id=key_id)
         return revoked

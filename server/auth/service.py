@@ -20,6 +20,7 @@ from server.auth.tokens import NoSigningKeyError, TokenIssuer
 from server.errors import AuthDisabledError, InternalError, PermissionDeniedError
 from server.identity import current_identity
 from server.servicer import error_boundary
+from server.telemetry.audit import PERMISSION_DENIED, TOKEN_ISSUED, audit_event, peer_of
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,13 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
                 raise AuthDisabledError()
             identity = current_identity()
             if identity is None or identity.credential != "api_key":
+                audit_event(
+                    PERMISSION_DENIED,
+                    method="IssueToken",
+                    key_id=identity.key_id if identity else "",
+                    reason="TOKEN_CANNOT_RENEW",
+                    peer=peer_of(context),
+                )
                 raise PermissionDeniedError(
                     "IssueToken takes an API key; a token cannot renew itself"
                 )
@@ -49,6 +57,13 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
             except NoSigningKeyError as err:
                 log.error("cannot issue tokens: %s", err)
                 raise InternalError("the gateway cannot issue tokens right now") from None
+            audit_event(
+                TOKEN_ISSUED,
+                key_id=identity.key_id,
+                expires_at=issued.expires_at,
+                lifetime_s=round(issued.expires_at - issued.issued_at, 3),
+                peer=peer_of(context),
+            )
         expire_time = timestamp_pb2.Timestamp()
         expire_time.FromSeconds(int(issued.expires_at))
         remaining = duration_pb2.Duration()

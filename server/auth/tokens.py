@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from server.identity import Identity
+from server.telemetry.audit import SIGNING_KEY_CREATED, SIGNING_KEYS_CHANGED, audit_event
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def create_signing_key(directory: Path, kid: str | None = None) -> str:
     fd = os.open(directory / f"{kid}.pem", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as file:
         file.write(pem)
+    audit_event(SIGNING_KEY_CREATED, kid=kid)
     return kid
 
 
@@ -153,6 +155,12 @@ class SigningKeyRing:
         self._loaded_at = self._clock()
         if added or removed:
             signer = self.signer
+            audit_event(
+                SIGNING_KEYS_CHANGED,
+                added=sorted(added),
+                removed=sorted(removed),
+                signer=signer.kid if signer else None,
+            )
             log.info(
                 "signing keys: %d loaded (added %s, removed %s); signing with %s",
                 len(keys),

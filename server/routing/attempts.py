@@ -22,6 +22,8 @@ class Attempt:
     deployment: str  # "provider/model"
     outcome: str  # OK, CANCELLED, SKIPPED_CIRCUIT_OPEN, or the error's reason
     duration_s: float = 0.0
+    # When it started, on the event loop's clock (tracing turns it into span times).
+    started_at: float = 0.0
     # Whether content had reached the caller when it ended (no retry after that).
     committed: bool = False
 

@@ -340,7 +340,8 @@ class Router:
                 breaker = self._breaker(deployment)
                 for attempt_number in range(1, retry.max_attempts + 1):
                     if breaker is not None and not breaker.allow():
-                        call.attempts.append(Attempt(deployment.name, SKIPPED_CIRCUIT_OPEN))
+                        skipped = Attempt(deployment.name, SKIPPED_CIRCUIT_OPEN, 0.0, loop.time())
+                        call.attempts.append(skipped)
                         break
                     request.model = deployment.model.id
                     request.deadline = deadline
@@ -351,7 +352,7 @@ class Router:
                     call.attempts.append(attempt)
                     name = deployment.name
                     self._in_flight[name] = self._in_flight.get(name, 0) + 1
-                    started = loop.time()
+                    started = attempt.started_at = loop.time()
                     upstream = deployment.provider.stream(request)
                     try:
                         held = await _until_content(upstream)

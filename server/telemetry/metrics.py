@@ -1,0 +1,259 @@
+"""Prometheus metrics, served on their own port.
+
+Fed by the two records the gateway already keeps, so the call path gains no
+work of its own: each finished generation call's CallRecord (RPCs, latency,
+time to first token, time per output token, tokens and cost by model and
+provider, refusals) and each RoutedCall (upstream attempts and errors by
+deployment). In-flight calls and circuit-breaker states are read when
+Prometheus scrapes, not maintained per call. Rate limiters and budgets that
+refuse outside a generation call report with `record_refusal`; budgets
+report consumption with `set_budget_used`.
+
+Labels are bounded: methods, status codes, providers and error reasons are
+fixed sets; model and deployment names come from the catalog, but an
+unlisted model a provider accepts is caller text, so each of those labels
+keeps its first MAX_LABEL_VALUES values and folds the rest into "other".
+Never request ids, key ids or free text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from server.calls import CallRecord
+from server.routing.attempts import CANCELLED, OK, SKIPPED_CIRCUIT_OPEN, RoutedCall
+from server.routing.breaker import BreakerState
+
+MAX_LABEL_VALUES = 200
+OTHER = "other"
+
+# The GenAI semantic conventions' advised buckets (gen_ai.server.*).
+REQUEST_DURATION_BUCKETS = [0.01 * 2**i for i in range(14)]  # 10 ms .. 82 s
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0]
+TTFT_BUCKETS += [7.5, 10.0]
+TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
+
+_NOT_UPSTREAM_ERRORS = frozenset({OK, CANCELLED, SKIPPED_CIRCUIT_OPEN})
+
+
+class BoundedLabel:
+    """Passes the first `limit` distinct values through, then answers OTHER."""
+
+    __slots__ = ("_limit", "_seen")
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES) -> None:
+        self._seen: set[str] = set()
+        self._limit = limit
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self._limit:
+            return OTHER
+        self._seen.add(value)
+        return value
+
+
+class _BreakerCollector(Collector):
+    """circuit-breaker state per deployment, read at scrape time."""
+
+    def __init__(self, deployments: Iterable[str], state_of: Callable[[str], BreakerState]):
+        self._deployments = deployments
+        self._state_of = state_of
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "llmgw_circuit_breaker_state",
+            "Circuit-breaker state of each deployment tried so far (1 for the current state).",
+            labels=["deployment", "state"],
+        )
+        for deployment in sorted(self._deployments):
+            current = self._state_of(deployment)
+            for state in BreakerState:
+                family.add_metric([deployment, state.value], 1.0 if state is current else 0.0)
+        yield family
+
+
+class GatewayMetrics:
+    """The gateway's metrics in their own registry (so several gateways can coexist)."""
+
+    def __init__(
+        self,
+        *,
+        in_flight: Callable[[], float] = lambda: 0.0,
+        breaker_state: Callable[[str], BreakerState] | None = None,
+        registry: CollectorRegistry | None = None,
+        process_metrics: bool = True,
+    ) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        if process_metrics:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        self.rpcs = Counter(
+            "llmgw_rpcs",
+            "Generation RPCs by method and status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "llmgw_request_duration_seconds",
+            "Generation call latency, to the last byte (gen_ai.server.request.duration).",
+            ["method", "model", "provider"],
+            buckets=REQUEST_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "llmgw_time_to_first_token_seconds",
+            "Time to the first content token (gen_ai.server.time_to_first_token).",
+            ["model", "provider"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "llmgw_time_per_output_token_seconds",
+            "Time per output token after the first (gen_ai.server.time_per_output_token).",
+            ["model", "provider"],
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "llmgw_tokens",
+            "Tokens by model, provider and type (input, output, cache_read, cache_creation).",
+            ["model", "provider", "type"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "llmgw_cost_usd", "Cost of the calls in US dollars.", ["model", "provider"], registry=r
+        )
+        self.refusals = Counter(
+            "llmgw_refusals",
+            "Calls refused by rate limits, quotas and budgets, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.budget_used = Gauge(
+            "llmgw_budget_used_ratio",
+            "Share of each configured budget spent (reported by the budgets).",
+            ["budget"],
+            registry=r,
+        )
+        self.attempts = Counter(
+            "llmgw_upstream_attempts",
+            "Upstream attempts by deployment and outcome (OK, CANCELLED, an error reason).",
+            ["provider", "model", "outcome"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "llmgw_upstream_errors",
+            "Failed upstream attempts by deployment and error reason.",
+            ["provider", "model", "reason"],
+            registry=r,
+        )
+        in_flight_gauge = Gauge(
+            "llmgw_calls_in_flight", "Generation calls being served.", registry=r
+        )
+        in_flight_gauge.set_function(in_flight)
+        self._deployments: set[str] = set()
+        if breaker_state is not None:
+            r.register(_BreakerCollector(self._deployments, breaker_state))
+        self._model = BoundedLabel()
+        self._deployment = BoundedLabel()
+        self._reason = BoundedLabel(100)
+
+    # -- observers -----------------------------------------------------------------
+
+    def observe_call(self, record: CallRecord) -> None:
+        """CallRecord observer (runs once per generation call)."""
+        model = self._model(record.model_served)
+        provider = record.provider
+        self.rpcs.labels(record.method, record.status.name).inc()
+        latency = record.latency_s
+        if latency is not None:
+            self.duration.labels(record.method, model, provider).observe(latency)
+        usage = record.usage
+        ttft = record.time_to_first_token_s
+        if ttft is not None:
+            self.ttft.labels(model, provider).observe(ttft)
+            if latency is not None and usage.output_tokens > 1:
+                per_token = (latency - ttft) / (usage.output_tokens - 1)
+                self.tpot.labels(model, provider).observe(per_token)
+        if provider:
+            for kind, count in (
+                ("input", usage.input_tokens),
+                ("output", usage.output_tokens),
+                ("cache_read", usage.cache_read_input_tokens),
+                ("cache_creation", usage.cache_creation_input_tokens),
+            ):
+                if count:
+                    self.tokens.labels(model, provider, kind).inc(count)
+            if record.cost.total_nanos:
+                self.cost.labels(model, provider).inc(record.cost.total_nanos / 1e9)
+        if record.status.name == "RESOURCE_EXHAUSTED" and not record.error_reason.startswith(
+            "UPSTREAM_"
+        ):
+            self.record_refusal(record.error_reason or "RESOURCE_EXHAUSTED")
+
+    def observe_routed(self, call: RoutedCall) -> None:
+        """Router observer: one count per upstream attempt."""
+        for attempt in call.attempts:
+            deployment = self._deployment(attempt.deployment)
+            if deployment != OTHER:
+                self._deployments.add(deployment)
+            provider, _, model = deployment.partition("/")
+            outcome = self._reason(attempt.outcome)
+            self.attempts.labels(provider, model, outcome).inc()
+            if attempt.outcome not in _NOT_UPSTREAM_ERRORS:
+                self.upstream_errors.labels(provider, model, outcome).inc()
+
+    # -- hooks for limits and budgets ------------------------------------------------
+
+    def record_refusal(self, reason: str) -> None:
+        """A call refused by a limit (the error's reason: RATE_LIMIT_EXCEEDED, ...)."""
+        self.refusals.labels(self._reason(reason)).inc()
+
+    def set_budget_used(self, budget: str, ratio: float) -> None:
+        """How much of a configured budget (a bounded name, never a key id) is spent."""
+        self.budget_used.labels(self._reason(budget)).set(ratio)
+
+
+class MetricsServer:
+    """The /metrics HTTP endpoint (prometheus-client's, on a daemon thread)."""
+
+    def __init__(self, metrics: GatewayMetrics, host: str, port: int) -> None:
+        self._metrics = metrics
+        self._host = host
+        self._port = port
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    def start(self) -> int:
+        server, thread = start_http_server(self._port, self._host, self._metrics.registry)
+        self._server, self._thread = server, thread
+        self.port = int(server.server_address[1])
+        return self.port
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            # shutdown() waits for the serving thread's poll (up to half a second).
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()

@@ -1,0 +1,85 @@
+"""The observability of one gateway, assembled from config (see server/telemetry/)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from opentelemetry.sdk.trace import TracerProvider
+
+from interceptors.tracing import TracingInterceptor
+from server.config import GatewayConfig
+from server.logs import log_call
+from server.routing import Router
+from server.servicer import GenerationServicer
+from server.telemetry.audit import audit_call, close_audit, ensure_audit
+from server.telemetry.metrics import GatewayMetrics, MetricsServer
+from server.telemetry.tracing import TRACER_NAME, CallSpans, build_tracer_provider
+
+log = logging.getLogger(__name__)
+
+
+class Telemetry:
+    """The observability of one gateway.
+
+    `tracer_provider` replaces the configured one (tests pass one with an
+    in-memory exporter); tracing is on when either exists.
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        servicer: GenerationServicer,
+        router: Router,
+        *,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
+        self.interceptors: list[grpc.aio.ServerInterceptor] = []
+        self._owned_provider = None
+        if tracer_provider is None:
+            tracer_provider = self._owned_provider = build_tracer_provider(config.tracing)
+        self.tracer_provider = tracer_provider
+        if tracer_provider is not None:
+            tracer = tracer_provider.get_tracer(TRACER_NAME)
+            spans = CallSpans(tracer)
+            servicer.observers.append(spans.on_call)
+            router.observers.append(spans.on_routed)
+            self.interceptors.append(
+                TracingInterceptor(tracer, capture_content=config.tracing.capture_content)
+            )
+        self.metrics: GatewayMetrics | None = None
+        self._metrics_server: MetricsServer | None = None
+        if config.metrics.enabled:
+            self.metrics = GatewayMetrics(
+                in_flight=lambda: servicer.in_flight, breaker_state=router.breaker_state
+            )
+            servicer.observers.append(self.metrics.observe_call)
+            router.observers.append(self.metrics.observe_routed)
+            self._metrics_host = config.metrics.host
+            self._metrics_server = MetricsServer(
+                self.metrics, config.metrics.host, config.metrics.port
+            )
+        if config.logging.calls:
+            servicer.observers.append(log_call)
+        servicer.observers.append(audit_call)
+        self._audit_sink = ensure_audit(config.audit)
+
+    @property
+    def metrics_port(self) -> int:
+        """The port /metrics is served on (0 when metrics are off or not started)."""
+        return self._metrics_server.port if self._metrics_server is not None else 0
+
+    def start(self) -> None:
+        if self._metrics_server is not None:
+            port = self._metrics_server.start()
+            log.info("metrics on http://%s:%d/metrics", self._metrics_host, port)
+
+    async def stop(self) -> None:
+        """Stops the metrics endpoint and flushes the spans still queued."""
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+        if self._owned_provider is not None:
+            await asyncio.to_thread(self._owned_provider.shutdown)
+        if self._audit_sink is not None:  # opened by this gateway: closed by it
+            close_audit(self._audit_sink)

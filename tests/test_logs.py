@@ -1,0 +1,243 @@
+"""Structured logs: the per-call JSON line, the redaction filter, and no secret anywhere.
+
+The last test sends an API key and a token through every path (success,
+token issue, auth failure, permission denial, upstream error, a library
+logging headers and an exception) and checks that neither, nor the
+upstream keys, appears in the logs, the spans or the audit trail.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from llmgateway.v1 import token_pb2, token_pb2_grpc
+from server.auth.cli import create_key
+from server.config import LoggingConfig
+from server.logs import (
+    CALLS_LOGGER,
+    REDACTED,
+    JsonFormatter,
+    RedactionFilter,
+    configure_logging,
+    install_redaction,
+    redact,
+)
+from tests.conftest import RunningGateway, request
+from tests.fake_upstream import FakeUpstream, Reply
+from tests.test_auth import bearer
+from tests.test_tracing import (
+    all_span_text,
+    in_memory_provider,
+    start_traced_gateway,
+    upstream_overrides,
+)
+from tests.upstream_fixtures import ANTHROPIC_KEY, OPENAI_KEY, ask
+
+API_KEY = "llmgw_0123456789ab_" + "5f" * 24
+JWT = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiIwMTIzNDU2Nzg5YWIifQ.c2lnbmF0dXJlLWJ5dGVz"
+CALL_FIELDS = {
+    "request_id",
+    "trace_id",
+    "key_id",
+    "model",
+    "provider",
+    "status",
+    "input_tokens",
+    "output_tokens",
+    "cost_nanos",
+    "latency_ms",
+    "ttft_ms",
+}
+
+
+@pytest.fixture
+def json_lines() -> Iterator[io.StringIO]:
+    """Everything logged during the test, as the JSON handler configure_logging installs."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RedactionFilter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    # A library that logs what it should not. Not propagated to the root: the
+    # suite's own leak detector (tests/conftest.py) would rightly flag it.
+    chatty = logging.getLogger("chatty.library")
+    chatty.propagate = False
+    chatty.addHandler(handler)
+    yield stream
+    root.removeHandler(handler)
+    chatty.removeHandler(handler)
+
+
+def parsed(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"key {API_KEY} in a sentence",
+        "openai key sk-proj-AbCdEf0123456789xyz leaked",
+        f"token {JWT}",
+        f"headers {{'authorization': 'Bearer {JWT}'}}",
+        "metadata (('authorization', 'Bearer opaque-token-value'),)",
+        'curl -H "Authorization: Basic dXNlcjpwYXNzd29yZA=="',
+        "x-api-key: plain-secret-value",
+        "api_key=plain-secret-value other=1",
+    ],
+)
+def test_redaction_removes_every_credential_shape(text: str) -> None:
+    redacted = redact(text)
+    assert REDACTED in redacted
+    for secret in (API_KEY, "sk-proj-AbCdEf0123456789xyz", JWT, "opaque-token-value"):
+        assert secret not in redacted
+    assert "dXNlcjpwYXNzd29yZA" not in redacted and "plain-secret-value" not in redacted
+
+
+def test_redaction_keeps_the_key_id_and_ordinary_text() -> None:
+    assert redact(f"revoked {API_KEY}") == f"revoked llmgw_0123456789ab_{REDACTED}"
+    ordinary = "task-1 ran on model claude-sonnet with 12 tokens; see llmgw.calls"
+    assert redact(ordinary) == ordinary
+
+
+def test_the_filter_redacts_arguments_exceptions_and_extras(json_lines: io.StringIO) -> None:
+    library = logging.getLogger("chatty.library")
+    library.warning("sending %s", {"authorization": f"Bearer {JWT}", "x-api-key": API_KEY})
+    try:
+        raise ValueError(f"bad credential {API_KEY}")
+    except ValueError:
+        library.exception("request failed")
+    library.warning("with extra", extra={"header": f"Bearer {JWT}"})
+    text = json_lines.getvalue()
+    assert API_KEY not in text and JWT not in text
+    lines = parsed(json_lines)
+    assert "ValueError" in str(lines[1]["exception"])
+    assert lines[2]["header"] == f"Bearer {REDACTED}"
+
+
+def test_configure_logging_formats_and_levels(monkeypatch: pytest.MonkeyPatch) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.getLogger("httpx").level
+    try:
+        monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: auto is JSON
+        configure_logging(LoggingConfig(level="WARNING", loggers={"httpx": "ERROR"}))
+        (handler,) = root.handlers
+        assert isinstance(handler.formatter, JsonFormatter)
+        assert any(isinstance(f, RedactionFilter) for f in handler.filters)
+        assert root.level == logging.WARNING
+        assert logging.getLogger("httpx").level == logging.ERROR
+        logging.getLogger("x").warning("key %s", API_KEY)
+        line = json.loads(sys.stderr.getvalue())
+        assert line["level"] == "WARNING" and API_KEY not in line["message"]
+        configure_logging(LoggingConfig(format="text"))
+        assert not isinstance(root.handlers[0].formatter, JsonFormatter)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logging.getLogger("httpx").setLevel(saved[2])
+    install_redaction()  # idempotent on the restored handlers
+    for handler in root.handlers:
+        assert sum(isinstance(f, RedactionFilter) for f in handler.filters) <= 1
+        handler.filters = [f for f in handler.filters if not isinstance(f, RedactionFilter)]
+
+
+async def test_one_json_line_per_call_with_the_fields(
+    running: RunningGateway, json_lines: io.StringIO
+) -> None:
+    response = await running.stub.Generate(request("count my tokens please"))
+    lines = [line for line in parsed(json_lines) if line["logger"] == CALLS_LOGGER]
+    (line,) = [line for line in lines if line["request_id"] == response.request_id]
+    assert line.keys() >= CALL_FIELDS
+    assert line["status"] == "OK" and line["provider"] == "offline" and line["model"] == "echo"
+    assert line["input_tokens"] == response.usage.input_tokens
+    assert line["output_tokens"] == response.usage.output_tokens
+    assert isinstance(line["latency_ms"], float) and isinstance(line["ttft_ms"], float)
+    assert line["trace_id"] == ""  # the session's gateway is not traced
+    assert "count my tokens" not in json_lines.getvalue()  # no prompt text
+
+
+@pytest.mark.usefixtures("_openai_key_in_environment")
+async def test_no_key_or_token_anywhere_on_any_path(
+    tmp_path: Path, fake: FakeUpstream, json_lines: io.StringIO
+) -> None:
+    provider, exporter = in_memory_provider()
+    audit_path = tmp_path / "audit.jsonl"
+    overrides = upstream_overrides(
+        fake,
+        **{
+            "auth.enabled": True,
+            "auth.key_store": str(tmp_path / "keys.sqlite3"),
+            "auth.secret_file": str(tmp_path / "key-secret"),
+            "auth.signing_keys_dir": str(tmp_path / "signing-keys"),
+            "audit.path": str(audit_path),
+        },
+    )
+    gw = await start_traced_gateway(overrides, provider)
+    config = gw.gateway.config
+    try:
+        _, key = create_key(config.auth, name="svc")
+        _, gpt_only = create_key(config.auth, name="gpt-only", models=("gpt-*",))
+        tokens = token_pb2_grpc.TokenServiceStub(gw.channel)
+        # Success with the key, then with a token traded for it.
+        await gw.stub.Generate(ask("claude-test", "Hi"), metadata=bearer(key))
+        issued = await tokens.IssueToken(token_pb2.IssueTokenRequest(), metadata=bearer(key))
+        token = issued.token
+        stream = gw.stub.StreamGenerate(ask("gpt-test", "Hi"), metadata=bearer(token))
+        assert [event async for event in stream]
+        # Auth failures: a wrong key, a damaged token, the key in the wrong header.
+        refused = [
+            bearer(key[:-6] + "000000"),
+            bearer(token[:-6] + "AAAAAA"),
+            (("authorization", key),),
+        ]
+        for metadata in refused:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gw.stub.Generate(ask("claude-test", "Hi"), metadata=metadata)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # A permission denial, and a token trying to renew itself.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.stub.Generate(ask("claude-test", "Hi"), metadata=bearer(gpt_only))
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.aio.AioRpcError):
+            await tokens.IssueToken(token_pb2.IssueTokenRequest(), metadata=bearer(token))
+        # Upstream errors, with the key and with the token.
+        for credential in (key, token):
+            fake.enqueue(Reply(status=503), Reply(status=503), Reply(status=401))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await gw.stub.Generate(ask("claude-test", "Hi"), metadata=bearer(credential))
+        chatty = logging.getLogger("chatty.library")
+        chatty.warning("outgoing headers: %s", [("authorization", f"Bearer {token}")])
+        try:
+            raise RuntimeError(f"could not use {key}")
+        except RuntimeError:
+            chatty.exception("failed")
+    finally:
+        await gw.channel.close()
+        await gw.gateway.stop(grace=1)
+
+    logs = json_lines.getvalue()
+    spans = all_span_text(exporter.get_finished_spans())
+    audit = audit_path.read_text()
+    secrets = {"key": key, "gpt-only key": gpt_only, "token": token}
+    secrets |= {"anthropic key": ANTHROPIC_KEY, "openai key": OPENAI_KEY}
+    for where, text in (("logs", logs), ("spans", spans), ("audit", audit)):
+        for what, secret in secrets.items():
+            assert secret not in text, f"{what} in {where}"
+            # Not even the secret half of a key, or a token's signature.
+            assert secret[-24:] not in text, f"part of {what} in {where}"
+    # The paths really ran: call lines, spans and audit events are there.
+    calls = [line for line in parsed(json_lines) if line["logger"] == CALLS_LOGGER]
+    assert {line["status"] for line in calls} >= {"OK", "PERMISSION_DENIED"}
+    assert any(str(line["error_reason"]).startswith("UPSTREAM_") for line in calls)
+    assert all(line["trace_id"] for line in calls)
+    assert "gen_ai.usage.output_tokens" in spans
+    events = [json.loads(line)["event"] for line in audit.splitlines()]
+    assert events.count("auth.failed") == 3 and "token.issued" in events

@@ -1,0 +1,169 @@
+"""Metrics end to end: a few real calls, then a scrape of the Prometheus endpoint (port 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmgateway.v1 import generation_pb2_grpc as pb_grpc
+from server.app import Gateway
+from server.calls import CallRecord
+from server.config import ConfigError, load_config
+from server.routing.attempts import Attempt, RoutedCall
+from server.telemetry.metrics import OTHER, BoundedLabel, GatewayMetrics
+from tests.conftest import RunningGateway
+from tests.fake_upstream import FakeUpstream, Reply
+from tests.test_tracing import upstream_overrides
+from tests.upstream_fixtures import ask, generate, stream_all
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+# Every label our own metrics may carry: bounded sets only.
+ALLOWED_LABELS = {"method", "code", "model", "provider", "type", "outcome", "reason", "deployment"}
+ALLOWED_LABELS |= {"state", "budget", "le"}
+
+
+async def scrape(port: int) -> str:
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    return await asyncio.to_thread(get)
+
+
+def samples(text: str) -> Samples:
+    found: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[sample.name, frozenset(sample.labels.items())] = sample.value
+    return found
+
+
+def value(found: Samples, name: str, **labels: str) -> float:
+    return found.get((name, frozenset(labels.items())), 0.0)
+
+
+@pytest.fixture
+async def metered(
+    fake: FakeUpstream, _openai_key_in_environment: None
+) -> AsyncIterator[RunningGateway]:
+    overrides = upstream_overrides(fake, **{"metrics.enabled": True, "metrics.port": 0})
+    overrides["routing"] = {"retry": {"max_attempts": 2, "initial_backoff_s": 0.01}}
+    gateway = Gateway(load_config(environ={}, overrides=overrides))
+    port = await gateway.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield RunningGateway(
+        gateway, f"127.0.0.1:{port}", channel, pb_grpc.GenerationServiceStub(channel)
+    )
+    await channel.close()
+    await gateway.stop(grace=1)
+
+
+async def test_scrape_after_calls_shows_counters_and_histograms(
+    metered: RunningGateway, fake: FakeUpstream
+) -> None:
+    gw = metered
+    port = gw.gateway.telemetry.metrics_port
+    assert port > 0
+    first, _ = await generate(gw.stub, ask("claude-test", "Hi"))
+    fake.enqueue(Reply(status=503))  # one failed attempt, then a retry that works
+    second, _ = await generate(gw.stub, ask("claude-test", "Hi again"))
+    events, _ = await stream_all(gw.stub, ask("gpt-test", "Hi"))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gw.stub.Generate(ask("no-such-model", "Hi"))
+
+    found = samples(await scrape(port))
+    assert value(found, "llmgw_rpcs_total", method="Generate", code="OK") == 2
+    assert value(found, "llmgw_rpcs_total", method="StreamGenerate", code="OK") == 1
+    assert value(found, "llmgw_rpcs_total", method="Generate", code="NOT_FOUND") == 1
+
+    claude = {"model": first.model, "provider": "anthropic"}
+    count = value(found, "llmgw_request_duration_seconds_count", method="Generate", **claude)
+    assert count == 2
+    assert value(found, "llmgw_request_duration_seconds_sum", method="Generate", **claude) > 0
+    assert value(found, "llmgw_time_to_first_token_seconds_count", **claude) == 2
+    inf = value(found, "llmgw_time_to_first_token_seconds_bucket", le="+Inf", **claude)
+    assert inf == 2
+    inputs = first.usage.input_tokens + second.usage.input_tokens
+    outputs = first.usage.output_tokens + second.usage.output_tokens
+    assert value(found, "llmgw_tokens_total", type="input", **claude) == inputs
+    assert value(found, "llmgw_tokens_total", type="output", **claude) == outputs
+    nanos = sum(
+        r.cost.input_nanos + r.cost.output_nanos + r.cost.cache_read_nanos for r in (first, second)
+    )
+    assert value(found, "llmgw_cost_usd_total", **claude) == pytest.approx(nanos / 1e9)
+    gpt_model = events[0].message_start.model
+    gpt = {"model": gpt_model, "provider": "openai"}
+    assert value(found, "llmgw_time_to_first_token_seconds_count", **gpt) == 1
+    assert value(found, "llmgw_request_duration_seconds_count", method="StreamGenerate", **gpt) == 1
+
+    anthropic = {"provider": "anthropic", "model": "claude-test"}
+    assert value(found, "llmgw_upstream_attempts_total", outcome="OK", **anthropic) == 2
+    assert (
+        value(found, "llmgw_upstream_attempts_total", outcome="UPSTREAM_UNAVAILABLE", **anthropic)
+        == 1
+    )
+    assert (
+        value(found, "llmgw_upstream_errors_total", reason="UPSTREAM_UNAVAILABLE", **anthropic) == 1
+    )
+    breaker = {"deployment": "anthropic/claude-test"}
+    assert value(found, "llmgw_circuit_breaker_state", state="closed", **breaker) == 1
+    assert value(found, "llmgw_circuit_breaker_state", state="open", **breaker) == 0
+    assert value(found, "llmgw_calls_in_flight") == 0
+
+    # Bounded labels only: never a request id or the prompt.
+    for (name, labels), _ in found.items():
+        if name.startswith("llmgw_"):
+            assert {key for key, _ in labels} <= ALLOWED_LABELS, name
+            for _, label in labels:
+                assert label not in (first.request_id, second.request_id, "Hi")
+
+
+async def test_a_stream_in_flight_is_counted(metered: RunningGateway, fake: FakeUpstream) -> None:
+    gw = metered
+    fake.enqueue(Reply(event_delay_s=0.3))
+    call = gw.stub.StreamGenerate(
+        ask("claude-test", "Hi"), metadata=(("x-request-id", "in-flight-1"),)
+    )
+    await call.read()  # the first event: the call is being served
+    found = samples(await scrape(gw.gateway.telemetry.metrics_port))
+    assert value(found, "llmgw_calls_in_flight") == 1
+    call.cancel()
+
+
+async def test_metrics_are_off_by_default_and_need_one_worker() -> None:
+    config = load_config(environ={}, overrides={"auth.enabled": False})
+    assert not config.metrics.enabled
+    assert Gateway(config).telemetry.metrics_port == 0
+    with pytest.raises(ConfigError, match=r"metrics\.enabled needs server\.workers: 1"):
+        load_config(environ={}, overrides={"metrics.enabled": True, "server.workers": 2})
+
+
+def test_label_values_are_bounded_and_refusals_counted() -> None:
+    label = BoundedLabel(2)
+    assert [label(v) for v in ("a", "b", "c", "a")] == ["a", "b", OTHER, "a"]
+    metrics = GatewayMetrics(process_metrics=False)
+    record = CallRecord(method="Generate", request_id="r1")
+    record.status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    record.error_reason = "RATE_LIMIT_EXCEEDED"
+    record.ended_at = record.started_at + 0.01
+    metrics.observe_call(record)
+    record.error_reason = "UPSTREAM_RATE_LIMITED"  # the upstream's limit: not a refusal of ours
+    metrics.observe_call(record)
+    metrics.record_refusal("BUDGET_EXCEEDED")
+    metrics.observe_routed(
+        RoutedCall("r1", "m", [Attempt("p/m", "OK"), Attempt("p/m", "SKIPPED_CIRCUIT_OPEN")])
+    )
+    registry = metrics.registry
+    get = registry.get_sample_value
+    assert get("llmgw_refusals_total", {"reason": "RATE_LIMIT_EXCEEDED"}) == 1
+    assert get("llmgw_refusals_total", {"reason": "BUDGET_EXCEEDED"}) == 1
+    assert get("llmgw_refusals_total", {"reason": "UPSTREAM_RATE_LIMITED"}) is None
+    errors = {"provider": "p", "model": "m", "reason": "SKIPPED_CIRCUIT_OPEN"}
+    assert get("llmgw_upstream_errors_total", errors) is None
+    skipped = {"provider": "p", "model": "m", "outcome": "SKIPPED_CIRCUIT_OPEN"}
+    assert get("llmgw_upstream_attempts_total", skipped) == 1
