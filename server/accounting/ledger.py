@@ -1,0 +1,281 @@
+"""The usage ledger: one row per generation call, written off the request path.
+
+`SqliteLedger.record` is a CallRecord observer: it turns the closed record
+into a row tuple and puts it on a queue (no I/O on the event loop). One
+writer thread owns the SQLite connection (WAL mode) and writes the rows in
+batches: a batch is written `flush_interval_s` after its first row, or as
+soon as it holds `max_batch` rows. A crash loses at most the unwritten
+batch; `aclose` (graceful shutdown, after the server has drained) writes
+everything left. Queries run in worker threads on their own connections,
+which WAL lets read while the writer writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from server.calls import CallRecord
+
+Row = tuple[object, ...]
+Grouping = Literal["", "key", "model", "provider"]
+
+COLUMNS = (
+    "time",
+    "key_id",
+    "request_id",
+    "method",
+    "model_requested",
+    "model_served",
+    "provider",
+    "deployment",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cost_nanos",
+    "latency_s",
+    "ttft_s",
+    "status",
+    "error_reason",
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,              -- when the call started, Unix seconds
+    key_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    method TEXT NOT NULL,
+    model_requested TEXT NOT NULL,
+    model_served TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    deployment TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cache_read_tokens INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    cost_nanos INTEGER NOT NULL,
+    latency_s REAL,
+    ttft_s REAL,
+    status TEXT NOT NULL,            -- the gRPC status code name
+    error_reason TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_by_time ON usage (time);
+CREATE INDEX IF NOT EXISTS usage_by_key_time ON usage (key_id, time);
+"""
+
+_INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+_GROUP_COLUMNS = {"": "''", "key": "key_id", "model": "model_served", "provider": "provider"}
+
+
+def row_of(record: CallRecord) -> Row:
+    """The ledger row of a closed call."""
+    usage = record.usage
+    return (
+        record.started_wall,
+        record.key_id,
+        record.request_id,
+        record.method,
+        record.model_requested,
+        record.model_served,
+        record.provider,
+        record.deployment,
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cache_read_input_tokens,
+        usage.cache_creation_input_tokens,
+        record.cost.total_nanos,
+        record.latency_s,
+        record.time_to_first_token_s,
+        record.status.name,
+        record.error_reason,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    """Sums over the calls of one group in a time window."""
+
+    group: str
+    requests: int = 0
+    errors: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    cost_nanos: int = 0
+
+
+class UsageLedger(Protocol):
+    """Where rows go: SQLite here; PostgreSQL would implement the same."""
+
+    def record(self, record: CallRecord) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def totals(
+        self, since: float, until: float, group_by: Grouping, key_id: str = ""
+    ) -> list[UsageTotals]: ...
+
+    async def spent_by_key(self, since: float) -> dict[str, int]: ...
+
+
+_STOP = object()
+
+
+class SqliteLedger:
+    """The embedded ledger: SQLite in WAL mode, written in batches by one thread."""
+
+    def __init__(self, path: Path, *, flush_interval_s: float = 1.0, max_batch: int = 500) -> None:
+        self.path = path
+        self._interval = flush_interval_s
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.rows_written = 0
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    async def start(self) -> None:
+        def create() -> None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as conn:
+                conn.executescript(_SCHEMA)
+            conn.close()
+
+        await asyncio.to_thread(create)
+        self._thread = threading.Thread(target=self._write_loop, name="usage-ledger", daemon=True)
+        self._thread.start()
+
+    def record(self, record: CallRecord) -> None:
+        """CallRecord observer: queues the row (never blocks)."""
+        if not self._closed:
+            self._queue.put(row_of(record))
+
+    def _write_loop(self) -> None:
+        conn = self._connect()
+        pending: list[Row] = []
+        due = 0.0
+        try:
+            while True:
+                timeout = max(0.0, due - time.monotonic()) if pending else None
+                try:
+                    item = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    self._write(conn, pending)
+                    continue
+                if isinstance(item, tuple):
+                    if not pending:
+                        due = time.monotonic() + self._interval
+                    pending.append(item)
+                    if len(pending) >= self._max_batch:
+                        self._write(conn, pending)
+                    continue
+                self._write(conn, pending)
+                if item is _STOP:
+                    return
+                if callable(item):  # a flush waiting for the rows so far
+                    item()
+        finally:
+            conn.close()
+
+    def _write(self, conn: sqlite3.Connection, rows: list[Row]) -> None:
+        if not rows:
+            return
+        with conn:
+            conn.executemany(_INSERT, rows)
+        self.rows_written += len(rows)
+        rows.clear()
+
+    async def flush(self) -> None:
+        """Waits until every row queued so far is written."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def resolve() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def written() -> None:
+            loop.call_soon_threadsafe(resolve)
+
+        self._queue.put(written)
+        await done
+
+    async def aclose(self) -> None:
+        """Writes what is queued and stops the writer (graceful shutdown)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            await asyncio.to_thread(self._thread.join)
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10.0)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    async def _query(self, run: Callable[[sqlite3.Connection], list[Row]]) -> list[Row]:
+        def query() -> list[Row]:
+            with self._reading() as conn:
+                return run(conn)
+
+        return await asyncio.to_thread(query)
+
+    async def totals(
+        self, since: float, until: float, group_by: Grouping, key_id: str = ""
+    ) -> list[UsageTotals]:
+        """Sums per group of the calls started in [since, until)."""
+        group = _GROUP_COLUMNS[group_by]
+        sql = (
+            f"SELECT {group}, COUNT(*), SUM(status != 'OK'), SUM(input_tokens),"
+            " SUM(output_tokens), SUM(cache_read_tokens), SUM(cache_write_tokens),"
+            " SUM(cost_nanos) FROM usage WHERE time >= ? AND time < ?"
+        )
+        params: list[object] = [since, until]
+        if key_id:
+            sql += " AND key_id = ?"
+            params.append(key_id)
+        sql += f" GROUP BY {group} ORDER BY {group}"
+        rows = await self._query(lambda conn: conn.execute(sql, params).fetchall())
+        return [
+            UsageTotals(str(r[0]), *(int(v or 0) for v in r[1:]))  # type: ignore[call-overload]
+            for r in rows
+            if r[1]
+        ]
+
+    async def spent_by_key(self, since: float) -> dict[str, int]:
+        """Cost per key of the calls started since `since` (seeds budgets at start)."""
+        sql = "SELECT key_id, SUM(cost_nanos) FROM usage WHERE time >= ? GROUP BY key_id"
+        rows = await self._query(lambda conn: conn.execute(sql, (since,)).fetchall())
+        return {str(r[0]): int(r[1] or 0) for r in rows}  # type: ignore[call-overload]
+
+    async def rows(self) -> list[dict[str, object]]:
+        """Every row, oldest first (for tests and small exports)."""
+        sql = f"SELECT {', '.join(COLUMNS)} FROM usage ORDER BY id"
+        rows = await self._query(lambda conn: conn.execute(sql).fetchall())
+        return [dict(zip(COLUMNS, row, strict=True)) for row in rows]

@@ -1,0 +1,92 @@
+"""The usage ledger: one row per call, whichever way it ended, none lost on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.conftest import request
+from tests.redis_fixtures import NANOS_PER_OUTPUT_TOKEN, limited_gateway
+
+
+def ledger_rows(path: Path) -> dict[str, sqlite3.Row]:
+    conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    try:
+        rows = conn.execute("SELECT * FROM usage").fetchall()
+    finally:
+        conn.close()
+    by_id = {row["request_id"]: row for row in rows}
+    assert len(by_id) == len(rows), "a call was recorded twice"
+    return by_id
+
+
+async def test_one_row_per_call_on_every_exit_path(tmp_path: Path) -> None:
+    slow = {"chunk_delay_ms": 100}
+    async with limited_gateway(tmp_path) as gw:
+        await gw.stub.Generate(request("one two three", request_id="ok"))
+        with pytest.raises(grpc.aio.AioRpcError) as broken:
+            [_ async for _ in gw.stub.StreamGenerate(request("explode a b c d", request_id="up"))]
+        assert broken.value.code() is grpc.StatusCode.UNAVAILABLE
+        stream = gw.stub.StreamGenerate(
+            request("a b c d e f g h i j", request_id="cancel", provider_options=slow)
+        )
+        received = 0
+        async for event in stream:
+            received += event.HasField("content_block_delta")
+            if received == 3:
+                stream.cancel()
+                break
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await gw.stub.Generate(
+                request("a b c d e f", request_id="late", provider_options=slow), timeout=0.35
+            )
+        assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gw.stub.Generate(request(model="nope", request_id="unknown"))
+        await asyncio.sleep(0.3)
+        path = gw.ledger_path
+    rows = ledger_rows(path)
+    assert set(rows) == {"ok", "up", "cancel", "late", "unknown"}
+
+    ok = rows["ok"]
+    assert (ok["status"], ok["method"], ok["key_id"]) == ("OK", "Generate", "")
+    assert (ok["model_requested"], ok["model_served"], ok["provider"]) == ("echo",) * 2 + (
+        "offline",
+    )
+    assert ok["deployment"] == "offline/echo"
+    assert (ok["input_tokens"], ok["output_tokens"]) == (6, 3)
+    assert ok["cost_nanos"] == 3 * NANOS_PER_OUTPUT_TOKEN
+    assert ok["latency_s"] >= ok["ttft_s"] > 0
+
+    up = rows["up"]
+    assert (up["status"], up["error_reason"]) == ("UNAVAILABLE", "UPSTREAM_UNAVAILABLE")
+    assert up["output_tokens"] == 2  # the deltas sent before the upstream broke
+    assert up["cost_nanos"] == 2 * NANOS_PER_OUTPUT_TOKEN
+
+    cancelled = rows["cancel"]
+    assert cancelled["status"] == "CANCELLED"
+    # What reached the caller (and perhaps a delta on its way): paid for.
+    assert 3 <= cancelled["output_tokens"] <= 4
+    assert cancelled["cost_nanos"] == cancelled["output_tokens"] * NANOS_PER_OUTPUT_TOKEN
+
+    late_row = rows["late"]
+    assert late_row["status"] == "DEADLINE_EXCEEDED"
+    assert late_row["output_tokens"] <= 3
+    assert rows["unknown"]["status"] == "NOT_FOUND"
+
+
+async def test_no_row_lost_across_a_graceful_shutdown(tmp_path: Path) -> None:
+    # A flush interval far longer than the test: only the shutdown flush writes.
+    async with limited_gateway(tmp_path, **{"ledger.flush_interval_s": 60}) as gw:
+        await asyncio.gather(
+            *(gw.stub.Generate(request(f"call {i}", request_id=f"r{i}")) for i in range(40))
+        )
+        ledger = gw.gateway.accounting.ledger
+        assert ledger is not None and getattr(ledger, "rows_written", None) == 0
+        path = gw.ledger_path
+    assert set(ledger_rows(path)) == {f"r{i}" for i in range(40)}
