@@ -32,3 +32,41 @@ def test_provider_exports() -> None:
         "provider_class",
     ]
     assert "offline" in server.providers.available_kinds()
+
+
+def test_client_exports() -> None:
+    import clients
+
+    assert sorted(clients.__all__) == [
+        "DeadlineExceededError",
+        "FieldViolation",
+        "GatewayClient",
+        "GatewayClientSync",
+        "GatewayError",
+        "InternalError",
+        "InvalidArgumentError",
+        "NotFoundError",
+        "PermissionDeniedError",
+        "Prompt",
+        "RateLimitedError",
+        "RequestOptions",
+        "ResponseStream",
+        "ResponseStreamSync",
+        "StreamAccumulator",
+        "TokenSource",
+        "UnauthenticatedError",
+        "UnavailableError",
+        "assistant",
+        "build_request",
+        "image",
+        "image_url",
+        "response_message",
+        "response_text",
+        "to_json",
+        "tool",
+        "tool_choice",
+        "tool_result",
+        "user",
+    ]
+    for name in clients.__all__:
+        assert getattr(clients, name) is not None

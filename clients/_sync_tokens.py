@@ -1,0 +1,83 @@
+"""Gateway tokens for the sync client: clients/credentials.py's policy without asyncio.
+
+The same contract as TokenSource: the API key travels only to IssueToken,
+on a channel of its own; a token is replaced once 80% of its lifetime has
+passed; a refusal refreshes it once. Threads share one token and one
+refresh at a time (a lock, where the async source shares a task); with no
+event loop there is no background refresh, so the caller that finds the
+token due fetches the new one while the others wait for it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+
+from llmgateway.v1 import token_pb2, token_pb2_grpc
+
+__all__ = ["SyncTokenSource"]
+
+
+class SyncTokenSource:
+    """Holds a gateway token for an API key and refreshes it before it expires."""
+
+    def __init__(
+        self,
+        target: str,
+        api_key: str,
+        *,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+        refresh_fraction: float = 0.8,
+        timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._api_key = api_key
+        self._fraction = refresh_fraction
+        self._timeout = timeout
+        self._clock = clock
+        if channel_credentials is None:
+            self._channel = grpc.insecure_channel(target)
+        else:
+            self._channel = grpc.secure_channel(target, channel_credentials)
+        self._stub = token_pb2_grpc.TokenServiceStub(self._channel)
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._refresh_at = 0.0
+        self.issued = 0  # tokens obtained so far (for tests and metrics)
+
+    def __repr__(self) -> str:  # never shows the key or the token
+        return "SyncTokenSource()"
+
+    def token(self) -> str:
+        """A token to call with: the current one while fresh, else a new one."""
+        with self._lock:
+            if self._token is None or self._clock() >= self._refresh_at:
+                self._fetch()
+            assert self._token is not None
+            return self._token
+
+    def refresh(self, refused: str) -> str:
+        """A new token after the gateway refused `refused` (shared by every refused call)."""
+        with self._lock:
+            if self._token is None or self._token == refused:
+                self._fetch()
+            assert self._token is not None
+            return self._token
+
+    def _fetch(self) -> None:
+        sent = self._clock()  # lifetimes count from before the request: refresh early, not late
+        response = self._stub.IssueToken(
+            token_pb2.IssueTokenRequest(),
+            metadata=(("authorization", f"Bearer {self._api_key}"),),
+            timeout=self._timeout,
+        )
+        self._token = response.token
+        self._refresh_at = sent + self._fraction * response.lifetime.ToTimedelta().total_seconds()
+        self.issued += 1
+
+    def close(self) -> None:
+        """Closes the token channel."""
+        self._channel.close()

@@ -1,0 +1,110 @@
+// A Node.js client for llm-gateway, loading the contract from proto/ at run time.
+//
+// No generated code: @grpc/proto-loader reads proto/llmgateway/v1/*.proto
+// (the well-known types it imports, google/protobuf/struct.proto and
+// duration.proto, are bundled with protobufjs) and @grpc/grpc-js builds the
+// stubs. Messages are plain objects with the proto's field names
+// (keepCase), enums as their names and int64 as strings, as in the
+// contract's JSON form. Copy this folder beside a checkout of proto/, or
+// point LLMGW_PROTO_ROOT at one.
+'use strict';
+
+const path = require('node:path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_ROOT = process.env.LLMGW_PROTO_ROOT || path.resolve(__dirname, '..', '..', 'proto');
+
+// As the Python client (clients/_channel.py): grpc retries UNAVAILABLE
+// before any response arrived; the gateway retries its upstreams itself.
+const SERVICE_CONFIG = {
+  methodConfig: [
+    {
+      name: [{ service: 'llmgateway.v1.GenerationService' }],
+      retryPolicy: {
+        maxAttempts: 4,
+        initialBackoff: '0.2s',
+        maxBackoff: '3s',
+        backoffMultiplier: 2,
+        retryableStatusCodes: ['UNAVAILABLE'],
+      },
+    },
+  ],
+};
+
+/** The llmgateway.v1 package: service constructors and message types. */
+function loadContract(protoRoot = PROTO_ROOT) {
+  const definition = protoLoader.loadSync(
+    ['llmgateway/v1/generation.proto', 'llmgateway/v1/token.proto'],
+    { includeDirs: [protoRoot], keepCase: true, longs: String, enums: String, oneofs: true },
+  );
+  return grpc.loadPackageDefinition(definition).llmgateway.v1;
+}
+
+class GatewayClient {
+  /**
+   * @param {string} address host:port of the gateway
+   * @param {{apiKey?: string, tls?: boolean, timeoutMs?: number}} options
+   *   apiKey is sent as `authorization: Bearer <key>` on every call.
+   */
+  constructor(address, { apiKey, tls = false, timeoutMs = 600_000 } = {}) {
+    const { GenerationService } = loadContract();
+    const credentials = tls ? grpc.credentials.createSsl() : grpc.credentials.createInsecure();
+    this.stub = new GenerationService(address, credentials, {
+      'grpc.service_config': JSON.stringify(SERVICE_CONFIG),
+      'grpc.keepalive_time_ms': 30_000,
+      'grpc.keepalive_timeout_ms': 10_000,
+    });
+    this.apiKey = apiKey;
+    this.timeoutMs = timeoutMs;
+  }
+
+  metadata() {
+    const metadata = new grpc.Metadata();
+    if (this.apiKey) metadata.set('authorization', `Bearer ${this.apiKey}`);
+    return metadata;
+  }
+
+  options() {
+    return { deadline: new Date(Date.now() + this.timeoutMs) };
+  }
+
+  /** Generate: resolves to a GenerateResponse object. */
+  generate(request) {
+    return new Promise((resolve, reject) => {
+      this.stub.Generate(request, this.metadata(), this.options(), (error, response) =>
+        error ? reject(error) : resolve(response),
+      );
+    });
+  }
+
+  /** StreamGenerate: an async iterable of StreamGenerateResponse objects (`event` names the kind). */
+  stream(request) {
+    return this.stub.StreamGenerate(request, this.metadata(), this.options());
+  }
+
+  /** ListModels: resolves to the list of models. */
+  listModels(provider = '') {
+    return new Promise((resolve, reject) => {
+      this.stub.ListModels({ provider }, this.metadata(), this.options(), (error, response) =>
+        error ? reject(error) : resolve(response.models),
+      );
+    });
+  }
+
+  close() {
+    this.stub.close();
+  }
+}
+
+/** A GenerateRequest with one user message. */
+function userRequest(model, text, extra = {}) {
+  return { model, messages: [{ role: 'ROLE_USER', content: [{ text }] }], ...extra };
+}
+
+/** The text blocks of a GenerateResponse, joined. */
+function responseText(response) {
+  return response.content.map((block) => block.text || '').join('');
+}
+
+module.exports = { GatewayClient, loadContract, responseText, userRequest, grpc };

@@ -1,0 +1,86 @@
+"""The deployment examples (deploy/) stay consistent with the gateway they deploy.
+
+No cluster here: the manifests are parsed, the ConfigMap's configuration
+is validated by the gateway's own loader, and every path, port and health
+service name they mention is checked against the gateway and each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from server.app import GENERATION_SERVICE
+from server.config import load_config
+from tests.conftest import REPO_ROOT
+
+KUBERNETES = REPO_ROOT / "deploy" / "kubernetes"
+ENVOY = REPO_ROOT / "deploy" / "envoy"
+
+
+def manifests() -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            found[document["kind"]] = document
+    return found
+
+
+def gateway_container() -> dict[str, Any]:
+    pod = manifests()["Deployment"]["spec"]["template"]["spec"]
+    return next(c for c in pod["containers"] if c["name"] == "gateway")
+
+
+def test_kustomization_lists_the_manifests() -> None:
+    kustomization = manifests()["Kustomization"]
+    for resource in kustomization["resources"]:
+        assert (KUBERNETES / resource).exists(), resource
+    assert "secret.example.yaml" not in kustomization["resources"]  # created with kubectl
+
+
+def test_the_configmap_is_a_valid_gateway_config(tmp_path: Path) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(manifests()["ConfigMap"]["data"]["config.yaml"])
+    config = load_config(config_file, environ={})
+    assert config.server.host == "0.0.0.0" and config.server.port == 50051
+    assert config.auth.enabled
+    mounts = {m["mountPath"] for m in gateway_container()["volumeMounts"]}
+    for path in (
+        config.auth.key_store.parent,
+        config.auth.secret_file.parent,
+        config.auth.signing_keys_dir,
+        Path(config.providers["anthropic"].api_key_file),  # type: ignore[attr-defined]
+    ):
+        assert any(path.is_relative_to(mount) for mount in mounts), f"{path} is not mounted"
+    pod = manifests()["Deployment"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > config.server.shutdown_grace_s
+
+
+def test_probes_speak_grpc_health_to_the_gateway_port() -> None:
+    container = gateway_container()
+    port = container["ports"][0]["containerPort"]
+    assert port == 50051
+    assert container["readinessProbe"]["grpc"] == {"port": port, "service": GENERATION_SERVICE}
+    assert container["livenessProbe"]["grpc"] == {"port": port}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["LLMGW_CONFIG"].startswith("/etc/llm-gateway/config/")
+    service = manifests()["Service"]["spec"]["ports"][0]
+    assert service["targetPort"] == container["ports"][0]["name"]
+
+
+def test_envoy_health_checks_the_gateway_over_http2() -> None:
+    config = yaml.safe_load((ENVOY / "envoy.yaml").read_text())
+    cluster = config["static_resources"]["clusters"][0]
+    assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == GENERATION_SERVICE
+    options = cluster["typed_extension_protocol_options"]
+    http = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http2_protocol_options" in http["explicit_http_config"]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"]["port_value"] == 50051
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    route = manager["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    assert route["timeout"] == "0s"  # Envoy's 15 s default would cut long streams
+    sidecar = yaml.safe_load((ENVOY / "sidecar.yaml").read_text())
+    assert sidecar["spec"]["template"]["spec"]["containers"][0]["name"] == "envoy"
