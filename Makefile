@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The last released contract, as a buf image: `buf breaking` compares proto/ with it.
+RELEASED_CONTRACT := proto/released/contract.binpb
 
-.PHONY: run test check lint typecheck pytest proto proto-lint bench clean
+.PHONY: run test check lint typecheck pytest proto proto-lint proto-release bench clean
 
 ## run: install the gateway and serve it on 127.0.0.1:50051 (offline provider, no keys needed)
 run: $(STAMP)
@@ -13,8 +15,18 @@ run: $(STAMP)
 ## test: install everything, then lint, type-check and run the whole test suite
 test: $(STAMP) lint typecheck proto-lint pytest
 
-pytest: $(STAMP)
+pytest: $(STAMP) test-servers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## test-servers: servers the test suite starts by itself: redis-server (Debian's package)
+test-servers:
+	@command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || { \
+		echo "installing redis-server (Debian package) for tests/test_redis.py"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+			redis-server >/dev/null; \
+	}
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -27,9 +39,11 @@ typecheck: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py
 
-## proto-lint: buf lint, and buf breaking against main when main is available
+## proto-lint: buf lint; buf breaking against the released contract, and against main when available
 proto-lint: $(STAMP)
 	$(BIN)/buf lint
+	@echo "buf breaking against the released contract ($(RELEASED_CONTRACT))"
+	$(BIN)/buf breaking --against $(RELEASED_CONTRACT)
 	@if git rev-parse --verify --quiet origin/main >/dev/null; then \
 		echo "buf breaking against origin/main"; \
 		$(BIN)/buf breaking --against '.git#branch=origin/main'; \
@@ -40,6 +54,10 @@ proto-lint: $(STAMP)
 		echo "buf breaking against HEAD"; \
 		$(BIN)/buf breaking --against '.git#ref=HEAD'; \
 	fi
+
+## proto-release: record the committed contract (HEAD's proto/) as the released one; commit the file
+proto-release: $(STAMP)
+	$(BIN)/buf build '.git#ref=HEAD' --exclude-source-info -o $(RELEASED_CONTRACT)
 
 ## bench: build the Go load generator and run every benchmark scenario (about 9 minutes)
 bench: $(STAMP) $(VENV)/.bench-installed bench/.bin/loadgen

@@ -18,12 +18,15 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
 
 from interceptors.auth import AuthInterceptor
 from interceptors.malformed_request import MalformedRequestInterceptor
+from interceptors.rate_limit import RateLimitInterceptor
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
-from llmgateway.v1 import token_pb2_grpc
+from llmgateway.v1 import token_pb2_grpc, usage_pb2_grpc
+from server.accounting import Accounting
 from server.auth import GatewayAuth
 from server.auth.service import SERVICE_NAME as TOKEN_SERVICE
 from server.auth.service import TokenServicer
@@ -33,10 +36,15 @@ from server.health import SERVING, HealthService
 from server.identity import SCOPE_GENERATE
 from server.routing import Router
 from server.servicer import GenerationServicer
+from server.telemetry.observability import Telemetry
+from server.usage_service import SERVICE_NAME as USAGE_SERVICE
+from server.usage_service import UsageServicer
 
 log = logging.getLogger(__name__)
 
 GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+# Calls counted by the per-key request and concurrency limits (issue 5).
+RATE_LIMITED_METHODS = (f"/{GENERATION_SERVICE}/Generate", f"/{GENERATION_SERVICE}/StreamGenerate")
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -86,6 +94,7 @@ class Gateway:
         *,
         router: Router | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.config = config
         self.router = router or Router.from_config(config)
@@ -93,6 +102,10 @@ class Gateway:
             self.router, coalesce_deltas=config.server.coalesce_stream_deltas
         )
         self.health = HealthService()
+        # Issue 5: limits, budgets and the usage ledger (server/accounting/).
+        self.accounting = Accounting(config)
+        self.servicer.admission = self.accounting.admission
+        self.servicer.observers.extend(self.accounting.observers)
         # Auth runs first: an unauthenticated call is refused before anything
         # else looks at it. None when auth is disabled (local development).
         self.auth = GatewayAuth.from_config(config.auth) if config.auth.enabled else None
@@ -105,18 +118,43 @@ class Gateway:
                     scopes={GENERATION_SERVICE: SCOPE_GENERATE, TOKEN_SERVICE: None},
                 )
             )
+        # Observability (issue 7): call/router observers, the metrics endpoint, and
+        # the tracing interceptor, last in the chain and only when tracing is on.
+        self.telemetry = Telemetry(
+            config, self.servicer, self.router, tracer_provider=tracer_provider
+        )
         self._server = grpc.aio.server(
-            interceptors=[*auth_interceptors, MalformedRequestInterceptor(), *interceptors],
+            interceptors=[
+                *auth_interceptors,
+                RateLimitInterceptor(  # issue 5: after auth, which binds the identity
+                    self.accounting.policy,
+                    self.accounting.backend,
+                    self.accounting.background,
+                    methods=RATE_LIMITED_METHODS,
+                ),
+                MalformedRequestInterceptor(),
+                *interceptors,
+                *self.telemetry.interceptors,
+            ],
             options=server_options(config.server),
         )
         pb_grpc.add_GenerationServiceServicer_to_server(self.servicer, self._server)
         token_pb2_grpc.add_TokenServiceServicer_to_server(
             TokenServicer(self.auth.issuer if self.auth else None), self._server
         )
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(  # issue 5; admin scope (default)
+            UsageServicer(self.accounting, self.auth.store if self.auth else None), self._server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if config.server.reflection:
             reflection.enable_server_reflection(
-                (GENERATION_SERVICE, TOKEN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME),
+                (
+                    GENERATION_SERVICE,
+                    TOKEN_SERVICE,
+                    USAGE_SERVICE,
+                    HEALTH_SERVICE,
+                    reflection.SERVICE_NAME,
+                ),
                 self._server,
             )
         self.port = 0
@@ -136,10 +174,13 @@ class Gateway:
             )
         address = _address(self.config.server.host, self.config.server.port)
         self.port = self._server.add_insecure_port(address)
+        await self.accounting.start()  # issue 5: the ledger's writer, budgets seeded from it
         await self._server.start()
+        self.telemetry.start()  # the metrics endpoint, when metrics are on
         self.health.set("", SERVING)
         self.health.set(GENERATION_SERVICE, SERVING)
         self.health.set(TOKEN_SERVICE, SERVING)
+        self.health.set(USAGE_SERVICE, SERVING)
         log.info("llm-gateway serving on %s", _address(self.config.server.host, self.port))
         return self.port
 
@@ -162,6 +203,8 @@ class Gateway:
         # streams end by themselves on drain (server/health.py).
         await self._server.stop(grace)
         await self.router.aclose()
+        await self.accounting.aclose()  # issue 5: settle what is pending, flush the ledger
+        await self.telemetry.stop()  # metrics endpoint down, queued spans flushed
         log.info("stopped")
 
     async def wait_for_termination(self) -> None:

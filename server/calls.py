@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from server.costs import compute_cost
 from server.events import (
     MessageDelta,
     MessageStart,
@@ -32,7 +33,8 @@ from server.events import (
     ToolInputDelta,
 )
 from server.identity import current_identity
-from server.schema import Cost, StopReason, Usage
+from server.schema import Cost, Pricing, StopReason, Usage
+from server.token_estimate import count_text
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class CallRecord:
     model_served: str = ""
     provider: str = ""
     upstream_request_id: str = ""
+    response_id: str = ""  # the provider's id of the message (gen_ai.response.id)
     first_token_at: float | None = None
     usage: Usage = field(default_factory=Usage)
     cost: Cost = field(default_factory=Cost)
@@ -61,16 +64,31 @@ class CallRecord:
     status: grpc.StatusCode = grpc.StatusCode.OK
     error_reason: str = ""  # the ErrorInfo reason of a failed call
     ended_at: float | None = None
+    # Prices of the routed model, set by the servicer once routed: they price
+    # the partial output of a call that ends before its final usage arrives.
+    pricing: Pricing | None = None
+    # Output tokens counted from the deltas (server/token_estimate.py); the
+    # usage of a stream cancelled or broken before its final MessageDelta.
+    streamed_output_tokens: int = 0
+    # What server/accounting/admission.py reserved (tokens, budget) for this
+    # call; settled from this record when it closes.
+    quota_hold: object | None = None
+    final_usage: bool = False  # a MessageDelta carried the call's usage
 
     def observe(self, event: StreamEvent) -> None:
         """Takes what matters for accounting from one event (cheap: runs per event)."""
         if isinstance(event, _CONTENT):
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
+            if isinstance(event, TextDelta | ThinkingDelta):
+                self.streamed_output_tokens += count_text(event.text)
+            elif isinstance(event, ToolInputDelta):
+                self.streamed_output_tokens += count_text(event.partial_json)
         elif isinstance(event, MessageDelta):
             # Cumulative: the latest replaces, never adds.
             if event.usage is not None:
                 self.usage = event.usage
+                self.final_usage = True
             if event.cost is not None:
                 self.cost = event.cost
             if event.stop_reason is not None:
@@ -79,8 +97,32 @@ class CallRecord:
             self.model_served = event.model
             self.provider = event.provider
             self.upstream_request_id = event.upstream_request_id
+            self.response_id = event.id
             if event.usage is not None:
                 self.usage = event.usage
+
+    @property
+    def deployment(self) -> str:
+        """The deployment that served, named as the router names it (provider/model)."""
+        return f"{self.provider}/{self.model_served}" if self.provider else ""
+
+    def _account_partial_output(self) -> None:
+        """Fills usage and cost from the deltas when no final usage arrived."""
+        if self.final_usage:
+            return
+        if self.streamed_output_tokens > self.usage.output_tokens:
+            usage = self.usage
+            self.usage = Usage(
+                input_tokens=usage.input_tokens,
+                output_tokens=self.streamed_output_tokens,
+                cache_read_input_tokens=usage.cache_read_input_tokens,
+                cache_creation_input_tokens=usage.cache_creation_input_tokens,
+            )
+            if self.pricing is not None:
+                self.cost = compute_cost(self.usage, self.pricing)
+        elif self.usage.input_tokens and not self.cost.total_nanos and self.pricing is not None:
+            # Input was billed (MessageStart) but the call ended before its final delta.
+            self.cost = compute_cost(self.usage, self.pricing)
 
     @property
     def latency_s(self) -> float | None:
@@ -114,6 +156,8 @@ def close_record(
     record.ended_at = time.monotonic()
     record.status = status
     record.error_reason = error_reason
+    if status is not grpc.StatusCode.OK:
+        record._account_partial_output()
     for observer in observers:
         try:
             observer(record)

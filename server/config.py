@@ -67,9 +67,59 @@ class ServerConfig(_Strict):
         return self
 
 
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
 class LoggingConfig(_Strict):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["text", "json"] = "text"
+    level: LogLevel = "INFO"
+    # auto: JSON when stderr is not a terminal (containers, systemd, log
+    # shippers), text when a person is watching it.
+    format: Literal["auto", "text", "json"] = "auto"
+    # Levels of single loggers, e.g. {"httpx": "WARNING"}.
+    loggers: dict[str, LogLevel] = {}
+    # One line per generation call (logger `llmgw.calls`): ids, model, status,
+    # tokens, cost, latency.
+    calls: bool = True
+
+
+# Issue 7: observability (server/telemetry/).
+class TracingConfig(_Strict):
+    """OpenTelemetry traces (server/telemetry/tracing.py); the OTEL_* variables apply too."""
+
+    # none: no tracing at all (and no interceptor on the call path). Unset:
+    # as OTEL_TRACES_EXPORTER says (otlp, console, none), else none.
+    exporter: Literal["none", "otlp_grpc", "otlp_http", "console"] | None = None
+    # Collector address; default: OTEL_EXPORTER_OTLP[_TRACES]_ENDPOINT, else the
+    # SDK's (localhost:4317 for gRPC, http://localhost:4318/v1/traces for HTTP).
+    endpoint: str | None = None
+    # Default: OTEL_SERVICE_NAME, else llm-gateway.
+    service_name: str | None = None
+    # Prompt and completion text as span attributes: off, as they may hold
+    # anything the callers send.
+    capture_content: bool = False
+
+
+class MetricsConfig(_Strict):
+    """A Prometheus endpoint on its own port (server/telemetry/metrics.py)."""
+
+    # Off by default: another listening port is the operator's decision, and
+    # several gateways on one host would fight over a fixed port.
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+
+
+class AuditConfig(_Strict):
+    """Security events as JSON lines (server/telemetry/audit.py)."""
+
+    # Appended to, never rewritten; unset: no audit trail. Off by default: its
+    # place and retention are the operator's to choose (README.md).
+    path: Path | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _expand_home(cls, path: Path | None) -> Path | None:
+        return None if path is None else path.expanduser()
 
 
 class ProviderConfig(BaseModel):
@@ -245,6 +295,86 @@ class RoutingConfig(_Strict):
         return routes
 
 
+# -- Limits, budgets, usage ledger (issue 5; server/accounting/) -------------
+
+
+class KeyLimitsConfig(_Strict):
+    """Limits for one API key; unset fields fall back to the key store's, then to none."""
+
+    requests_per_minute: int | None = Field(None, gt=0)
+    tokens_per_minute: int | None = Field(None, gt=0)
+    max_concurrent: int | None = Field(None, gt=0)
+
+
+class LimitsConfig(_Strict):
+    """Per-key rate limits (interceptors/rate_limit.py, server/accounting/admission.py)."""
+
+    # Where counters live: this process (aiolimiter) or a Redis shared by replicas.
+    backend: Literal["local", "redis"] = "local"
+    # Applied to every key (and to unauthenticated local-development calls).
+    default: KeyLimitsConfig = KeyLimitsConfig()
+    # Key id -> limits overriding the default and the key store.
+    keys: dict[str, KeyLimitsConfig] = {}
+
+
+class RedisConfig(_Strict):
+    """The Redis holding shared counters when limits.backend is `redis`."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    # Every Redis command is bounded by this: a call never hangs on Redis.
+    timeout_s: float = Field(0.25, gt=0, le=10)
+    # When Redis cannot be reached: let calls through (open) or refuse them (closed).
+    failure_mode: Literal["open", "closed"] = "open"
+    key_prefix: str = "llmgw:"
+
+
+class KeyBudgetConfig(_Strict):
+    daily_usd: float | None = Field(None, ge=0)
+    monthly_usd: float | None = Field(None, ge=0)
+
+
+class BudgetsConfig(_Strict):
+    """Spending caps per key and period (UTC day, UTC month), with alerts."""
+
+    default: KeyBudgetConfig = KeyBudgetConfig()
+    keys: dict[str, KeyBudgetConfig] = {}
+    # Fractions of a budget at which an alert fires, once per period.
+    alert_thresholds: tuple[float, ...] = (0.5, 0.8, 0.95)
+    # POSTed a JSON alert (in the background, never delaying a call); None: log only.
+    alert_webhook_url: str | None = None
+    # A reservation of a handler that never settles (a crashed replica) expires.
+    reservation_ttl_s: float = Field(900.0, gt=0)
+
+    @field_validator("alert_thresholds")
+    @classmethod
+    def _fractions(cls, thresholds: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < t <= 1 for t in thresholds):
+            raise ValueError("thresholds are fractions in (0, 1]")
+        return tuple(sorted(thresholds))
+
+
+def _ledger_path() -> Path:
+    return _auth_state_dir() / "usage.sqlite3"
+
+
+class LedgerConfig(_Strict):
+    """The usage ledger: one row per generation call."""
+
+    enabled: bool = True
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    path: Path = Field(default_factory=_ledger_path)
+    # postgres only: a libpq connection string (the password best in PGPASSWORD).
+    dsn: str = ""
+    # Rows are written in batches this often; a crash loses at most this much.
+    flush_interval_s: float = Field(1.0, gt=0, le=60)
+    max_batch: int = Field(500, ge=1)
+
+    @field_validator("path")
+    @classmethod
+    def _expand_home(cls, path: Path) -> Path:
+        return path.expanduser()
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = ServerConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -252,6 +382,23 @@ class GatewayConfig(_Strict):
     # Instance name -> provider. The offline provider serves when none is configured.
     providers: dict[str, ProviderConfig] = Field(default_factory=_default_providers)
     routing: RoutingConfig = RoutingConfig()
+    # Issue 5: rate limits, budgets, the usage ledger and the Redis they may share.
+    limits: LimitsConfig = LimitsConfig()
+    budgets: BudgetsConfig = BudgetsConfig()
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+    redis: RedisConfig = RedisConfig()
+    # Issue 7: observability.
+    tracing: TracingConfig = TracingConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    audit: AuditConfig = AuditConfig()
+
+    @model_validator(mode="after")
+    def _one_metrics_port_per_process(self) -> Self:
+        if self.metrics.enabled and self.server.workers > 1:
+            raise ValueError(
+                "metrics.enabled needs server.workers: 1 (each worker would need its own port)"
+            )
+        return self
 
 
 class ConfigError(Exception):

@@ -11,6 +11,8 @@ generic message, never UNKNOWN and never a traceback.
 
 from __future__ import annotations
 
+import collections
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -312,3 +314,89 @@ class CredentialUnavailableError(InternalError):
     """The gateway cannot read its own credential for a provider (server/credentials.py)."""
 
     reason = "UPSTREAM_CREDENTIAL_UNAVAILABLE"
+
+
+# -- Quotas: rate limits and budgets (issue 5) --------------------------------
+# Raised by the rate-limit interceptor (interceptors/rate_limit.py) and the
+# admission of the servicer (server/accounting/admission.py), always before
+# any upstream call.
+
+RETRY_AFTER_HEADER = "retry-after"
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaViolation:
+    """One exceeded quota: `subject` names it (`key:<id>:rpm`), `description` says how."""
+
+    subject: str
+    description: str
+
+
+class QuotaExceededError(GatewayError):
+    """A gateway quota refuses the call: QuotaFailure says which, RetryInfo when to retry.
+
+    The status also carries a `retry-after` trailer (whole seconds, rounded
+    up) for callers that read plain metadata.
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "QUOTA_EXCEEDED"
+
+    def __init__(
+        self,
+        violations: Sequence[QuotaViolation],
+        *,
+        retry_after: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.violations = list(violations)
+        super().__init__(
+            "; ".join(v.description for v in self.violations),
+            metadata=metadata,
+            retry_after=retry_after,
+        )
+
+    def detail_messages(self) -> list[ProtoMessage]:
+        return [
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject=v.subject, description=v.description
+                    )
+                    for v in self.violations
+                ]
+            )
+        ]
+
+    def to_status(self, request_id: str = "") -> grpc.Status:
+        status = super().to_status(request_id)
+        if self.retry_after is None:
+            return status
+        seconds = str(max(1, math.ceil(self.retry_after)))
+        trailers = (*status.trailing_metadata, (RETRY_AFTER_HEADER, seconds))
+        return _Status(status.code, status.details, trailers)
+
+
+class RateLimitExceededError(QuotaExceededError):
+    """The key's requests, tokens or concurrent calls per minute are used up."""
+
+    reason = "RATE_LIMIT_EXCEEDED"
+
+
+class BudgetExceededError(QuotaExceededError):
+    """The call could cost more than what is left of the key's budget."""
+
+    reason = "BUDGET_EXCEEDED"
+
+
+class QuotaBackendUnavailableError(UnavailableError):
+    """The shared counters (Redis) are unreachable and limits fail closed."""
+
+    reason = "QUOTA_BACKEND_UNAVAILABLE"
+
+
+class _Status(
+    collections.namedtuple("_Status", ("code", "details", "trailing_metadata")),
+    grpc.Status,
+):
+    """A grpc.Status with extra trailers (grpc_status's own type is private)."""

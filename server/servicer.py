@@ -15,7 +15,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -28,7 +28,11 @@ from server.encoding import encode_event, encode_models, encode_response
 from server.errors import FieldViolation, GatewayError, InternalError, InvalidArgumentError
 from server.events import MessageStart, ResponseAccumulator
 from server.identity import require_model_access
-from server.routing import Router
+from server.routing import Route, Router
+from server.schema import GenerationRequest
+
+if TYPE_CHECKING:
+    from server.accounting import Admission
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +113,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._in_flight = 0
         # Called with each finished generation call's record (server/calls.py).
         self.observers: list[CallObserver] = []
+        # Reserves tokens per minute and budget once the request is decoded
+        # (server/accounting/admission.py); settled by an observer.
+        self.admission: Admission | None = None
 
     @contextmanager
     def _tracked(self) -> Iterator[None]:
@@ -136,6 +143,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 # Here, not in the auth interceptor: the model is known only once
                 # the request is decoded and its alias resolved.
                 require_model_access(request.model, route.model.id)
+                await self._admit(record, internal, route)
                 internal.incremental = False
                 accumulator = ResponseAccumulator()
                 async for event in self._router.stream(internal, route):
@@ -156,6 +164,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     request, self._router, request_id, deadline_of(context)
                 )
                 require_model_access(request.model, route.model.id)
+                await self._admit(record, internal, route)
                 context.set_trailing_metadata(_trailers(request_id))
                 events = self._router.stream(internal, route)
                 if self._coalesce and not route.provider.exact_chunks:
@@ -166,6 +175,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         trailers = _trailers(request_id, event.upstream_request_id)
                         context.set_trailing_metadata(trailers)
                     yield encode_event(event)
+
+    async def _admit(self, record: CallRecord, request: GenerationRequest, route: Route) -> None:
+        """Quotas that need the decoded request, checked before any upstream call."""
+        record.pricing = route.model.pricing  # prices a call that ends without final usage
+        if self.admission is not None:
+            await self.admission.admit(record, request, route)
 
     @asynccontextmanager
     async def _accounted(

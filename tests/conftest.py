@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,11 @@ from server.app import Gateway
 from server.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Every default state path (API keys, the usage ledger, the audit file) lives
+# under XDG_STATE_HOME: point it at a temporary folder for the whole session,
+# subprocess servers included, so tests never touch the user's own state.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="llmgw-test-state-")
 
 # Scripts every in-process gateway knows, so tests can ask for tool calls and refusals.
 TEST_CONFIG = {
