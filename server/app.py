@@ -43,7 +43,7 @@ from server.usage_service import UsageServicer
 log = logging.getLogger(__name__)
 
 GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
-# Calls counted by the per-key request and concurrency limits (issue 5).
+# Calls counted by the per-key request and concurrency limits.
 RATE_LIMITED_METHODS = (f"/{GENERATION_SERVICE}/Generate", f"/{GENERATION_SERVICE}/StreamGenerate")
 
 
@@ -102,7 +102,7 @@ class Gateway:
             self.router, coalesce_deltas=config.server.coalesce_stream_deltas
         )
         self.health = HealthService()
-        # Issue 5: limits, budgets and the usage ledger (server/accounting/).
+        # Limits, budgets and the usage ledger (server/accounting/).
         self.accounting = Accounting(config)
         self.servicer.admission = self.accounting.admission
         self.servicer.observers.extend(self.accounting.observers)
@@ -118,7 +118,7 @@ class Gateway:
                     scopes={GENERATION_SERVICE: SCOPE_GENERATE, TOKEN_SERVICE: None},
                 )
             )
-        # Observability (issue 7): call/router observers, the metrics endpoint, and
+        # Observability: call/router observers, the metrics endpoint, and
         # the tracing interceptor, last in the chain and only when tracing is on.
         self.telemetry = Telemetry(
             config, self.servicer, self.router, tracer_provider=tracer_provider
@@ -126,7 +126,7 @@ class Gateway:
         self._server = grpc.aio.server(
             interceptors=[
                 *auth_interceptors,
-                RateLimitInterceptor(  # issue 5: after auth, which binds the identity
+                RateLimitInterceptor(  # after auth, which binds the identity
                     self.accounting.policy,
                     self.accounting.backend,
                     self.accounting.background,
@@ -142,7 +142,7 @@ class Gateway:
         token_pb2_grpc.add_TokenServiceServicer_to_server(
             TokenServicer(self.auth.issuer if self.auth else None), self._server
         )
-        usage_pb2_grpc.add_UsageServiceServicer_to_server(  # issue 5; admin scope (default)
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(  # admin scope (the default)
             UsageServicer(self.accounting, self.auth.store if self.auth else None), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -174,7 +174,7 @@ class Gateway:
             )
         address = _address(self.config.server.host, self.config.server.port)
         self.port = self._server.add_insecure_port(address)
-        await self.accounting.start()  # issue 5: the ledger's writer, budgets seeded from it
+        await self.accounting.start()  # the ledger's writer, budgets seeded from it
         await self._server.start()
         self.telemetry.start()  # the metrics endpoint, when metrics are on
         self.health.set("", SERVING)
@@ -203,7 +203,7 @@ class Gateway:
         # streams end by themselves on drain (server/health.py).
         await self._server.stop(grace)
         await self.router.aclose()
-        await self.accounting.aclose()  # issue 5: settle what is pending, flush the ledger
+        await self.accounting.aclose()  # settle what is pending, flush the ledger
         await self.telemetry.stop()  # metrics endpoint down, queued spans flushed
         log.info("stopped")
 

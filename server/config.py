@@ -82,7 +82,7 @@ class LoggingConfig(_Strict):
     calls: bool = True
 
 
-# Issue 7: observability (server/telemetry/).
+# Observability (server/telemetry/).
 class TracingConfig(_Strict):
     """OpenTelemetry traces (server/telemetry/tracing.py); the OTEL_* variables apply too."""
 
@@ -295,7 +295,7 @@ class RoutingConfig(_Strict):
         return routes
 
 
-# -- Limits, budgets, usage ledger (issue 5; server/accounting/) -------------
+# -- Limits, budgets, usage ledger (server/accounting/) -------------
 
 
 class KeyLimitsConfig(_Strict):
@@ -382,12 +382,12 @@ class GatewayConfig(_Strict):
     # Instance name -> provider. The offline provider serves when none is configured.
     providers: dict[str, ProviderConfig] = Field(default_factory=_default_providers)
     routing: RoutingConfig = RoutingConfig()
-    # Issue 5: rate limits, budgets, the usage ledger and the Redis they may share.
+    # Rate limits, budgets, the usage ledger and the Redis they may share.
     limits: LimitsConfig = LimitsConfig()
     budgets: BudgetsConfig = BudgetsConfig()
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     redis: RedisConfig = RedisConfig()
-    # Issue 7: observability.
+    # Observability.
     tracing: TracingConfig = TracingConfig()
     metrics: MetricsConfig = MetricsConfig()
     audit: AuditConfig = AuditConfig()

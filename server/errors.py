@@ -316,7 +316,7 @@ class CredentialUnavailableError(InternalError):
     reason = "UPSTREAM_CREDENTIAL_UNAVAILABLE"
 
 
-# -- Quotas: rate limits and budgets (issue 5) --------------------------------
+# -- Quotas: rate limits and budgets --------------------------------
 # Raised by the rate-limit interceptor (interceptors/rate_limit.py) and the
 # admission of the servicer (server/accounting/admission.py), always before
 # any upstream call.

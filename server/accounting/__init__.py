@@ -1,4 +1,4 @@
-"""Rate limits, budgets and the usage ledger (issue 5).
+"""Rate limits, budgets and the usage ledger.
 
 `backend.py` holds the quota counters in this process (`LocalBackend`,
 aiolimiter buckets) and `redis_backend.py` in a Redis shared by replicas

@@ -48,7 +48,7 @@ from server.token_estimate import count_request
 
 log = logging.getLogger(__name__)
 
-# Called with each budget alert (a metric counter can hook in here; issue 7).
+# Called with each budget alert (a metric counter can hook in here).
 AlertHook = Callable[["BudgetAlert"], None]
 
 

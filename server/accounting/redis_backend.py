@@ -9,7 +9,7 @@ Every command is bounded by `redis.timeout_s`. When Redis cannot be reached
 the configured failure mode decides: `open` lets the call through, `closed`
 refuses it with UNAVAILABLE (QUOTA_BACKEND_UNAVAILABLE). Either way a
 warning is logged (at most once per interval) and `failures` counts it, the
-hook a metric reads (issue 7). A post-call update that is lost (settle,
+hook a metric reads. A post-call update that is lost (settle,
 leave) is not retried: a reservation expires after
 budgets.reservation_ttl_s, a concurrency slot after its ttl.
 """
@@ -166,7 +166,7 @@ class RedisBackend:
         self._settle = self._redis.register_script(_SETTLE)
         self._state = self._redis.register_script(_STATE)
         self._last_warning = 0.0
-        # Operations that failed for want of Redis (a metric reads this; issue 7).
+        # Operations that failed for want of Redis (a metric reads this).
         self.failures = 0
 
     @property
