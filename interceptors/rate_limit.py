@@ -64,6 +64,8 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         self._backend = backend
         self._background = background
         self._methods = frozenset(methods)
+        # Called with each refusal (metrics count them).
+        self.refusal_hooks: list[Callable[[GatewayError], None]] = []
 
     async def intercept_service(
         self,
@@ -134,6 +136,8 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         has_slot = limits.max_concurrent is not None
 
         async def refuse(error: GatewayError, context: Context) -> None:
+            for hook in self.refusal_hooks:
+                hook(error)
             status = error.to_status()
             await context.abort(status.code, status.details, status.trailing_metadata)
 

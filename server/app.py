@@ -123,15 +123,19 @@ class Gateway:
         self.telemetry = Telemetry(
             config, self.servicer, self.router, tracer_provider=tracer_provider
         )
+        self.rate_limiter = RateLimitInterceptor(
+            self.accounting.policy,
+            self.accounting.backend,
+            self.accounting.background,
+            methods=RATE_LIMITED_METHODS,
+        )
+        # Refusals and budget alerts reach the metrics and the audit trail.
+        self.rate_limiter.refusal_hooks.append(self.telemetry.on_refusal)
+        self.accounting.admission.alert_hooks.append(self.telemetry.on_budget_alert)
         self._server = grpc.aio.server(
             interceptors=[
                 *auth_interceptors,
-                RateLimitInterceptor(  # after auth, which binds the identity
-                    self.accounting.policy,
-                    self.accounting.backend,
-                    self.accounting.background,
-                    methods=RATE_LIMITED_METHODS,
-                ),
+                self.rate_limiter,  # after auth, which binds the identity
                 MalformedRequestInterceptor(),
                 *interceptors,
                 *self.telemetry.interceptors,

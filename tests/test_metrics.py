@@ -24,7 +24,7 @@ from tests.upstream_fixtures import ask, generate, stream_all
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 # Every label our own metrics may carry: bounded sets only.
 ALLOWED_LABELS = {"method", "code", "model", "provider", "type", "outcome", "reason", "deployment"}
-ALLOWED_LABELS |= {"state", "budget", "le"}
+ALLOWED_LABELS |= {"state", "budget", "le", "period", "threshold"}
 
 
 async def scrape(port: int) -> str:

@@ -149,6 +149,12 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        self.budget_alerts = Counter(
+            "llmgw_budget_alerts",
+            "Budget alerts fired (each once per key, period and threshold).",
+            ["period", "threshold"],
+            registry=r,
+        )
         self.budget_used = Gauge(
             "llmgw_budget_used_ratio",
             "Share of each configured budget spent (reported by the budgets).",
@@ -228,6 +234,10 @@ class GatewayMetrics:
     def record_refusal(self, reason: str) -> None:
         """A call refused by a limit (the error's reason: RATE_LIMIT_EXCEEDED, ...)."""
         self.refusals.labels(self._reason(reason)).inc()
+
+    def record_budget_alert(self, period: str, threshold: float) -> None:
+        """A key's spend crossed `threshold` (0.5, 0.8, ...) of its `period` budget."""
+        self.budget_alerts.labels(self._reason(period), f"{threshold:g}").inc()
 
     def set_budget_used(self, budget: str, ratio: float) -> None:
         """How much of a configured budget (a bounded name, never a key id) is spent."""

@@ -9,11 +9,13 @@ import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from interceptors.tracing import TracingInterceptor
+from server.accounting import BudgetAlert
 from server.config import GatewayConfig
+from server.errors import GatewayError
 from server.logs import log_call
 from server.routing import Router
 from server.servicer import GenerationServicer
-from server.telemetry.audit import audit_call, close_audit, ensure_audit
+from server.telemetry.audit import BUDGET_ALERT, audit_call, audit_event, close_audit, ensure_audit
 from server.telemetry.metrics import GatewayMetrics, MetricsServer
 from server.telemetry.tracing import TRACER_NAME, CallSpans, build_tracer_provider
 
@@ -64,6 +66,24 @@ class Telemetry:
             servicer.observers.append(log_call)
         servicer.observers.append(audit_call)
         self._audit_sink = ensure_audit(config.audit)
+
+    def on_budget_alert(self, alert: BudgetAlert) -> None:
+        """A budget threshold crossed: an audit event and a counter."""
+        audit_event(
+            BUDGET_ALERT,
+            key_id=alert.key_id,
+            period=alert.period,
+            threshold=alert.threshold,
+            spent_nanos=alert.spent_nanos,
+            limit_nanos=alert.limit_nanos,
+        )
+        if self.metrics is not None:
+            self.metrics.record_budget_alert(alert.period, alert.threshold)
+
+    def on_refusal(self, error: GatewayError) -> None:
+        """A call refused before its handler ran (rate limit, concurrency cap)."""
+        if self.metrics is not None:
+            self.metrics.record_refusal(error.reason)
 
     @property
     def metrics_port(self) -> int:
