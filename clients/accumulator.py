@@ -49,6 +49,8 @@ class StreamAccumulator:
             self._response.request_id = start.request_id
             self._response.upstream_request_id = start.upstream_request_id
             self._response.usage.CopyFrom(start.usage)
+            if start.HasField("routing"):
+                self._response.routing.CopyFrom(start.routing)
         elif kind == "content_block_start":
             block = pb.ContentBlock()
             block.CopyFrom(event.content_block_start.content_block)

@@ -30,6 +30,7 @@ from server.schema import (
     GenerationResponse,
     ImageBlock,
     ModelInfo,
+    RoutingDecision,
     StopReason,
     TextBlock,
     ThinkingBlock,
@@ -111,8 +112,12 @@ def encode_cost(cost: Cost) -> pb.Cost:
     )
 
 
+def encode_routing(routing: RoutingDecision) -> pb.RoutingDecision:
+    return pb.RoutingDecision(alias=routing.alias, tier=routing.tier, reason=routing.reason)
+
+
 def encode_response(response: GenerationResponse) -> pb.GenerateResponse:
-    return pb.GenerateResponse(
+    encoded = pb.GenerateResponse(
         id=response.id,
         model=response.model,
         provider=response.provider,
@@ -124,6 +129,9 @@ def encode_response(response: GenerationResponse) -> pb.GenerateResponse:
         request_id=response.request_id,
         upstream_request_id=response.upstream_request_id,
     )
+    if response.routing is not None:
+        encoded.routing.CopyFrom(encode_routing(response.routing))
+    return encoded
 
 
 def encode_event(event: StreamEvent) -> pb.StreamGenerateResponse:
@@ -167,6 +175,8 @@ def encode_event(event: StreamEvent) -> pb.StreamGenerateResponse:
         )
         if event.usage is not None:
             start.usage.CopyFrom(encode_usage(event.usage))
+        if event.routing is not None:
+            start.routing.CopyFrom(encode_routing(event.routing))
         return pb.StreamGenerateResponse(message_start=start)
     if isinstance(event, MessageDelta):
         delta = pb.MessageDelta(

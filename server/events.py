@@ -20,6 +20,7 @@ from server.schema import (
     ContentBlock,
     Cost,
     GenerationResponse,
+    RoutingDecision,
     StopReason,
     TextBlock,
     ThinkingBlock,
@@ -36,6 +37,8 @@ class MessageStart:
     request_id: str = ""
     upstream_request_id: str = ""
     usage: Usage | None = None
+    # Set by the router when it chose the model for an alias (smart routing).
+    routing: RoutingDecision | None = None
 
 
 @dataclass(slots=True)
@@ -154,6 +157,7 @@ class ResponseAccumulator:
                 request_id=event.request_id,
                 upstream_request_id=event.upstream_request_id,
                 usage=event.usage or Usage(),
+                routing=event.routing,
             )
         elif isinstance(event, MessageDelta):
             response = self._started()

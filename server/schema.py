@@ -218,6 +218,15 @@ class ModelInfo:
     capabilities: Capabilities = Capabilities()
 
 
+@dataclass(slots=True, frozen=True)
+class RoutingDecision:
+    """Why a routed alias (e.g. `auto`) was served by the model it was."""
+
+    alias: str
+    tier: str
+    reason: str
+
+
 @dataclass(slots=True)
 class GenerationResponse:
     """A complete response: what folding a stream of events gives."""
@@ -232,3 +241,4 @@ class GenerationResponse:
     stop_sequence: str = ""
     usage: Usage = field(default_factory=Usage)
     cost: Cost = field(default_factory=Cost)
+    routing: RoutingDecision | None = None

@@ -21,7 +21,7 @@ from server.schema import (
     Tool,
 )
 from tests.conftest import TEST_CONFIG
-from tests.upstream_fixtures import RoutedGatewayFactory, ask, generate
+from tests.upstream_fixtures import RoutedGatewayFactory, ask, fold_stream, generate, stream_all
 
 CONFIG = SmartRoutingConfig(
     tiers={"small": "tiny", "medium": "echo", "large": "echo"},
@@ -92,9 +92,19 @@ async def test_auto_routes_through_the_gateway_and_logs_why(
     gw = await make_routed_gateway({"smart": smart}, providers=TEST_CONFIG["providers"])
     short, _ = await generate(gw.stub, ask("auto", "Hello there"))
     assert short.model == "tiny"
+    assert (short.routing.alias, short.routing.tier) == ("auto", "small")
+    assert short.routing.reason
     hinted = ask("auto", "Hello there", metadata=pb.CallerMetadata(tags={"tier": "large"}))
     large, _ = await generate(gw.stub, hinted)
     assert large.model == "echo"
+    assert (large.routing.tier, large.routing.reason) == ("large", "hint tier=large")
+    # The stream carries the same decision in its message_start, and folds to Generate.
+    events, _ = await stream_all(gw.stub, hinted)
+    assert events[0].message_start.routing == large.routing
+    assert fold_stream(events).routing == large.routing
+    # A model asked for by name carries no routing decision.
+    direct, _ = await generate(gw.stub, ask("echo", "Hello there"))
+    assert not direct.HasField("routing")
     assert "auto -> large tier (hint tier=large), model echo" in caplog.text
     assert "auto" in [m.id for m in gw.gateway.router.models()]
 

@@ -185,6 +185,8 @@ def fold_stream(events: list[pb.StreamGenerateResponse]) -> pb.GenerateResponse:
         upstream_request_id=start.upstream_request_id,
         usage=start.usage,
     )
+    if start.HasField("routing"):
+        response.routing.CopyFrom(start.routing)
     blocks: list[pb.ContentBlock] = []
     tool_json: dict[int, str] = {}
     for event in events[1:-1]:

@@ -675,6 +675,7 @@ class GenerateResponse(_message.Message):
     COST_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     UPSTREAM_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ROUTING_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The gateway's id for this message."""
     model: _builtins.str
@@ -694,6 +695,12 @@ class GenerateResponse(_message.Message):
     def usage(self) -> Global___Usage: ...
     @_builtins.property
     def cost(self) -> Global___Cost: ...
+    @_builtins.property
+    def routing(self) -> Global___RoutingDecision:
+        """Why the gateway chose the model that served an alias such as `auto`;
+        unset when the requested model was served as asked.
+        """
+
     def __init__(
         self,
         *,
@@ -707,14 +714,45 @@ class GenerateResponse(_message.Message):
         cost: Global___Cost | None = ...,
         request_id: _builtins.str = ...,
         upstream_request_id: _builtins.str = ...,
+        routing: Global___RoutingDecision | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "routing", b"routing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "cost", b"cost", "id", b"id", "model", b"model", "provider", b"provider", "request_id", b"request_id", "stop_reason", b"stop_reason", "stop_sequence", b"stop_sequence", "upstream_request_id", b"upstream_request_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "cost", b"cost", "id", b"id", "model", b"model", "provider", b"provider", "request_id", b"request_id", "routing", b"routing", "stop_reason", b"stop_reason", "stop_sequence", b"stop_sequence", "upstream_request_id", b"upstream_request_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
+class RoutingDecision(_message.Message):
+    """The gateway's choice of model for a routed alias."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    """The alias the caller asked for (e.g. "auto")."""
+    tier: _builtins.str
+    """The tier chosen: "small", "medium" or "large"."""
+    reason: _builtins.str
+    """Why, in words: a hint, the input length, tools, images, code, budget."""
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+        tier: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "reason", b"reason", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoutingDecision: _TypeAlias = RoutingDecision  # noqa: Y015
 
 @_typing.final
 class StreamGenerateResponse(_message.Message):
@@ -772,6 +810,7 @@ class MessageStart(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     UPSTREAM_REQUEST_ID_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    ROUTING_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     model: _builtins.str
     provider: _builtins.str
@@ -780,6 +819,10 @@ class MessageStart(_message.Message):
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Usage known at the start (input tokens); MessageDelta has the final one."""
+
+    @_builtins.property
+    def routing(self) -> Global___RoutingDecision:
+        """As GenerateResponse.routing."""
 
     def __init__(
         self,
@@ -790,10 +833,11 @@ class MessageStart(_message.Message):
         request_id: _builtins.str = ...,
         upstream_request_id: _builtins.str = ...,
         usage: Global___Usage | None = ...,
+        routing: Global___RoutingDecision | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["routing", b"routing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "model", b"model", "provider", b"provider", "request_id", b"request_id", "upstream_request_id", b"upstream_request_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "model", b"model", "provider", b"provider", "request_id", b"request_id", "routing", b"routing", "upstream_request_id", b"upstream_request_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

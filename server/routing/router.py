@@ -43,6 +43,7 @@ from server.schema import (
     Capabilities,
     GenerationRequest,
     ModelInfo,
+    RoutingDecision,
     TextBlock,
     ThinkingBlock,
     TokenCount,
@@ -362,6 +363,10 @@ class Router:
                         for event in held:
                             if isinstance(event, MessageDelta) and event.usage is not None:
                                 event.cost = compute_cost(event.usage, pricing)
+                            elif isinstance(event, MessageStart) and call.tier:
+                                event.routing = RoutingDecision(
+                                    call.model, call.tier, call.tier_reason
+                                )
                             yield event
                         async for event in upstream:
                             if isinstance(event, MessageDelta) and event.usage is not None:
