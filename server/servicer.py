@@ -27,7 +27,7 @@ from server.decoding import decode_count_tokens, decode_generate
 from server.encoding import encode_event, encode_models, encode_response
 from server.errors import FieldViolation, GatewayError, InternalError, InvalidArgumentError
 from server.events import MessageStart, ResponseAccumulator
-from server.identity import require_model_access
+from server.identity import current_identity, require_model_access
 from server.routing import Route, Router
 from server.schema import GenerationRequest
 
@@ -225,4 +225,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> pb.ListModelsResponse:
         async with error_boundary(context):
             models = self._router.models(request.provider)
+            identity = current_identity()
+            if identity is not None:
+                # A key sees only the models it may call (by id or alias).
+                models = [m for m in models if identity.may_use((m.id, *m.aliases))]
         return encode_models(models)

@@ -411,6 +411,20 @@ async def test_model_patterns_and_aliases(authed: AuthedGateway) -> None:
     )
 
 
+async def test_list_models_shows_only_what_the_key_may_use(authed: AuthedGateway) -> None:
+    _, everything = authed.create_key("all-models")
+    _, echo_only = authed.create_key("echo-only-list", models=["echo"])
+    _, by_alias = authed.create_key("tiny-by-alias", models=["tiny-latest"])
+
+    async def listed(key: str) -> set[str]:
+        response = await authed.stub.ListModels(pb.ListModelsRequest(), metadata=bearer(key))
+        return {m.id for m in response.models}
+
+    assert {"echo", "tiny"} <= await listed(everything)
+    assert await listed(echo_only) == {"echo"}
+    assert await listed(by_alias) == {"tiny"}  # an allowed alias shows its model
+
+
 async def test_missing_scope_is_permission_denied(authed: AuthedGateway) -> None:
     _, admin_only = authed.create_key("admin-only", scopes=["admin"])
     token = (await authed.issue(admin_only)).token  # IssueToken needs no scope
