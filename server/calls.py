@@ -16,6 +16,7 @@ must not block (queue the work, as the ledger does).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class CallRecord:
 
     method: str  # "Generate" or "StreamGenerate"
     request_id: str
+    # Unique per call (request ids are the caller's and may repeat).
+    call_id: str = field(default_factory=lambda: os.urandom(12).hex())
     started_at: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
     key_id: str = ""

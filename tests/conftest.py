@@ -202,5 +202,6 @@ async def start_server_process(*args: str, env: dict[str, str] | None = None) ->
                 return ServerProcess(process, int(found.group(1)), log)
 
 
-# Provider tests' fixtures (fake upstreams, a gateway pointed at them).
-pytest_plugins = ["tests.upstream_fixtures"]
+# Provider tests' fixtures (fake upstreams, a gateway pointed at them) and the
+# PostgreSQL server of the ledger tests.
+pytest_plugins = ["tests.upstream_fixtures", "tests.postgres_fixtures"]

@@ -4,53 +4,77 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from server.accounting.ledger import SqliteLedger
+from server.calls import close_record, open_record
 from tests.conftest import request
-from tests.redis_fixtures import NANOS_PER_OUTPUT_TOKEN, limited_gateway
+from tests.redis_fixtures import NANOS_PER_OUTPUT_TOKEN, LimitedGateway, limited_gateway
 
 
-def ledger_rows(path: Path) -> dict[str, sqlite3.Row]:
+def ledger_rows(path: Path) -> dict[str, dict[str, Any]]:
     conn = sqlite3.connect(path)
     conn.row_factory = sqlite3.Row
     try:
         rows = conn.execute("SELECT * FROM usage").fetchall()
     finally:
         conn.close()
-    by_id = {row["request_id"]: row for row in rows}
+    by_id = {row["request_id"]: dict(row) for row in rows}
     assert len(by_id) == len(rows), "a call was recorded twice"
     return by_id
 
 
 async def test_one_row_per_call_on_every_exit_path(tmp_path: Path) -> None:
-    slow = {"chunk_delay_ms": 100}
     async with limited_gateway(tmp_path) as gw:
-        await gw.stub.Generate(request("one two three", request_id="ok"))
-        with pytest.raises(grpc.aio.AioRpcError) as broken:
-            [_ async for _ in gw.stub.StreamGenerate(request("explode a b c d", request_id="up"))]
-        assert broken.value.code() is grpc.StatusCode.UNAVAILABLE
-        stream = gw.stub.StreamGenerate(
-            request("a b c d e f g h i j", request_id="cancel", provider_options=slow)
-        )
-        received = 0
-        async for event in stream:
-            received += event.HasField("content_block_delta")
-            if received == 3:
-                stream.cancel()
-                break
-        with pytest.raises(grpc.aio.AioRpcError) as late:
-            await gw.stub.Generate(
-                request("a b c d e f", request_id="late", provider_options=slow), timeout=0.35
-            )
-        assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-        with pytest.raises(grpc.aio.AioRpcError):
-            await gw.stub.Generate(request(model="nope", request_id="unknown"))
-        await asyncio.sleep(0.3)
+        await call_every_exit_path(gw)
         path = gw.ledger_path
-    rows = ledger_rows(path)
+    check_every_exit_path(ledger_rows(path))
+
+
+async def test_no_row_lost_across_a_graceful_shutdown(tmp_path: Path) -> None:
+    # A flush interval far longer than the test: only the shutdown flush writes.
+    async with limited_gateway(tmp_path, **{"ledger.flush_interval_s": 60}) as gw:
+        await call_many_before_shutdown(gw)
+        path = gw.ledger_path
+    assert set(ledger_rows(path)) == {f"r{i}" for i in range(40)}
+
+
+# The calls and checks below are shared with tests/test_ledger_postgres.py.
+
+
+async def call_every_exit_path(gw: LimitedGateway) -> None:
+    """One call per way a call can end: ok, upstream error, cancel, deadline, not found."""
+    slow = {"chunk_delay_ms": 100}
+    await gw.stub.Generate(request("one two three", request_id="ok"))
+    with pytest.raises(grpc.aio.AioRpcError) as broken:
+        [_ async for _ in gw.stub.StreamGenerate(request("explode a b c d", request_id="up"))]
+    assert broken.value.code() is grpc.StatusCode.UNAVAILABLE
+    stream = gw.stub.StreamGenerate(
+        request("a b c d e f g h i j", request_id="cancel", provider_options=slow)
+    )
+    received = 0
+    async for event in stream:
+        received += event.HasField("content_block_delta")
+        if received == 3:
+            stream.cancel()
+            break
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await gw.stub.Generate(
+            request("a b c d e f", request_id="late", provider_options=slow), timeout=0.35
+        )
+    assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gw.stub.Generate(request(model="nope", request_id="unknown"))
+    await asyncio.sleep(0.3)
+
+
+def check_every_exit_path(rows: Mapping[str, Mapping[str, Any]]) -> None:
+    """The rows of `call_every_exit_path`, by request id."""
     assert set(rows) == {"ok", "up", "cancel", "late", "unknown"}
 
     ok = rows["ok"]
@@ -80,13 +104,25 @@ async def test_one_row_per_call_on_every_exit_path(tmp_path: Path) -> None:
     assert rows["unknown"]["status"] == "NOT_FOUND"
 
 
-async def test_no_row_lost_across_a_graceful_shutdown(tmp_path: Path) -> None:
-    # A flush interval far longer than the test: only the shutdown flush writes.
-    async with limited_gateway(tmp_path, **{"ledger.flush_interval_s": 60}) as gw:
-        await asyncio.gather(
-            *(gw.stub.Generate(request(f"call {i}", request_id=f"r{i}")) for i in range(40))
-        )
-        ledger = gw.gateway.accounting.ledger
-        assert ledger is not None and getattr(ledger, "rows_written", None) == 0
-        path = gw.ledger_path
-    assert set(ledger_rows(path)) == {f"r{i}" for i in range(40)}
+async def call_many_before_shutdown(gw: LimitedGateway) -> None:
+    """40 calls none of which is written before the shutdown (flush_interval_s: 60)."""
+    await asyncio.gather(
+        *(gw.stub.Generate(request(f"call {i}", request_id=f"r{i}")) for i in range(40))
+    )
+    ledger = gw.gateway.accounting.ledger
+    assert ledger is not None and getattr(ledger, "rows_written", None) == 0
+
+
+async def test_a_call_written_twice_is_stored_once(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "twice.sqlite3", flush_interval_s=0.05)
+    await ledger.start()
+    try:
+        record = open_record("Generate", "echo")
+        record.request_id = "written-twice"
+        close_record(record, [ledger.record], grpc.StatusCode.OK)
+        ledger.record(record)
+        await ledger.flush()
+        rows = await ledger.rows()
+    finally:
+        await ledger.aclose()
+    assert [r["request_id"] for r in rows] == ["written-twice"]

@@ -4,7 +4,8 @@
 aiolimiter buckets) and `redis_backend.py` in a Redis shared by replicas
 (Lua scripts); `quotas.py` says which limits apply to a key; `admission.py`
 reserves tokens per minute and budget before a call and settles them after;
-`ledger.py` writes one row per call. The interceptor that refuses calls over
+`ledger.py` writes one row per call (SQLite; `postgres_ledger.py` when
+replicas share one ledger). The interceptor that refuses calls over
 their requests per minute or concurrency is interceptors/rate_limit.py; the
 admin RPC over the ledger is server/usage_service.py. `Accounting`
 assembles them from the `limits`, `budgets`, `ledger` and `redis` config.
@@ -20,7 +21,8 @@ from server.accounting.backend import Background, LocalBackend, QuotaBackend
 from server.accounting.ledger import SqliteLedger, UsageLedger, UsageTotals
 from server.accounting.quotas import EffectiveLimits, QuotaPolicy, budget_key, period_starts
 from server.calls import CallObserver
-from server.config import ConfigError, GatewayConfig
+from server.config import GatewayConfig
+from server.errors import UnavailableError
 
 __all__ = [
     "Accounting",
@@ -51,8 +53,14 @@ def _ledger(config: GatewayConfig) -> UsageLedger | None:
     if not ledger.enabled:
         return None
     if ledger.backend == "postgres":
-        raise ConfigError(
-            "invalid configuration:\n  ledger.backend: postgres is not available yet; use sqlite"
+        # Imported only when configured: psycopg is not needed otherwise.
+        from server.accounting.postgres_ledger import PostgresLedger
+
+        return PostgresLedger(
+            ledger.dsn,
+            flush_interval_s=ledger.flush_interval_s,
+            max_batch=ledger.max_batch,
+            max_buffered=ledger.max_buffered,
         )
     return SqliteLedger(
         ledger.path, flush_interval_s=ledger.flush_interval_s, max_batch=ledger.max_batch
@@ -93,7 +101,14 @@ class Accounting:
             ("daily", day, now.strftime("%Y-%m-%d")),
             ("monthly", month, now.strftime("%Y-%m")),
         ):
-            for key_id, spent in (await self.ledger.spent_by_key(start.timestamp())).items():
+            try:
+                spent_by_key = await self.ledger.spent_by_key(start.timestamp())
+            except UnavailableError as err:
+                # A shared ledger that is down must not keep the gateway from
+                # serving; budgets then count from zero until the next start.
+                log.warning("budgets start from zero: %s", err)
+                return
+            for key_id, spent in spent_by_key.items():
                 self.backend.seed(budget_key(key_id, kind, label), spent)
 
     async def aclose(self) -> None:

@@ -29,6 +29,9 @@ Row = tuple[object, ...]
 Grouping = Literal["", "key", "model", "provider"]
 
 COLUMNS = (
+    # Unique per call: a batch retried after a write that did commit (a
+    # PostgreSQL timeout) is ignored row by row, so every call counts once.
+    "call_id",
     "time",
     "key_id",
     "request_id",
@@ -51,6 +54,7 @@ COLUMNS = (
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
     id INTEGER PRIMARY KEY,
+    call_id TEXT,                    -- unique per call (index below)
     time REAL NOT NULL,              -- when the call started, Unix seconds
     key_id TEXT NOT NULL,
     request_id TEXT NOT NULL,
@@ -72,8 +76,13 @@ CREATE TABLE IF NOT EXISTS usage (
 CREATE INDEX IF NOT EXISTS usage_by_time ON usage (time);
 CREATE INDEX IF NOT EXISTS usage_by_key_time ON usage (key_id, time);
 """
+# Ledgers created before call_id existed gain the column (SQLite cannot add a
+# UNIQUE column, hence the separate unique index).
+_CALL_ID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS usage_by_call ON usage (call_id)"
 
-_INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+_INSERT = (
+    f"INSERT OR IGNORE INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+)
 _GROUP_COLUMNS = {"": "''", "key": "key_id", "model": "model_served", "provider": "provider"}
 
 
@@ -81,6 +90,7 @@ def row_of(record: CallRecord) -> Row:
     """The ledger row of a closed call."""
     usage = record.usage
     return (
+        record.call_id,
         record.started_wall,
         record.key_id,
         record.request_id,
@@ -116,7 +126,7 @@ class UsageTotals:
 
 
 class UsageLedger(Protocol):
-    """Where rows go: SQLite here; PostgreSQL would implement the same."""
+    """Where rows go: `SqliteLedger` here, `PostgresLedger` in postgres_ledger.py."""
 
     def record(self, record: CallRecord) -> None: ...
 
@@ -159,6 +169,10 @@ class SqliteLedger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as conn:
                 conn.executescript(_SCHEMA)
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(usage)")}
+                if "call_id" not in columns:
+                    conn.execute("ALTER TABLE usage ADD COLUMN call_id TEXT")
+                conn.execute(_CALL_ID_INDEX)
             conn.close()
 
         await asyncio.to_thread(create)
