@@ -252,6 +252,11 @@ class DeploymentConfig(_Strict):
     # Limits of this deployment when they differ from the provider's model.
     context_window: int | None = Field(None, gt=0)
     max_output_tokens: int | None = Field(None, gt=0)
+    # The rate limits the provider gives this deployment (server/routing/
+    # deployment_limits.py); they override the provider's model entry. Tokens
+    # are estimated input plus max_tokens, as for a key's limit.
+    requests_per_minute: int | None = Field(None, gt=0)
+    tokens_per_minute: int | None = Field(None, gt=0)
 
 
 Tier = Literal["small", "medium", "large"]
@@ -283,6 +288,9 @@ class RoutingConfig(_Strict):
     # to the provider that lists them, as without this section.
     routes: dict[str, list[DeploymentConfig]] = {}
     smart: SmartRoutingConfig | None = None
+    # The longest a call waits for a rate-limited deployment's capacity
+    # (never past its deadline) before that deployment is skipped.
+    deployment_queue_s: float = Field(1.0, ge=0)
 
     @field_validator("routes")
     @classmethod
@@ -363,16 +371,28 @@ class LedgerConfig(_Strict):
     enabled: bool = True
     backend: Literal["sqlite", "postgres"] = "sqlite"
     path: Path = Field(default_factory=_ledger_path)
-    # postgres only: a libpq connection string (the password best in PGPASSWORD).
+    # postgres only: a libpq connection string or URL (the password best in
+    # PGPASSWORD or ~/.pgpass; it is never logged).
     dsn: str = ""
     # Rows are written in batches this often; a crash loses at most this much.
     flush_interval_s: float = Field(1.0, gt=0, le=60)
     max_batch: int = Field(500, ge=1)
+    # postgres only: rows kept in memory while PostgreSQL is unreachable.
+    max_buffered: int = Field(100_000, ge=1)
 
     @field_validator("path")
     @classmethod
     def _expand_home(cls, path: Path) -> Path:
         return path.expanduser()
+
+    @model_validator(mode="after")
+    def _postgres_needs_a_dsn(self) -> Self:
+        if self.enabled and self.backend == "postgres" and not self.dsn.strip():
+            raise ValueError(
+                "ledger.dsn is required with ledger.backend: postgres"
+                " (e.g. postgresql://llmgw@db.internal:5432/llmgw)"
+            )
+        return self
 
 
 class GatewayConfig(_Strict):

@@ -389,6 +389,16 @@ class BudgetExceededError(QuotaExceededError):
     reason = "BUDGET_EXCEEDED"
 
 
+class DeploymentRateLimitedError(QuotaExceededError):
+    """Every deployment that could serve the call is at the rate limit its provider gives us.
+
+    Raised by the router (server/routing/deployment_limits.py) before any
+    upstream request, instead of letting the provider answer 429.
+    """
+
+    reason = "DEPLOYMENT_RATE_LIMITED"
+
+
 class QuotaBackendUnavailableError(UnavailableError):
     """The shared counters (Redis) are unreachable and limits fail closed."""
 

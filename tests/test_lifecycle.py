@@ -49,11 +49,11 @@ async def test_watch_sees_not_serving_when_draining() -> None:
         health = health_pb2_grpc.HealthStub(channel)
         watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
         assert (await watch.read()).status == SERVING
-        stopping = asyncio.create_task(gateway.stop(grace=5))
-        assert (await asyncio.wait_for(watch.read(), 5)).status == NOT_SERVING
-        # No generation call is in flight, so the drain does not wait out the grace
-        # period for the open Watch stream.
-        await asyncio.wait_for(stopping, 2)
+        stopping = asyncio.create_task(gateway.stop(grace=30))
+        assert (await asyncio.wait_for(watch.read(), 10)).status == NOT_SERVING
+        # No generation call is in flight, so the drain does not wait out the
+        # 30 s grace period for the open Watch stream (10 s: room for a busy CI).
+        await asyncio.wait_for(stopping, 10)
 
 
 async def test_healthcheck_command(running: RunningGateway) -> None:

@@ -82,6 +82,10 @@ class UpstreamModel(ProviderSettings):
     # The sampling parameters the model accepts; others are refused with
     # INVALID_ARGUMENT before any upstream call.
     sampling: list[SamplingParameter] = ["temperature", "top_p", "top_k"]
+    # The rate limits the provider gives us for this model; the router queues
+    # or refuses past them (server/routing/deployment_limits.py).
+    requests_per_minute: int | None = Field(None, gt=0)
+    tokens_per_minute: int | None = Field(None, gt=0)
 
     @property
     def upstream_name(self) -> str:

@@ -13,14 +13,16 @@ from dataclasses import dataclass, field
 OK = "OK"
 CANCELLED = "CANCELLED"  # the caller went away (or the stream was closed) mid-attempt
 SKIPPED_CIRCUIT_OPEN = "SKIPPED_CIRCUIT_OPEN"
+# At the rate limit the provider gives the deployment (deployment_limits.py).
+SKIPPED_RATE_LIMITED = "SKIPPED_RATE_LIMITED"
 
 
 @dataclass(slots=True)
 class Attempt:
-    """One try of one deployment (or one skipped by its circuit breaker)."""
+    """One try of one deployment (or one skipped by its circuit breaker or rate limit)."""
 
     deployment: str  # "provider/model"
-    outcome: str  # OK, CANCELLED, SKIPPED_CIRCUIT_OPEN, or the error's reason
+    outcome: str  # OK, CANCELLED, SKIPPED_*, or the error's reason
     duration_s: float = 0.0
     # When it started, on the event loop's clock (tracing turns it into span times).
     started_at: float = 0.0

@@ -14,6 +14,7 @@ from server.config import RetryConfig
 from server.errors import (
     CredentialUnavailableError,
     DeadlineExceededError,
+    DeploymentRateLimitedError,
     GatewayError,
     QuotaExhaustedError,
     RateLimitedError,
@@ -79,7 +80,7 @@ class Backoff:
 # Which final error says most when every attempt failed: the higher, the more
 # the caller can act on it. Ties go to the later attempt.
 def meaningfulness(error: GatewayError) -> int:
-    if isinstance(error, RateLimitedError | QuotaExhaustedError):
+    if isinstance(error, RateLimitedError | QuotaExhaustedError | DeploymentRateLimitedError):
         return 5  # RESOURCE_EXHAUSTED, with RetryInfo: the caller knows when to retry
     if isinstance(error, UpstreamAuthError | CredentialUnavailableError):
         return 4  # the gateway is misconfigured: the operator must act

@@ -3,9 +3,10 @@
 It owns the model catalog (every provider's models and aliases, plus the
 configured routes and the smart alias), and runs each generation through
 the resilience policy: deployments in priority order, load-balanced within
-a priority (balancer.py), each behind a circuit breaker (breaker.py),
-retried with backoff on failures a retry may cure and abandoned for the
-next deployment when it cannot (retry.py). Every wait stays within the
+a priority (balancer.py), each behind a circuit breaker (breaker.py) and
+the rate limits its provider gives us (deployment_limits.py), retried with
+backoff on failures a retry may cure and abandoned for the next deployment
+when it cannot (retry.py). Every wait stays within the
 caller's deadline, and every attempt gets only what is left of it.
 
 The streaming rule: nothing is retried once content has reached the
@@ -22,20 +23,33 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 
 from pydantic import ValidationError
 
 from server.config import ConfigError, GatewayConfig, RoutingConfig
 from server.costs import compute_cost
-from server.errors import CircuitOpenError, DeadlineExceededError, GatewayError
+from server.errors import (
+    CircuitOpenError,
+    DeadlineExceededError,
+    DeploymentRateLimitedError,
+    GatewayError,
+)
 from server.events import ContentBlockStart, MessageDelta, MessageStart, StreamEvent
 from server.providers.base import Provider
 from server.providers.registry import UnknownProviderKindError, provider_class
 from server.routing import balancer, smart
-from server.routing.attempts import CANCELLED, OK, SKIPPED_CIRCUIT_OPEN, Attempt, RoutedCall
+from server.routing.attempts import (
+    CANCELLED,
+    OK,
+    SKIPPED_CIRCUIT_OPEN,
+    SKIPPED_RATE_LIMITED,
+    Attempt,
+    RoutedCall,
+)
 from server.routing.breaker import BreakerState, CircuitBreaker, Clock
-from server.routing.context_window import fitting
+from server.routing.context_window import estimated_input_tokens, fitting
+from server.routing.deployment_limits import RateLimits, Refusal, limiters, model_limits
 from server.routing.retry import Backoff, Remedy, counts_against_deployment, meaningfulness
 from server.routing.retry import remedy_for as _remedy_for
 from server.routing.route import Deployment, Route
@@ -119,6 +133,7 @@ class Router:
         *,
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
+        model_limits: Mapping[str, RateLimits] | None = None,
     ) -> None:
         self._providers = list(providers)
         self._config = routing or RoutingConfig()
@@ -142,15 +157,21 @@ class Router:
                             f" is also served by provider {existing.provider.name!r}"
                             f" (a route in routing.routes may serve it from both)"
                         )
+        # (configuration key, deployment, limits) of route deployments with rate limits.
+        self._routed_limits: list[tuple[str, str, RateLimits]] = []
         # Configured routes take precedence over the catalog: a route named
         # after a model spreads that model over several deployments.
         self._configured = {alias: self._configured_route(alias) for alias in self._config.routes}
         self._smart = self._smart_route()
+        # Only limited deployments have one (deployment_limits.py).
+        self._limiters = limiters(model_limits or {}, self._routed_limits)
 
     @classmethod
     def from_config(cls, config: GatewayConfig, **kwargs: object) -> Router:
         """The router of a configuration: its providers and its routing section."""
-        return cls(build_providers(config), config.routing, **kwargs)  # type: ignore[arg-type]
+        providers = build_providers(config)  # validates the model entries read below
+        limits = model_limits(config)
+        return cls(providers, config.routing, model_limits=limits, **kwargs)  # type: ignore[arg-type]
 
     @property
     def providers(self) -> Sequence[Provider]:
@@ -193,7 +214,12 @@ class Router:
             priority = section.priority
             if priority is None:
                 priority = first_of_model.setdefault(model.id, i)
-            deployments.append(Deployment(found.provider, model, section.weight, priority))
+            deployment = Deployment(found.provider, model, section.weight, priority)
+            rate_limits = RateLimits(section.requests_per_minute, section.tokens_per_minute)
+            if rate_limits:
+                where = f"routing.routes.{alias}[{i}]"
+                self._routed_limits.append((where, deployment.name, rate_limits))
+            deployments.append(deployment)
         return self._combined(alias, deployments)
 
     @staticmethod
@@ -337,13 +363,38 @@ class Router:
             deadline = request.deadline
             retry = self._config.retry
             failures: list[GatewayError] = []
+            refusals: list[Refusal] = []
+            tokens: int | None = None  # estimated once, for the first token-limited deployment
             for deployment in self._plan(deployments):
                 breaker = self._breaker(deployment)
+                limiter = self._limiters.get(deployment.name)
                 for attempt_number in range(1, retry.max_attempts + 1):
                     if breaker is not None and not breaker.allow():
                         skipped = Attempt(deployment.name, SKIPPED_CIRCUIT_OPEN, 0.0, loop.time())
                         call.attempts.append(skipped)
                         break
+                    if limiter is not None:
+                        if tokens is None and limiter.counts_tokens:
+                            tokens = estimated_input_tokens(request) + request.max_tokens
+                        queued = loop.time()
+                        until = queued + self._config.deployment_queue_s
+                        refusal = await limiter.acquire(
+                            tokens or 0, until if deadline is None else min(until, deadline)
+                        )
+                        if refusal is not None:
+                            # Our own limit: says nothing about the deployment's health.
+                            if breaker is not None:
+                                breaker.release()
+                            refusals.append(refusal)
+                            call.attempts.append(
+                                Attempt(
+                                    deployment.name,
+                                    SKIPPED_RATE_LIMITED,
+                                    loop.time() - queued,
+                                    queued,
+                                )
+                            )
+                            break
                     request.model = deployment.model.id
                     request.deadline = deadline
                     if retry.attempt_timeout_s is not None:
@@ -400,7 +451,7 @@ class Router:
                     await asyncio.sleep(delay)
                 if deadline is not None and loop.time() >= deadline:
                     break
-            raise self._give_up(call, failures, None)
+            raise self._give_up(call, failures, None, refusals)
         finally:
             for observe in self.observers:
                 observe(call)
@@ -446,14 +497,28 @@ class Router:
         return delay
 
     def _give_up(
-        self, call: RoutedCall, failures: Sequence[GatewayError], last: GatewayError | None
+        self,
+        call: RoutedCall,
+        failures: Sequence[GatewayError],
+        last: GatewayError | None,
+        refusals: Sequence[Refusal] = (),
     ) -> GatewayError:
         """The error to report when the call cannot succeed, with the attempts in its details.
 
         A failure no retry could cure (a 400, a spent deadline) is the answer
         itself; otherwise the failure the caller can act on best, so a 429
         with its retry-after is not hidden behind a later generic 503.
+        Deployments skipped at their rate limits count as one such failure,
+        retryable when the first of them has room again.
         """
+        if refusals and last is None:
+            waits = [r.retry_after for r in refusals if r.retry_after is not None]
+            limited = DeploymentRateLimitedError(
+                [r.violation for r in refusals],
+                retry_after=min(waits) if waits else None,
+                metadata={"model": call.model},
+            )
+            failures = [*failures, limited]
         if last is not None:
             chosen = last
         elif failures:

@@ -37,7 +37,13 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from server.calls import CallRecord
-from server.routing.attempts import CANCELLED, OK, SKIPPED_CIRCUIT_OPEN, RoutedCall
+from server.routing.attempts import (
+    CANCELLED,
+    OK,
+    SKIPPED_CIRCUIT_OPEN,
+    SKIPPED_RATE_LIMITED,
+    RoutedCall,
+)
 from server.routing.breaker import BreakerState
 
 MAX_LABEL_VALUES = 200
@@ -49,7 +55,8 @@ TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TTFT_BUCKETS += [7.5, 10.0]
 TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
 
-_NOT_UPSTREAM_ERRORS = frozenset({OK, CANCELLED, SKIPPED_CIRCUIT_OPEN})
+# Outcomes that are not failures of the upstream (skips never reached it).
+_NOT_UPSTREAM_ERRORS = frozenset({OK, CANCELLED, SKIPPED_CIRCUIT_OPEN, SKIPPED_RATE_LIMITED})
 
 
 class BoundedLabel:

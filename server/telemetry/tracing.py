@@ -42,7 +42,13 @@ from opentelemetry.util.types import AttributeValue
 
 from server.calls import CallRecord
 from server.config import TracingConfig
-from server.routing.attempts import CANCELLED, OK, SKIPPED_CIRCUIT_OPEN, RoutedCall
+from server.routing.attempts import (
+    CANCELLED,
+    OK,
+    SKIPPED_CIRCUIT_OPEN,
+    SKIPPED_RATE_LIMITED,
+    RoutedCall,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +204,7 @@ class CallSpans:
             if attempt.outcome not in (OK, CANCELLED):
                 span.set_attribute("error.type", attempt.outcome)
                 span.set_status(Status(StatusCode.ERROR, attempt.outcome))
-            if attempt.outcome != SKIPPED_CIRCUIT_OPEN:
+            if attempt.outcome not in (SKIPPED_CIRCUIT_OPEN, SKIPPED_RATE_LIMITED):
                 served = attempt.deployment
             span.end(end_time=start + int(attempt.duration_s * 1e9))
         attributes: dict[str, AttributeValue] = {ROUTE: call.model, ATTEMPTS: len(call.attempts)}
