@@ -18,7 +18,7 @@ test: $(STAMP) lint typecheck proto-lint pytest
 pytest: $(STAMP) test-servers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-## test-servers: servers the test suite starts by itself: redis-server (Debian's package)
+## test-servers: servers the test suite starts by itself: redis-server and PostgreSQL (Debian's packages)
 test-servers:
 	@command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || { \
 		echo "installing redis-server (Debian package) for tests/test_redis.py"; \
@@ -26,6 +26,13 @@ test-servers:
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
 			redis-server >/dev/null; \
+	}
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { \
+		echo "installing postgresql (Debian package) for tests/test_ledger_postgres.py"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+			postgresql >/dev/null; \
 	}
 
 lint: $(STAMP)
