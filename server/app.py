@@ -129,8 +129,15 @@ class Gateway:
             self.accounting.background,
             methods=RATE_LIMITED_METHODS,
         )
-        # Refusals and budget alerts reach the metrics and the audit trail.
+        # Refusals and budget alerts reach the metrics and the audit trail, and
+        # failures of the shared limits store (Redis) are a metric.
         self.rate_limiter.refusal_hooks.append(self.telemetry.on_refusal)
+        backend_failures = getattr(self.accounting.backend, "failures", None)
+        if self.telemetry.metrics is not None and backend_failures is not None:
+            backend = self.accounting.backend
+            self.telemetry.metrics.watch_quota_backend_failures(
+                lambda: float(getattr(backend, "failures", 0))
+            )
         self.accounting.admission.alert_hooks.append(self.telemetry.on_budget_alert)
         self._server = grpc.aio.server(
             interceptors=[

@@ -44,3 +44,19 @@ async def test_refusals_and_budget_alerts_are_counted_and_audited(tmp_path: Path
     alerts = [e for e in events if e.get("event") == "budget.alert"]
     assert sorted(a["threshold"] for a in alerts) == [0.5, 0.8]
     assert {a["period"] for a in alerts} == {"daily"}
+
+
+def test_quota_backend_failures_are_read_at_each_scrape() -> None:
+    from prometheus_client import generate_latest
+
+    from server.telemetry.metrics import GatewayMetrics
+
+    class Backend:
+        failures = 0
+
+    backend = Backend()
+    metrics = GatewayMetrics(process_metrics=False)
+    metrics.watch_quota_backend_failures(lambda: float(backend.failures))
+    backend.failures = 3
+    found = samples(generate_latest(metrics.registry).decode())
+    assert value(found, "llmgw_quota_backend_failures") == 3

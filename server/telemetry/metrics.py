@@ -184,6 +184,12 @@ class GatewayMetrics:
             "llmgw_calls_in_flight", "Generation calls being served.", registry=r
         )
         in_flight_gauge.set_function(in_flight)
+        self._quota_backend_failures = Gauge(
+            "llmgw_quota_backend_failures",
+            "Operations on the shared limits store (Redis) that failed so far; each one"
+            " was let through or refused as redis.failure_mode says.",
+            registry=r,
+        )
         self._deployments: set[str] = set()
         if breaker_state is not None:
             r.register(_BreakerCollector(self._deployments, breaker_state))
@@ -241,6 +247,10 @@ class GatewayMetrics:
     def record_refusal(self, reason: str) -> None:
         """A call refused by a limit (the error's reason: RATE_LIMIT_EXCEEDED, ...)."""
         self.refusals.labels(self._reason(reason)).inc()
+
+    def watch_quota_backend_failures(self, count: Callable[[], float]) -> None:
+        """Reads the shared limits store's failure count at each scrape."""
+        self._quota_backend_failures.set_function(count)
 
     def record_budget_alert(self, period: str, threshold: float) -> None:
         """A key's spend crossed `threshold` (0.5, 0.8, ...) of its `period` budget."""
