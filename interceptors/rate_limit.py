@@ -64,8 +64,9 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         self._backend = backend
         self._background = background
         self._methods = frozenset(methods)
-        # Called with each refusal (metrics count them).
-        self.refusal_hooks: list[Callable[[GatewayError], None]] = []
+        # Called with each refusal, the method, its request and context: the
+        # gateway records the refused call like any other (ledger, metrics, log).
+        self.refusal_hooks: list[Callable[[GatewayError, str, Any, Context], None]] = []
 
     async def intercept_service(
         self,
@@ -81,7 +82,7 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
             return handler
         key_id = identity.key_id if identity is not None else ""
         behaviors = {
-            name: self._limited(getattr(handler, name), key_id, limits)
+            name: self._limited(getattr(handler, name), key_id, limits, handler_call_details.method)
             for name in ("unary_unary", "unary_stream")
             if getattr(handler, name) is not None
         }
@@ -131,13 +132,15 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
     def _leave(self, key_id: str, holder: str) -> None:
         self._background.run("leave", self._backend.leave(slots_key(key_id), holder))
 
-    def _limited(self, behavior: Behavior, key_id: str, limits: EffectiveLimits) -> Behavior:
+    def _limited(
+        self, behavior: Behavior, key_id: str, limits: EffectiveLimits, method: str
+    ) -> Behavior:
         """`behavior` behind the key's limits, in the same shape (see auth.py)."""
         has_slot = limits.max_concurrent is not None
 
-        async def refuse(error: GatewayError, context: Context) -> None:
+        async def refuse(error: GatewayError, request: Any, context: Context) -> None:
             for hook in self.refusal_hooks:
-                hook(error)
+                hook(error, method, request, context)
             status = error.to_status()
             await context.abort(status.code, status.details, status.trailing_metadata)
 
@@ -150,7 +153,7 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
                 except GatewayError as err:  # the backend is down and fails closed
                     error = err
                 if error is not None:
-                    await refuse(error, context)
+                    await refuse(error, request, context)
                 try:
                     async for response in behavior(request, context):
                         yield response
@@ -167,7 +170,7 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
             except GatewayError as err:
                 error = err
             if error is not None:
-                await refuse(error, context)
+                await refuse(error, request, context)
             try:
                 return await behavior(request, context)
             finally:

@@ -129,9 +129,10 @@ class Gateway:
             self.accounting.background,
             methods=RATE_LIMITED_METHODS,
         )
-        # Refusals and budget alerts reach the metrics and the audit trail, and
-        # failures of the shared limits store (Redis) are a metric.
-        self.rate_limiter.refusal_hooks.append(self.telemetry.on_refusal)
+        # A refused call is recorded like any other (ledger, metrics, log line);
+        # budget alerts reach the metrics and the audit trail; failures of the
+        # shared limits store (Redis) are a metric.
+        self.rate_limiter.refusal_hooks.append(self.servicer.record_refused)
         backend_failures = getattr(self.accounting.backend, "failures", None)
         if self.telemetry.metrics is not None and backend_failures is not None:
             backend = self.accounting.backend

@@ -130,6 +130,19 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         """Generation calls being served right now (reported when draining)."""
         return self._in_flight
 
+    def record_refused(self, error: GatewayError, method: str, request: Any, context: Any) -> None:
+        """Records a call an interceptor refused before it reached us (a rate limit).
+
+        Every call is recorded exactly once, refusals included, so the ledger,
+        the metrics and the per-call log see it like any other call.
+        """
+        record = open_record(method.rpartition("/")[2], getattr(request, "model", ""))
+        try:
+            record.request_id = request_id_of(request, context)
+        except GatewayError:
+            record.request_id = uuid.uuid4().hex
+        close_record(record, self.observers, error.code, error.reason)
+
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GenerateResponse:

@@ -35,6 +35,14 @@ async def test_refusals_and_budget_alerts_are_counted_and_audited(tmp_path: Path
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         await asyncio.sleep(0.1)  # budget settlement runs when each call's record closes
         found = samples(await scrape(gw.gateway.telemetry.metrics_port))
+        await gw.gateway.accounting.ledger.flush()
+        rows = await gw.gateway.accounting.ledger.rows()
+
+    # The refused call is recorded once, like every other call.
+    assert [(r["status"], r["error_reason"]) for r in rows].count(
+        ("RESOURCE_EXHAUSTED", "RATE_LIMIT_EXCEEDED")
+    ) == 1
+    assert len(rows) == 5
 
     assert value(found, "llmgw_refusals_total", reason="RATE_LIMIT_EXCEEDED") == 1
     assert value(found, "llmgw_budget_alerts_total", period="daily", threshold="0.5") == 1

@@ -62,13 +62,15 @@ async def test_usage_totals_and_budget_for_admins_only(
         pb.GetUsageRequest(group_by=pb.USAGE_GROUPING_KEY), metadata=bearer(admin_key)
     )
     [totals] = by_key.totals
-    assert (totals.group, totals.requests, totals.errors) == (caller.id, 2, 0)
+    # Two served calls and the refused one: every call is recorded once.
+    assert (totals.group, totals.requests, totals.errors) == (caller.id, 3, 1)
     assert totals.output_tokens == 5
     by_model = await usage.GetUsage(
         pb.GetUsageRequest(group_by=pb.USAGE_GROUPING_MODEL, key_id=caller.id),
         metadata=bearer(admin_key),
     )
-    assert [(t.group, t.requests) for t in by_model.totals] == [("echo", 2)]
+    # The refused call was served by no model.
+    assert sorted((t.group, t.requests) for t in by_model.totals) == [("", 1), ("echo", 2)]
     empty = await usage.GetUsage(
         pb.GetUsageRequest(key_id="someone-else"), metadata=bearer(admin_key)
     )

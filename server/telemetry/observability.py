@@ -11,7 +11,6 @@ from opentelemetry.sdk.trace import TracerProvider
 from interceptors.tracing import TracingInterceptor
 from server.accounting import BudgetAlert
 from server.config import GatewayConfig
-from server.errors import GatewayError
 from server.logs import log_call
 from server.routing import Router
 from server.servicer import GenerationServicer
@@ -79,11 +78,6 @@ class Telemetry:
         )
         if self.metrics is not None:
             self.metrics.record_budget_alert(alert.period, alert.threshold)
-
-    def on_refusal(self, error: GatewayError) -> None:
-        """A call refused before its handler ran (rate limit, concurrency cap)."""
-        if self.metrics is not None:
-            self.metrics.record_refusal(error.reason)
 
     @property
     def metrics_port(self) -> int:
