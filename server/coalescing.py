@@ -41,6 +41,9 @@ class _End:
 _END = _End()
 
 
+_MERGEABLE = (TextDelta, ToolInputDelta, ThinkingDelta)
+
+
 def _merged(first: StreamEvent, second: StreamEvent) -> StreamEvent | None:
     """`first` and `second` as one event, or None when they do not merge."""
     if isinstance(first, TextDelta) and isinstance(second, TextDelta):
@@ -66,11 +69,17 @@ async def coalesce(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEv
     closes `events` and so the upstream call.
     """
     queue: asyncio.Queue[StreamEvent | _Failed | _End] = asyncio.Queue(QUEUE_SIZE)
+    first_content_sent = False
 
     async def pump() -> None:
         try:
             async for event in events:
                 await queue.put(event)
+                if not first_content_sent:
+                    # Until the first content has gone out, let the sender run
+                    # after every event (time to first token); after it, read
+                    # ahead freely so a backlog merges.
+                    await asyncio.sleep(0)
             await queue.put(_END)
         except asyncio.CancelledError:
             raise
@@ -101,6 +110,8 @@ async def coalesce(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEv
                     pending = following
                     break
                 item = merged
+            if not first_content_sent and isinstance(item, _MERGEABLE):
+                first_content_sent = True
             yield item
     finally:
         if not task.done():

@@ -141,3 +141,31 @@ async def test_gateway_merges_a_burst_from_the_anthropic_sdk(fake: FakeUpstream)
     deltas = kinds(events).count("content_block_delta")
     assert 1 <= deltas < len(words)
     assert fold_stream(events) == unary
+
+
+async def test_the_first_delta_goes_out_before_the_rest_of_a_burst_is_read() -> None:
+    """Time to first token: a burst already buffered upstream must not be read whole first."""
+    produced = 0
+
+    async def burst() -> AsyncIterator[StreamEvent]:
+        nonlocal produced
+        # No awaits between events: as an SDK parsing a response already in memory.
+        for event in EVENTS[:2] + [TextDelta(0, f"w{i} ") for i in range(50)]:
+            produced += 1
+            yield event
+
+    received: list[StreamEvent] = []
+    produced_at_first_delta = None
+    async for event in coalesce(burst()):
+        if isinstance(event, TextDelta) and produced_at_first_delta is None:
+            produced_at_first_delta = produced
+        received.append(event)
+        for _ in range(3):  # a send takes a few turns of the loop
+            await asyncio.sleep(0)
+    assert produced_at_first_delta is not None
+    assert produced_at_first_delta <= 10, produced_at_first_delta
+    # After the first delta, the backlog is merged.
+    assert sum(isinstance(e, TextDelta) for e in received) < 25
+    assert "".join(e.text for e in received if isinstance(e, TextDelta)) == "".join(
+        f"w{i} " for i in range(50)
+    )
