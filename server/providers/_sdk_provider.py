@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
+from server.errors import GatewayError
 from server.providers._upstream import (
     PLACEHOLDER_KEY,
     KeyedClient,
     UpstreamModel,
     UpstreamSettings,
+    log_upstream_failure,
 )
 from server.providers.base import Provider
 from server.schema import ModelInfo
@@ -70,6 +72,20 @@ class SdkProvider(Provider, Generic[ModelT]):
         if self._prefixes and model_id.startswith(self._prefixes):
             return self.Model(id=model_id).info(self.name)
         return None
+
+    def _map_error(self, err: Any, model: str, upstream_request_id: str) -> GatewayError:
+        """The one place this provider's SDK failures become GatewayErrors."""
+        raise NotImplementedError
+
+    def _failure(
+        self, err: Any, model: str, upstream_request_id: str, request_id: str
+    ) -> GatewayError:
+        """An SDK failure mapped, logged without secrets, and reported to the keyed
+        client (a refused key is re-read on the next call); the caller raises it."""
+        error = self._map_error(err, model, upstream_request_id)
+        log_upstream_failure(error, request_id)
+        self._sdk.failed(error)
+        return error
 
     def _model(self, model_id: str) -> ModelT:
         return self._models.get(model_id) or cast(ModelT, self.Model(id=model_id))

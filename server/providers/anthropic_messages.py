@@ -42,7 +42,6 @@ from server.providers._upstream import (
     UpstreamModel,
     UpstreamSettings,
     kind_of_status,
-    log_upstream_failure,
     merge_provider_options,
     refuse,
     replay,
@@ -145,10 +144,9 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
                     yield event
             decoder.finish()
         except (anthropic.AnthropicError, httpx2.HTTPError) as err:
-            error = self._map_error(err, request.model, upstream_request_id)
-            log_upstream_failure(error, request.request_id)
-            self._sdk.failed(error)
-            raise error from err
+            raise self._failure(
+                err, request.model, upstream_request_id, request.request_id
+            ) from err
         finally:
             # Closes the HTTP response at once (not drained), also when the
             # caller cancelled and this generator was closed mid-stream.
@@ -170,10 +168,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
             timeout = upstream_timeout(request.deadline, self._timeout)
             counted = await client.messages.count_tokens(**kwargs, timeout=timeout)
         except (anthropic.AnthropicError, httpx2.HTTPError) as err:
-            error = self._map_error(err, request.model, "")
-            log_upstream_failure(error, "")
-            self._sdk.failed(error)
-            raise error from err
+            raise self._failure(err, request.model, "", "") from err
         return TokenCount(input_tokens=counted.input_tokens, estimated=False)
 
     def _map_error(

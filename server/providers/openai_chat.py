@@ -50,7 +50,6 @@ from server.providers._upstream import (
     UpstreamModel,
     UpstreamSettings,
     kind_of_status,
-    log_upstream_failure,
     merge_provider_options,
     refuse,
     replay,
@@ -179,10 +178,9 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
             for event in decoder.finish():
                 yield event
         except (openai.OpenAIError, httpx2.HTTPError) as err:
-            error = self._map_error(err, request.model, upstream_request_id)
-            log_upstream_failure(error, request.request_id)
-            self._sdk.failed(error)
-            raise error from err
+            raise self._failure(
+                err, request.model, upstream_request_id, request.request_id
+            ) from err
         finally:
             # Closes the HTTP response at once, also when the caller cancelled.
             if stream is not None:
