@@ -5,9 +5,8 @@ work of its own: each finished generation call's CallRecord (RPCs, latency,
 time to first token, time per output token, tokens and cost by model and
 provider, refusals) and each RoutedCall (upstream attempts and errors by
 deployment). In-flight calls and circuit-breaker states are read when
-Prometheus scrapes, not maintained per call. Rate limiters and budgets that
-refuse outside a generation call report with `record_refusal`; budgets
-report consumption with `set_budget_used`.
+Prometheus scrapes, not maintained per call. Refusals arrive as call
+records like any other call; budget alerts with `record_budget_alert`.
 
 Labels are bounded: methods, status codes, providers and error reasons are
 fixed sets; model and deployment names come from the catalog, but an
@@ -162,12 +161,6 @@ class GatewayMetrics:
             ["period", "threshold"],
             registry=r,
         )
-        self.budget_used = Gauge(
-            "llmgw_budget_used_ratio",
-            "Share of each configured budget spent (reported by the budgets).",
-            ["budget"],
-            registry=r,
-        )
         self.attempts = Counter(
             "llmgw_upstream_attempts",
             "Upstream attempts by deployment and outcome (OK, CANCELLED, an error reason).",
@@ -256,9 +249,6 @@ class GatewayMetrics:
         """A key's spend crossed `threshold` (0.5, 0.8, ...) of its `period` budget."""
         self.budget_alerts.labels(self._reason(period), f"{threshold:g}").inc()
 
-    def set_budget_used(self, budget: str, ratio: float) -> None:
-        """How much of a configured budget (a bounded name, never a key id) is spent."""
-        self.budget_used.labels(self._reason(budget)).set(ratio)
 
 
 class MetricsServer:
