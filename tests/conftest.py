@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import re
+import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -165,6 +166,13 @@ def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
     bad_request = detail(rich_status(error), error_details_pb2.BadRequest)
     assert isinstance(bad_request, error_details_pb2.BadRequest), "no BadRequest detail"
     return {v.field: v.description for v in bad_request.field_violations}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers that need a fixed one)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 @dataclass

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from server.events import StreamEvent, TextDelta
 from server.providers.offline import OfflineProvider, OfflineSettings
 from server.routing import Router
 from server.schema import GenerationRequest, ModelInfo, Pricing
-from tests.conftest import TEST_CONFIG
+from tests.conftest import TEST_CONFIG, free_port
 
 # $1 per million output tokens: 1,000 nano-dollars a token; input is free, so a
 # call that ends before any output costs nothing.
@@ -99,12 +98,6 @@ async def limited_gateway(tmp_path: Path, **overrides: Any) -> AsyncIterator[Lim
     finally:
         await channel.close()
         await gateway.stop(grace=1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def redis_server_binary() -> str:

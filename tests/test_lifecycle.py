@@ -14,7 +14,13 @@ from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from server.app import Gateway
 from server.config import load_config
-from tests.conftest import REPO_ROOT, RunningGateway, request, start_server_process
+from tests.conftest import (
+    REPO_ROOT,
+    RunningGateway,
+    free_port,
+    request,
+    start_server_process,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -163,16 +169,8 @@ def test_stream_request_shape_is_shared() -> None:
     assert methods["StreamGenerate"].server_streaming
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def test_two_workers_share_a_port_and_drain_together() -> None:
-    port = _free_port()
+    port = free_port()
     server = await start_server_process("--port", str(port), "--workers", "2")
     assert server.port == port
     assert server.process.stderr is not None
