@@ -250,7 +250,6 @@ class GatewayMetrics:
         self.budget_alerts.labels(self._reason(period), f"{threshold:g}").inc()
 
 
-
 class MetricsServer:
     """The /metrics HTTP endpoint (prometheus-client's, on a daemon thread)."""
 
