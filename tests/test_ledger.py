@@ -126,3 +126,22 @@ async def test_a_call_written_twice_is_stored_once(tmp_path: Path) -> None:
     finally:
         await ledger.aclose()
     assert [r["request_id"] for r in rows] == ["written-twice"]
+
+
+async def test_a_full_batch_is_written_without_waiting_for_the_interval(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "batch.sqlite3", flush_interval_s=60, max_batch=5)
+    await ledger.start()
+    try:
+        for i in range(12):
+            record = open_record("Generate", "echo")
+            record.request_id = f"r{i}"
+            close_record(record, [ledger.record], grpc.StatusCode.OK)
+        for _ in range(100):  # two full batches are due now, not in 60 s
+            if ledger.rows_written >= 10:
+                break
+            await asyncio.sleep(0.05)
+        assert ledger.rows_written >= 10
+        await ledger.flush()  # the last two
+        assert [r["request_id"] for r in await ledger.rows()] == [f"r{i}" for i in range(12)]
+    finally:
+        await ledger.aclose()

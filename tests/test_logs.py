@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -92,6 +93,9 @@ def parsed(stream: io.StringIO) -> list[dict[str, object]]:
         'curl -H "Authorization: Basic dXNlcjpwYXNzd29yZA=="',
         "x-api-key: plain-secret-value",
         "api_key=plain-secret-value other=1",
+        # Upper case: the quick check that rules text out must not rule these out.
+        "X-API-KEY: plain-secret-value",
+        "PROXY-AUTHORIZATION: BEARER opaque-token-value",
     ],
 )
 def test_redaction_removes_every_credential_shape(text: str) -> None:
@@ -100,6 +104,14 @@ def test_redaction_removes_every_credential_shape(text: str) -> None:
     for secret in (API_KEY, "sk-proj-AbCdEf0123456789xyz", JWT, "opaque-token-value"):
         assert secret not in redacted
     assert "dXNlcjpwYXNzd29yZA" not in redacted and "plain-secret-value" not in redacted
+
+
+def test_json_time_is_utc_iso_8601_with_milliseconds() -> None:
+    formatter = JsonFormatter()
+    for created in (1_790_000_000.0, 1_790_000_000.999, 1_790_000_001.5, 1_790_000_000.25):
+        record = logging.makeLogRecord({"msg": "m", "created": created})
+        expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+        assert json.loads(formatter.format(record))["time"] == expected
 
 
 def test_redaction_keeps_the_key_id_and_ordinary_text() -> None:

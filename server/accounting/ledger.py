@@ -1,11 +1,11 @@
 """The usage ledger: one row per generation call, written off the request path.
 
 `SqliteLedger.record` is a CallRecord observer: it turns the closed record
-into a row tuple and puts it on a queue (no I/O on the event loop). One
-writer thread owns the SQLite connection (WAL mode) and writes the rows in
-batches: a batch is written `flush_interval_s` after its first row, or as
-soon as it holds `max_batch` rows. A crash loses at most the unwritten
-batch; `aclose` (graceful shutdown, after the server has drained) writes
+into a row tuple and appends it to a buffer (no I/O on the event loop, and
+no thread wake-up per call). One writer thread owns the SQLite connection
+(WAL mode); it wakes every `flush_interval_s`, or as soon as `max_batch`
+rows wait, and writes them in batches. A crash loses at most the unwritten
+rows; `aclose` (graceful shutdown, after the server has drained) writes
 everything left. Queries run in worker threads on their own connections,
 which WAL lets read while the writer writes.
 """
@@ -16,7 +16,7 @@ import asyncio
 import queue
 import sqlite3
 import threading
-import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -153,7 +153,9 @@ class SqliteLedger:
         self.path = path
         self._interval = flush_interval_s
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._rows: deque[Row] = deque()  # appended by the loop, drained by the writer
+        self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()  # flushes, _STOP
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
         self.rows_written = 0
@@ -180,44 +182,45 @@ class SqliteLedger:
         self._thread.start()
 
     def record(self, record: CallRecord) -> None:
-        """CallRecord observer: queues the row (never blocks)."""
+        """CallRecord observer: buffers the row (never blocks, never wakes the writer early)."""
         if not self._closed:
-            self._queue.put(row_of(record))
+            self._rows.append(row_of(record))
+            if len(self._rows) >= self._max_batch:
+                self._wake.set()
 
     def _write_loop(self) -> None:
         conn = self._connect()
-        pending: list[Row] = []
-        due = 0.0
         try:
             while True:
-                timeout = max(0.0, due - time.monotonic()) if pending else None
-                try:
-                    item = self._queue.get(timeout=timeout)
-                except queue.Empty:
-                    self._write(conn, pending)
-                    continue
-                if isinstance(item, tuple):
-                    if not pending:
-                        due = time.monotonic() + self._interval
-                    pending.append(item)
-                    if len(pending) >= self._max_batch:
-                        self._write(conn, pending)
-                    continue
-                self._write(conn, pending)
-                if item is _STOP:
-                    return
-                if callable(item):  # a flush waiting for the rows so far
-                    item()
+                self._wake.wait(self._interval)
+                self._wake.clear()
+                self._write(conn)
+                while True:
+                    try:
+                        item = self._requests.get_nowait()
+                    except queue.Empty:
+                        break
+                    # Rows buffered before the request was made are written first.
+                    self._write(conn)
+                    if item is _STOP:
+                        return
+                    if callable(item):  # a flush waiting for the rows so far
+                        item()
         finally:
             conn.close()
 
-    def _write(self, conn: sqlite3.Connection, rows: list[Row]) -> None:
-        if not rows:
-            return
-        with conn:
-            conn.executemany(_INSERT, rows)
-        self.rows_written += len(rows)
-        rows.clear()
+    def _write(self, conn: sqlite3.Connection) -> None:
+        """Writes every buffered row, `max_batch` rows per transaction."""
+        while self._rows:
+            batch: list[Row] = []
+            try:
+                while len(batch) < self._max_batch:
+                    batch.append(self._rows.popleft())
+            except IndexError:
+                pass
+            with conn:
+                conn.executemany(_INSERT, batch)
+            self.rows_written += len(batch)
 
     async def flush(self) -> None:
         """Waits until every row queued so far is written."""
@@ -233,7 +236,8 @@ class SqliteLedger:
         def written() -> None:
             loop.call_soon_threadsafe(resolve)
 
-        self._queue.put(written)
+        self._requests.put(written)
+        self._wake.set()
         await done
 
     async def aclose(self) -> None:
@@ -242,7 +246,8 @@ class SqliteLedger:
             return
         self._closed = True
         if self._thread is not None:
-            self._queue.put(_STOP)
+            self._requests.put(_STOP)
+            self._wake.set()
             await asyncio.to_thread(self._thread.join)
 
     @contextmanager
