@@ -3,7 +3,8 @@
 It implements GenerationService with a prebuilt GenerateResponse and a
 prebuilt 20-chunk event stream, so it measures what grpc.aio alone costs
 per call and per message here: no validation, no routing, no providers.
-The most any Python gRPC service can do on this machine.
+The most any Python gRPC service can do on this machine: on uvloop, as the
+gateway serves by default (server.event_loop: auto).
 
 Usage: python bench/ceiling_server.py PORT [CHUNKS]
 """
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import uvloop
 
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
@@ -81,4 +83,5 @@ async def main(port: int, chunks: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 20))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 20))

@@ -7,11 +7,10 @@ With no subcommand it serves; `python -m server keys ...` manages API keys
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from typing import Any
 
-from server.app import serve
+from server.app import run
 from server.auth.cli import add_keys_parser, run_keys_command
 from server.config import ConfigError, load_config
 from server.logs import configure_logging
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.server.workers > 1:
         return run_workers(config)
     try:
-        asyncio.run(serve(config))
+        run(config)
     except ConfigError as err:
         print(f"llm-gateway: {err}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -193,7 +193,11 @@ class Gateway:
         self.health.set(GENERATION_SERVICE, SERVING)
         self.health.set(TOKEN_SERVICE, SERVING)
         self.health.set(USAGE_SERVICE, SERVING)
-        log.info("llm-gateway serving on %s", _address(self.config.server.host, self.port))
+        log.info(
+            "llm-gateway serving on %s (event loop: %s)",
+            _address(self.config.server.host, self.port),
+            type(asyncio.get_running_loop()).__module__.partition(".")[0],
+        )
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -221,6 +225,25 @@ class Gateway:
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop `server.event_loop` asks for (None: asyncio's default)."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("server.event_loop is uvloop, but uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
+
+
+def run(config: GatewayConfig) -> None:
+    """Serves until SIGTERM or SIGINT on the configured event loop (the process's main)."""
+    with asyncio.Runner(loop_factory=loop_factory(config.server.event_loop)) as runner:
+        runner.run(serve(config))
 
 
 async def serve(config: GatewayConfig) -> None:

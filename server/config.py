@@ -59,6 +59,10 @@ class ServerConfig(_Strict):
     # Serving processes sharing the port with SO_REUSEPORT (server/workers.py);
     # one event loop each, so at most one per core helps.
     workers: int = Field(1, ge=1, le=64)
+    # auto: uvloop when it is installed (it is a dependency, except on
+    # Windows), else asyncio's own loop. uvloop takes 0.1-0.7 ms off a
+    # provider call here (bench/results).
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
     @model_validator(mode="after")
     def _workers_need_a_fixed_port(self) -> Self:

@@ -24,9 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def _worker_main(config_data: dict[str, Any], index: int) -> None:
-    import asyncio
-
-    from server.app import serve
+    from server.app import run
     from server.logs import configure_logging
 
     # Out of the terminal's process group: a Ctrl-C reaches only the parent,
@@ -35,7 +33,7 @@ def _worker_main(config_data: dict[str, Any], index: int) -> None:
     config = GatewayConfig.model_validate(config_data)
     configure_logging(config.logging)
     logging.getLogger(__name__).info("worker %d (pid %d) starting", index, os.getpid())
-    asyncio.run(serve(config))
+    run(config)
 
 
 def run_workers(config: GatewayConfig) -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
+from server.app import loop_factory
 from server.config import ConfigError, load_config
 from server.routing import Router, build_providers
 from tests.conftest import REPO_ROOT
@@ -109,3 +111,17 @@ def test_shipped_example_config_is_valid() -> None:
     config = load_config(REPO_ROOT / "config.example.yaml", environ={})
     router = Router(build_providers(config))
     assert router.resolve("echo") is not None
+
+
+def test_event_loop_auto_takes_uvloop_when_installed_and_asyncio_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import uvloop
+
+    assert loop_factory("auto") is uvloop.new_event_loop
+    assert loop_factory("uvloop") is uvloop.new_event_loop
+    assert loop_factory("asyncio") is None
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
+    assert loop_factory("auto") is None
+    with pytest.raises(ConfigError, match=r"server\.event_loop is uvloop"):
+        loop_factory("uvloop")

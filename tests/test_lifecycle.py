@@ -92,10 +92,16 @@ async def test_healthcheck_command(running: RunningGateway) -> None:
     assert b"unhealthy: UNAVAILABLE" in err
 
 
-async def test_sigterm_lets_an_open_stream_finish_then_exits_zero() -> None:
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_sigterm_lets_an_open_stream_finish_then_exits_zero(event_loop: str) -> None:
     server = await start_server_process(
-        env={"LLMGW_SERVER__SHUTDOWN_GRACE_S": "10", "LLMGW_LOGGING__LEVEL": "INFO"}
+        env={
+            "LLMGW_SERVER__SHUTDOWN_GRACE_S": "10",
+            "LLMGW_LOGGING__LEVEL": "INFO",
+            "LLMGW_SERVER__EVENT_LOOP": event_loop,
+        }
     )
+    assert f"(event loop: {event_loop})" in server.log[-1]
     address = f"127.0.0.1:{server.port}"
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
