@@ -69,17 +69,22 @@ async def coalesce(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEv
     closes `events` and so the upstream call.
     """
     queue: asyncio.Queue[StreamEvent | _Failed | _End] = asyncio.Queue(QUEUE_SIZE)
-    first_content_sent = False
+    first_content_sent = asyncio.Event()
 
     async def pump() -> None:
         try:
             async for event in events:
                 await queue.put(event)
-                if not first_content_sent:
-                    # Until the first content has gone out, let the sender run
-                    # after every event (time to first token); after it, read
-                    # ahead freely so a backlog merges.
-                    await asyncio.sleep(0)
+                if not first_content_sent.is_set():
+                    # Time to first token: until the first content has gone out,
+                    # let the sender run after every event, and once that content
+                    # is queued read nothing more (parsing the next upstream
+                    # events would only hold up the messages before it). After
+                    # it, read ahead freely so a backlog merges.
+                    if isinstance(event, _MERGEABLE):
+                        await first_content_sent.wait()
+                    else:
+                        await asyncio.sleep(0)
             await queue.put(_END)
         except asyncio.CancelledError:
             raise
@@ -110,8 +115,8 @@ async def coalesce(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEv
                     pending = following
                     break
                 item = merged
-            if not first_content_sent and isinstance(item, _MERGEABLE):
-                first_content_sent = True
+            if isinstance(item, _MERGEABLE):
+                first_content_sent.set()
             yield item
     finally:
         if not task.done():
