@@ -121,14 +121,18 @@ class Service:
 
     def cpu_seconds(self) -> float:
         """User plus system CPU time of the process and its children so far."""
-        total = 0
+        return sum(self.cpu_by_process().values())
+
+    def cpu_by_process(self) -> dict[int, float]:
+        """User plus system CPU seconds so far of the process and of each child."""
+        seconds: dict[int, float] = {}
         for pid in self.pids():
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
             except OSError:
                 continue
-            total += int(fields[11]) + int(fields[12])
-        return total / _TICKS
+            seconds[pid] = (int(fields[11]) + int(fields[12])) / _TICKS
+        return seconds
 
 
 def python() -> str:

@@ -117,11 +117,22 @@ def headline(rows: list[Row]) -> tuple[str, dict[str, Any]]:
         if one and two:
             ratio = two["calls_per_s"] / one["calls_per_s"]
             numbers[f"workers_ratio_{method}"] = ratio
-            lines.append(
+            line = (
                 f"- 2 workers vs 1, {method} at concurrency 128: {two['calls_per_s']:.0f}/s vs"
-                f" {one['calls_per_s']:.0f}/s = {ratio:.2f}x (target >= 1.7x; the load generator"
-                " shares the same 2 cores)"
+                f" {one['calls_per_s']:.0f}/s = {ratio:.2f}x (target >= 1.7x)"
             )
+            if one.get("calls_per_server_cpu_s") and two.get("calls_per_server_cpu_s"):
+                efficiency = two["calls_per_server_cpu_s"] / one["calls_per_server_cpu_s"]
+                numbers[f"workers_cpu_efficiency_{method}"] = efficiency
+                line += (
+                    f"; on the same 2 cores the load generator used"
+                    f" {two['loadgen_cpu_percent']}% of a core; worker CPU"
+                    f" {'/'.join(str(p) for p in two['worker_cpu_percent'])}% (1 worker:"
+                    f" {'/'.join(str(p) for p in one['worker_cpu_percent'])}%);"
+                    f" calls per serving CPU-second {two['calls_per_server_cpu_s']} vs"
+                    f" {one['calls_per_server_cpu_s']} ({efficiency:.2f} of one worker's)"
+                )
+            lines.append(line)
     return "\n".join(lines), numbers
 
 

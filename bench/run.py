@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -228,15 +229,54 @@ class Bench:
         )
 
     def workers(self, echo: Path) -> None:
+        """1 and 2 serving processes, nothing pinned; CPU accounted per process.
+
+        On a 2-core machine the load generator needs part of a core too, so the
+        throughput ratio alone understates what a second worker adds; the row
+        also says how the calls spread (each worker's CPU) and the calls per
+        CPU-second of the serving processes, which a second core should keep.
+        """
         for workers in (1, 2):
             port = free_port()
             config = self.gateway_config(port, {"offline": {"type": "offline"}}, workers=workers)
-            with self.gateway(config, core=None, workers=workers):
+            with self.gateway(config, core=None, workers=workers) as gateway:
                 for method in ("unary", "stream"):
+                    before = gateway.cpu_by_process()
+                    load_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    # 64 connections: SO_REUSEPORT spreads connections, not calls.
                     result = self.loadgen(
-                        f"127.0.0.1:{port}", echo, method, 128, conns=16, core=None
+                        f"127.0.0.1:{port}", echo, method, 128, conns=64, core=None
                     )
-                    self.record("workers", f"{workers} worker(s)", result, workers=workers)
+                    load_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    after = gateway.cpu_by_process()
+                    served = {
+                        pid: after[pid] - before.get(pid, 0.0)
+                        for pid in after
+                        if after[pid] - before.get(pid, 0.0) > 0.05
+                    }
+                    load_cpu = sum(
+                        getattr(load_after, f) - getattr(load_before, f)
+                        for f in ("ru_utime", "ru_stime")
+                    )
+                    elapsed = result["elapsed_s"]
+                    extra = {
+                        "workers": workers,
+                        "server_cpu_s": round(sum(served.values()), 2),
+                        "worker_cpu_percent": sorted(
+                            (round(100 * v / elapsed) for v in served.values()), reverse=True
+                        ),
+                        "loadgen_cpu_percent": round(100 * load_cpu / elapsed),
+                        "calls_per_server_cpu_s": round(
+                            result["calls"] / max(sum(served.values()), 1e-9)
+                        ),
+                    }
+                    self.record("workers", f"{workers} worker(s)", result, **extra)
+                    print(
+                        f"            CPU: workers {extra['worker_cpu_percent']}% of a core,"
+                        f" load generator {extra['loadgen_cpu_percent']}%;"
+                        f" {extra['calls_per_server_cpu_s']} calls per server CPU-second",
+                        flush=True,
+                    )
 
 
 def medians(repetitions: list[dict[str, Any]]) -> dict[str, float]:
