@@ -103,6 +103,7 @@ func main() {
 	warmup := flag.Int("warmup", 50, "calls made and discarded before measuring")
 	timeout := flag.Duration("timeout", 30*time.Second, "deadline of each call")
 	interval := flag.Duration("interval", 0, "expected gap between stream chunks; reports the added delay")
+	ramp := flag.Duration("ramp", 0, "start the workers evenly over this long (not all at one instant)")
 	flag.Parse()
 
 	request, err := ioutil.ReadFile(*requestFile)
@@ -207,6 +208,9 @@ func main() {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
+			if *ramp > 0 {
+				time.Sleep(time.Duration(int64(*ramp) * int64(i) / int64(*concurrency)))
+			}
 			for time.Now().Before(stopAt) {
 				if *total > 0 && atomic.AddInt64(&next, 1) > int64(*total) {
 					return
