@@ -6,7 +6,11 @@ per call and per message here: no validation, no routing, no providers.
 The most any Python gRPC service can do on this machine: on uvloop, as the
 gateway serves by default (server.event_loop: auto).
 
-Usage: python bench/ceiling_server.py PORT [CHUNKS]
+With INTERVAL_MS, each stream's chunks follow a fixed timeline that far
+apart (the held-streams scenario's reference: grpc.aio alone, holding as
+many streams as the gateway is asked to).
+
+Usage: python bench/ceiling_server.py PORT [CHUNKS [INTERVAL_MS]]
 """
 
 from __future__ import annotations
@@ -52,8 +56,9 @@ def canned_events(chunks: int) -> list[pb.StreamGenerateResponse]:
 
 
 class CeilingServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, chunks: int) -> None:
+    def __init__(self, chunks: int, interval_s: float = 0.0) -> None:
         self._events = canned_events(chunks)
+        self._interval = interval_s
         self._response = pb.GenerateResponse(
             id="msg_ceiling",
             model="echo",
@@ -69,13 +74,23 @@ class CeilingServicer(pb_grpc.GenerationServiceServicer):
     async def StreamGenerate(
         self, request: Any, context: Any
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
+        if not self._interval:
+            for event in self._events:
+                yield event
+            return
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         for event in self._events:
+            if event.HasField("content_block_delta"):
+                due += self._interval
+                await asyncio.sleep(due - loop.time())
             yield event
 
 
-async def main(port: int, chunks: int) -> None:
+async def main(port: int, chunks: int, interval_ms: float = 0.0) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_GenerationServiceServicer_to_server(CeilingServicer(chunks), server)
+    servicer = CeilingServicer(chunks, interval_ms / 1000)
+    pb_grpc.add_GenerationServiceServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"ceiling serving on 127.0.0.1:{port}", file=sys.stderr, flush=True)
@@ -84,4 +99,5 @@ async def main(port: int, chunks: int) -> None:
 
 if __name__ == "__main__":
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 20))
+        chunks = int(sys.argv[2]) if len(sys.argv) > 2 else 20
+        runner.run(main(int(sys.argv[1]), chunks, float(sys.argv[3]) if len(sys.argv) > 3 else 0))

@@ -98,17 +98,19 @@ def headline(rows: list[Row]) -> tuple[str, dict[str, Any]]:
             )
     for r in rows:
         if r["scenario"] == "held":
-            delay = r["chunk_added_delay_ms"]
-            numbers["held"] = {
+            delay, start = r["chunk_added_delay_ms"], r["first_chunk_ms"]
+            numbers.setdefault("held", {})[r["target"]] = {
                 "streams": r["streams"],
                 "peak_rss_mib": r["peak_rss_mib"],
                 "chunk_added_delay_p99_ms": delay["p99"],
+                "first_chunk_p99_ms": start["p99"],
             }
             lines.append(
-                f"- {r['streams']} open streams for {r['seconds']} s:"
+                f"- {r['target']} open for {r['seconds']} s:"
                 f" peak RSS {r['peak_rss_mib']} MiB (target < 300), idle {r['idle_rss_mib']} MiB,"
                 f" CPU {r['cpu_percent_of_one_core']}% of a core, added delay per chunk"
                 f" p50 {delay['p50']:.2f} ms, p99 {delay['p99']:.2f} ms (target <= 5),"
+                f" first chunk p50 {start['p50']:.0f} ms, p99 {start['p99']:.0f} ms,"
                 f" errors {r['errors']}"
             )
     for method in ("unary", "stream"):

@@ -69,6 +69,7 @@ class Bench:
         seconds: float = 12,
         conns: int | None = None,
         interval_ms: int = 0,
+        ramp_s: float = 0,
         core: int | None = LOAD_CORE,
         warmup: int = 50,
         timeout_s: float = 30,
@@ -88,6 +89,8 @@ class Bench:
         ]  # fmt: skip
         if interval_ms:
             argv += ["-interval", f"{interval_ms}ms"]
+        if ramp_s:
+            argv += ["-ramp", f"{ramp_s}s"]
         env = {**os.environ, "GOMAXPROCS": "1" if core is not None else str(CORES)}
         out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
         return dict(json.loads(out.stdout))
@@ -185,46 +188,66 @@ class Bench:
                             "providers", f"direct {provider} SDK", result, provider=provider
                         )
 
-    def held_streams(self, streams: int, seconds: int) -> None:
+    def held_streams(self, streams: int, seconds: int, *, target: str, workers: int = 1) -> None:
+        """`streams` streams open at once, a chunk every 50 ms each, for `seconds`.
+
+        The streams start over streams/200 seconds (200 new streams a second),
+        not at one instant: grpc.aio accepts one call per event-loop turn, so
+        a thousand calls arriving together measure its accept queue, not the
+        holding. Targets: the gateway (offline provider, its fixed timeline),
+        or the ceiling server on the same timeline: grpc.aio alone. With 2
+        workers nothing is pinned.
+        """
         port = free_port()
-        config = self.gateway_config(port, {"offline": {"type": "offline"}})
         chunks = seconds * 20  # one every 50 ms
         request = _request("echo", " ".join(f"w{i}" for i in range(chunks)), max_tokens=chunks)
         request.provider_options.update({"chunk_delay_ms": 50})
         path = self.request_file("held", request)
-        with self.gateway(config, core=SERVER_CORE) as gateway:
-            idle_rss = gateway.rss_mib()
+        core = SERVER_CORE if workers == 1 else None
+        if target == "ceiling":
+            argv = [python(), "-m", "bench.ceiling_server", str(port), str(chunks), "50"]
+            service = Service("ceiling", argv, core=core)
+            name = f"bare grpc.aio, {streams} streams"
+        else:
+            config = self.gateway_config(port, {"offline": {"type": "offline"}}, workers=workers)
+            service = self.gateway(config, core=core, workers=workers)
+            name = f"gateway, {streams} streams" + (f", {workers} workers" if workers > 1 else "")
+        with service as server:
+            idle_rss = server.rss_mib()
             samples: list[float] = []
             done = threading.Event()
 
             def sample() -> None:
                 while not done.wait(1.0):
-                    samples.append(gateway.rss_mib())
+                    samples.append(server.rss_mib())
 
             sampler = threading.Thread(target=sample, daemon=True)
-            cpu_before, started = gateway.cpu_seconds(), time.monotonic()
+            cpu_before, started = server.cpu_seconds(), time.monotonic()
             sampler.start()
             result = self.loadgen(
                 f"127.0.0.1:{port}", path, "stream", streams, calls=streams,
-                seconds=seconds + 30, conns=max(1, streams // 100), interval_ms=50,
-                warmup=0, timeout_s=seconds * 3 + 60,
+                seconds=seconds + 30, conns=max(1, streams // 50), interval_ms=50,
+                warmup=0, timeout_s=seconds * 3 + 60, ramp_s=streams / 200,
+                core=LOAD_CORE if workers == 1 else None,
             )  # fmt: skip
             done.set()
             sampler.join()
-            cpu = (gateway.cpu_seconds() - cpu_before) / (time.monotonic() - started)
+            cpu = (server.cpu_seconds() - cpu_before) / (time.monotonic() - started)
         extra = {
             "streams": streams,
             "seconds": seconds,
+            "workers": workers,
             "idle_rss_mib": round(idle_rss, 1),
             "peak_rss_mib": round(max(samples, default=idle_rss), 1),
             "cpu_percent_of_one_core": round(100 * cpu, 1),
         }
-        self.record("held", f"{streams} streams x {seconds}s", result, **extra)
-        delay = result["chunk_added_delay_ms"]
+        self.record("held", name, result, **extra)
+        delay, start = result["chunk_added_delay_ms"], result["first_chunk_ms"]
         print(
             f"            RSS idle {extra['idle_rss_mib']} MiB, peak {extra['peak_rss_mib']} MiB;"
             f" CPU {extra['cpu_percent_of_one_core']}% of a core;"
-            f" added delay per chunk p50 {delay['p50']:.2f} p99 {delay['p99']:.2f} ms",
+            f" added delay per chunk p50 {delay['p50']:.2f} p99 {delay['p99']:.2f} ms;"
+            f" first chunk p50 {start['p50']:.0f} p99 {start['p99']:.0f} ms",
             flush=True,
         )
 
@@ -372,7 +395,12 @@ def main() -> int:
         for streams in [200] if args.quick else args.held_streams:
             seconds = 10 if args.quick else args.held_seconds
             # The sizes below 1,000 only show what one core sustains: half the time.
-            bench.held_streams(streams, seconds if streams >= 1000 else max(10, seconds // 2))
+            seconds = seconds if streams >= 1000 else max(10, seconds // 2)
+            bench.held_streams(streams, seconds, target="gateway")
+            if streams >= 1000:
+                # Beyond one core: the same load on grpc.aio alone, and on 2 workers.
+                bench.held_streams(streams, seconds // 2, target="ceiling")
+                bench.held_streams(streams, seconds // 2, target="gateway", workers=2)
     if "workers" in args.only:
         bench.workers(echo)
 

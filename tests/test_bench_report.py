@@ -68,3 +68,21 @@ def test_reports_are_written(tmp_path: Path) -> None:
     markdown = write_reports(results, tmp_path / "run")
     assert (tmp_path / "run.json").exists()
     assert "| providers | gateway -> anthropic | unary | 1 | 300 |" in markdown
+
+
+def test_held_and_workers_lines_carry_their_accounting() -> None:
+    held = row("held", "gateway, 1000 streams", "stream", 1000, 15, 60_000, 61_000, first=(60, 900))
+    held.update(streams=1000, seconds=60, workers=1, idle_rss_mib=70.0, peak_rss_mib=180.0,
+                cpu_percent_of_one_core=95.0)  # fmt: skip
+    held["chunk_added_delay_ms"] = {"p50": 0.5, "p99": 12.0}
+    one = row("workers", "1 worker(s)", "unary", 128, 1400, 80, 110)
+    one.update(worker_cpu_percent=[125], loadgen_cpu_percent=33, calls_per_server_cpu_s=1200)
+    two = row("workers", "2 worker(s)", "unary", 128, 1750, 60, 100)
+    two.update(worker_cpu_percent=[80, 76], loadgen_cpu_percent=42, calls_per_server_cpu_s=1080)
+    text, numbers = headline([held, one, two])
+    assert numbers["held"]["gateway, 1000 streams"]["chunk_added_delay_p99_ms"] == 12.0
+    assert numbers["held"]["gateway, 1000 streams"]["first_chunk_p99_ms"] == 900
+    assert "first chunk p50 60 ms, p99 900 ms" in text
+    assert numbers["workers_ratio_unary"] == pytest.approx(1.25)
+    assert numbers["workers_cpu_efficiency_unary"] == pytest.approx(0.9)
+    assert "worker CPU 80/76% (1 worker: 125%)" in text
