@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The last released contract, as a buf image: `buf breaking` compares proto/ with it.
 RELEASED_CONTRACT := proto/released/contract.binpb
 
-.PHONY: run test check lint typecheck pytest proto proto-lint proto-release bench clean
+.PHONY: run test check lint typecheck pytest proto proto-lint proto-release bench bench-peer clean
 
 ## run: install the gateway and serve it on 127.0.0.1:50051 (offline provider, no keys needed)
 run: $(STAMP)
@@ -69,6 +69,10 @@ proto-release: $(STAMP)
 ## bench: build the Go load generator and run every benchmark scenario (about 9 minutes)
 bench: $(STAMP) $(VENV)/.bench-installed bench/.bin/loadgen
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+## bench-peer: the same provider scenario through LiteLLM's proxy (own venv), side by side
+bench-peer: $(STAMP) $(VENV)/.bench-installed bench/.bin/loadgen
+	$(BIN)/python -m bench.peer $(BENCH_ARGS)
 
 bench/.bin/loadgen: bench/loadgen/main.go bench/build-loadgen.sh
 	bench/build-loadgen.sh

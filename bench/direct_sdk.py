@@ -6,7 +6,10 @@ given concurrency and prints the same JSON summary as bench/loadgen, so the
 gateway's added latency is gateway-path minus this. (The gateway itself
 always streams upstream and folds the stream for Generate.)
 
-Usage: python -m bench.direct_sdk anthropic|openai BASE_URL unary|stream C N
+Usage: python -m bench.direct_sdk anthropic|openai BASE_URL unary|stream C N [MODEL [API_KEY]]
+
+MODEL and API_KEY serve `make bench-peer`, where BASE_URL is a peer gateway
+(LiteLLM's proxy) speaking the same API in front of the same fake upstream.
 """
 
 from __future__ import annotations
@@ -40,25 +43,31 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 
 async def run(
-    provider: str, base_url: str, method: str, concurrency: int, total: int
+    provider: str,
+    base_url: str,
+    method: str,
+    concurrency: int,
+    total: int,
+    model: str = "bench-model",
+    api_key: str = "bench",
 ) -> dict[str, Any]:
     if provider == "anthropic":
         import anthropic
 
-        client: Any = anthropic.AsyncAnthropic(api_key="bench", base_url=base_url, max_retries=0)
+        client: Any = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0)
 
         async def call() -> float | None:
             first = None
             start = time.perf_counter()
             if method == "unary":
                 await client.messages.create(
-                    model="bench-model",
+                    model=model,
                     max_tokens=MAX_TOKENS,
                     messages=[{"role": "user", "content": "Hello"}],
                 )
                 return None
             stream = await client.messages.create(
-                model="bench-model",
+                model=model,
                 max_tokens=MAX_TOKENS,
                 messages=[{"role": "user", "content": "Hello"}],
                 stream=True,
@@ -71,20 +80,20 @@ async def run(
     else:
         import openai
 
-        client = openai.AsyncOpenAI(api_key="bench", base_url=base_url, max_retries=0)
+        client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0)
 
         async def call() -> float | None:
             first = None
             start = time.perf_counter()
             if method == "unary":
                 await client.chat.completions.create(
-                    model="bench-model",
+                    model=model,
                     max_completion_tokens=MAX_TOKENS,
                     messages=[{"role": "user", "content": "Hello"}],
                 )
                 return None
             stream = await client.chat.completions.create(
-                model="bench-model",
+                model=model,
                 max_completion_tokens=MAX_TOKENS,
                 messages=[{"role": "user", "content": "Hello"}],
                 stream=True,
@@ -141,4 +150,6 @@ async def run(
 
 if __name__ == "__main__":
     provider, base_url, method, concurrency, total = sys.argv[1:6]
-    print(json.dumps(asyncio.run(run(provider, base_url, method, int(concurrency), int(total)))))
+    extra = sys.argv[6:8]
+    result = asyncio.run(run(provider, base_url, method, int(concurrency), int(total), *extra))
+    print(json.dumps(result))
