@@ -86,3 +86,32 @@ def test_held_and_workers_lines_carry_their_accounting() -> None:
     assert numbers["workers_ratio_unary"] == pytest.approx(1.25)
     assert numbers["workers_cpu_efficiency_unary"] == pytest.approx(0.9)
     assert "worker CPU 80/76% (1 worker: 125%)" in text
+
+
+def test_peer_report_adds_latency_over_the_direct_path_per_gateway() -> None:
+    from bench.peer import report
+
+    def measured(path: str, provider: str, method: str, c: int, rate: float, p50: float,
+                 first: float | None = None) -> dict[str, Any]:  # fmt: skip
+        chunk = (first, first + 1) if first else None
+        result = row("providers", path, method, c, rate, p50, p50 + 1, chunk)
+        return {**result, "path": path, "provider": provider}
+
+    rows = []
+    for provider in ("anthropic", "openai"):
+        rows += [
+            measured("direct SDK", provider, "unary", 1, 500, 1.5),
+            measured("direct SDK", provider, "stream", 1, 300, 2.0, first=1.2),
+            measured("llm-gateway", provider, "unary", 1, 300, 2.3),
+            measured("llm-gateway", provider, "stream", 1, 200, 3.0, first=2.0),
+            measured("llm-gateway", provider, "unary", 32, 360, 80),
+            measured("llm-gateway", provider, "stream", 32, 200, 150),
+            measured("LiteLLM", provider, "unary", 1, 50, 15.5),
+            measured("LiteLLM", provider, "stream", 1, 40, 20.0, first=17.2),
+            measured("LiteLLM", provider, "unary", 32, 72, 400),
+            measured("LiteLLM", provider, "stream", 32, 40, 600),
+        ]
+    text = report(rows, {"llm-gateway": 137.0, "LiteLLM": 314.0})
+    assert "| llm-gateway | anthropic | +0.80 / +0.80 | +0.80 / +0.80 | 360 | 200 | 137 |" in text
+    assert "| LiteLLM | openai | +14.00 / +14.00 | +16.00 / +16.00 | 72 | 40 | 314 |" in text
+    assert "anthropic unary at concurrency 32: llm-gateway 5.0x LiteLLM's throughput." in text
