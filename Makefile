@@ -66,7 +66,7 @@ proto-lint: $(STAMP)
 proto-release: $(STAMP)
 	$(BIN)/buf build '.git#ref=HEAD' --exclude-source-info -o $(RELEASED_CONTRACT)
 
-## bench: build the Go load generator and run every benchmark scenario (about 9 minutes)
+## bench: build the Go load generator and run every benchmark scenario (about 7 minutes)
 bench: $(STAMP) $(VENV)/.bench-installed bench/.bin/loadgen
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
