@@ -134,6 +134,16 @@ async def test_sigterm_lets_an_open_stream_finish_then_exits_zero(event_loop: st
     assert "stopped" in log
 
 
+async def test_sigterm_the_moment_it_serves_still_drains_and_exits_zero() -> None:
+    # The signal handlers are in place before the port opens: a SIGTERM sent as
+    # soon as the log says "serving on" (a supervisor's quick restart) drains.
+    server = await start_server_process()
+    server.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(server.process.wait(), 15) == 0
+    assert server.process.stderr is not None
+    assert "stopped" in (await server.process.stderr.read()).decode()
+
+
 async def test_grace_period_bounds_a_stream_that_would_run_longer() -> None:
     server = await start_server_process(env={"LLMGW_SERVER__SHUTDOWN_GRACE_S": "0.5"})
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
