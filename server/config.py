@@ -381,7 +381,8 @@ class LedgerConfig(_Strict):
     # Rows are written in batches this often; a crash loses at most this much.
     flush_interval_s: float = Field(1.0, gt=0, le=60)
     max_batch: int = Field(500, ge=1)
-    # postgres only: rows kept in memory while PostgreSQL is unreachable.
+    # Rows kept in memory while the ledger cannot be written (PostgreSQL
+    # unreachable, a full disk or a locked SQLite file); beyond it rows are dropped.
     max_buffered: int = Field(100_000, ge=1)
 
     @field_validator("path")

@@ -145,3 +145,47 @@ async def test_a_full_batch_is_written_without_waiting_for_the_interval(tmp_path
         assert [r["request_id"] for r in await ledger.rows()] == [f"r{i}" for i in range(12)]
     finally:
         await ledger.aclose()
+
+
+def _drop_table(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("DROP TABLE usage")
+    conn.close()
+
+
+async def test_rows_survive_a_failing_database_and_are_written_when_it_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "failing.sqlite3"
+    ledger = SqliteLedger(path, flush_interval_s=0.05, max_batch=2, max_buffered=5)
+    await ledger.start()
+    try:
+        await ledger.flush()
+        _drop_table(path)  # every insert now fails: "no such table"
+        for i in range(7):
+            record = open_record("Generate", "echo")
+            record.request_id = f"r{i}"
+            close_record(record, [ledger.record], grpc.StatusCode.OK)
+        # A flush on a failing database returns (no hung shutdown) with nothing written.
+        await asyncio.wait_for(ledger.flush(), 5)
+        assert ledger.rows_written == 0 and ledger.failures >= 1
+        assert ledger.rows_dropped == 2  # beyond max_buffered
+        assert "writing to" in caplog.text and "failed" in caplog.text
+        await asyncio.to_thread(_recreate_schema, path)
+        await asyncio.wait_for(ledger.flush(), 5)
+        rows = await ledger.rows()
+    finally:
+        await ledger.aclose()
+    # The kept rows, in order, none twice.
+    assert [r["request_id"] for r in rows] == [f"r{i}" for i in range(5)]
+
+
+def _recreate_schema(path: Path) -> None:
+    from server.accounting.ledger import _CALL_ID_INDEX, _SCHEMA
+
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.executescript(_SCHEMA)
+        conn.execute(_CALL_ID_INDEX)
+    conn.close()

@@ -63,7 +63,10 @@ def _ledger(config: GatewayConfig) -> UsageLedger | None:
             max_buffered=ledger.max_buffered,
         )
     return SqliteLedger(
-        ledger.path, flush_interval_s=ledger.flush_interval_s, max_batch=ledger.max_batch
+        ledger.path,
+        flush_interval_s=ledger.flush_interval_s,
+        max_batch=ledger.max_batch,
+        max_buffered=ledger.max_buffered,
     )
 
 

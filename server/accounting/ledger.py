@@ -13,9 +13,11 @@ which WAL lets read while the writer writes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +27,10 @@ from typing import Literal, Protocol
 
 from server.calls import CallRecord
 
+log = logging.getLogger(__name__)
+
 Row = tuple[object, ...]
+_MAX_BACKOFF_S = 30.0
 Grouping = Literal["", "key", "model", "provider"]
 
 COLUMNS = (
@@ -149,16 +154,28 @@ _STOP = object()
 class SqliteLedger:
     """The embedded ledger: SQLite in WAL mode, written in batches by one thread."""
 
-    def __init__(self, path: Path, *, flush_interval_s: float = 1.0, max_batch: int = 500) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        flush_interval_s: float = 1.0,
+        max_batch: int = 500,
+        max_buffered: int = 100_000,
+    ) -> None:
         self.path = path
         self._interval = flush_interval_s
         self._max_batch = max_batch
+        self._max_buffered = max_buffered
         self._rows: deque[Row] = deque()  # appended by the loop, drained by the writer
         self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()  # flushes, _STOP
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._failing_since: float | None = None
+        self._last_warning = 0.0
         self.rows_written = 0
+        self.rows_dropped = 0
+        self.failures = 0
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False)
@@ -183,34 +200,61 @@ class SqliteLedger:
 
     def record(self, record: CallRecord) -> None:
         """CallRecord observer: buffers the row (never blocks, never wakes the writer early)."""
-        if not self._closed:
-            self._rows.append(row_of(record))
-            if len(self._rows) >= self._max_batch:
-                self._wake.set()
+        if self._closed:
+            return
+        if len(self._rows) >= self._max_buffered:
+            # The disk has been failing for a long while: keep memory bounded.
+            self.rows_dropped += 1
+            if self.rows_dropped == 1 or self.rows_dropped % 10_000 == 0:
+                log.error(
+                    "usage ledger: %d rows wait for %s, the most kept; %d rows dropped so far",
+                    len(self._rows),
+                    self.path,
+                    self.rows_dropped,
+                )
+            return
+        self._rows.append(row_of(record))
+        if len(self._rows) >= self._max_batch:
+            self._wake.set()
 
     def _write_loop(self) -> None:
-        conn = self._connect()
+        conn: sqlite3.Connection | None = None
+        backoff = 0.0
         try:
             while True:
-                self._wake.wait(self._interval)
+                self._wake.wait(backoff or self._interval)
                 self._wake.clear()
-                self._write(conn)
+                conn, ok = self._write(conn)
                 while True:
                     try:
                         item = self._requests.get_nowait()
                     except queue.Empty:
                         break
-                    # Rows buffered before the request was made are written first.
-                    self._write(conn)
+                    # Rows buffered before the request was made are written first
+                    # (tried once more: a flush or the shutdown is waiting on it).
+                    conn, ok = self._write(conn)
                     if item is _STOP:
+                        if self._rows:
+                            log.error(
+                                "usage ledger: %d rows could not be written to %s",
+                                len(self._rows),
+                                self.path,
+                            )
                         return
                     if callable(item):  # a flush waiting for the rows so far
                         item()
+                backoff = 0.0 if ok else min(max(backoff * 2, 0.25), _MAX_BACKOFF_S)
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
 
-    def _write(self, conn: sqlite3.Connection) -> None:
-        """Writes every buffered row, `max_batch` rows per transaction."""
+    def _write(self, conn: sqlite3.Connection | None) -> tuple[sqlite3.Connection | None, bool]:
+        """Writes every buffered row, `max_batch` per transaction; False when SQLite failed.
+
+        A batch that fails goes back to the front of the buffer, in order,
+        and is tried again after a backoff: a full disk or a locked file loses
+        no row while it lasts (up to `max_buffered`).
+        """
         while self._rows:
             batch: list[Row] = []
             try:
@@ -218,9 +262,41 @@ class SqliteLedger:
                     batch.append(self._rows.popleft())
             except IndexError:
                 pass
-            with conn:
-                conn.executemany(_INSERT, batch)
+            try:
+                if conn is None:
+                    conn = self._connect()
+                with conn:
+                    conn.executemany(_INSERT, batch)
+            except sqlite3.Error as err:
+                self._rows.extendleft(reversed(batch))
+                self.failures += 1
+                if conn is not None:
+                    conn.close()
+                self._note_failure(err)
+                return None, False
             self.rows_written += len(batch)
+            if self._failing_since is not None:
+                log.info(
+                    "usage ledger: writing to %s again after %.0f s",
+                    self.path,
+                    time.monotonic() - self._failing_since,
+                )
+                self._failing_since = None
+        return conn, True
+
+    def _note_failure(self, err: sqlite3.Error) -> None:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._last_warning < 60:
+            return
+        self._last_warning = now
+        log.error(
+            "usage ledger: writing to %s failed (%s); %d rows kept, retrying",
+            self.path,
+            str(err).splitlines()[0] if str(err) else type(err).__name__,
+            len(self._rows),
+        )
 
     async def flush(self) -> None:
         """Waits until every row queued so far is written."""
