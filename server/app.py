@@ -140,6 +140,11 @@ class Gateway:
             self.telemetry.metrics.watch_quota_backend_failures(
                 lambda: float(getattr(backend, "failures", 0))
             )
+        ledger = self.accounting.ledger
+        if self.telemetry.metrics is not None and ledger is not None:
+            self.telemetry.metrics.watch_ledger(
+                lambda: float(ledger.failures), lambda: float(ledger.rows_dropped)
+            )
         self.accounting.admission.alert_hooks.append(self.telemetry.on_budget_alert)
         self._server = grpc.aio.server(
             interceptors=[

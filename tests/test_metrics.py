@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
+from server.accounting.ledger import SqliteLedger
 from server.app import Gateway
 from server.calls import CallRecord
 from server.config import ConfigError, load_config
@@ -133,6 +134,20 @@ async def test_a_stream_in_flight_is_counted(metered: RunningGateway, fake: Fake
     found = samples(await scrape(gw.gateway.telemetry.metrics_port))
     assert value(found, "llmgw_calls_in_flight") == 1
     call.cancel()
+
+
+async def test_ledger_failures_and_dropped_rows_are_read_at_each_scrape(
+    metered: RunningGateway,
+) -> None:
+    ledger = metered.gateway.accounting.ledger
+    assert isinstance(ledger, SqliteLedger)
+    port = metered.gateway.telemetry.metrics_port
+    found = samples(await scrape(port))
+    assert value(found, "llmgw_ledger_write_failures") == 0
+    ledger.failures, ledger.rows_dropped = 4, 7  # as a failing disk would leave them
+    found = samples(await scrape(port))
+    assert value(found, "llmgw_ledger_write_failures") == 4
+    assert value(found, "llmgw_ledger_rows_dropped") == 7
 
 
 async def test_metrics_are_off_by_default_and_need_one_worker() -> None:

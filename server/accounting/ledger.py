@@ -133,6 +133,14 @@ class UsageTotals:
 class UsageLedger(Protocol):
     """Where rows go: `SqliteLedger` here, `PostgresLedger` in postgres_ledger.py."""
 
+    rows_written: int
+    rows_dropped: int  # beyond max_buffered while the ledger could not be written
+
+    @property
+    def failures(self) -> int:
+        """Failed write attempts so far."""
+        ...
+
     def record(self, record: CallRecord) -> None: ...
 
     async def start(self) -> None: ...

@@ -129,6 +129,11 @@ class PostgresLedger:
         self.rows_written = 0
         self.rows_dropped = 0
 
+    @property
+    def failures(self) -> int:
+        """Failed write attempts so far."""
+        return self._failures
+
     # -- connections ---------------------------------------------------------
 
     def _safe(self, err: BaseException) -> str:

@@ -183,6 +183,17 @@ class GatewayMetrics:
             " was let through or refused as redis.failure_mode says.",
             registry=r,
         )
+        self._ledger_failures = Gauge(
+            "llmgw_ledger_write_failures",
+            "Writes of usage-ledger rows that failed so far (each batch is retried).",
+            registry=r,
+        )
+        self._ledger_dropped = Gauge(
+            "llmgw_ledger_rows_dropped",
+            "Usage-ledger rows dropped so far: the ledger failed until ledger.max_buffered"
+            " rows were waiting.",
+            registry=r,
+        )
         self._deployments: set[str] = set()
         if breaker_state is not None:
             r.register(_BreakerCollector(self._deployments, breaker_state))
@@ -244,6 +255,11 @@ class GatewayMetrics:
     def watch_quota_backend_failures(self, count: Callable[[], float]) -> None:
         """Reads the shared limits store's failure count at each scrape."""
         self._quota_backend_failures.set_function(count)
+
+    def watch_ledger(self, failures: Callable[[], float], dropped: Callable[[], float]) -> None:
+        """Reads the usage ledger's failed writes and dropped rows at each scrape."""
+        self._ledger_failures.set_function(failures)
+        self._ledger_dropped.set_function(dropped)
 
     def record_budget_alert(self, period: str, threshold: float) -> None:
         """A key's spend crossed `threshold` (0.5, 0.8, ...) of its `period` budget."""
