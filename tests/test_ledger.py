@@ -174,6 +174,7 @@ async def test_rows_survive_a_failing_database_and_are_written_when_it_recovers(
         assert "writing to" in caplog.text and "failed" in caplog.text
         await asyncio.to_thread(_recreate_schema, path)
         await asyncio.wait_for(ledger.flush(), 5)
+        assert "writing to" in caplog.text and "again after" in caplog.text
         rows = await ledger.rows()
     finally:
         await ledger.aclose()

@@ -159,6 +159,32 @@ class UsageLedger(Protocol):
 _STOP = object()
 
 
+class OutageLog:
+    """The log lines of a ledger that cannot write: the first failure, then at
+    most one every `every_s` while it lasts, and one line when writing works again."""
+
+    def __init__(self, logger: logging.Logger, every_s: float) -> None:
+        self._log = logger
+        self._every = every_s
+        self._since: float | None = None
+        self._last = 0.0
+
+    def failed(self, level: int, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        elif now - self._last < self._every:
+            return
+        self._last = now
+        self._log.log(level, message, *args)
+
+    def recovered(self, message: str, *args: object) -> None:
+        """Logs `message` with the outage's length in seconds appended to `args`."""
+        if self._since is not None:
+            self._log.info(message, *args, time.monotonic() - self._since)
+            self._since = None
+
+
 class SqliteLedger:
     """The embedded ledger: SQLite in WAL mode, written in batches by one thread."""
 
@@ -179,8 +205,7 @@ class SqliteLedger:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._failing_since: float | None = None
-        self._last_warning = 0.0
+        self._outage = OutageLog(log, every_s=60.0)
         self.rows_written = 0
         self.rows_dropped = 0
         self.failures = 0
@@ -280,31 +305,17 @@ class SqliteLedger:
                 self.failures += 1
                 if conn is not None:
                     conn.close()
-                self._note_failure(err)
+                self._outage.failed(
+                    logging.ERROR,
+                    "usage ledger: writing to %s failed (%s); %d rows kept, retrying",
+                    self.path,
+                    str(err).splitlines()[0] if str(err) else type(err).__name__,
+                    len(self._rows),
+                )
                 return None, False
             self.rows_written += len(batch)
-            if self._failing_since is not None:
-                log.info(
-                    "usage ledger: writing to %s again after %.0f s",
-                    self.path,
-                    time.monotonic() - self._failing_since,
-                )
-                self._failing_since = None
+            self._outage.recovered("usage ledger: writing to %s again after %.0f s", self.path)
         return conn, True
-
-    def _note_failure(self, err: sqlite3.Error) -> None:
-        now = time.monotonic()
-        if self._failing_since is None:
-            self._failing_since = now
-        elif now - self._last_warning < 60:
-            return
-        self._last_warning = now
-        log.error(
-            "usage ledger: writing to %s failed (%s); %d rows kept, retrying",
-            self.path,
-            str(err).splitlines()[0] if str(err) else type(err).__name__,
-            len(self._rows),
-        )
 
     async def flush(self) -> None:
         """Waits until every row queued so far is written."""

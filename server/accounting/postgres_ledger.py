@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from server.accounting.ledger import COLUMNS, Grouping, Row, UsageTotals, row_of
+from server.accounting.ledger import COLUMNS, Grouping, OutageLog, Row, UsageTotals, row_of
 from server.calls import CallRecord
 from server.errors import UnavailableError
 
@@ -124,8 +124,7 @@ class PostgresLedger:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._closed = False
-        self._failing_since: float | None = None
-        self._last_warning = 0.0
+        self._outage = OutageLog(log, every_s=_LOG_EVERY_S)
         self.rows_written = 0
         self.rows_dropped = 0
 
@@ -262,24 +261,15 @@ class PostgresLedger:
         if self._buffer:
             self._first_at = time.monotonic() - self._interval  # still due: keep draining
         self.rows_written += len(batch)
-        if self._failing_since is not None:
-            log.info(
-                "usage ledger: PostgreSQL at %s reachable again after %.0fs",
-                self.where,
-                time.monotonic() - self._failing_since,
-            )
-            self._failing_since = None
+        self._outage.recovered(
+            "usage ledger: PostgreSQL at %s reachable again after %.0fs", self.where
+        )
         self._signal_progress()
         return True
 
     def _note_failure(self, err: BaseException) -> None:
-        now = time.monotonic()
-        if self._failing_since is None:
-            self._failing_since = now
-        elif now - self._last_warning < _LOG_EVERY_S:
-            return
-        self._last_warning = now
-        log.warning(
+        self._outage.failed(
+            logging.WARNING,
             "usage ledger: PostgreSQL at %s is unreachable (%s); %d rows buffered, retrying",
             self.where,
             self._safe(err),
