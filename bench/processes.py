@@ -61,18 +61,20 @@ class Service:
         ready: str = "serving on",
         count: int = 1,
         env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
     ) -> None:
         self.name = name
         self.argv = [*pinned(core), *argv]
         self.ready, self.count = ready, count
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.cwd = cwd
         self.log_path = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Service:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                self.argv, cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=log
+                self.argv, cwd=self.cwd, env=self.env, stdout=subprocess.DEVNULL, stderr=log
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -115,3 +115,19 @@ def test_peer_report_adds_latency_over_the_direct_path_per_gateway() -> None:
     assert "| llm-gateway | anthropic | +0.80 / +0.80 | +0.80 / +0.80 | 360 | 200 | 137 |" in text
     assert "| LiteLLM | openai | +14.00 / +14.00 | +16.00 / +16.00 | 72 | 40 | 314 |" in text
     assert "anthropic unary at concurrency 32: llm-gateway 5.0x LiteLLM's throughput." in text
+
+
+def test_ab_table_gives_the_medians_per_load_and_tree() -> None:
+    from bench.ab import table
+
+    def run(rate: float, p50: float) -> dict[str, Any]:
+        return {"calls_per_s": rate, "latency_ms": {"p50": p50, "p99": p50 * 2}}
+
+    results = {
+        ("before", "offline", "unary", 32): [run(1000, 30), run(1100, 28), run(900, 35)],
+        ("after", "offline", "unary", 32): [run(1200, 25), run(1150, 26), run(1250, 24)],
+    }
+    text = table(results, ["before", "after"])
+    assert "| offline unary c=32 | before | 1000 | 30.000 | 60.000 | 0.000 |" in text
+    assert "| offline unary c=32 | after | 1200 | 25.000 | 50.000 | 0.000 |" in text
+    assert text.index("| before |") < text.index("| after |")
