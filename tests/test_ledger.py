@@ -158,7 +158,9 @@ async def test_rows_survive_a_failing_database_and_are_written_when_it_recovers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "failing.sqlite3"
-    ledger = SqliteLedger(path, flush_interval_s=0.05, max_batch=2, max_buffered=5)
+    # Written only when flushed (a long interval, batches larger than the test), so
+    # the writer never holds rows while they are recorded: exactly 5 are kept.
+    ledger = SqliteLedger(path, flush_interval_s=60, max_batch=100, max_buffered=5)
     await ledger.start()
     try:
         await ledger.flush()

@@ -236,7 +236,8 @@ class SqliteLedger:
         if self._closed:
             return
         if len(self._rows) >= self._max_buffered:
-            # The disk has been failing for a long while: keep memory bounded.
+            # The disk has been failing for a long while: keep memory bounded
+            # (to max_buffered, plus at most the one batch being retried).
             self.rows_dropped += 1
             if self.rows_dropped == 1 or self.rows_dropped % 10_000 == 0:
                 log.error(
