@@ -30,7 +30,6 @@ from server.calls import CallRecord
 log = logging.getLogger(__name__)
 
 Row = tuple[object, ...]
-_MAX_BACKOFF_S = 30.0
 Grouping = Literal["", "key", "model", "provider"]
 
 COLUMNS = (
@@ -159,9 +158,15 @@ class UsageLedger(Protocol):
 _STOP = object()
 
 
+def next_backoff(backoff: float) -> float:
+    """The pause before the next write attempt after a failed one: 0.25 s, doubling to 30 s."""
+    return min(max(backoff * 2, 0.25), 30.0)
+
+
 class OutageLog:
     """The log lines of a ledger that cannot write: the first failure, then at
-    most one every `every_s` while it lasts, and one line when writing works again."""
+    most one every `every_s` while it lasts, one line when writing works again,
+    and the rows dropped once the buffer is full."""
 
     def __init__(self, logger: logging.Logger, every_s: float) -> None:
         self._log = logger
@@ -183,6 +188,16 @@ class OutageLog:
         if self._since is not None:
             self._log.info(message, *args, time.monotonic() - self._since)
             self._since = None
+
+    def dropped(self, dropped: int, buffered: int, where: object) -> None:
+        """A row dropped at the buffer's limit: logged the first time, then every 10,000th."""
+        if dropped == 1 or dropped % 10_000 == 0:
+            self._log.error(
+                "usage ledger: %d rows wait for %s, the most kept; %d rows dropped so far",
+                buffered,
+                where,
+                dropped,
+            )
 
 
 class SqliteLedger:
@@ -239,13 +254,7 @@ class SqliteLedger:
             # The disk has been failing for a long while: keep memory bounded
             # (to max_buffered, plus at most the one batch being retried).
             self.rows_dropped += 1
-            if self.rows_dropped == 1 or self.rows_dropped % 10_000 == 0:
-                log.error(
-                    "usage ledger: %d rows wait for %s, the most kept; %d rows dropped so far",
-                    len(self._rows),
-                    self.path,
-                    self.rows_dropped,
-                )
+            self._outage.dropped(self.rows_dropped, len(self._rows), self.path)
             return
         self._rows.append(row_of(record))
         if len(self._rows) >= self._max_batch:
@@ -277,7 +286,7 @@ class SqliteLedger:
                         return
                     if callable(item):  # a flush waiting for the rows so far
                         item()
-                backoff = 0.0 if ok else min(max(backoff * 2, 0.25), _MAX_BACKOFF_S)
+                backoff = 0.0 if ok else next_backoff(backoff)
         finally:
             if conn is not None:
                 conn.close()

@@ -27,7 +27,15 @@ from collections.abc import Sequence
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from server.accounting.ledger import COLUMNS, Grouping, OutageLog, Row, UsageTotals, row_of
+from server.accounting.ledger import (
+    COLUMNS,
+    Grouping,
+    OutageLog,
+    Row,
+    UsageTotals,
+    next_backoff,
+    row_of,
+)
 from server.calls import CallRecord
 from server.errors import UnavailableError
 
@@ -74,7 +82,6 @@ _INSERT = (
     " ON CONFLICT (call_id) DO NOTHING"
 )
 _GROUP_COLUMNS = {"key": "key_id", "model": "model_served", "provider": "provider"}
-_MAX_BACKOFF_S = 30.0
 _LOG_EVERY_S = 30.0
 
 
@@ -174,14 +181,7 @@ class PostgresLedger:
             return
         if len(self._buffer) >= self._max_buffered:
             self.rows_dropped += 1
-            if self.rows_dropped == 1 or self.rows_dropped % 10_000 == 0:
-                log.error(
-                    "usage ledger: %d rows buffered for PostgreSQL at %s, the most allowed;"
-                    " %d rows dropped so far",
-                    len(self._buffer),
-                    self.where,
-                    self.rows_dropped,
-                )
+            self._outage.dropped(self.rows_dropped, len(self._buffer), self.where)
             return
         if not self._buffer:
             self._first_at = time.monotonic()
@@ -213,7 +213,7 @@ class PostgresLedger:
                     if await self._write_batch():
                         backoff = 0.0
                     else:
-                        backoff = min(max(backoff * 2, 0.25), _MAX_BACKOFF_S)
+                        backoff = next_backoff(backoff)
                         await self._pause(backoff)
                     continue
                 if self._stopping:
