@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.processes import Service, free_port, python
-from bench.run import CHUNKS, LOAD_CORE, SERVER_CORE, Bench, _request
+from bench.run import CHUNKS, LOAD_CORE, SDK_MODELS, SERVER_CORE, Bench, _request, sdk_providers
 
 Key = tuple[str, str, str, int]
 
@@ -41,19 +41,12 @@ def main() -> int:
         ("offline", echo, method, c) for method in ("unary", "stream") for c in (1, 32)
     ]
     if args.providers:
-        for model in ("bench-claude", "bench-gpt"):
+        for _, model in SDK_MODELS:
             path = bench.request_file(model, _request(model, "Hello", max_tokens=256))
             loads += [(model, path, method, 1) for method in ("unary", "stream")]
     upstream_port = free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
-    providers: dict[str, Any] = {"offline": {"type": "offline"}}
-    for provider, model in (("anthropic", "bench-claude"), ("openai", "bench-gpt")):
-        providers[provider] = {
-            "type": provider,
-            "api_key": "bench",
-            "base_url": f"{upstream}/v1" if provider == "openai" else upstream,
-            "models": [{"id": model, "upstream_id": "bench-model"}],
-        }
+    providers: dict[str, Any] = {"offline": {"type": "offline"}, **sdk_providers(upstream)}
     results: dict[Key, list[dict[str, Any]]] = {}
     fake = [python(), "-m", "bench.fake_upstream", str(upstream_port), str(CHUNKS)]
     with Service("fake-upstream", fake, core=LOAD_CORE):

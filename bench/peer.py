@@ -32,12 +32,21 @@ from pathlib import Path
 from typing import Any
 
 from bench.processes import ROOT, Service, free_port, pinned, python
-from bench.run import CHUNKS, LOAD_CORE, SERVER_CORE, Bench, _request, machine
+from bench.run import (
+    CHUNKS,
+    LOAD_CORE,
+    SDK_MODELS,
+    SERVER_CORE,
+    Bench,
+    _request,
+    machine,
+    sdk_providers,
+    sdk_url,
+)
 
 LITELLM = "litellm[proxy]==1.106.2"
 VENV = ROOT / "bench" / ".peer-venv"
 MASTER_KEY = "sk-bench-peer-master-key-0123456789"
-PROVIDERS = (("anthropic", "bench-claude"), ("openai", "bench-gpt"))
 
 
 def ensure_litellm() -> Path:
@@ -65,13 +74,12 @@ def wait_for_port(port: int, timeout_s: float = 60) -> None:
 
 def litellm_config(path: Path, upstream: str) -> Path:
     lines = ["model_list:"]
-    for provider, model in PROVIDERS:
-        base = f"{upstream}/v1" if provider == "openai" else upstream
+    for provider, model in SDK_MODELS:
         lines += [
             f"  - model_name: {model}",
             "    litellm_params:",
             f"      model: {provider}/bench-model",
-            f"      api_base: {base}",
+            f"      api_base: {sdk_url(provider, upstream)}",
             "      api_key: bench",
         ]
     path.write_text("\n".join(lines) + "\n")
@@ -118,8 +126,8 @@ def main() -> int:
     rss: dict[str, float] = {}
     with Service("fake-upstream", fake, core=LOAD_CORE):
         # The direct path, then LiteLLM, then the gateway: one serving process at a time.
-        for provider, _ in PROVIDERS:
-            url = f"{upstream}/v1" if provider == "openai" else upstream
+        for provider, _ in SDK_MODELS:
+            url = sdk_url(provider, upstream)
 
             def direct(method: str, c: int, p: str = provider, u: str = url) -> dict[str, Any]:
                 return sdk_call(SERVER_CORE, p, u, method, c, args.calls)
@@ -140,8 +148,8 @@ def main() -> int:
         with Service("litellm", argv, core=SERVER_CORE, ready="Proxy initialized", env=env) as peer:
             wait_for_port(port)
             rss["LiteLLM"] = peer.rss_mib()
-            for provider, model in PROVIDERS:
-                url = f"http://127.0.0.1:{port}" + ("/v1" if provider == "openai" else "")
+            for provider, model in SDK_MODELS:
+                url = sdk_url(provider, f"http://127.0.0.1:{port}")
 
                 def proxied(
                     method: str, c: int, p: str = provider, u: str = url, mo: str = model
@@ -152,18 +160,10 @@ def main() -> int:
                     for c in (1, 32):
                         measure("LiteLLM", provider, method, c, proxied)
         port = free_port()
-        providers = {
-            provider: {
-                "type": provider,
-                "api_key": "bench",
-                "base_url": f"{upstream}/v1" if provider == "openai" else upstream,
-                "models": [{"id": model, "upstream_id": "bench-model"}],
-            }
-            for provider, model in PROVIDERS
-        }
+        providers = sdk_providers(upstream)
         with bench.gateway(bench.gateway_config(port, providers), core=SERVER_CORE) as gateway:
             rss["llm-gateway"] = gateway.rss_mib()
-            for provider, model in PROVIDERS:
+            for provider, model in SDK_MODELS:
                 request = bench.request_file(model, _request(model, "Hello", max_tokens=256))
 
                 def through_us(method: str, c: int, r: Path = request) -> dict[str, Any]:
@@ -203,7 +203,7 @@ def report(rows: list[dict[str, Any]], rss: dict[str, float]) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for path in ("llm-gateway", "LiteLLM"):
-        for provider, _ in PROVIDERS:
+        for provider, _ in SDK_MODELS:
             direct_u = _find(rows, "direct SDK", provider, "unary", 1)
             direct_s = _find(rows, "direct SDK", provider, "stream", 1)
             unary = _find(rows, path, provider, "unary", 1)
@@ -221,7 +221,7 @@ def report(rows: list[dict[str, Any]], rss: dict[str, float]) -> str:
                 f" | {added_f[0]:+.2f} / {added_f[1]:+.2f}"
                 f" | {u32['calls_per_s']:.0f} | {s32['calls_per_s']:.0f} | {rss[path]:.0f} |"
             )
-    for provider, _ in PROVIDERS:
+    for provider, _ in SDK_MODELS:
         for method in ("unary", "stream"):
             ours = _find(rows, "llm-gateway", provider, method, 32)
             theirs = _find(rows, "LiteLLM", provider, method, 32)

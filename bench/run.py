@@ -39,6 +39,26 @@ from llmgateway.v1 import generation_pb2 as pb
 LOADGEN = ROOT / "bench" / ".bin" / "loadgen"
 CHUNKS = 20
 SERVER_CORE, LOAD_CORE = 0, 1
+# The SDK providers measured: (provider, the gateway's model id); upstream, "bench-model".
+SDK_MODELS = (("anthropic", "bench-claude"), ("openai", "bench-gpt"))
+
+
+def sdk_url(provider: str, base: str) -> str:
+    """Where `provider`'s SDK is pointed for a server at `base` (OpenAI's paths start at /v1)."""
+    return f"{base}/v1" if provider == "openai" else base
+
+
+def sdk_providers(base: str) -> dict[str, Any]:
+    """The gateway's providers section for the SDK providers, upstream at `base`."""
+    return {
+        provider: {
+            "type": provider,
+            "api_key": "bench",
+            "base_url": sdk_url(provider, base),
+            "models": [{"id": model, "upstream_id": "bench-model"}],
+        }
+        for provider, model in SDK_MODELS
+    }
 
 
 class Bench:
@@ -153,29 +173,14 @@ class Bench:
     def providers(self) -> None:
         upstream_port, port = free_port(), free_port()
         base = f"http://127.0.0.1:{upstream_port}"
-        providers = {
-            "anthropic": {
-                "type": "anthropic",
-                "api_key": "bench",
-                "base_url": base,
-                "models": [{"id": "bench-claude", "upstream_id": "bench-model"}],
-            },
-            "openai": {
-                "type": "openai",
-                "api_key": "bench",
-                "base_url": f"{base}/v1",
-                "models": [{"id": "bench-gpt", "upstream_id": "bench-model"}],
-            },
-        }
+        providers = sdk_providers(base)
         fake = [python(), "-m", "bench.fake_upstream", str(upstream_port), str(CHUNKS)]
         with (
             Service("fake-upstream", fake, core=LOAD_CORE),
             self.gateway(self.gateway_config(port, providers), core=SERVER_CORE),
         ):
-            for provider, model, url in (
-                ("anthropic", "bench-claude", base),
-                ("openai", "bench-gpt", f"{base}/v1"),
-            ):
+            for provider, model in SDK_MODELS:
+                url = sdk_url(provider, base)
                 request = self.request_file(model, _request(model, "Hello", max_tokens=256))
                 for method in ("unary", "stream"):
                     for concurrency in (1, 32, 128):
