@@ -117,17 +117,25 @@ class RunningGateway:
     channel: grpc.aio.Channel
     stub: pb_grpc.GenerationServiceStub
 
+    async def aclose(self) -> None:
+        await self.channel.close()
+        await self.gateway.stop(grace=1)
+
+
+async def started(gateway: Gateway) -> RunningGateway:
+    """Starts `gateway` on its configured port (0 in tests) with a channel and stub to it."""
+    port = await gateway.start()
+    address = f"127.0.0.1:{port}"
+    channel = grpc.aio.insecure_channel(address)
+    return RunningGateway(gateway, address, channel, pb_grpc.GenerationServiceStub(channel))
+
 
 @pytest.fixture(scope="session")
 async def running() -> AsyncIterator[RunningGateway]:
     config = load_config(environ={}, overrides=TEST_CONFIG)
-    gateway = Gateway(config)
-    port = await gateway.start()
-    address = f"127.0.0.1:{port}"
-    channel = grpc.aio.insecure_channel(address)
-    yield RunningGateway(gateway, address, channel, pb_grpc.GenerationServiceStub(channel))
-    await channel.close()
-    await gateway.stop(grace=1)
+    gw = await started(Gateway(config))
+    yield gw
+    await gw.aclose()
 
 
 @pytest.fixture

@@ -15,56 +15,7 @@ from google.protobuf import json_format
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from tests.conftest import request, user
-
-
-def fold_events(events: list[pb.StreamGenerateResponse]) -> pb.GenerateResponse:
-    """An independent fold of wire events, written from the proto's documentation."""
-    assert events[0].WhichOneof("event") == "message_start"
-    assert events[-1].WhichOneof("event") == "message_stop"
-    start = events[0].message_start
-    response = pb.GenerateResponse(
-        id=start.id,
-        model=start.model,
-        provider=start.provider,
-        request_id=start.request_id,
-        upstream_request_id=start.upstream_request_id,
-        usage=start.usage,
-    )
-    blocks: dict[int, pb.ContentBlock] = {}
-    tool_json: dict[int, str] = {}
-    open_blocks: set[int] = set()
-    for event in events[1:-1]:
-        kind = event.WhichOneof("event")
-        if kind == "content_block_start":
-            index = event.content_block_start.index
-            assert index == len(blocks), "blocks open in order"
-            blocks[index] = pb.ContentBlock()
-            blocks[index].CopyFrom(event.content_block_start.content_block)
-            open_blocks.add(index)
-        elif kind == "content_block_delta":
-            delta = event.content_block_delta
-            assert delta.index in open_blocks
-            which = delta.WhichOneof("delta")
-            if which == "text":
-                blocks[delta.index].text += delta.text
-            elif which == "tool_input_json":
-                tool_json[delta.index] = tool_json.get(delta.index, "") + delta.tool_input_json
-        elif kind == "content_block_stop":
-            index = event.content_block_stop.index
-            open_blocks.remove(index)
-            if index in tool_json:
-                blocks[index].tool_use.input.update(json.loads(tool_json[index]))
-        elif kind == "message_delta":
-            delta = event.message_delta
-            response.stop_reason = delta.stop_reason
-            response.stop_sequence = delta.stop_sequence
-            response.usage.CopyFrom(delta.usage)
-            response.cost.CopyFrom(delta.cost)
-        else:
-            raise AssertionError(f"unexpected event {kind} mid-stream")
-    assert not open_blocks, "every block is closed"
-    response.content.extend(blocks[i] for i in sorted(blocks))
-    return response
+from tests.upstream_fixtures import fold_stream
 
 
 async def stream_events(
@@ -110,7 +61,7 @@ async def test_stream_folds_to_the_generate_response(
     req.request_id = "fold-check"
     unary = await stub.Generate(req)
     events = await stream_events(stub, req)
-    assert without_ids(fold_events(events)) == without_ids(unary)
+    assert without_ids(fold_stream(events)) == without_ids(unary)
 
 
 async def test_stream_arrives_in_several_chunks(stub: pb_grpc.GenerationServiceStub) -> None:

@@ -232,8 +232,7 @@ async def test_no_key_or_token_anywhere_on_any_path(
         except RuntimeError:
             chatty.exception("failed")
     finally:
-        await gw.channel.close()
-        await gw.gateway.stop(grace=1)
+        await gw.aclose()
 
     logs = json_lines.getvalue()
     spans = all_span_text(exporter.get_finished_spans())

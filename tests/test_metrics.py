@@ -10,14 +10,13 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from server.accounting.ledger import SqliteLedger
 from server.app import Gateway
 from server.calls import CallRecord
 from server.config import ConfigError, load_config
 from server.routing.attempts import Attempt, RoutedCall
 from server.telemetry.metrics import OTHER, BoundedLabel, GatewayMetrics
-from tests.conftest import RunningGateway
+from tests.conftest import RunningGateway, started
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.test_tracing import upstream_overrides
 from tests.upstream_fixtures import ask, generate, stream_all
@@ -54,14 +53,9 @@ async def metered(
 ) -> AsyncIterator[RunningGateway]:
     overrides = upstream_overrides(fake, **{"metrics.enabled": True, "metrics.port": 0})
     overrides["routing"] = {"retry": {"max_attempts": 2, "initial_backoff_s": 0.01}}
-    gateway = Gateway(load_config(environ={}, overrides=overrides))
-    port = await gateway.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield RunningGateway(
-        gateway, f"127.0.0.1:{port}", channel, pb_grpc.GenerationServiceStub(channel)
-    )
-    await channel.close()
-    await gateway.stop(grace=1)
+    gw = await started(Gateway(load_config(environ={}, overrides=overrides)))
+    yield gw
+    await gw.aclose()
 
 
 async def test_scrape_after_calls_shows_counters_and_histograms(

@@ -26,7 +26,7 @@ from server.app import Gateway
 from server.config import ConfigError, load_config
 from server.providers._upstream import KeyedClient
 from server.routing import Router, build_providers
-from tests.conftest import RunningGateway, detail, rich_status
+from tests.conftest import RunningGateway, detail, rich_status, started
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.upstream_fixtures import ask
 
@@ -86,19 +86,12 @@ async def make_gateway(fake: FakeUpstream) -> AsyncIterator[GatewayFactory]:
                 "routing": {"retry": {"max_attempts": 1}, "breaker": {"enabled": False}},
             },
         )
-        gateway = Gateway(config, router=Router.from_config(config))
-        port = await gateway.start()
-        address = f"127.0.0.1:{port}"
-        channel = grpc.aio.insecure_channel(address)
-        running.append(
-            RunningGateway(gateway, address, channel, pb_grpc.GenerationServiceStub(channel))
-        )
+        running.append(await started(Gateway(config, router=Router.from_config(config))))
         return running[-1].stub
 
     yield make
     for gw in running:
-        await gw.channel.close()
-        await gw.gateway.stop(grace=1)
+        await gw.aclose()
 
 
 def rotating_source(

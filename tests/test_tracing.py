@@ -22,11 +22,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from llmgateway.v1 import generation_pb2 as pb
-from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from server.app import Gateway
 from server.config import TracingConfig, load_config
 from server.telemetry.tracing import build_tracer_provider, exporter_name
-from tests.conftest import TEST_CONFIG, RunningGateway
+from tests.conftest import TEST_CONFIG, RunningGateway, started
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.upstream_fixtures import FAST_RETRIES, ask, provider_config, stream_all
 
@@ -47,11 +46,9 @@ def in_memory_provider() -> tuple[TracerProvider, InMemorySpanExporter]:
 async def start_traced_gateway(
     overrides: dict[str, Any], provider: TracerProvider
 ) -> RunningGateway:
-    gateway = Gateway(load_config(environ={}, overrides=overrides), tracer_provider=provider)
-    port = await gateway.start()
-    address = f"127.0.0.1:{port}"
-    channel = grpc.aio.insecure_channel(address)
-    return RunningGateway(gateway, address, channel, pb_grpc.GenerationServiceStub(channel))
+    return await started(
+        Gateway(load_config(environ={}, overrides=overrides), tracer_provider=provider)
+    )
 
 
 def upstream_overrides(fake: FakeUpstream, **more: Any) -> dict[str, Any]:
@@ -73,8 +70,7 @@ async def traced(
     provider, exporter = in_memory_provider()
     gw = await start_traced_gateway(upstream_overrides(fake), provider)
     yield gw, exporter
-    await gw.channel.close()
-    await gw.gateway.stop(grace=1)
+    await gw.aclose()
 
 
 def server_spans(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
@@ -245,8 +241,7 @@ async def test_content_is_captured_only_when_configured() -> None:
         await gw.stub.Generate(ask("echo", "echo this prompt"))
         await stream_all(gw.stub, ask("echo", "stream this prompt"))
     finally:
-        await gw.channel.close()
-        await gw.gateway.stop(grace=1)
+        await gw.aclose()
     (unary,) = server_spans(exporter, GENERATE)
     (streamed,) = server_spans(exporter, STREAM)
     assert unary.attributes is not None and streamed.attributes is not None

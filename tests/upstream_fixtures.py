@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-import grpc
 import pytest
 
 from llmgateway.v1 import generation_pb2 as pb
@@ -21,7 +20,7 @@ from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from server.app import Gateway
 from server.config import load_config
 from server.routing import Router
-from tests.conftest import RunningGateway
+from tests.conftest import RunningGateway, started
 from tests.fake_upstream import FakeUpstream
 
 # Upstream keys: tests check that they never reach a log line or a caller.
@@ -134,13 +133,9 @@ async def upstream_gateway(
             "routing": {"retry": {"max_attempts": 1}, "breaker": {"enabled": False}},
         },
     )
-    gateway = Gateway(config, router=Router.from_config(config))
-    port = await gateway.start()
-    address = f"127.0.0.1:{port}"
-    channel = grpc.aio.insecure_channel(address)
-    yield RunningGateway(gateway, address, channel, pb_grpc.GenerationServiceStub(channel))
-    await channel.close()
-    await gateway.stop(grace=1)
+    gw = await started(Gateway(config, router=Router.from_config(config)))
+    yield gw
+    await gw.aclose()
 
 
 @pytest.fixture
@@ -173,7 +168,9 @@ async def generate(
 
 
 def fold_stream(events: list[pb.StreamGenerateResponse]) -> pb.GenerateResponse:
-    """Folds wire events into a response, independently of the server's fold."""
+    """Folds wire events into a response, independently of the server's fold
+    (written from the proto's documentation), checking the stream's shape:
+    blocks open in order, deltas only to open blocks, every block closed."""
     assert events[0].WhichOneof("event") == "message_start"
     assert events[-1].WhichOneof("event") == "message_stop"
     start = events[0].message_start
@@ -189,15 +186,19 @@ def fold_stream(events: list[pb.StreamGenerateResponse]) -> pb.GenerateResponse:
         response.routing.CopyFrom(start.routing)
     blocks: list[pb.ContentBlock] = []
     tool_json: dict[int, str] = {}
+    open_blocks: set[int] = set()
     for event in events[1:-1]:
         kind = event.WhichOneof("event")
         if kind == "content_block_start":
-            assert event.content_block_start.index == len(blocks)
+            index = event.content_block_start.index
+            assert index == len(blocks), "blocks open in order"
             block = pb.ContentBlock()
             block.CopyFrom(event.content_block_start.content_block)
             blocks.append(block)
+            open_blocks.add(index)
         elif kind == "content_block_delta":
             delta = event.content_block_delta
+            assert delta.index in open_blocks
             block = blocks[delta.index]
             which = delta.WhichOneof("delta")
             if which == "text":
@@ -210,6 +211,7 @@ def fold_stream(events: list[pb.StreamGenerateResponse]) -> pb.GenerateResponse:
                 block.thinking.signature += delta.thinking_signature
         elif kind == "content_block_stop":
             index = event.content_block_stop.index
+            open_blocks.remove(index)
             if index in tool_json:
                 blocks[index].tool_use.input.update(json.loads(tool_json[index]))
         elif kind == "message_delta":
@@ -217,6 +219,9 @@ def fold_stream(events: list[pb.StreamGenerateResponse]) -> pb.GenerateResponse:
             response.stop_sequence = event.message_delta.stop_sequence
             response.usage.CopyFrom(event.message_delta.usage)
             response.cost.CopyFrom(event.message_delta.cost)
+        else:
+            raise AssertionError(f"unexpected event {kind} mid-stream")
+    assert not open_blocks, "every block is closed"
     response.content.extend(blocks)
     return response
 
@@ -275,15 +280,10 @@ async def make_routed_gateway(
             },
         )
         router = Router.from_config(config, clock=clock or time.monotonic, rng=rng)
-        gateway = Gateway(config, router=router)
-        port = await gateway.start()
-        address = f"127.0.0.1:{port}"
-        channel = grpc.aio.insecure_channel(address)
-        gw = RunningGateway(gateway, address, channel, pb_grpc.GenerationServiceStub(channel))
+        gw = await started(Gateway(config, router=router))
         running.append(gw)
         return gw
 
     yield make
     for gw in running:
-        await gw.channel.close()
-        await gw.gateway.stop(grace=1)
+        await gw.aclose()
