@@ -25,27 +25,18 @@ from tests.fake_upstream import (
 )
 from tests.upstream_fixtures import (
     ANTHROPIC_KEY,
+    PNG,
     ask,
+    assistant,
     fold_stream,
     generate,
     kinds,
     stream_all,
+    text,
 )
+from tests.upstream_fixtures import user_blocks as user
 
-PNG = b"\x89PNG\r\n\x1a\n fake image bytes"
 MESSAGES = "/v1/messages"
-
-
-def user(*blocks: pb.ContentBlock) -> pb.Message:
-    return pb.Message(role=pb.ROLE_USER, content=list(blocks))
-
-
-def assistant(*blocks: pb.ContentBlock) -> pb.Message:
-    return pb.Message(role=pb.ROLE_ASSISTANT, content=list(blocks))
-
-
-def text(value: str, **fields: object) -> pb.ContentBlock:
-    return pb.ContentBlock(text=value, **fields)  # type: ignore[arg-type]
 
 
 def everything_request(request_id: str) -> pb.GenerateRequest:

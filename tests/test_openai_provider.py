@@ -17,22 +17,20 @@ from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from tests.conftest import field_violations
 from tests.fake_upstream import FakeUpstream, Reply, Text, Thinking, ToolCall, Usage
-from tests.upstream_fixtures import OPENAI_KEY, ask, fold_stream, generate, kinds, stream_all
+from tests.upstream_fixtures import (
+    OPENAI_KEY,
+    PNG,
+    ask,
+    assistant,
+    fold_stream,
+    generate,
+    kinds,
+    stream_all,
+    text,
+)
+from tests.upstream_fixtures import user_blocks as user
 
-PNG = b"\x89PNG\r\n\x1a\n fake image bytes"
 CHAT = "/v1/chat/completions"
-
-
-def user(*blocks: pb.ContentBlock) -> pb.Message:
-    return pb.Message(role=pb.ROLE_USER, content=list(blocks))
-
-
-def assistant(*blocks: pb.ContentBlock) -> pb.Message:
-    return pb.Message(role=pb.ROLE_ASSISTANT, content=list(blocks))
-
-
-def text(value: str, **fields: object) -> pb.ContentBlock:
-    return pb.ContentBlock(text=value, **fields)  # type: ignore[arg-type]
 
 
 def everything_request(request_id: str) -> pb.GenerateRequest:

@@ -13,10 +13,7 @@ from hypothesis import strategies as st
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from tests.conftest import RunningGateway, detail, field_violations, request, rich_status, user
-
-
-def assistant(*blocks: pb.ContentBlock) -> pb.Message:
-    return pb.Message(role=pb.ROLE_ASSISTANT, content=list(blocks))
+from tests.upstream_fixtures import assistant
 
 
 def tool_result(tool_use_id: str) -> pb.ContentBlock:

@@ -143,6 +143,21 @@ def upstream_stub(upstream_gateway: RunningGateway) -> pb_grpc.GenerationService
     return upstream_gateway.stub
 
 
+PNG = b"\x89PNG\r\n\x1a\n fake image bytes"
+
+
+def user_blocks(*blocks: pb.ContentBlock) -> pb.Message:
+    return pb.Message(role=pb.ROLE_USER, content=list(blocks))
+
+
+def assistant(*blocks: pb.ContentBlock) -> pb.Message:
+    return pb.Message(role=pb.ROLE_ASSISTANT, content=list(blocks))
+
+
+def text(value: str, **fields: object) -> pb.ContentBlock:
+    return pb.ContentBlock(text=value, **fields)  # type: ignore[arg-type]
+
+
 def ask(model: str, *texts: str, **fields: Any) -> pb.GenerateRequest:
     """A one-turn request to `model`."""
     message = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=t) for t in texts])
