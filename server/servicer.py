@@ -149,14 +149,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         record = open_record("Generate", request.model)
         with self._tracked():
             async with error_boundary(context, record), self._accounted(record, context):
-                request_id = record.request_id = request_id_of(request, context)
-                internal, route = decode_generate(
-                    request, self._router, request_id, deadline_of(context)
-                )
-                # Here, not in the auth interceptor: the model is known only once
-                # the request is decoded and its alias resolved.
-                require_model_access(request.model, route.model.id)
-                await self._admit(record, internal, route)
+                request_id, internal, route = await self._admitted(record, request, context)
                 internal.incremental = False
                 accumulator = ResponseAccumulator()
                 async for event in self._router.stream(internal, route):
@@ -172,12 +165,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         record = open_record("StreamGenerate", request.model)
         with self._tracked():
             async with error_boundary(context, record), self._accounted(record, context):
-                request_id = record.request_id = request_id_of(request, context)
-                internal, route = decode_generate(
-                    request, self._router, request_id, deadline_of(context)
-                )
-                require_model_access(request.model, route.model.id)
-                await self._admit(record, internal, route)
+                request_id, internal, route = await self._admitted(record, request, context)
                 context.set_trailing_metadata(_trailers(request_id))
                 events = self._router.stream(internal, route)
                 if self._coalesce and not route.provider.exact_chunks:
@@ -189,11 +177,24 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         context.set_trailing_metadata(trailers)
                     yield encode_event(event)
 
-    async def _admit(self, record: CallRecord, request: GenerationRequest, route: Route) -> None:
-        """Quotas that need the decoded request, checked before any upstream call."""
+    async def _admitted(
+        self,
+        record: CallRecord,
+        request: pb.GenerateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> tuple[str, GenerationRequest, Route]:
+        """Everything a generation call passes before any upstream call: its request
+        id, the decoded request and its route, the model check, and the quotas that
+        need the decoded request."""
+        request_id = record.request_id = request_id_of(request, context)
+        internal, route = decode_generate(request, self._router, request_id, deadline_of(context))
+        # Here, not in the auth interceptor: the model is known only once
+        # the request is decoded and its alias resolved.
+        require_model_access(request.model, route.model.id)
         record.pricing = route.model.pricing  # prices a call that ends without final usage
         if self.admission is not None:
-            await self.admission.admit(record, request, route)
+            await self.admission.admit(record, internal, route)
+        return request_id, internal, route
 
     @asynccontextmanager
     async def _accounted(
