@@ -79,6 +79,27 @@ async def test_waiting_deltas_of_one_block_merge_and_fold_the_same() -> None:
     assert folded(received) == folded(EVENTS)
 
 
+async def test_nothing_more_is_read_upstream_until_the_first_content_is_sent() -> None:
+    pulled: list[StreamEvent] = []
+
+    async def counted() -> AsyncIterator[StreamEvent]:
+        for event in EVENTS:
+            pulled.append(event)
+            yield event
+
+    stream = coalesce(counted())
+    received = []
+    async for event in stream:
+        received.append(event)
+        if isinstance(event, TextDelta):
+            # Reading on would only hold up the messages before the first delta.
+            assert pulled == EVENTS[:3]
+            break
+        await asyncio.sleep(0.002)  # a preamble message being written
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert received == EVENTS[:3]
+
+
 async def test_a_source_slower_than_the_sender_is_not_merged() -> None:
     received = [e async for e in coalesce(source(EVENTS, pause=0.003))]
     assert received == EVENTS
