@@ -166,6 +166,35 @@ async def test_error_event_mid_stream_ends_the_stream_after_the_content(
     assert fake.last().body.get("stream") is not True
 
 
+# A body cut short, and a stream whose first event's data is cut short.
+UNREADABLE = {
+    "anthropic": (
+        b'{"id": "msg_1", "type": "mess',
+        b'event: message_start\ndata: {"type": "mes\n\n',
+    ),
+    "openai": (b'{"id": "chatcmpl-1", "choi', b'data: {"id": "chatcmpl-1", "choi\n\n'),
+}
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+async def test_an_unreadable_upstream_body_is_an_upstream_protocol_error(
+    upstream_stub: pb_grpc.GenerationServiceStub, fake: FakeUpstream, provider: str
+) -> None:
+    body, events = UNREADABLE[provider]
+    fake.enqueue(Reply(raw_body=body, request_id="req_bad"), Reply(raw_body=events))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await upstream_stub.Generate(ask(MODELS[provider], "Hi"))
+    assert caught.value.code() == StatusCode.INTERNAL
+    info = error_info(caught.value)
+    assert info.reason == "UPSTREAM_PROTOCOL_ERROR"
+    assert info.metadata["provider"] == provider
+    assert info.metadata["upstream_request_id"] == "req_bad"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        _ = [event async for event in upstream_stub.StreamGenerate(ask(MODELS[provider], "Hi"))]
+    assert caught.value.code() == StatusCode.INTERNAL
+    assert error_info(caught.value).reason == "UPSTREAM_PROTOCOL_ERROR"
+
+
 @pytest.mark.parametrize("provider", ["anthropic", "openai"])
 async def test_connection_reset_mid_stream_is_unavailable(
     upstream_stub: pb_grpc.GenerationServiceStub, fake: FakeUpstream, provider: str

@@ -1,9 +1,10 @@
 """Anthropic Messages API <-> the gateway's types: the request out, the events back.
 
 `request_arguments` turns a GenerationRequest into keyword arguments for
-`AsyncAnthropic.messages.create`; `MessagesStreamDecoder` turns the raw
-stream events the SDK yields into the gateway's StreamEvents, one for one,
-as they arrive. Rules where the two do not meet one to one:
+`AsyncAnthropic.messages.create` (sent through `client.post`, see
+`post_arguments` in _upstream.py); `MessagesStreamDecoder` turns the raw
+stream events (the wire format's JSON objects) into the gateway's
+StreamEvents, one for one, as they arrive. Rules where the two do not meet one to one:
 
 - thinking: a model with `thinking: budget` gets `{type: enabled,
   budget_tokens}` (at least 1024, as Anthropic requires); one with
@@ -27,7 +28,6 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping
-from types import SimpleNamespace
 from typing import Any
 
 from server.errors import FieldViolation, UpstreamStreamInterruptedError
@@ -178,15 +178,19 @@ def request_arguments(
 
 
 # -- Stream --------------------------------------------------------------------
+# The raw events are the JSON objects of the wire format, as the SDK parsed
+# them (see post_arguments in _upstream.py): plain dicts, read with .get()
+# where the API may leave a field out.
 
 
-def _usage(raw: Any, previous: Usage | None = None) -> Usage:
+def _usage(raw: Mapping[str, Any] | None, previous: Usage | None = None) -> Usage:
     """Anthropic usage as ours; counts `raw` leaves out keep their `previous` value."""
     base = previous or Usage()
-    input_tokens = getattr(raw, "input_tokens", None)
-    output_tokens = getattr(raw, "output_tokens", None)
-    cache_read = getattr(raw, "cache_read_input_tokens", None)
-    cache_write = getattr(raw, "cache_creation_input_tokens", None)
+    raw = raw or {}
+    input_tokens = raw.get("input_tokens")
+    output_tokens = raw.get("output_tokens")
+    cache_read = raw.get("cache_read_input_tokens")
+    cache_write = raw.get("cache_creation_input_tokens")
     return Usage(
         input_tokens=base.input_tokens if input_tokens is None else input_tokens,
         output_tokens=base.output_tokens if output_tokens is None else output_tokens,
@@ -222,40 +226,40 @@ class MessagesStreamDecoder:
         self._usage: Usage | None = None
         self._stopped = False
 
-    def feed(self, raw: Any) -> StreamEvent | None:
+    def feed(self, raw: Mapping[str, Any]) -> StreamEvent | None:
         """The gateway event for one raw event, or None when it has none."""
-        kind = raw.type
+        kind = raw.get("type")
         # Most frequent first: this runs for every chunk.
         if kind == "content_block_delta":
-            index = self._blocks.get(raw.index)
+            index = self._blocks.get(raw.get("index", -1))
             if index is None:
                 return None
-            delta = raw.delta
-            delta_kind = delta.type
+            delta = raw.get("delta") or {}
+            delta_kind = delta.get("type")
             if delta_kind == "text_delta":
-                return TextDelta(index, delta.text)
+                return TextDelta(index, delta.get("text") or "")
             if delta_kind == "input_json_delta":
-                return ToolInputDelta(index, delta.partial_json)
+                return ToolInputDelta(index, delta.get("partial_json") or "")
             if delta_kind == "thinking_delta":
-                return ThinkingDelta(index, delta.thinking)
+                return ThinkingDelta(index, delta.get("thinking") or "")
             if delta_kind == "signature_delta":
-                return SignatureDelta(index, delta.signature)
+                return SignatureDelta(index, delta.get("signature") or "")
             return None  # citations and deltas of blocks the contract lacks
         if kind == "content_block_start":
-            block = _start_block(raw.content_block)
+            block = _start_block(raw.get("content_block") or {})
             if block is None:
                 return None
             index = len(self._blocks)
-            self._blocks[raw.index] = index
+            self._blocks[raw.get("index", -1)] = index
             return ContentBlockStart(index, block)
         if kind == "content_block_stop":
-            index = self._blocks.get(raw.index)
+            index = self._blocks.get(raw.get("index", -1))
             return None if index is None else ContentBlockStop(index)
         if kind == "message_start":
-            message = raw.message
-            self._usage = _usage(message.usage)
+            message = raw.get("message") or {}
+            self._usage = _usage(message.get("usage"))
             return MessageStart(
-                id=message.id,
+                id=message.get("id") or "",
                 model=self._model,
                 provider=self._provider,
                 request_id=self._request_id,
@@ -264,11 +268,12 @@ class MessagesStreamDecoder:
             )
         if kind == "message_delta":
             # Cumulative: replace, never add.
-            self._usage = _usage(raw.usage, self._usage)
-            reason = raw.delta.stop_reason
+            self._usage = _usage(raw.get("usage"), self._usage)
+            delta = raw.get("delta") or {}
+            reason = delta.get("stop_reason")
             return MessageDelta(
                 stop_reason=STOP_REASONS.get(reason) if reason else None,
-                stop_sequence=raw.delta.stop_sequence or "",
+                stop_sequence=delta.get("stop_sequence") or "",
                 usage=self._usage,
             )
         if kind == "message_stop":
@@ -288,50 +293,51 @@ class MessagesStreamDecoder:
             )
 
 
-def _start_block(raw: Any) -> ContentBlock | None:
-    kind = raw.type
+def _start_block(raw: Mapping[str, Any]) -> ContentBlock | None:
+    kind = raw.get("type")
     if kind == "text":
-        return TextBlock(raw.text or "")
+        return TextBlock(raw.get("text") or "")
     if kind == "tool_use":
-        return ToolUseBlock(id=raw.id, name=raw.name)
+        return ToolUseBlock(id=raw.get("id") or "", name=raw.get("name") or "")
     if kind == "thinking":
-        return ThinkingBlock(text=raw.thinking or "", signature=raw.signature or "")
+        return ThinkingBlock(text=raw.get("thinking") or "", signature=raw.get("signature") or "")
     if kind == "redacted_thinking":
-        return ThinkingBlock(redacted_data=raw.data)
+        return ThinkingBlock(redacted_data=raw.get("data") or "")
     return None
 
 
-def message_as_raw_events(message: Any) -> list[Any]:
+def message_as_raw_events(message: Mapping[str, Any]) -> list[dict[str, Any]]:
     """A complete (non-streaming) Message as the raw stream events that deliver it.
 
     Generate makes one non-streaming call; replaying its result through
     MessagesStreamDecoder keeps a single translation path for both RPCs.
     """
-    events: list[Any] = [SimpleNamespace(type="message_start", message=message)]
-    for index, block in enumerate(message.content):
-        kind = block.type
+    events: list[dict[str, Any]] = [{"type": "message_start", "message": message}]
+    for index, block in enumerate(message.get("content") or ()):
+        kind = block.get("type")
+        deltas: list[dict[str, Any]]
         if kind == "text":
-            start: Any = SimpleNamespace(type="text", text="")
-            deltas = [SimpleNamespace(type="text_delta", text=block.text)]
+            start: Mapping[str, Any] = {"type": "text", "text": ""}
+            deltas = [{"type": "text_delta", "text": block.get("text") or ""}]
         elif kind == "tool_use":
-            start = SimpleNamespace(type="tool_use", id=block.id, name=block.name)
-            deltas = [
-                SimpleNamespace(type="input_json_delta", partial_json=json.dumps(block.input))
-            ]
+            start = {"type": "tool_use", "id": block.get("id"), "name": block.get("name")}
+            arguments = json.dumps(block.get("input") or {})
+            deltas = [{"type": "input_json_delta", "partial_json": arguments}]
         elif kind == "thinking":
-            start = SimpleNamespace(type="thinking", thinking="", signature="")
+            start = {"type": "thinking", "thinking": "", "signature": ""}
             deltas = [
-                SimpleNamespace(type="thinking_delta", thinking=block.thinking),
-                SimpleNamespace(type="signature_delta", signature=block.signature),
+                {"type": "thinking_delta", "thinking": block.get("thinking") or ""},
+                {"type": "signature_delta", "signature": block.get("signature") or ""},
             ]
         else:  # redacted thinking carries its data in the start; others are dropped
             start, deltas = block, []
-        events.append(SimpleNamespace(type="content_block_start", index=index, content_block=start))
-        events.extend(
-            SimpleNamespace(type="content_block_delta", index=index, delta=d) for d in deltas
-        )
-        events.append(SimpleNamespace(type="content_block_stop", index=index))
-    delta = SimpleNamespace(stop_reason=message.stop_reason, stop_sequence=message.stop_sequence)
-    events.append(SimpleNamespace(type="message_delta", delta=delta, usage=message.usage))
-    events.append(SimpleNamespace(type="message_stop"))
+        events.append({"type": "content_block_start", "index": index, "content_block": start})
+        events.extend({"type": "content_block_delta", "index": index, "delta": d} for d in deltas)
+        events.append({"type": "content_block_stop", "index": index})
+    delta = {
+        "stop_reason": message.get("stop_reason"),
+        "stop_sequence": message.get("stop_sequence"),
+    }
+    events.append({"type": "message_delta", "delta": delta, "usage": message.get("usage")})
+    events.append({"type": "message_stop"})
     return events

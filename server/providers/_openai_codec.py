@@ -1,8 +1,10 @@
 """OpenAI Chat Completions <-> the gateway's types: the request out, the events back.
 
 `request_arguments` turns a GenerationRequest into keyword arguments for
-`AsyncOpenAI.chat.completions.create`; `ChatStreamDecoder` turns streamed
-chunks into the gateway's StreamEvents as they arrive. Rules where the two
+`AsyncOpenAI.chat.completions.create` (sent through `client.post`, see
+`post_arguments` in _upstream.py); `ChatStreamDecoder` turns streamed
+chunks (the wire format's JSON objects) into the gateway's StreamEvents as
+they arrive. Rules where the two
 do not meet one to one:
 
 - system blocks become one `system` message; tool results become `tool`
@@ -35,7 +37,6 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping
-from types import SimpleNamespace
 from typing import Any
 
 from server.errors import FieldViolation, UpstreamStreamInterruptedError
@@ -241,16 +242,19 @@ def request_arguments(
 
 
 # -- Stream --------------------------------------------------------------------
+# Chunks are the JSON objects of the wire format, as the SDK parsed them (see
+# post_arguments in _upstream.py): plain dicts, read with .get() where a
+# field may be missing or null.
 
 
-def usage_of(raw: Any) -> Usage:
+def usage_of(raw: Mapping[str, Any]) -> Usage:
     """OpenAI usage as ours: cached and cache-written tokens taken out of input."""
-    details = raw.prompt_tokens_details
-    cached = (details.cached_tokens or 0) if details is not None else 0
-    written = (getattr(details, "cache_write_tokens", None) or 0) if details is not None else 0
+    details = raw.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens") or 0
+    written = details.get("cache_write_tokens") or 0
     return Usage(
-        input_tokens=max(0, raw.prompt_tokens - cached - written),
-        output_tokens=raw.completion_tokens,
+        input_tokens=max(0, (raw.get("prompt_tokens") or 0) - cached - written),
+        output_tokens=raw.get("completion_tokens") or 0,
         cache_read_input_tokens=cached,
         cache_creation_input_tokens=written,
     )
@@ -295,55 +299,59 @@ class ChatStreamDecoder:
         self._refused = False
         self._usage: Usage | None = None
 
-    def feed(self, chunk: Any) -> list[StreamEvent]:
+    def feed(self, chunk: Mapping[str, Any]) -> list[StreamEvent]:
         events: list[StreamEvent] = []
         if not self._started:
             self._started = True
             events.append(
                 MessageStart(
-                    id=chunk.id,
+                    id=chunk.get("id") or "",
                     model=self._model,
                     provider=self._provider,
                     request_id=self._request_id,
                     upstream_request_id=self._upstream_request_id,
                 )
             )
-        if chunk.usage is not None:
-            self._usage = usage_of(chunk.usage)
-        for choice in chunk.choices:
-            if choice.index == 0:
+        usage = chunk.get("usage")
+        if usage is not None:
+            self._usage = usage_of(usage)
+        for choice in chunk.get("choices") or ():
+            if choice.get("index") == 0:
                 self._choice(choice, events)
         return events
 
-    def _choice(self, choice: Any, events: list[StreamEvent]) -> None:
-        delta = choice.delta
+    def _choice(self, choice: Mapping[str, Any], events: list[StreamEvent]) -> None:
+        delta = choice.get("delta")
         if delta is not None:
             # OpenAI-compatible servers (vLLM, Ollama) stream reasoning here.
-            reasoning = getattr(delta, "reasoning_content", None) or getattr(
-                delta, "reasoning", None
-            )
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if isinstance(reasoning, str) and reasoning:
                 if self._thinking is None:
                     self._thinking = self._open(ThinkingBlock(), events)
                 events.append(ThinkingDelta(self._thinking, reasoning))
-            text = delta.content
-            if delta.refusal:
-                text, self._refused = delta.refusal, True
+            text = delta.get("content")
+            refusal = delta.get("refusal")
+            if refusal:
+                text, self._refused = refusal, True
             if text:
                 if self._text is None:
                     self._text = self._open(TextBlock(""), events)
                 events.append(TextDelta(self._text, text))
-            for call in delta.tool_calls or ():
-                index = self._tool_blocks.get(call.index)
-                function = call.function
+            for call in delta.get("tool_calls") or ():
+                position = call.get("index", 0)
+                index = self._tool_blocks.get(position)
+                function = call.get("function") or {}
                 if index is None:
-                    name = (function.name if function is not None else None) or ""
-                    block = ToolUseBlock(id=call.id or f"call_{call.index}", name=name)
-                    index = self._tool_blocks[call.index] = self._open(block, events)
-                if function is not None and function.arguments:
-                    events.append(ToolInputDelta(index, function.arguments))
-        if choice.finish_reason and self._finish is None:
-            self._finish = choice.finish_reason
+                    block = ToolUseBlock(
+                        id=call.get("id") or f"call_{position}", name=function.get("name") or ""
+                    )
+                    index = self._tool_blocks[position] = self._open(block, events)
+                arguments = function.get("arguments")
+                if arguments:
+                    events.append(ToolInputDelta(index, arguments))
+        finish_reason = choice.get("finish_reason")
+        if finish_reason and self._finish is None:
+            self._finish = finish_reason
             events.extend(ContentBlockStop(i) for i in range(self._next))
 
     def _open(
@@ -368,48 +376,32 @@ class ChatStreamDecoder:
         return [MessageDelta(stop_reason=reason, usage=self._usage), MessageStop()]
 
 
-def completion_as_chunks(completion: Any) -> list[Any]:
+def completion_as_chunks(completion: Mapping[str, Any]) -> list[dict[str, Any]]:
     """A complete (non-streaming) ChatCompletion as the chunks that would stream it.
 
     Generate makes one non-streaming call; replaying its result through
     ChatStreamDecoder keeps a single translation path for both RPCs.
     """
-    chunks: list[Any] = []
-    for choice in completion.choices:
-        if choice.index != 0:
+    chunks: list[dict[str, Any]] = []
+    completion_id = completion.get("id")
+    for choice in completion.get("choices") or ():
+        if choice.get("index") != 0:
             continue
-        message = choice.message
+        message = choice.get("message") or {}
         calls = [
-            SimpleNamespace(
-                index=i,
-                id=call.id,
-                function=SimpleNamespace(
-                    name=call.function.name, arguments=call.function.arguments
-                ),
-            )
-            for i, call in enumerate(message.tool_calls or ())
-            if getattr(call, "function", None) is not None
+            {"index": i, "id": call.get("id"), "function": call["function"]}
+            for i, call in enumerate(message.get("tool_calls") or ())
+            if call.get("function") is not None
         ]
-        delta = SimpleNamespace(
-            content=message.content,
-            refusal=getattr(message, "refusal", None),
-            reasoning_content=getattr(message, "reasoning_content", None),
-            reasoning=getattr(message, "reasoning", None),
-            tool_calls=calls,
-        )
-        chunks.append(
-            SimpleNamespace(
-                id=completion.id,
-                usage=None,
-                choices=[SimpleNamespace(index=0, delta=delta, finish_reason=None)],
-            )
-        )
-        chunks.append(
-            SimpleNamespace(
-                id=completion.id,
-                usage=None,
-                choices=[SimpleNamespace(index=0, delta=None, finish_reason=choice.finish_reason)],
-            )
-        )
-    chunks.append(SimpleNamespace(id=completion.id, usage=completion.usage, choices=[]))
+        delta = {
+            "content": message.get("content"),
+            "refusal": message.get("refusal"),
+            "reasoning_content": message.get("reasoning_content"),
+            "reasoning": message.get("reasoning"),
+            "tool_calls": calls,
+        }
+        finish = {"index": 0, "delta": None, "finish_reason": choice.get("finish_reason")}
+        chunks.append({"id": completion_id, "choices": [{"index": 0, "delta": delta}]})
+        chunks.append({"id": completion_id, "choices": [finish]})
+    chunks.append({"id": completion_id, "usage": completion.get("usage"), "choices": []})
     return chunks

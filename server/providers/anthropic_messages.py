@@ -18,6 +18,7 @@ Provider options: any `messages.create` argument (e.g. `output_config`,
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -43,6 +44,7 @@ from server.providers._upstream import (
     UpstreamSettings,
     kind_of_status,
     merge_provider_options,
+    post_arguments,
     refuse,
     replay,
     retry_after_seconds,
@@ -55,6 +57,12 @@ from server.providers._upstream import (
 from server.schema import GenerationRequest, TokenCount, TokenCountRequest
 
 UPSTREAM_REQUEST_ID_HEADER = "request-id"
+MESSAGES_PATH = "/v1/messages"
+# `messages.create` arguments it sends as headers, not in the body.
+_HEADER_ARGUMENTS = {
+    "user_profile_id": "anthropic-user-profile-id",
+    "workspace_id": "anthropic-workspace-id",
+}
 _CREATE_ARGUMENTS = sdk_parameters(AsyncMessages.create)
 
 # Anthropic's error types, for errors that arrive as a stream event (HTTP 200).
@@ -104,7 +112,9 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
     catalog = ANTHROPIC_MODELS
     default_prefixes = ANTHROPIC_PREFIXES
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+    def create_arguments(self, request: GenerationRequest) -> dict[str, Any]:
+        """The `messages.create` keyword arguments for `request` (stream and timeout
+        aside); raises InvalidArgumentError with every violation."""
         model = self._model(request.model)
         kwargs, violations = codec.request_arguments(request, model.upstream_name, model.thinking)
         sampling, refused = sampling_arguments(
@@ -116,22 +126,34 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
         kwargs["extra_headers"] = {"x-request-id": request.request_id}
         violations += _merge_options(kwargs, request.provider_options)
         refuse(violations)
+        return kwargs
 
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        body, options = post_arguments(self.create_arguments(request), _HEADER_ARGUMENTS)
         upstream_request_id = ""
         stream: Any = None
         client = await self._sdk.current()
         try:
-            timeout = upstream_timeout(request.deadline, self._timeout)
+            options["timeout"] = upstream_timeout(request.deadline, self._timeout)
             raw_events: AsyncIterator[Any]
             if request.incremental:
-                stream = await client.messages.create(**kwargs, stream=True, timeout=timeout)
+                stream = await client.post(
+                    MESSAGES_PATH,
+                    body={**body, "stream": True},
+                    options=options,
+                    cast_to=object,
+                    stream=True,
+                    stream_cls=anthropic.AsyncStream[object],
+                )
                 upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
                 raw_events = stream
             else:
                 # Generate: one non-streaming call, replayed through the same decoder.
-                response = await client.messages.with_raw_response.create(**kwargs, timeout=timeout)
+                response = await client.post(
+                    MESSAGES_PATH, body=body, options=options, cast_to=httpx2.Response
+                )
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
-                raw_events = replay(codec.message_as_raw_events(await response.parse()))
+                raw_events = replay(codec.message_as_raw_events(response.json()))
             decoder = codec.MessagesStreamDecoder(
                 provider=self.name,
                 model=request.model,
@@ -143,7 +165,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
                 if event is not None:
                     yield event
             decoder.finish()
-        except (anthropic.AnthropicError, httpx2.HTTPError) as err:
+        except (anthropic.AnthropicError, httpx2.HTTPError, json.JSONDecodeError) as err:
             raise self._failure(
                 err, request.model, upstream_request_id, request.request_id
             ) from err
@@ -172,7 +194,10 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
         return TokenCount(input_tokens=counted.input_tokens, estimated=False)
 
     def _map_error(
-        self, err: anthropic.AnthropicError | httpx2.HTTPError, model: str, upstream_request_id: str
+        self,
+        err: anthropic.AnthropicError | httpx2.HTTPError | json.JSONDecodeError,
+        model: str,
+        upstream_request_id: str,
     ) -> GatewayError:
         """The one place an Anthropic SDK failure becomes a GatewayError."""
         metadata = {"upstream_request_id": upstream_request_id}

@@ -25,6 +25,7 @@ sent in the body untouched.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -51,6 +52,7 @@ from server.providers._upstream import (
     UpstreamSettings,
     kind_of_status,
     merge_provider_options,
+    post_arguments,
     refuse,
     replay,
     retry_after_seconds,
@@ -63,6 +65,7 @@ from server.providers._upstream import (
 from server.schema import GenerationRequest, TokenCount, TokenCountRequest
 
 UPSTREAM_REQUEST_ID_HEADER = "x-request-id"
+COMPLETIONS_PATH = "/chat/completions"
 _CREATE_ARGUMENTS = sdk_parameters(AsyncCompletions.create)
 
 # OpenAI's error types and codes, for an error that arrives inside a stream.
@@ -119,7 +122,9 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         super().__init__(name, settings)
         self._max_tokens_field = settings.max_tokens_field
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+    def create_arguments(self, request: GenerationRequest) -> dict[str, Any]:
+        """The `chat.completions.create` keyword arguments for `request` (stream and
+        timeout aside); raises InvalidArgumentError with every violation."""
         model = self._model(request.model)
         kwargs, violations = codec.request_arguments(
             request,
@@ -144,28 +149,37 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         }
         violations += merge_provider_options(kwargs, request.provider_options, _CREATE_ARGUMENTS)
         refuse(violations)
+        return kwargs
 
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        body, options = post_arguments(self.create_arguments(request))
+        # What `create` sends: the API key as a bearer token, not an admin key.
+        options["security"] = {"bearer_auth": True}
         upstream_request_id = ""
         stream: Any = None
         client = await self._sdk.current()
         try:
-            timeout = upstream_timeout(request.deadline, self._timeout)
+            options["timeout"] = upstream_timeout(request.deadline, self._timeout)
             chunks: AsyncIterator[Any]
             if request.incremental:
-                stream = await client.chat.completions.create(
-                    **kwargs, stream=True, timeout=timeout
+                stream = await client.post(
+                    COMPLETIONS_PATH,
+                    body={**body, "stream": True},
+                    options=options,
+                    cast_to=object,
+                    stream=True,
+                    stream_cls=openai.AsyncStream[object],
                 )
                 upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
                 chunks = stream
             else:
                 # Generate: one non-streaming call, replayed through the same decoder.
-                kwargs.pop("stream_options", None)
-                response = await client.chat.completions.with_raw_response.create(
-                    **kwargs, timeout=timeout
+                body.pop("stream_options", None)
+                response = await client.post(
+                    COMPLETIONS_PATH, body=body, options=options, cast_to=httpx2.Response
                 )
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
-                # The openai SDK's raw response is the legacy one: parse() is sync.
-                chunks = replay(codec.completion_as_chunks(response.parse()))
+                chunks = replay(codec.completion_as_chunks(response.json()))
             decoder = codec.ChatStreamDecoder(
                 provider=self.name,
                 model=request.model,
@@ -177,7 +191,7 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
                     yield event
             for event in decoder.finish():
                 yield event
-        except (openai.OpenAIError, httpx2.HTTPError) as err:
+        except (openai.OpenAIError, httpx2.HTTPError, json.JSONDecodeError) as err:
             raise self._failure(
                 err, request.model, upstream_request_id, request.request_id
             ) from err
@@ -191,7 +205,10 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         return TokenCount(input_tokens=count, estimated=True)
 
     def _map_error(
-        self, err: openai.OpenAIError | httpx2.HTTPError, model: str, upstream_request_id: str
+        self,
+        err: openai.OpenAIError | httpx2.HTTPError | json.JSONDecodeError,
+        model: str,
+        upstream_request_id: str,
     ) -> GatewayError:
         """The one place an OpenAI SDK failure becomes a GatewayError."""
         base = {"provider": self.name}

@@ -88,4 +88,6 @@ class Reply:
     error_after: int | None = None  # an error event after this many events
     stream_error_type: str = "overloaded_error"
     reset_after: int | None = None  # the connection is cut after this many events
+    # Sent as the whole 200 body instead of the reply (SSE when the call streams)
+    raw_body: bytes | None = None
     count_tokens: int = 42  # what count_tokens answers

@@ -33,6 +33,7 @@ class RecordedRequest:
     headers: dict[str, str]  # names lower-cased
     body: Any
     received_at: float
+    query: str = ""
     ended_at: float | None = None
     # True when the client closed the connection before the response ended.
     disconnected: bool = False
@@ -98,6 +99,7 @@ class FakeUpstream:
             headers={k.lower(): v for k, v in request.headers.items()},
             body=body,
             received_at=asyncio.get_running_loop().time(),
+            query=request.query_string,
         )
         self.requests.append(recorded)
         reply = self._replies.popleft() if self._replies else Reply()
@@ -167,6 +169,10 @@ class FakeUpstream:
                 completed = True
                 return web.json_response(error(reply.status), status=reply.status, headers=headers)
             streaming = isinstance(recorded.body, dict) and recorded.body.get("stream") is True
+            if reply.raw_body is not None:
+                completed = True
+                kind = "text/event-stream" if streaming else "application/json"
+                return web.Response(body=reply.raw_body, content_type=kind, headers=headers)
             if events is None or not streaming:
                 completed = True
                 return web.json_response(body(), headers=headers)
