@@ -3,10 +3,18 @@
 It makes the calls a service would make without the gateway (`unary`: a
 non-streaming create; `stream`: a streaming create read to the end) at a
 given concurrency and prints the same JSON summary as bench/loadgen, so the
-gateway's added latency is gateway-path minus this. (The gateway itself
-always streams upstream and folds the stream for Generate.)
+gateway's added latency is gateway-path minus this. (The gateway
+makes one non-streaming call for Generate, like `unary` here.)
 
-Usage: python -m bench.direct_sdk anthropic|openai BASE_URL unary|stream C N [MODEL [API_KEY]]
+Usage: python -m bench.direct_sdk [--post] anthropic|openai BASE_URL unary|stream C N
+                                  [MODEL [API_KEY]]
+
+--post calls the SDK the way the gateway's providers do: its generic
+`client.post`, responses as parsed JSON instead of pydantic models (see
+`post_arguments` in server/providers/_upstream.py). Against it, the
+gateway's added latency is its own cost alone; against the typed methods
+(the default, what a service without the gateway would write) it is net of
+what the gateway saves on the SDK's side.
 
 MODEL and API_KEY serve `make bench-peer`, where BASE_URL is a peer gateway
 (LiteLLM's proxy) speaking the same API in front of the same fake upstream.
@@ -19,6 +27,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 MAX_TOKENS = 256
@@ -50,13 +59,19 @@ async def run(
     total: int,
     model: str = "bench-model",
     api_key: str = "bench",
+    *,
+    post: bool = False,
 ) -> dict[str, Any]:
-    if provider == "anthropic":
+    call: Callable[[], Awaitable[float | None]]
+    client: Any
+    if post:
+        client, call = _post_call(provider, base_url, method, model, api_key)
+    elif provider == "anthropic":
         import anthropic
 
-        client: Any = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0)
+        client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0)
 
-        async def call() -> float | None:
+        async def typed_anthropic() -> float | None:
             first = None
             start = time.perf_counter()
             if method == "unary":
@@ -77,12 +92,14 @@ async def run(
                     if first is None and event.type == "content_block_delta":
                         first = time.perf_counter() - start
             return first
+
+        call = typed_anthropic
     else:
         import openai
 
         client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0)
 
-        async def call() -> float | None:
+        async def typed_openai() -> float | None:
             first = None
             start = time.perf_counter()
             if method == "unary":
@@ -104,6 +121,8 @@ async def run(
                     if first is None and chunk.choices and chunk.choices[0].delta.content:
                         first = time.perf_counter() - start
             return first
+
+        call = typed_openai
 
     latencies: list[float] = []
     firsts: list[float] = []
@@ -148,8 +167,62 @@ async def run(
     return result
 
 
+def _post_call(
+    provider: str, base_url: str, method: str, model: str, api_key: str
+) -> tuple[Any, Callable[[], Awaitable[float | None]]]:
+    """The client, and one call through its `client.post` as the gateway makes it."""
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "Hello"}]}
+    client: Any
+    stream_cls: Any
+    if provider == "anthropic":
+        import anthropic
+
+        client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0)
+        path, stream_cls = "/v1/messages", anthropic.AsyncStream[object]
+        body["max_tokens"] = MAX_TOKENS
+
+        def is_content(event: Any) -> bool:
+            return bool(event.get("type") == "content_block_delta")
+    else:
+        import openai
+
+        client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0)
+        path, stream_cls = "/chat/completions", openai.AsyncStream[object]
+        body["max_completion_tokens"] = MAX_TOKENS
+
+        def is_content(event: Any) -> bool:
+            choices = event.get("choices") or ()
+            return bool(choices and (choices[0].get("delta") or {}).get("content"))
+
+    async def call() -> float | None:
+        start = time.perf_counter()
+        if method == "unary":
+            await client.post(path, body=body, cast_to=object)
+            return None
+        streamed = {**body, "stream": True}
+        if provider == "openai":
+            streamed["stream_options"] = {"include_usage": True}
+        stream = await client.post(
+            path, body=streamed, cast_to=object, stream=True, stream_cls=stream_cls
+        )
+        first = None
+        async with stream:
+            async for event in stream:
+                if first is None and is_content(event):
+                    first = time.perf_counter() - start
+        return first
+
+    return client, call
+
+
 if __name__ == "__main__":
-    provider, base_url, method, concurrency, total = sys.argv[1:6]
-    extra = sys.argv[6:8]
-    result = asyncio.run(run(provider, base_url, method, int(concurrency), int(total), *extra))
+    args = sys.argv[1:]
+    post = args[:1] == ["--post"]
+    if post:
+        args = args[1:]
+    provider, base_url, method, concurrency, total = args[:5]
+    extra = args[5:7]
+    result = asyncio.run(
+        run(provider, base_url, method, int(concurrency), int(total), *extra, post=post)
+    )
     print(json.dumps(result))

@@ -115,10 +115,13 @@ class Bench:
         out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
         return dict(json.loads(out.stdout))
 
-    def direct(self, provider: str, url: str, method: str, concurrency: int) -> dict[str, Any]:
+    def direct(
+        self, provider: str, url: str, method: str, concurrency: int, *, post: bool = False
+    ) -> dict[str, Any]:
         calls = max(200, self.calls(method, concurrency) // 3)
-        argv = [*pinned(SERVER_CORE), python(), "-m", "bench.direct_sdk", provider, url, method]
-        argv += [str(concurrency), str(calls)]
+        argv = [*pinned(SERVER_CORE), python(), "-m", "bench.direct_sdk"]
+        argv += ["--post"] if post else []
+        argv += [provider, url, method, str(concurrency), str(calls)]
         out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT)
         return dict(json.loads(out.stdout))
 
@@ -192,6 +195,10 @@ class Bench:
                         self.record(
                             "providers", f"direct {provider} SDK", result, provider=provider
                         )
+                        # The SDK used as the gateway's providers use it: the gateway's own cost.
+                        result = self.direct(provider, url, method, concurrency, post=True)
+                        target = f"direct {provider} SDK post"
+                        self.record("providers", target, result, provider=provider)
 
     def held_streams(self, streams: int, seconds: int, *, target: str, workers: int = 1) -> None:
         """`streams` streams open at once, a chunk every 50 ms each, for `seconds`.

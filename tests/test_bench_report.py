@@ -34,6 +34,8 @@ ROWS = [
     row("providers", "direct anthropic SDK", "unary", 1, 400, 1.7, 3.5),
     row("providers", "gateway -> anthropic", "stream", 1, 200, 4.0, 6.0, first=(2.0, 3.0)),
     row("providers", "direct anthropic SDK", "stream", 1, 300, 2.5, 4.0, first=(1.5, 2.0)),
+    row("providers", "direct anthropic SDK post", "unary", 1, 500, 1.2, 2.5),
+    row("providers", "direct anthropic SDK post", "stream", 1, 400, 2.0, 3.0, first=(1.1, 1.6)),
     row("providers", "gateway -> anthropic", "unary", 32, 380, 80, 100),
     row("providers", "direct anthropic SDK", "unary", 32, 400, 60, 70),
 ]
@@ -49,6 +51,13 @@ def test_headline_numbers() -> None:
     assert numbers["throughput_ratio_anthropic_unary_c32"] == pytest.approx(0.95)
     assert numbers["offline_vs_ceiling_unary"] == pytest.approx(0.75)
     assert "unary p50 +0.80 ms" in text
+    # Against the SDK used the gateway's way (client.post): the gateway's own hop.
+    own = numbers["added_ms_anthropic_vs_post"]
+    assert own["unary_p50"] == pytest.approx(1.3)
+    assert own["first_chunk_p50"] == pytest.approx(0.9)
+    assert own["first_chunk_p99"] == pytest.approx(1.4)
+    assert "gateway's own hop (client.post baseline): unary p50 +1.30 ms" in text
+    assert "added_ms_openai" not in numbers  # no rows, no number
 
 
 def test_medians_over_repetitions() -> None:
