@@ -221,16 +221,13 @@ def write_reports(results: dict[str, Any], stem: Path) -> str:
             "",
             *(
                 [
-                    f"## Medians over {len(results['providers_repetitions'])} repetitions"
-                    " of the providers scenario",
+                    f"## Medians over {len(results['repetitions'])} repetitions"
+                    f" of the {' and '.join(results['repeated'])} scenarios",
                     "",
-                    *(
-                        f"- {key}: {value:.3g}"
-                        for key, value in sorted(results["providers_medians"].items())
-                    ),
+                    *(f"- {key}: {value:.3g}" for key, value in sorted(results["medians"].items())),
                     "",
                 ]
-                if results.get("providers_medians")
+                if results.get("medians")
                 else []
             ),
             "## Every run",

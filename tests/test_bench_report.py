@@ -77,6 +77,14 @@ def test_reports_are_written(tmp_path: Path) -> None:
     markdown = write_reports(results, tmp_path / "run")
     assert (tmp_path / "run.json").exists()
     assert "| providers | gateway -> anthropic | unary | 1 | 300 |" in markdown
+    assert "## Medians" not in markdown  # one run: nothing to take the median of
+
+    repetitions = [headline(ROWS)[1], headline(ROWS)[1]]
+    results.update(repeated=["ceiling", "providers"], repetitions=repetitions,
+                   medians=medians(repetitions))  # fmt: skip
+    markdown = write_reports(results, tmp_path / "repeated")
+    assert "## Medians over 2 repetitions of the ceiling and providers scenarios" in markdown
+    assert "- offline_vs_ceiling_unary: 0.75" in markdown
 
 
 def test_held_and_workers_lines_carry_their_accounting() -> None:

@@ -2,14 +2,17 @@
 
 One `AsyncAnthropic` client per configured instance, reused by every call
 (its connection pool); a rotated API key swaps in a copy that shares the
-pool (KeyedClient in _upstream.py; the common parts are in _sdk_provider.py).
-StreamGenerate streams upstream; Generate makes one non-streaming call and
-replays the whole message through the same stream decoder, so both RPCs
-share one translation. The SDK's own retries are off
-(max_retries=0): the router owns retries and fallbacks, and two layers of
-retries would multiply. Each call's timeout is what is left of the
-caller's deadline. Translation rules are in _anthropic_codec.py; every SDK
-failure becomes a GatewayError in `_map_error`, and only there.
+pool (KeyedClient in _upstream.py; the common parts are in
+_sdk_provider.py). StreamGenerate streams upstream; Generate makes one non-
+streaming call and replays the whole message through the same stream
+decoder, so both RPCs share one translation. Calls go through the SDK's
+generic `client.post` with the request `messages.create` would send (pinned
+by tests/test_sdk_call_parity.py) and read the JSON as parsed, without the
+SDK's pydantic models (why: `post_arguments` in _upstream.py). The SDK's own
+retries are off (max_retries=0): the router owns retries and fallbacks, and
+two layers of retries would multiply. Each call's timeout is what is left of
+the caller's deadline. Translation rules are in _anthropic_codec.py; every
+SDK failure becomes a GatewayError in `_map_error`, and only there.
 
 Provider options: any `messages.create` argument (e.g. `output_config`,
 `service_tier`, `extra_headers`), `betas` (a list, sent as the

@@ -7,11 +7,15 @@ in _upstream.py).
 llama.cpp and the like (set `route_prefixes: []` there, so that it does not
 claim `gpt-` ids). StreamGenerate streams upstream with
 `stream_options.include_usage` (without it the stream carries no usage);
-Generate makes one non-streaming call and replays the completion through
-the same chunk decoder. The SDK's retries are off (max_retries=0)
-because the router owns retries, and each call's timeout is what is left of
-the caller's deadline. Translation rules are in _openai_codec.py; every SDK
-failure becomes a GatewayError in `_map_error`, and only there.
+Generate makes one non-streaming call and replays the completion through the
+same chunk decoder. Calls go through the SDK's generic `client.post` with
+the request `chat.completions.create` would send (pinned by
+tests/test_sdk_call_parity.py) and read the JSON as parsed, without the
+SDK's pydantic models (why: `post_arguments` in _upstream.py). The SDK's
+retries are off (max_retries=0) because the router owns retries, and each
+call's timeout is what is left of the caller's deadline. Translation rules
+are in _openai_codec.py; every SDK failure becomes a GatewayError in
+`_map_error`, and only there.
 
 CountTokens is the gateway's documented estimate (server/token_estimate.py,
 `estimated: true`): tiktoken downloads its encodings at run time, which a
