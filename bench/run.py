@@ -20,12 +20,14 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import weakref
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,8 @@ class Bench:
     def __init__(self, quick: bool) -> None:
         self.quick = quick
         self.work = Path(tempfile.mkdtemp(prefix="bench-"))
+        # Requests, configs and ledgers of this run only: gone when it ends.
+        weakref.finalize(self, shutil.rmtree, self.work, ignore_errors=True)
         self.rows: list[dict[str, Any]] = []
 
     def calls(self, method: str, concurrency: int) -> int:
@@ -146,6 +150,9 @@ class Bench:
             "logging": {"level": "INFO"},
             # Loopback development mode: the benchmark measures the serving path.
             "auth": {"enabled": False},
+            # The ledger stays on, in a file of this run's own: not the user's
+            # ledger, and not one that grows from run to run.
+            "ledger": {"path": str(self.work / f"usage-{port}.sqlite3")},
             "providers": providers,
         }
         path = self.work / f"gateway-{port}.yaml"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
-from server.calls import CallRecord
+from server.calls import CallRecord, new_call_id
 from tests.conftest import RunningGateway, request
 
 
@@ -109,3 +110,15 @@ async def test_a_deadline_is_recorded_as_deadline_exceeded(
     assert [(r.request_id, r.status) for r in records] == [
         ("rec-deadline", grpc.StatusCode.DEADLINE_EXCEEDED)
     ]
+
+
+def test_call_ids_are_unique_and_sort_in_creation_order() -> None:
+    first = [new_call_id() for _ in range(5_000)]
+    time.sleep(0.001)
+    later = [new_call_id() for _ in range(5_000)]
+    assert len(set(first + later)) == 10_000
+    # A later call's id sorts after every earlier one: the ledgers' unique
+    # index on call_id grows at its right edge.
+    assert max(first) < min(later)
+    assert len({len(i) for i in first + later}) == 1  # fixed width, so text order is time order
+    assert CallRecord("Generate", "r").call_id != CallRecord("Generate", "r").call_id
