@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Self
@@ -174,7 +174,7 @@ class OfflineProvider(Provider):
         due = clock()
 
         yield MessageStart(
-            id=f"msg_{uuid.uuid4().hex[:24]}",
+            id=f"msg_{os.urandom(12).hex()}",
             model=request.model,
             provider=self.name,
             request_id=request.request_id,
