@@ -4,7 +4,8 @@
 `AsyncAnthropic.messages.create` (sent through `client.post`, see
 `post_arguments` in _upstream.py); `MessagesStreamDecoder` turns the raw
 stream events (the wire format's JSON objects) into the gateway's
-StreamEvents, one for one, as they arrive. Rules where the two do not meet one to one:
+StreamEvents, one for one, as they arrive. Rules where the two do not meet
+one to one:
 
 - thinking: a model with `thinking: budget` gets `{type: enabled,
   budget_tokens}` (at least 1024, as Anthropic requires); one with

@@ -2,10 +2,9 @@
 
 `request_arguments` turns a GenerationRequest into keyword arguments for
 `AsyncOpenAI.chat.completions.create` (sent through `client.post`, see
-`post_arguments` in _upstream.py); `ChatStreamDecoder` turns streamed
-chunks (the wire format's JSON objects) into the gateway's StreamEvents as
-they arrive. Rules where the two
-do not meet one to one:
+`post_arguments` in _upstream.py); `ChatStreamDecoder` turns streamed chunks
+(the wire format's JSON objects) into the gateway's StreamEvents as they
+arrive. Rules where the two do not meet one to one:
 
 - system blocks become one `system` message; tool results become `tool`
   messages, placed before the rest of their user turn (OpenAI wants them
