@@ -34,7 +34,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "claude-test": {
         "betas": ["context-1m-2025-08-07"],
         "service_tier": "standard_only",
-        "workspace_id": "wrk_123",  # an argument `create` sends as a header
+        "user_profile_id": "prof_123",  # an argument `create` sends as a header
         "extra_headers": {"x-team": "search"},
         "extra_query": {"trace": "1"},
         "extra_body": {"future_knob": {"depth": 3}},
@@ -121,5 +121,5 @@ async def test_the_upstream_request_is_the_one_the_typed_method_sends(
     assert ours.headers == typed.headers
     assert ours.headers["x-team"] == "search"
     if model == "claude-test":
-        assert ours.headers["anthropic-workspace-id"] == "wrk_123"
-        assert "workspace_id" not in ours.body
+        assert ours.headers["anthropic-user-profile-id"] == "prof_123"
+        assert "user_profile_id" not in ours.body

@@ -318,9 +318,49 @@ def sdk_parameters(method: Callable[..., Any]) -> frozenset[str]:
     return frozenset(inspect.signature(method).parameters) - {"self"}
 
 
-# The SDK call is ours to shape in these; the rest of provider_options may override.
-_RESERVED_OPTIONS = frozenset({"model", "messages", "stream", "stream_options", "timeout"})
-_RESERVED_HEADERS = frozenset({"authorization", "x-api-key", "api-key"})
+# What the gateway decided, checked, reserved and priced: the model (a key
+# may be allowed only some), the prompt (estimated for the context window,
+# TPM and the budget), the tools (estimated too), the output cap (reserved)
+# and how many outputs are paid for. No provider option may set them, on any
+# path: as a keyword, in `extra_body`, or as an unknown key sent in the body.
+GATEWAY_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "system",
+        "tools",
+        "functions",
+        "max_tokens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "n",
+        "stream",
+        "stream_options",
+        "timeout",
+        # Sent as the anthropic-workspace-id header: which workspace is billed.
+        "workspace_id",
+    }
+)
+# Credentials, billing routing (which organisation, project or workspace pays)
+# and framing: the gateway's alone.
+GATEWAY_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "x-api-key",
+        "api-key",
+        "cookie",
+        "openai-organization",
+        "openai-project",
+        "anthropic-workspace-id",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+    }
+)
+GATEWAY_QUERY = frozenset({"model", "key", "api_key", "api-key"})
+_SET_BY_GATEWAY = "is set by the gateway and cannot be given"
 
 
 def merge_provider_options(
@@ -330,32 +370,45 @@ def merge_provider_options(
 
     Keys the SDK method takes replace the gateway's value; `extra_headers`,
     `extra_query` and `extra_body` are merged key by key; any other key goes
-    into the request body untouched (`extra_body`). Returns what was refused.
+    into the request body untouched (`extra_body`). What the gateway decided
+    (GATEWAY_FIELDS, GATEWAY_HEADERS, GATEWAY_QUERY) is refused wherever it
+    is given, never dropped in silence. Returns what was refused.
     """
     violations: list[FieldViolation] = []
     for key, value in options.items():
         path = f"provider_options.{key}"
         value = _integral_floats_as_ints(value)
-        if key in _RESERVED_OPTIONS:
-            violations.append(FieldViolation(path, "is set by the gateway and cannot be given"))
+        if key in GATEWAY_FIELDS:
+            violations.append(FieldViolation(path, _SET_BY_GATEWAY))
         elif key in ("extra_headers", "extra_query", "extra_body"):
             if not isinstance(value, dict):
                 violations.append(FieldViolation(path, "must be an object"))
                 continue
-            if key == "extra_headers":
-                bad = [k for k, v in value.items() if not isinstance(v, str)]
-                bad += [k for k in value if k.lower() in _RESERVED_HEADERS]
-                if bad:
-                    violations.append(
-                        FieldViolation(f"{path}.{bad[0]}", "must be a string and not a credential")
-                    )
-                    continue
+            refused = _refused_entries(key, value)
+            if refused:
+                violations += [FieldViolation(f"{path}.{name}", why) for name, why in refused]
+                continue
             kwargs[key] = {**kwargs.get(key, {}), **value}
         elif key in known:
             kwargs[key] = value
         else:
             kwargs.setdefault("extra_body", {})[key] = value
     return violations
+
+
+def _refused_entries(where: str, entries: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The entries of extra_headers, extra_query or extra_body the caller may not set."""
+    if where == "extra_body":
+        return [(name, _SET_BY_GATEWAY) for name in entries if name in GATEWAY_FIELDS]
+    if where == "extra_query":
+        return [(name, _SET_BY_GATEWAY) for name in entries if name.lower() in GATEWAY_QUERY]
+    refused = [(name, "must be a string") for name, v in entries.items() if not isinstance(v, str)]
+    refused += [
+        (name, "is a credential or billing header: the gateway's alone")
+        for name in entries
+        if name.lower() in GATEWAY_HEADERS
+    ]
+    return refused
 
 
 def post_arguments(
