@@ -79,7 +79,10 @@ class LoggingConfig(_Strict):
     # auto: JSON when stderr is not a terminal (containers, systemd, log
     # shippers), text when a person is watching it.
     format: Literal["auto", "text", "json"] = "auto"
-    # Levels of single loggers, e.g. {"httpx": "WARNING"}.
+    # Levels of single loggers, e.g. {"httpx2": "WARNING"}. The provider SDKs'
+    # loggers (anthropic, openai, httpx2, httpcore2, ...) log at INFO at most
+    # unless named here: at DEBUG they write request bodies, prompts and
+    # end-user ids included.
     loggers: dict[str, LogLevel] = {}
     # One line per generation call (logger `llmgw.calls`): ids, model, status,
     # tokens, cost, latency.

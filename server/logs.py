@@ -25,6 +25,10 @@ from server.config import LoggingConfig
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 CALLS_LOGGER = "llmgw.calls"
 REDACTED = "[REDACTED]"
+# The provider SDKs' loggers and their HTTP stacks'. At DEBUG they write each
+# request's options, body included (prompts, metadata.user_id), so they log at
+# INFO at most unless `logging.loggers` names them.
+SDK_LOGGERS = ("anthropic", "openai", "httpx", "httpx2", "httpcore", "httpcore2")
 
 # Applied in order. A key keeps its public id (llmgw_<id>_...), which is no secret
 # and says which key it was; everything secret-shaped is replaced whole.
@@ -156,6 +160,10 @@ def configure_logging(config: LoggingConfig) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)
+    sdk_level = max(root.level, logging.INFO)
+    for name in SDK_LOGGERS:
+        if name not in config.loggers:
+            logging.getLogger(name).setLevel(sdk_level)
     for name, level in config.loggers.items():
         logging.getLogger(name).setLevel(level)
     logging.getLogger(CALLS_LOGGER).disabled = not config.calls

@@ -12,19 +12,21 @@ import io
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import pytest
 
+from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import token_pb2, token_pb2_grpc
 from server.auth.cli import create_key
 from server.config import LoggingConfig
 from server.logs import (
     CALLS_LOGGER,
     REDACTED,
+    SDK_LOGGERS,
     JsonFormatter,
     RedactionFilter,
     configure_logging,
@@ -40,7 +42,7 @@ from tests.test_tracing import (
     start_traced_gateway,
     upstream_overrides,
 )
-from tests.upstream_fixtures import ANTHROPIC_KEY, OPENAI_KEY, ask
+from tests.upstream_fixtures import ANTHROPIC_KEY, OPENAI_KEY, ask, generate, stream_all
 
 API_KEY = "llmgw_0123456789ab_" + "5f" * 24
 JWT = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiIwMTIzNDU2Nzg5YWIifQ.c2lnbmF0dXJlLWJ5dGVz"
@@ -252,3 +254,62 @@ async def test_no_key_or_token_anywhere_on_any_path(
     assert "gen_ai.usage.output_tokens" in spans
     events = [json.loads(line)["event"] for line in audit.splitlines()]
     assert events.count("auth.failed") == 3 and "token.issued" in events
+
+
+@pytest.fixture
+def configured() -> Iterator[Callable[[LoggingConfig], io.StringIO]]:
+    """configure_logging with its handler writing to a buffer; the suite's logging restored."""
+    root = logging.getLogger()
+    names = (*SDK_LOGGERS, "grpc")
+    saved = root.handlers[:], root.level, {name: logging.getLogger(name).level for name in names}
+
+    def configure(config: LoggingConfig) -> io.StringIO:
+        configure_logging(config)
+        stream = io.StringIO()
+        (handler,) = root.handlers
+        assert isinstance(handler, logging.StreamHandler)
+        handler.setStream(stream)
+        return stream
+
+    yield configure
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    for name, level in saved[2].items():
+        logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.parametrize("model", ["claude-test", "gpt-test"])
+async def test_debug_level_logs_no_prompt_or_end_user_id(
+    upstream_gateway: RunningGateway,
+    configured: Callable[[LoggingConfig], io.StringIO],
+    model: str,
+) -> None:
+    prompt, end_user = "Zanzibar-quokka-prompt-7731", "end-user-Vq93-distinctive"
+    logged = configured(LoggingConfig(level="DEBUG", format="json"))
+    logging.getLogger("grpc").setLevel(logging.INFO)  # as the suite has it (tests/conftest.py)
+    req = ask(model, prompt, metadata=pb.CallerMetadata(end_user_id=end_user))
+    response, _ = await generate(upstream_gateway.stub, req)
+    events, _ = await stream_all(upstream_gateway.stub, req)
+    assert response.content and events[-1].HasField("message_stop")
+    logging.getLogger("server.test").debug("debug is on")
+    text = logged.getvalue()
+    # DEBUG lines are written, and the calls were logged...
+    assert "debug is on" in text and CALLS_LOGGER in text
+    # ...but not what the SDKs dump at DEBUG.
+    assert prompt not in text
+    assert end_user not in text
+
+
+def test_sdk_loggers_follow_the_root_above_info_and_obey_explicit_levels(
+    configured: Callable[[LoggingConfig], io.StringIO],
+) -> None:
+    configured(LoggingConfig(level="DEBUG", format="json"))
+    for name in SDK_LOGGERS:
+        assert logging.getLogger(name).getEffectiveLevel() == logging.INFO, name
+    configured(LoggingConfig(level="WARNING", format="json"))
+    for name in SDK_LOGGERS:
+        assert logging.getLogger(name).getEffectiveLevel() == logging.WARNING, name
+    # Asked for by name: the operator's choice, request dumps and all.
+    configured(LoggingConfig(level="DEBUG", format="json", loggers={"anthropic": "DEBUG"}))
+    assert logging.getLogger("anthropic._base_client").getEffectiveLevel() == logging.DEBUG
+    assert logging.getLogger("openai").getEffectiveLevel() == logging.INFO
