@@ -30,6 +30,14 @@ REDACTED = "[REDACTED]"
 # INFO at most unless `logging.loggers` names them.
 SDK_LOGGERS = ("anthropic", "openai", "httpx", "httpx2", "httpcore", "httpcore2")
 
+# A value already replaced (a key keeps its id), up to where a value ends: a
+# second pass, or a pattern after another, leaves it as it is.
+_DONE = r"(?:llmgw_[0-9a-f]{12}_)?\[REDACTED\](?=[\s'\",;)\]}]|$)"
+# A credential value: up to a quote, separator or closing bracket; a bracketed
+# part ([...]) is taken whole, so no stray "]" is left after the replacement.
+_VALUE = r"(?:\[[^\s\]]*\]|[^\s'\",;)\]}\[])+"
+_SCHEME = r"(?:(?:bearer|basic)\s+)"
+
 # Applied in order. A key keeps its public id (llmgw_<id>_...), which is no secret
 # and says which key it was; everything secret-shaped is replaced whole.
 _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -41,17 +49,19 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     # JWTs (ours and any other): base64url JSON header, payload, optional signature.
     (re.compile(r"eyJ[0-9A-Za-z_-]{4,}\.[0-9A-Za-z_-]{4,}(?:\.[0-9A-Za-z_-]*)?"), REDACTED),
     # Whatever follows "Bearer" or "Basic".
-    (re.compile(r"(?i)\b(bearer|basic)(\s+)(?!\[REDACTED\])[^\s'\",;)\]}]+"), r"\1\2" + REDACTED),
+    (re.compile(rf"(?i)\b(bearer|basic)(\s+)(?!{_DONE}){_VALUE}"), r"\1\2" + REDACTED),
     # The value of an authorization, x-api-key or api_key header, field or argument:
     # `authorization: x`, `"x-api-key": "x"`, `('authorization', 'x')`, `api_key=x`.
     (
         re.compile(
             r"(?i)((?:proxy-)?authorization|x-api-key|api[_-]?key)(['\"]?\s*[:=,]\s*['\"]?)"
-            r"(?!(?:(?:bearer|basic)\s+)?\[REDACTED\])(?:(?:bearer|basic)\s+)?[^\s'\",;)\]}]+"
+            rf"(?!{_SCHEME}?{_DONE}){_SCHEME}?{_VALUE}"
         ),
         r"\1\2" + REDACTED,
     ),
 )
+# Field names whose value is a credential whatever it looks like.
+_CREDENTIAL_FIELD = re.compile(r"(?i)(?:proxy-)?authorization|x-api-key|api[_-]?key")
 
 
 # What every pattern above needs somewhere in the text, lower-cased: a few
@@ -73,13 +83,59 @@ def redact(text: str) -> str:
     return text
 
 
+# Containers deeper than this are written as their redacted text.
+_MAX_DEPTH = 6
+_CONTAINERS = (dict, list, tuple)
+
+
+def redact_value(value: object, depth: int = 0) -> object:
+    """`value` with credentials replaced in its strings, at any depth of dicts, lists and tuples.
+
+    The value of a field named like a credential (`authorization`,
+    `x-api-key`, `api_key`), as a dict key or the first of a pair as in gRPC
+    metadata, is replaced whatever it looks like. Containers are copied,
+    never changed in place: they may still be the caller's.
+    """
+    if isinstance(value, str):
+        return redact(value)
+    if not isinstance(value, _CONTAINERS):
+        return value
+    if depth >= _MAX_DEPTH:
+        return redact(repr(value))
+    if isinstance(value, dict):
+        return {
+            redact_value(key, depth + 1): _credential(value[key])
+            if isinstance(key, str) and _CREDENTIAL_FIELD.fullmatch(key)
+            else redact_value(value[key], depth + 1)
+            for key in value
+        }
+    items = [redact_value(item, depth + 1) for item in value]
+    if len(value) == 2 and isinstance(value[0], str) and _CREDENTIAL_FIELD.fullmatch(value[0]):
+        items[1] = _credential(value[1])  # ("authorization", "...") as in gRPC metadata
+    return items if isinstance(value, list) else tuple(items)
+
+
+def _credential(value: object) -> object:
+    """The value of a credential field: a key's public id and the scheme are kept."""
+    if not isinstance(value, str | bytes):
+        return redact_value(value)
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    redacted = redact(text)
+    scheme, _, rest = redacted.partition(" ")
+    if rest and scheme.lower() in ("bearer", "basic"):
+        return f"{scheme} {rest if re.fullmatch(_DONE, rest) else REDACTED}"
+    return redacted if re.fullmatch(_DONE, redacted) else REDACTED
+
+
 class RedactionFilter(logging.Filter):
-    """Redacts a record in place: message, exception text, stack and string extras.
+    """Redacts a record in place: message, exception text, stack and extras.
 
     On a handler it sees every record that handler emits, whichever logger
     made it; the record is changed in place, so handlers after it see the
-    redacted text too. The exception is kept (exc_info) for handlers that need
-    it, but the text stdlib formatters print (exc_text) is the redacted one.
+    redacted text too. The arguments are merged into the message first. The
+    exception is kept (exc_info) for handlers that need it, but the text
+    stdlib formatters print (exc_text) is the redacted one. Extras that are
+    dicts, lists or tuples are replaced by redacted copies, at any depth.
     """
 
     _exceptions = logging.Formatter()
@@ -90,7 +146,13 @@ class RedactionFilter(logging.Filter):
         if record.exc_info and not record.exc_text:
             record.exc_text = self._exceptions.formatException(record.exc_info)
         fields = record.__dict__
-        extras = [k for k in fields.keys() - _STANDARD_ATTRS if isinstance(fields[k], str)]
+        extras = []
+        for key in fields.keys() - _STANDARD_ATTRS:
+            value = fields[key]
+            if isinstance(value, str):
+                extras.append(key)
+            elif isinstance(value, _CONTAINERS):
+                fields[key] = redact_value(value)
         texts = [message, record.exc_text or "", record.stack_info or ""]
         # One check over everything; the patterns run only on a record that may need them.
         if not _suspect("\n".join(texts + [fields[k] for k in extras])):

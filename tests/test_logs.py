@@ -45,6 +45,7 @@ from tests.test_tracing import (
 from tests.upstream_fixtures import ANTHROPIC_KEY, OPENAI_KEY, ask, generate, stream_all
 
 API_KEY = "llmgw_0123456789ab_" + "5f" * 24
+KEY_ID_KEPT = f"llmgw_0123456789ab_{REDACTED}"
 JWT = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiIwMTIzNDU2Nzg5YWIifQ.c2lnbmF0dXJlLWJ5dGVz"
 CALL_FIELDS = {
     "request_id",
@@ -106,6 +107,55 @@ def test_redaction_removes_every_credential_shape(text: str) -> None:
     for secret in (API_KEY, "sk-proj-AbCdEf0123456789xyz", JWT, "opaque-token-value"):
         assert secret not in redacted
     assert "dXNlcjpwYXNzd29yZA" not in redacted and "plain-secret-value" not in redacted
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (f"Bearer {API_KEY}", f"Bearer {KEY_ID_KEPT}"),
+        (
+            f"authorization: Bearer {API_KEY}",
+            f"authorization: Bearer llmgw_0123456789ab_{REDACTED}",
+        ),
+        (f"api_key={API_KEY}", f"api_key={KEY_ID_KEPT}"),
+        ("Bearer [opaque-token]", f"Bearer {REDACTED}"),
+        ("authorization=Bearer [opaque]", f"authorization=Bearer {REDACTED}"),
+        ("[Bearer opaque-token]", f"[Bearer {REDACTED}]"),
+        (f"Authorization: Bearer {JWT}", f"Authorization: Bearer {REDACTED}"),
+    ],
+)
+def test_redaction_leaves_no_stray_bracket_and_is_stable(text: str, expected: str) -> None:
+    assert redact(text) == expected
+    assert redact(expected) == expected  # a second filter changes nothing
+
+
+def test_the_filter_redacts_inside_dict_and_list_extras(json_lines: io.StringIO) -> None:
+    headers = {"authorization": f"Bearer {JWT}", "x-api-key": "plain-secret-value", "n": 1}
+    metadata = [("authorization", "opaque-token-value"), ("x-request-id", "r-1")]
+    nested = {"request": {"headers": headers, "metadata": metadata, "keys": (API_KEY, 2)}}
+    logging.getLogger("chatty.library").warning(
+        "call", extra={"headers": headers, "metadata": metadata, "nested": nested}
+    )
+    text = json_lines.getvalue()
+    for secret in (JWT, "plain-secret-value", "opaque-token-value", API_KEY):
+        assert secret not in text
+    (line,) = parsed(json_lines)
+    assert line["headers"] == {"authorization": f"Bearer {REDACTED}", "x-api-key": REDACTED, "n": 1}
+    assert line["metadata"] == [["authorization", REDACTED], ["x-request-id", "r-1"]]
+    request = line["nested"]["request"]  # type: ignore[index]
+    assert request["keys"] == [f"llmgw_0123456789ab_{REDACTED}", 2]
+    assert request["headers"]["x-api-key"] == REDACTED
+    # The caller's own objects are left as they were.
+    assert headers["x-api-key"] == "plain-secret-value" and metadata[0][1] == "opaque-token-value"
+
+
+def test_the_filter_redacts_inside_dict_and_list_arguments(json_lines: io.StringIO) -> None:
+    library = logging.getLogger("chatty.library")
+    library.warning("headers %s", [("x-api-key", "plain-secret-value")])
+    library.warning("%(headers)s", {"headers": {"nested": {"authorization": "Basic dXNlcg=="}}})
+    text = json_lines.getvalue()
+    assert "plain-secret-value" not in text and "dXNlcg" not in text
+    assert REDACTED in text and "]]" not in text
 
 
 def test_json_time_is_utc_iso_8601_with_milliseconds() -> None:
