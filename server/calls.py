@@ -112,6 +112,8 @@ class CallRecord:
             self.provider = event.provider
             self.upstream_request_id = event.upstream_request_id
             self.response_id = event.id
+            if event.pricing is not None:
+                self.pricing = event.pricing
             if event.usage is not None:
                 self.usage = event.usage
 

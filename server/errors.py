@@ -383,6 +383,17 @@ class RateLimitExceededError(QuotaExceededError):
     reason = "RATE_LIMIT_EXCEEDED"
 
 
+class OverLimitError(QuotaExceededError):
+    """The call alone is larger than one of the key's limits: no retry can let it through.
+
+    FAILED_PRECONDITION, not RESOURCE_EXHAUSTED: waiting would not help; a
+    smaller request (or a larger limit) would.
+    """
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "REQUEST_OVER_LIMIT"
+
+
 class BudgetExceededError(QuotaExceededError):
     """The call could cost more than what is left of the key's budget."""
 

@@ -20,6 +20,7 @@ from server.schema import (
     ContentBlock,
     Cost,
     GenerationResponse,
+    Pricing,
     RoutingDecision,
     StopReason,
     TextBlock,
@@ -39,6 +40,9 @@ class MessageStart:
     usage: Usage | None = None
     # Set by the router when it chose the model for an alias (smart routing).
     routing: RoutingDecision | None = None
+    # Set by the router: the serving deployment's prices, for the accounting of
+    # a call that ends before its final usage (not sent to the caller).
+    pricing: Pricing | None = None
 
 
 @dataclass(slots=True)

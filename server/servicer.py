@@ -191,7 +191,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         # Here, not in the auth interceptor: the model is known only once
         # the request is decoded and its alias resolved.
         require_model_access(request.model, route.model.id)
-        record.pricing = route.model.pricing  # prices a call that ends without final usage
+        # Prices a call that ends without final usage, until the serving
+        # deployment's MessageStart names its own prices.
+        record.pricing = route.model.pricing
         if self.admission is not None:
             await self.admission.admit(record, internal, route)
         return request_id, internal, route

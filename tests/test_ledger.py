@@ -13,6 +13,7 @@ import pytest
 
 from server.accounting.ledger import SqliteLedger
 from server.calls import close_record, open_record
+from server.token_estimate import count_text
 from tests.conftest import request
 from tests.redis_fixtures import NANOS_PER_OUTPUT_TOKEN, LimitedGateway, limited_gateway
 
@@ -89,8 +90,11 @@ def check_every_exit_path(rows: Mapping[str, Mapping[str, Any]]) -> None:
 
     up = rows["up"]
     assert (up["status"], up["error_reason"]) == ("UNAVAILABLE", "UPSTREAM_UNAVAILABLE")
-    assert up["output_tokens"] == 2  # the deltas sent before the upstream broke
-    assert up["cost_nanos"] == 2 * NANOS_PER_OUTPUT_TOKEN
+    # The two deltas sent before the upstream broke, at the gateway's estimate
+    # (the usage that would have said otherwise never came).
+    sent = count_text("explode") + count_text(" a")
+    assert up["output_tokens"] == sent
+    assert up["cost_nanos"] == sent * NANOS_PER_OUTPUT_TOKEN
 
     cancelled = rows["cancel"]
     assert cancelled["status"] == "CANCELLED"

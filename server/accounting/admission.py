@@ -40,7 +40,12 @@ from server.accounting.quotas import (
 from server.calls import CallRecord
 from server.config import BudgetsConfig
 from server.costs import compute_cost
-from server.errors import BudgetExceededError, QuotaViolation, RateLimitExceededError
+from server.errors import (
+    BudgetExceededError,
+    OverLimitError,
+    QuotaViolation,
+    RateLimitExceededError,
+)
 from server.identity import current_identity
 from server.routing import Route
 from server.schema import GenerationRequest, Pricing, Usage
@@ -88,12 +93,21 @@ def max_cost_nanos(input_tokens: int, max_tokens: int, pricing: Pricing) -> int:
     return compute_cost(usage, worst).total_nanos
 
 
+def route_max_cost_nanos(input_tokens: int, max_tokens: int, route: Route) -> int:
+    """The most a call on `route` can cost: at its dearest deployment.
+
+    A fallback (or the smart alias choosing a bigger tier) may serve the call
+    on any deployment of the route, so the reservation is priced at the one
+    that would cost most, and settled to what the call really cost.
+    """
+    return max(
+        max_cost_nanos(input_tokens, max_tokens, deployment.model.pricing)
+        for deployment in route.deployments
+    )
+
+
 def _usd(nanos: int) -> str:
     return f"${nanos / NANOS_PER_USD:.6f}"
-
-
-def _retry_after(seconds: float) -> float:
-    return 60.0 if math.isinf(seconds) else seconds
 
 
 class Admission:
@@ -130,6 +144,17 @@ class Admission:
         if tpm is not None:
             tokens = input_tokens + request.max_tokens
             wait = await self._backend.take(tpm_key(key_id), tpm, tokens)
+            if math.isinf(wait):
+                raise OverLimitError(
+                    [
+                        QuotaViolation(
+                            f"key:{key_id}:tokens_per_minute",
+                            f"{tokens} tokens (estimated input plus max_tokens) can never fit"
+                            f" this key's {tpm} tokens per minute; lower max_tokens or the input",
+                        )
+                    ],
+                    metadata={"limit": "tokens_per_minute", "key_id": key_id},
+                )
             if wait:
                 raise RateLimitExceededError(
                     [
@@ -139,14 +164,14 @@ class Admission:
                             f" left of this key's {tpm} tokens per minute",
                         )
                     ],
-                    retry_after=_retry_after(wait),
+                    retry_after=wait,
                     metadata={"limit": "tokens_per_minute", "key_id": key_id},
                 )
             hold.tokens_per_minute, hold.tokens = tpm, tokens
         if limits.has_budget:
             now = datetime.now(UTC)
             periods = budget_periods(key_id, limits, now)
-            cost = max_cost_nanos(input_tokens, request.max_tokens, route.model.pricing)
+            cost = route_max_cost_nanos(input_tokens, request.max_tokens, route)
             result = await self._backend.reserve(
                 [p.counter for p in periods], cost, hold.holder, self._config.reservation_ttl_s
             )

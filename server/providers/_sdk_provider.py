@@ -9,6 +9,7 @@ implements `stream`, `count_tokens` and its one error-mapping function.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
@@ -21,7 +22,7 @@ from server.providers._upstream import (
     log_upstream_failure,
 )
 from server.providers.base import Provider
-from server.schema import ModelInfo
+from server.schema import ModelInfo, Pricing
 
 ModelT = TypeVar("ModelT", bound=UpstreamModel)
 
@@ -48,6 +49,8 @@ class SdkProvider(Provider, Generic[ModelT]):
         self._infos = [m.info(name) for m in configured]
         prefixes = settings.route_prefixes
         self._prefixes = tuple(self.default_prefixes if prefixes is None else prefixes)
+        unlisted = settings.unlisted_pricing
+        self._configured_unlisted = None if unlisted is None else Pricing(**unlisted.model_dump())
 
     def make_client(self, settings: UpstreamSettings) -> Any:
         """The SDK client, one per provider instance (its connection pool is reused)."""
@@ -69,9 +72,33 @@ class SdkProvider(Provider, Generic[ModelT]):
         return self._infos
 
     def unlisted_model(self, model_id: str) -> ModelInfo | None:
+        """An id nobody lists but with this kind's prefix: conservative limits, and priced.
+
+        Never free: at `unlisted_pricing` when configured, else at the dearest
+        listed price of its family (the listed models sharing the longest
+        prefix with it, e.g. `claude-haiku-` for `claude-haiku-9`), field by
+        field, so a key with a budget cannot call a new model for nothing.
+        """
         if self._prefixes and model_id.startswith(self._prefixes):
-            return self.Model(id=model_id).info(self.name)
+            info = self.Model(id=model_id).info(self.name)
+            return dataclasses.replace(info, pricing=self._unlisted_pricing(model_id))
         return None
+
+    def _unlisted_pricing(self, model_id: str) -> Pricing:
+        if self._configured_unlisted is not None:
+            return self._configured_unlisted
+        models: list[UpstreamModel] = [*self._models.values()]
+        models += [self.Model(id=model_id) for model_id in self.catalog]
+        listed = [(model.upstream_name, model.info(self.name).pricing) for model in models]
+        shared = {name: _shared_prefix(name, model_id) for name, _ in listed}
+        longest = max(shared.values(), default=0)
+        family = [price for name, price in listed if shared[name] == longest]
+        return Pricing(
+            input_per_mtok=max((p.input_per_mtok for p in family), default=0.0),
+            output_per_mtok=max((p.output_per_mtok for p in family), default=0.0),
+            cache_read_per_mtok=max((p.cache_read_per_mtok for p in family), default=0.0),
+            cache_creation_per_mtok=max((p.cache_creation_per_mtok for p in family), default=0.0),
+        )
 
     def _map_error(self, err: Any, model: str, upstream_request_id: str) -> GatewayError:
         """The one place this provider's SDK failures become GatewayErrors."""
@@ -92,3 +119,13 @@ class SdkProvider(Provider, Generic[ModelT]):
 
     async def aclose(self) -> None:
         await self._sdk.aclose()
+
+
+def _shared_prefix(a: str, b: str) -> int:
+    """How many leading characters two model ids share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -154,6 +154,9 @@ class UpstreamSettings(ProviderSettings):
     # Model ids with one of these prefixes route here even when not listed,
     # with conservative limits. None: the provider kind's default prefixes.
     route_prefixes: list[str] | None = None
+    # The price of such an unlisted id. None: the dearest listed price of its
+    # family (the listed models sharing the longest prefix with it).
+    unlisted_pricing: PricingSettings | None = None
     # Headers sent with every upstream request (e.g. a beta flag).
     default_headers: dict[str, str] = {}
 

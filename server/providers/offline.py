@@ -163,12 +163,16 @@ class OfflineProvider(Provider):
         return self._models
 
     async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
-        count = token_estimate.count_request(request.system, request.messages, request.tools)
+        count = token_estimate.count_request(
+            request.system, request.messages, request.tools, token_estimate.count_pieces
+        )
         return TokenCount(input_tokens=count, estimated=False)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         plan = self._plan(request)
-        input_tokens = token_estimate.count_request(request.system, request.messages, request.tools)
+        input_tokens = token_estimate.count_request(
+            request.system, request.messages, request.tools, token_estimate.count_pieces
+        )
         interval = _chunk_delay_seconds(request.provider_options, self._settings.chunk_delay_ms)
         clock = asyncio.get_running_loop().time
         due = clock()
@@ -239,12 +243,12 @@ class OfflineProvider(Provider):
         if len(pieces) > request.max_tokens:
             pieces = pieces[: request.max_tokens]
             text, stop_reason, stop_sequence = "".join(pieces), StopReason.MAX_TOKENS, ""
-        output_tokens = token_estimate.count_text(text)
+        output_tokens = token_estimate.count_pieces(text)
 
         tool_calls: list[ToolUseBlock] = []
         if stop_reason is None:
             for position, call in enumerate(calls):
-                cost = token_estimate.count_text(call.name) + token_estimate.count_text(
+                cost = token_estimate.count_pieces(call.name) + token_estimate.count_pieces(
                     json.dumps(call.input)
                 )
                 if output_tokens + cost > request.max_tokens:

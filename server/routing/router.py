@@ -414,10 +414,12 @@ class Router:
                         for event in held:
                             if isinstance(event, MessageDelta) and event.usage is not None:
                                 event.cost = compute_cost(event.usage, pricing)
-                            elif isinstance(event, MessageStart) and call.tier:
-                                event.routing = RoutingDecision(
-                                    call.model, call.tier, call.tier_reason
-                                )
+                            elif isinstance(event, MessageStart):
+                                event.pricing = pricing
+                                if call.tier:
+                                    event.routing = RoutingDecision(
+                                        call.model, call.tier, call.tier_reason
+                                    )
                             yield event
                         async for event in upstream:
                             if isinstance(event, MessageDelta) and event.usage is not None:
