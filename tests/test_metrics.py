@@ -15,7 +15,7 @@ from server.app import Gateway
 from server.calls import CallRecord
 from server.config import ConfigError, load_config
 from server.routing.attempts import Attempt, RoutedCall
-from server.telemetry.metrics import OTHER, BoundedLabel, GatewayMetrics
+from server.telemetry.metrics import MAX_LABEL_VALUES, OTHER, BoundedLabel, GatewayMetrics
 from tests.conftest import RunningGateway, started
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.test_tracing import upstream_overrides
@@ -176,3 +176,42 @@ def test_label_values_are_bounded_and_refusals_counted() -> None:
     assert get("llmgw_upstream_errors_total", errors) is None
     skipped = {"provider": "p", "model": "m", "outcome": "SKIPPED_CIRCUIT_OPEN"}
     assert get("llmgw_upstream_attempts_total", skipped) == 1
+
+
+async def test_made_up_model_names_do_not_take_the_configured_models_labels(
+    metered: RunningGateway, fake: FakeUpstream
+) -> None:
+    gw = metered
+    # Names the upstream refuses (404), then more names than the cap that it
+    # serves: both reach the labels (the deployment; the model once served).
+    refused = [f"claude-refused-{i}" for i in range(20)]
+    served = [f"claude-made-up-{i}" for i in range(MAX_LABEL_VALUES + 1)]
+    fake.enqueue(*(Reply(status=404) for _ in refused))
+    results = await asyncio.gather(
+        *(gw.stub.Generate(ask(name, "Hi")) for name in refused), return_exceptions=True
+    )
+    assert {r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)} == {
+        grpc.StatusCode.NOT_FOUND
+    }
+    for names in (served[i : i + 25] for i in range(0, len(served), 25)):
+        await asyncio.gather(*(gw.stub.Generate(ask(name, "Hi")) for name in names))
+    await generate(gw.stub, ask("claude-test", "Hi"))
+    await generate(gw.stub, ask("claude-test-latest", "Hi"))  # an alias of it
+    await stream_all(gw.stub, ask("gpt-test", "Hi"))
+
+    found = samples(await scrape(gw.gateway.telemetry.metrics_port))
+    claude = {"model": "claude-test", "provider": "anthropic"}
+    assert value(found, "llmgw_request_duration_seconds_count", method="Generate", **claude) == 2
+    gpt = {"model": "gpt-test", "provider": "openai"}
+    assert value(found, "llmgw_request_duration_seconds_count", method="StreamGenerate", **gpt) == 1
+    assert value(found, "llmgw_upstream_attempts_total", outcome="OK", **claude) == 2
+    assert value(found, "llmgw_upstream_attempts_total", outcome="OK", **gpt) == 1
+    breaker = {"deployment": "anthropic/claude-test"}
+    assert value(found, "llmgw_circuit_breaker_state", state="closed", **breaker) == 1
+    # The made-up names are still bounded: the last ones were folded into "other".
+    other = {"model": OTHER, "provider": "anthropic"}
+    assert value(found, "llmgw_request_duration_seconds_count", method="Generate", **other) > 0
+    assert value(found, "llmgw_upstream_attempts_total", outcome="OK", provider=OTHER, model="") > 0
+    for metric in ("llmgw_request_duration_seconds_count", "llmgw_upstream_attempts_total"):
+        labelled = {dict(labels).get("model") for (name, labels) in found if name == metric}
+        assert len(labelled & {*served, *refused}) <= MAX_LABEL_VALUES, metric

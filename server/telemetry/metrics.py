@@ -9,10 +9,12 @@ Prometheus scrapes, not maintained per call. Refusals arrive as call
 records like any other call; budget alerts with `record_budget_alert`.
 
 Labels are bounded: methods, status codes, providers and error reasons are
-fixed sets; model and deployment names come from the catalog, but an
+fixed sets; model and deployment names come from the configuration, but an
 unlisted model a provider accepts is caller text, so each of those labels
-keeps its first MAX_LABEL_VALUES values and folds the rest into "other".
-Never request ids, key ids or free text.
+keeps its first MAX_LABEL_VALUES such names and folds the rest into "other".
+The configured models and deployments are outside that cap: callers'
+made-up names cannot take their labels. Never request ids, key ids or free
+text.
 """
 
 from __future__ import annotations
@@ -59,16 +61,21 @@ _NOT_UPSTREAM_ERRORS = frozenset({OK, CANCELLED, SKIPPED_CIRCUIT_OPEN, SKIPPED_R
 
 
 class BoundedLabel:
-    """Passes the first `limit` distinct values through, then answers OTHER."""
+    """Passes `known` values through, and the first `limit` distinct others; then OTHER.
 
-    __slots__ = ("_limit", "_seen")
+    Known values (the models and deployments the configuration serves) never
+    count against the limit: names callers make up cannot push them out.
+    """
 
-    def __init__(self, limit: int = MAX_LABEL_VALUES) -> None:
+    __slots__ = ("_known", "_limit", "_seen")
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES, known: Iterable[str] = ()) -> None:
+        self._known = frozenset(known)
         self._seen: set[str] = set()
         self._limit = limit
 
     def __call__(self, value: str) -> str:
-        if value in self._seen:
+        if value in self._seen or value in self._known:
             return value
         if len(self._seen) >= self._limit:
             return OTHER
@@ -97,7 +104,11 @@ class _BreakerCollector(Collector):
 
 
 class GatewayMetrics:
-    """The gateway's metrics in their own registry (so several gateways can coexist)."""
+    """The gateway's metrics in their own registry (so several gateways can coexist).
+
+    `known_models` and `known_deployments` (provider/model) always have a
+    label of their own; other names share the MAX_LABEL_VALUES cap.
+    """
 
     def __init__(
         self,
@@ -106,6 +117,8 @@ class GatewayMetrics:
         breaker_state: Callable[[str], BreakerState] | None = None,
         registry: CollectorRegistry | None = None,
         process_metrics: bool = True,
+        known_models: Iterable[str] = (),
+        known_deployments: Iterable[str] = (),
     ) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -197,8 +210,8 @@ class GatewayMetrics:
         self._deployments: set[str] = set()
         if breaker_state is not None:
             r.register(_BreakerCollector(self._deployments, breaker_state))
-        self._model = BoundedLabel()
-        self._deployment = BoundedLabel()
+        self._model = BoundedLabel(known=known_models)
+        self._deployment = BoundedLabel(known=known_deployments)
         self._reason = BoundedLabel(100)
 
     # -- observers -----------------------------------------------------------------

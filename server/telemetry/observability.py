@@ -52,8 +52,12 @@ class Telemetry:
         self.metrics: GatewayMetrics | None = None
         self._metrics_server: MetricsServer | None = None
         if config.metrics.enabled:
+            models, deployments = served_names(router)
             self.metrics = GatewayMetrics(
-                in_flight=lambda: servicer.in_flight, breaker_state=router.breaker_state
+                in_flight=lambda: servicer.in_flight,
+                breaker_state=router.breaker_state,
+                known_models=models,
+                known_deployments=deployments,
             )
             servicer.observers.append(self.metrics.observe_call)
             router.observers.append(self.metrics.observe_routed)
@@ -97,3 +101,21 @@ class Telemetry:
             await asyncio.to_thread(self._owned_provider.shutdown)
         if self._audit_sink is not None:  # opened by this gateway: closed by it
             close_audit(self._audit_sink)
+
+
+def served_names(router: Router) -> tuple[set[str], set[str]]:
+    """The model names and deployments (provider/model) the configuration serves.
+
+    Every listed id, alias and route, and every deployment they resolve to,
+    with the model id that deployment reports as served.
+    """
+    models: set[str] = set()
+    deployments: set[str] = set()
+    for info in router.models():
+        for name in (info.id, *info.aliases):
+            models.add(name)
+            route = router.resolve(name)
+            for deployment in route.deployments if route is not None else ():
+                models.add(deployment.model.id)
+                deployments.add(deployment.name)
+    return models, deployments
