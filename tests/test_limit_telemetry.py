@@ -67,4 +67,4 @@ def test_quota_backend_failures_are_read_at_each_scrape() -> None:
     metrics.watch_quota_backend_failures(lambda: float(backend.failures))
     backend.failures = 3
     found = samples(generate_latest(metrics.registry).decode())
-    assert value(found, "llmgw_quota_backend_failures") == 3
+    assert value(found, "llmgw_quota_backend_failures_total") == 3

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -21,6 +23,7 @@ from tests.fake_upstream import FakeUpstream, Reply
 from tests.test_tracing import upstream_overrides
 from tests.upstream_fixtures import ask, generate, stream_all
 
+DASHBOARD = Path(__file__).parent.parent / "deploy" / "grafana" / "llm-gateway.json"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 # Every label our own metrics may carry: bounded sets only.
 ALLOWED_LABELS = {"method", "code", "model", "provider", "type", "outcome", "reason", "deployment"}
@@ -137,11 +140,32 @@ async def test_ledger_failures_and_dropped_rows_are_read_at_each_scrape(
     assert isinstance(ledger, SqliteLedger)
     port = metered.gateway.telemetry.metrics_port
     found = samples(await scrape(port))
-    assert value(found, "llmgw_ledger_write_failures") == 0
+    assert value(found, "llmgw_ledger_write_failures_total") == 0
     ledger.failures, ledger.rows_dropped = 4, 7  # as a failing disk would leave them
     found = samples(await scrape(port))
-    assert value(found, "llmgw_ledger_write_failures") == 4
-    assert value(found, "llmgw_ledger_rows_dropped") == 7
+    assert value(found, "llmgw_ledger_write_failures_total") == 4
+    assert value(found, "llmgw_ledger_rows_dropped_total") == 7
+
+
+async def test_counts_read_at_scrape_time_are_counters(metered: RunningGateway) -> None:
+    text = await scrape(metered.gateway.telemetry.metrics_port)
+    types = {family.name: family.type for family in text_string_to_metric_families(text)}
+    for name in (
+        "llmgw_ledger_write_failures",
+        "llmgw_ledger_rows_dropped",
+        "llmgw_quota_backend_failures",
+    ):
+        assert types.get(name) == "counter", name
+        assert f"# TYPE {name}_total counter" in text
+        assert f"\n{name}_total 0.0\n" in text
+    # Every llmgw_ family is a counter, a histogram or one of the two real gauges.
+    gauges = {name for name, kind in types.items() if name.startswith("llmgw_") and kind == "gauge"}
+    assert gauges == {"llmgw_calls_in_flight", "llmgw_circuit_breaker_state"}
+    # The dashboard queries only names the endpoint exports.
+    exported = set(re.findall(r"^# TYPE (llmgw_\w+) ", text, re.MULTILINE))
+    queried = set(re.findall(r"llmgw_\w+", DASHBOARD.read_text()))
+    assert {name.removesuffix("_bucket") for name in queried} <= exported
+    assert "llmgw_ledger_rows_dropped_total" in queried
 
 
 async def test_metrics_are_off_by_default_and_need_one_worker() -> None:

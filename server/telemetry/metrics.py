@@ -4,8 +4,9 @@ Fed by the two records the gateway already keeps, so the call path gains no
 work of its own: each finished generation call's CallRecord (RPCs, latency,
 time to first token, time per output token, tokens and cost by model and
 provider, refusals) and each RoutedCall (upstream attempts and errors by
-deployment). In-flight calls and circuit-breaker states are read when
-Prometheus scrapes, not maintained per call. Refusals arrive as call
+deployment). In-flight calls, circuit-breaker states and the counts other
+parts keep (ledger and limits-store failures, exported as counters) are read
+when Prometheus scrapes, not maintained per call. Refusals arrive as call
 records like any other call; budget alerts with `record_budget_alert`.
 
 Labels are bounded: methods, status codes, providers and error reasons are
@@ -31,7 +32,7 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -101,6 +102,35 @@ class _BreakerCollector(Collector):
             for state in BreakerState:
                 family.add_metric([deployment, state.value], 1.0 if state is current else 0.0)
         yield family
+
+
+class _CountsCollector(Collector):
+    """Monotonic counts kept by other parts (the ledger, the limits store), read at scrape time.
+
+    Exported as counters (`<name>_total`), so rate() and increase() apply
+    and a restart reads as a counter reset, not as a drop; 0 until watched.
+    """
+
+    def __init__(self, counts: dict[str, str]) -> None:
+        self._help = counts
+        self._read: dict[str, Callable[[], float]] = {}
+
+    def watch(self, name: str, read: Callable[[], float]) -> None:
+        self._read[name] = read
+
+    def describe(self) -> Iterator[Metric]:
+        for name, documentation in self._help.items():
+            yield CounterMetricFamily(name, documentation)
+
+    def collect(self) -> Iterator[Metric]:
+        for name, documentation in self._help.items():
+            read = self._read.get(name)
+            yield CounterMetricFamily(name, documentation, value=read() if read else 0.0)
+
+
+QUOTA_BACKEND_FAILURES = "llmgw_quota_backend_failures"
+LEDGER_WRITE_FAILURES = "llmgw_ledger_write_failures"
+LEDGER_ROWS_DROPPED = "llmgw_ledger_rows_dropped"
 
 
 class GatewayMetrics:
@@ -190,23 +220,17 @@ class GatewayMetrics:
             "llmgw_calls_in_flight", "Generation calls being served.", registry=r
         )
         in_flight_gauge.set_function(in_flight)
-        self._quota_backend_failures = Gauge(
-            "llmgw_quota_backend_failures",
-            "Operations on the shared limits store (Redis) that failed so far; each one"
-            " was let through or refused as redis.failure_mode says.",
-            registry=r,
+        self._counts = _CountsCollector(
+            {
+                QUOTA_BACKEND_FAILURES: "Operations on the shared limits store (Redis) that"
+                " failed; each one was let through or refused as redis.failure_mode says.",
+                LEDGER_WRITE_FAILURES: "Writes of usage-ledger rows that failed (each batch"
+                " is retried).",
+                LEDGER_ROWS_DROPPED: "Usage-ledger rows dropped: the ledger failed until"
+                " ledger.max_buffered rows were waiting.",
+            }
         )
-        self._ledger_failures = Gauge(
-            "llmgw_ledger_write_failures",
-            "Writes of usage-ledger rows that failed so far (each batch is retried).",
-            registry=r,
-        )
-        self._ledger_dropped = Gauge(
-            "llmgw_ledger_rows_dropped",
-            "Usage-ledger rows dropped so far: the ledger failed until ledger.max_buffered"
-            " rows were waiting.",
-            registry=r,
-        )
+        r.register(self._counts)
         self._deployments: set[str] = set()
         if breaker_state is not None:
             r.register(_BreakerCollector(self._deployments, breaker_state))
@@ -266,13 +290,13 @@ class GatewayMetrics:
         self.refusals.labels(self._reason(reason)).inc()
 
     def watch_quota_backend_failures(self, count: Callable[[], float]) -> None:
-        """Reads the shared limits store's failure count at each scrape."""
-        self._quota_backend_failures.set_function(count)
+        """Reads the shared limits store's failure count (never decreasing) at each scrape."""
+        self._counts.watch(QUOTA_BACKEND_FAILURES, count)
 
     def watch_ledger(self, failures: Callable[[], float], dropped: Callable[[], float]) -> None:
-        """Reads the usage ledger's failed writes and dropped rows at each scrape."""
-        self._ledger_failures.set_function(failures)
-        self._ledger_dropped.set_function(dropped)
+        """Reads the ledger's failed writes and dropped rows (never decreasing) at each scrape."""
+        self._counts.watch(LEDGER_WRITE_FAILURES, failures)
+        self._counts.watch(LEDGER_ROWS_DROPPED, dropped)
 
     def record_budget_alert(self, period: str, threshold: float) -> None:
         """A key's spend crossed `threshold` (0.5, 0.8, ...) of its `period` budget."""
