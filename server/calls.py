@@ -34,8 +34,8 @@ from server.events import (
     ToolInputDelta,
 )
 from server.identity import current_identity
-from server.schema import Cost, Pricing, StopReason, Usage
-from server.token_estimate import count_text
+from server.schema import Cost, GenerationRequest, Pricing, StopReason, Usage
+from server.token_estimate import count_request, count_text
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,12 @@ class CallRecord:
     # call; settled from this record when it closes.
     quota_hold: object | None = None
     final_usage: bool = False  # a MessageDelta carried the call's usage
+    # The decoded request, set by the servicer: estimates its input tokens
+    # when the upstream never reported them.
+    request: GenerationRequest | None = None
+    # The tokens (and so the cost) are the gateway's estimate, not the
+    # provider's: it reported no usage, or the call ended before it did.
+    usage_estimated: bool = False
 
     def observe(self, event: StreamEvent) -> None:
         """Takes what matters for accounting from one event (cheap: runs per event)."""
@@ -122,22 +128,35 @@ class CallRecord:
         """The deployment that served, named as the router names it (provider/model)."""
         return f"{self.provider}/{self.model_served}" if self.provider else ""
 
-    def _account_partial_output(self) -> None:
-        """Fills usage and cost from the deltas when no final usage arrived."""
+    def _fill_missing_usage(self) -> None:
+        """Estimates what the provider did not report, so no call that reached it is free.
+
+        Runs when a call ends without its final usage: a stream cancelled,
+        timed out or broken before the last event (OpenAI reports input tokens
+        only there), or an upstream that reports no usage at all (some
+        OpenAI-compatible servers). Output counts the deltas that passed; input
+        is estimated from the request once an upstream started answering (its
+        MessageStart passed). The row is flagged `usage_estimated`.
+        """
         if self.final_usage:
             return
-        if self.streamed_output_tokens > self.usage.output_tokens:
-            usage = self.usage
+        usage = self.usage
+        input_tokens = usage.input_tokens
+        if not input_tokens and self.provider and self.request is not None:
+            request = self.request
+            input_tokens = count_request(request.system, request.messages, request.tools)
+        output_tokens = max(usage.output_tokens, self.streamed_output_tokens)
+        if (input_tokens, output_tokens) != (usage.input_tokens, usage.output_tokens):
             self.usage = Usage(
-                input_tokens=usage.input_tokens,
-                output_tokens=self.streamed_output_tokens,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
                 cache_read_input_tokens=usage.cache_read_input_tokens,
                 cache_creation_input_tokens=usage.cache_creation_input_tokens,
             )
-            if self.pricing is not None:
-                self.cost = compute_cost(self.usage, self.pricing)
-        elif self.usage.input_tokens and not self.cost.total_nanos and self.pricing is not None:
-            # Input was billed (MessageStart) but the call ended before its final delta.
+            self.usage_estimated = True
+        elif self.cost.total_nanos:
+            return
+        if self.pricing is not None:
             self.cost = compute_cost(self.usage, self.pricing)
 
     @property
@@ -172,8 +191,7 @@ def close_record(
     record.ended_at = time.monotonic()
     record.status = status
     record.error_reason = error_reason
-    if status is not grpc.StatusCode.OK:
-        record._account_partial_output()
+    record._fill_missing_usage()
     for observer in observers:
         try:
             observer(record)

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 # The provider's id for the call, for a caller who must quote it to the provider.
 UPSTREAM_REQUEST_ID_HEADER = "x-upstream-request-id"
+# A cancel that arrives with less than this left of the caller's deadline is
+# recorded as DEADLINE_EXCEEDED: the caller's clock ran out, a few ms ahead
+# of ours, and cancelled.
+DEADLINE_SLACK_S = 0.1
 # Request ids travel in metadata, so they must be printable ASCII.
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
@@ -194,6 +198,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         # Prices a call that ends without final usage, until the serving
         # deployment's MessageStart names its own prices.
         record.pricing = route.model.pricing
+        record.request = internal
         if self.admission is not None:
             await self.admission.admit(record, internal, route)
         return request_id, internal, route
@@ -213,8 +218,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             close_record(record, self.observers, err.code, err.reason)
             raise
         except (asyncio.CancelledError, GeneratorExit):
+            # The caller's own deadline cancels it a little before ours runs out
+            # (ours counts from when its request arrived): a cancel this close
+            # to the deadline is the deadline.
             remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
+            expired = remaining is not None and remaining <= DEADLINE_SLACK_S
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             close_record(record, self.observers, code)
             raise

@@ -53,6 +53,9 @@ COLUMNS = (
     "ttft_s",
     "status",
     "error_reason",
+    # 1 when the gateway estimated the tokens (the upstream reported no usage,
+    # or the call ended before it did): server/calls.py.
+    "usage_estimated",
 )
 
 _SCHEMA = """
@@ -75,7 +78,8 @@ CREATE TABLE IF NOT EXISTS usage (
     latency_s REAL,
     ttft_s REAL,
     status TEXT NOT NULL,            -- the gRPC status code name
-    error_reason TEXT NOT NULL
+    error_reason TEXT NOT NULL,
+    usage_estimated INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS usage_by_time ON usage (time);
 CREATE INDEX IF NOT EXISTS usage_by_key_time ON usage (key_id, time);
@@ -112,6 +116,7 @@ def row_of(record: CallRecord) -> Row:
         record.time_to_first_token_s,
         record.status.name,
         record.error_reason,
+        int(record.usage_estimated),
     )
 
 
@@ -239,6 +244,10 @@ class SqliteLedger:
                 columns = {row[1] for row in conn.execute("PRAGMA table_info(usage)")}
                 if "call_id" not in columns:
                     conn.execute("ALTER TABLE usage ADD COLUMN call_id TEXT")
+                if "usage_estimated" not in columns:
+                    conn.execute(
+                        "ALTER TABLE usage ADD COLUMN usage_estimated INTEGER NOT NULL DEFAULT 0"
+                    )
                 conn.execute(_CALL_ID_INDEX)
             conn.close()
 

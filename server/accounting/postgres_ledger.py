@@ -71,6 +71,7 @@ _SCHEMA = (
     # Ledgers created before call_id existed gain it; the unique index makes a
     # retried batch idempotent (ON CONFLICT below).
     "ALTER TABLE usage ADD COLUMN IF NOT EXISTS call_id TEXT",
+    "ALTER TABLE usage ADD COLUMN IF NOT EXISTS usage_estimated SMALLINT NOT NULL DEFAULT 0",
     "CREATE UNIQUE INDEX IF NOT EXISTS usage_by_call ON usage (call_id)",
     'CREATE INDEX IF NOT EXISTS usage_by_time ON usage ("time")',
     'CREATE INDEX IF NOT EXISTS usage_by_key_time ON usage (key_id, "time")',

@@ -1,0 +1,215 @@
+"""The ledger records what happened (issue 14, item 7).
+
+A call whose deadline ran out is DEADLINE_EXCEEDED, not CANCELLED; a
+cancelled OpenAI stream (whose usage would have come only in its last chunk)
+pays for its input; an upstream that reports no usage is not a free call.
+Estimated rows are flagged `usage_estimated`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+import pytest
+
+from server.app import Gateway
+from server.calls import CallRecord, open_record
+from server.config import load_config
+from server.costs import compute_cost
+from server.routing import Router
+from server.schema import Pricing, Usage
+from server.servicer import GenerationServicer
+from server.token_estimate import count_text
+from tests.conftest import RunningGateway, request, started
+from tests.fake_upstream import FakeUpstream, Reply, Text
+from tests.redis_fixtures import limited_gateway
+from tests.test_ledger import ledger_rows
+from tests.upstream_fixtures import PRICING, ask, provider_config
+
+PROMPT = "Summarise the history of the printing press in three short paragraphs."
+
+
+@pytest.fixture
+async def gateway(
+    fake: FakeUpstream, tmp_path: Path, _openai_key_in_environment: None
+) -> AsyncIterator[RunningGateway]:
+    config = load_config(
+        environ={},
+        overrides={
+            "server.host": "127.0.0.1",
+            "server.port": 0,
+            "server.coalesce_stream_deltas": False,
+            "auth.enabled": False,
+            "providers": provider_config(fake),
+            "routing": {"retry": {"max_attempts": 1}, "breaker": {"enabled": False}},
+            "ledger.path": str(tmp_path / "usage.sqlite3"),
+            "ledger.flush_interval_s": 0.05,
+        },
+    )
+    gw = await started(Gateway(config, router=Router.from_config(config)))
+    yield gw
+    await gw.aclose()
+
+
+async def rows(gw: RunningGateway) -> dict[str, dict[str, Any]]:
+    await asyncio.sleep(0.3)  # two flush intervals
+    ledger = gw.gateway.config.ledger
+    return ledger_rows(Path(ledger.path))
+
+
+def priced(usage: Usage) -> int:
+    return compute_cost(usage, Pricing(**PRICING)).total_nanos
+
+
+async def test_calls_whose_deadline_ran_out_are_deadline_exceeded(tmp_path: Path) -> None:
+    slow = {"chunk_delay_ms": 100}
+    async with limited_gateway(tmp_path) as gw:
+
+        async def late(i: int) -> grpc.StatusCode:
+            try:
+                call = request("a b c d e f g h", request_id=f"late{i}", provider_options=slow)
+                await gw.stub.Generate(call, timeout=0.25)
+            except grpc.aio.AioRpcError as err:
+                return err.code()
+            return grpc.StatusCode.OK
+
+        codes = await asyncio.gather(*(late(i) for i in range(28)))
+        assert set(codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
+        await asyncio.sleep(0.3)
+        recorded = ledger_rows(gw.ledger_path)
+    assert len(recorded) == 28
+    assert {row["status"] for row in recorded.values()} == {"DEADLINE_EXCEEDED"}
+
+
+class _Context:
+    """What `_accounted` asks of a gRPC context: the time left of the deadline."""
+
+    def __init__(self, remaining: float | None) -> None:
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+@pytest.mark.parametrize(
+    ("remaining", "status"),
+    [
+        (-0.01, grpc.StatusCode.DEADLINE_EXCEEDED),
+        # The caller's clock ran out a few ms before ours: its cancel is the deadline.
+        (0.004, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (0.5, grpc.StatusCode.CANCELLED),
+        (None, grpc.StatusCode.CANCELLED),
+    ],
+)
+async def test_a_cancel_at_the_deadline_is_recorded_as_the_deadline(
+    remaining: float | None, status: grpc.StatusCode
+) -> None:
+    closed: list[CallRecord] = []
+    servicer = GenerationServicer(cast(Router, None))
+    servicer.observers.append(closed.append)
+    record = open_record("Generate", "echo")
+    context = cast(grpc.aio.ServicerContext[Any, Any], _Context(remaining))
+    with pytest.raises(asyncio.CancelledError):
+        async with servicer._accounted(record, context):
+            raise asyncio.CancelledError
+    assert [r.status for r in closed] == [status]
+
+
+async def test_a_cancelled_openai_stream_pays_for_its_input(
+    gateway: RunningGateway, fake: FakeUpstream
+) -> None:
+    words = " ".join(f"word{i}" for i in range(40))
+    fake.enqueue(Reply(blocks=[Text(words)], event_delay_s=0.05))
+    stream = gateway.stub.StreamGenerate(ask("gpt-test", PROMPT, request_id="cut"))
+    deltas = 0
+    async for event in stream:
+        deltas += event.HasField("content_block_delta")
+        if deltas == 2:
+            stream.cancel()
+            break
+    row = (await rows(gateway))["cut"]
+    assert row["status"] == "CANCELLED"
+    # OpenAI reports usage only in the stream's last chunk, which never came.
+    assert row["input_tokens"] >= count_text(PROMPT) > 0
+    assert row["output_tokens"] >= 2
+    assert row["usage_estimated"] == 1
+    usage = Usage(input_tokens=row["input_tokens"], output_tokens=row["output_tokens"])
+    assert row["cost_nanos"] == priced(usage) > 0
+
+
+NO_USAGE_COMPLETION = {
+    "id": "chatcmpl-nousage",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "gpt-upstream-1",
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Gutenberg, around 1440, in Mainz."},
+            "finish_reason": "stop",
+        }
+    ],
+}
+
+
+def no_usage_stream() -> bytes:
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        {"choices": [{"index": 0, "delta": {"content": "Gutenberg, around 1440,"}}]},
+        {"choices": [{"index": 0, "delta": {"content": " in Mainz."}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    ]
+    events = [
+        "data: "
+        + json.dumps(
+            {
+                "id": "chatcmpl-nousage",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": "gpt-upstream-1",
+                **chunk,
+            }
+        )
+        + "\n\n"
+        for chunk in chunks
+    ]
+    return ("".join(events) + "data: [DONE]\n\n").encode()
+
+
+async def test_an_upstream_that_reports_no_usage_is_not_a_free_call(
+    gateway: RunningGateway, fake: FakeUpstream
+) -> None:
+    fake.enqueue(
+        Reply(raw_body=json.dumps(NO_USAGE_COMPLETION).encode()),
+        Reply(raw_body=no_usage_stream()),
+    )
+    response = await gateway.stub.Generate(ask("gpt-test", PROMPT, request_id="unary"))
+    assert response.content[0].text == "Gutenberg, around 1440, in Mainz."
+    events = [
+        e async for e in gateway.stub.StreamGenerate(ask("gpt-test", PROMPT, request_id="sse"))
+    ]
+    assert events
+    recorded = await rows(gateway)
+    for request_id in ("unary", "sse"):
+        row = recorded[request_id]
+        assert row["status"] == "OK"
+        assert row["usage_estimated"] == 1
+        assert row["input_tokens"] >= count_text(PROMPT)
+        assert row["output_tokens"] >= 3
+        usage = Usage(input_tokens=row["input_tokens"], output_tokens=row["output_tokens"])
+        assert row["cost_nanos"] == priced(usage) > 0
+
+
+async def test_reported_usage_is_not_flagged(gateway: RunningGateway, fake: FakeUpstream) -> None:
+    fake.enqueue(Reply(), Reply())
+    await gateway.stub.Generate(ask("gpt-test", PROMPT, request_id="openai"))
+    await gateway.stub.Generate(ask("claude-test", PROMPT, request_id="anthropic"))
+    recorded = await rows(gateway)
+    for request_id in ("openai", "anthropic"):
+        row = recorded[request_id]
+        assert (row["input_tokens"], row["output_tokens"], row["usage_estimated"]) == (12, 7, 0)
