@@ -10,8 +10,9 @@ because Usage has a single cache-creation count.
 A model id nobody lists but with a provider's prefix (`claude-`, `gpt-`,
 ...) still routes to that provider (Provider.unlisted_model, asked by
 Router.resolve), with the conservative limits of
-UpstreamModel's defaults and no price, so that a new model works on the
-day it ships.
+UpstreamModel's defaults, so that a new model works on the day it ships;
+it is priced at the dearest listed price of its family
+(SdkProvider.unlisted_model), never free.
 """
 
 from __future__ import annotations
