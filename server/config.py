@@ -324,7 +324,7 @@ class KeyLimitsConfig(_Strict):
 class LimitsConfig(_Strict):
     """Per-key rate limits (interceptors/rate_limit.py, server/accounting/admission.py)."""
 
-    # Where counters live: this process (aiolimiter) or a Redis shared by replicas.
+    # Where counters live: this process or a Redis shared by replicas.
     backend: Literal["local", "redis"] = "local"
     # Applied to every key (and to unauthenticated local-development calls).
     default: KeyLimitsConfig = KeyLimitsConfig()
@@ -359,6 +359,9 @@ class BudgetsConfig(_Strict):
     alert_webhook_url: str | None = None
     # A reservation of a handler that never settles (a crashed replica) expires.
     reservation_ttl_s: float = Field(900.0, gt=0)
+    # limits.backend redis: raise Redis's spends to the usage ledger's this often
+    # (a settle lost while Redis was unreachable, an SQLite ledger's rows); 0: never.
+    reconcile_interval_s: float = Field(60.0, ge=0)
 
     @field_validator("alert_thresholds")
     @classmethod

@@ -117,6 +117,7 @@ def redis_server_binary() -> str:
 class RedisServer:
     port: int
     process: asyncio.subprocess.Process | None
+    folder: Path
 
     @property
     def url(self) -> str:
@@ -129,20 +130,21 @@ class RedisServer:
                 await asyncio.wait_for(self.process.wait(), 10)
         self.process = None
 
+    async def restart(self) -> None:
+        """Stops the server and starts an empty one on the same port (nothing is saved)."""
+        await self.stop()
+        self.process = await _start_redis(self.port, self.folder)
 
-@asynccontextmanager
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    """A fresh redis-server on a free port, stopped afterwards."""
-    binary = redis_server_binary()
-    port = free_port()
+
+async def _start_redis(port: int, folder: Path) -> asyncio.subprocess.Process:
     process = await asyncio.create_subprocess_exec(
-        binary,
+        redis_server_binary(),
         "--port",
         str(port),
         "--bind",
         "127.0.0.1",
         "--dir",
-        str(tmp_path),
+        str(folder),
         "--save",
         "",
         "--appendonly",
@@ -150,17 +152,25 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
-    server = RedisServer(port, process)
+    for _ in range(200):
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            await writer.wait_closed()
+            return process
+        await asyncio.sleep(0.025)
+    process.terminate()
+    await process.wait()
+    raise AssertionError("redis-server did not start")
+
+
+@asynccontextmanager
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A fresh redis-server on a free port, stopped afterwards."""
+    redis_server_binary()
+    port = free_port()
+    server = RedisServer(port, await _start_redis(port, tmp_path), tmp_path)
     try:
-        for _ in range(200):
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                await writer.wait_closed()
-                break
-            await asyncio.sleep(0.025)
-        else:
-            raise AssertionError("redis-server did not start")
         yield server
     finally:
         await server.stop()

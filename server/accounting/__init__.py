@@ -1,23 +1,41 @@
 """Rate limits, budgets and the usage ledger.
 
-`backend.py` holds the quota counters in this process (`LocalBackend`,
-aiolimiter buckets) and `redis_backend.py` in a Redis shared by replicas
-(Lua scripts); `quotas.py` says which limits apply to a key; `admission.py`
-reserves tokens per minute and budget before a call and settles them after;
+`backend.py` holds the quota counters in this process (`LocalBackend`)
+and `redis_backend.py` in a Redis shared by replicas (Lua scripts);
+`quotas.py` says which limits apply to a key; `admission.py` reserves
+tokens per minute and budget before a call and settles them after;
 `ledger.py` writes one row per call (SQLite; `postgres_ledger.py` when
 replicas share one ledger). The interceptor that refuses calls over
 their requests per minute or concurrency is interceptors/rate_limit.py; the
 admin RPC over the ledger is server/usage_service.py. `Accounting`
 assembles them from the `limits`, `budgets`, `ledger` and `redis` config.
+
+Budgets start from the ledger: in-process counters at start, Redis ones
+whenever Redis has lost a budget (`budget_spend`, asked by RedisBackend),
+and Redis budgets are raised to the ledger's spend every
+`budgets.reconcile_interval_s`. What the ledger knows bounds this: a
+PostgreSQL ledger shared by the replicas holds every call, an SQLite ledger
+only this replica's, and either lacks the calls still in flight (their
+settle adds them). The ledger is flushed before a rebuild reads it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import re
 from datetime import UTC, datetime
 
 from server.accounting.admission import Admission, BudgetAlert, QuotaHold
-from server.accounting.backend import Background, LocalBackend, QuotaBackend
+from server.accounting.backend import (
+    Background,
+    LedgerSpend,
+    LocalBackend,
+    QuotaBackend,
+    SpendSource,
+    alert_key,
+)
 from server.accounting.ledger import SqliteLedger, UsageLedger, UsageTotals
 from server.accounting.quotas import EffectiveLimits, QuotaPolicy, budget_key, period_starts
 from server.calls import CallObserver
@@ -39,13 +57,27 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def _backend(config: GatewayConfig) -> QuotaBackend:
+# budget_key's shape: budget:{<key id>}:<daily|monthly>:<label>
+_BUDGET_KEY = re.compile(r"budget:\{(?P<key_id>.*)\}:(?P<kind>daily|monthly):(?P<label>.+)")
+
+
+def _backend(config: GatewayConfig, spend_source: SpendSource | None) -> QuotaBackend:
     if config.limits.backend == "redis":
         # Imported only when configured: the redis client is not needed otherwise.
         from server.accounting.redis_backend import RedisBackend
 
-        return RedisBackend(config.redis)
+        return RedisBackend(config.redis, spend_source=spend_source)
     return LocalBackend()
+
+
+def _period(kind: str, label: str) -> tuple[datetime, datetime]:
+    """The UTC start and end of the budget period a budget key's label names."""
+    if kind == "daily":
+        start = datetime.strptime(label, "%Y-%m-%d").replace(tzinfo=UTC)
+        return start, datetime.fromtimestamp(start.timestamp() + 86_400, UTC)
+    start = datetime.strptime(label, "%Y-%m").replace(tzinfo=UTC)
+    year, month = divmod(start.month, 12)
+    return start, start.replace(year=start.year + year, month=month + 1)
 
 
 def _ledger(config: GatewayConfig) -> UsageLedger | None:
@@ -74,11 +106,13 @@ class Accounting:
     """Everything the gateway needs to limit, reserve, settle and record calls."""
 
     def __init__(self, config: GatewayConfig) -> None:
+        self._budgets = config.budgets
         self.policy = QuotaPolicy(config.limits, config.budgets)
-        self.backend = _backend(config)
+        self.ledger = _ledger(config)
+        self.backend = _backend(config, None if self.ledger is None else self.budget_spend)
         self.background = Background()
         self.admission = Admission(self.policy, self.backend, config.budgets, self.background)
-        self.ledger = _ledger(config)
+        self._reconciling: asyncio.Task[None] | None = None
 
     @property
     def observers(self) -> list[CallObserver]:
@@ -93,10 +127,15 @@ class Accounting:
             return
         await self.ledger.start()
         if isinstance(self.backend, LocalBackend):
-            await self._seed_budgets()
+            # In-process budgets start from this period's spend in the ledger.
+            await self.reconcile_budgets()
+        elif self._budgets.reconcile_interval_s > 0:
+            self._reconciling = asyncio.get_running_loop().create_task(
+                self._reconcile_every(self._budgets.reconcile_interval_s)
+            )
 
-    async def _seed_budgets(self) -> None:
-        """In-process budgets start from this period's spend in the ledger."""
+    async def reconcile_budgets(self) -> None:
+        """Raises every budget of this period the backend holds to the ledger's spend."""
         assert self.ledger is not None
         now = datetime.now(UTC)
         day, month = period_starts(now)
@@ -108,14 +147,54 @@ class Accounting:
                 spent_by_key = await self.ledger.spent_by_key(start.timestamp())
             except UnavailableError as err:
                 # A shared ledger that is down must not keep the gateway from
-                # serving; budgets then count from zero until the next start.
-                log.warning("budgets start from zero: %s", err)
+                # serving; budgets count from what the backend holds meanwhile.
+                log.warning("budgets not reconciled with the usage ledger: %s", err)
                 return
-            for key_id, spent in spent_by_key.items():
-                self.backend.seed(budget_key(key_id, kind, label), spent)
+            await self.backend.reconcile(
+                {budget_key(key_id, kind, label): spent for key_id, spent in spent_by_key.items()}
+            )
+
+    async def _reconcile_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.reconcile_budgets()
+            except Exception:
+                log.exception("reconciling budgets with the usage ledger failed")
+
+    async def budget_spend(self, key: str, limit_nanos: int | None) -> LedgerSpend | None:
+        """A budget's spend in its period from the ledger (RedisBackend's SpendSource).
+
+        The ledger is flushed first, so this replica's finished calls are in
+        it. None when the ledger cannot answer now.
+        """
+        assert self.ledger is not None
+        match = _BUDGET_KEY.fullmatch(key)
+        if match is None:
+            return None
+        start, end = _period(match["kind"], match["label"])
+        try:
+            await self.ledger.flush()
+            totals = await self.ledger.totals(
+                start.timestamp(), end.timestamp(), "", match["key_id"]
+            )
+        except UnavailableError as err:
+            log.warning("budget %s cannot be rebuilt from the usage ledger now: %s", key, err)
+            return None
+        alerts: tuple[tuple[str, float], ...] = ()
+        if limit_nanos is not None:
+            alerts = tuple(
+                (alert_key(key, threshold), limit_nanos * threshold)
+                for threshold in self._budgets.alert_thresholds
+            )
+        return LedgerSpend(sum(t.cost_nanos for t in totals), alerts, (end - start).total_seconds())
 
     async def aclose(self) -> None:
         """After the server has drained: settle what is pending, flush the ledger."""
+        if self._reconciling is not None:
+            self._reconciling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconciling
         await self.background.drain()
         if self.ledger is not None:
             await self.ledger.aclose()

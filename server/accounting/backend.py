@@ -1,16 +1,23 @@
 """Where quota counters live: this process, or a Redis shared by replicas.
 
 Three kinds of counter, all keyed by strings the policy builds:
-- a leaky bucket (`take`/`give_back`): requests or tokens per minute;
+- a sliding window (`take`/`give_back`): requests or tokens per minute;
 - a set of holders with expiry (`enter`/`leave`): concurrent calls;
 - a budget (`reserve`/`settle`): spent plus reserved nano-dollars, where a
   reservation checks every named budget and reserves on all of them in one
   atomic step, so N concurrent calls cannot each pass the same check.
 
+A per-minute limit holds over every span of 60 s, not on average: a key
+may use its whole minute at once (a fresh key on 300 RPM may send 300
+calls in its first second), then waits until its oldest usage is a minute
+old. The window is counted in 60 slots of one second each: a take is
+charged to the end of its second and forgotten a minute after that, so it
+counts up to a second longer than it happened, never shorter, and a key's
+window holds at most 61 slots whatever its limit (see `_Window`).
+
 `LocalBackend` keeps them in memory: the event loop runs one coroutine at
 a time and no method awaits between its check and its update, so each is
-atomic. The rate buckets are aiolimiter's leaky bucket, refusing rather
-than queueing. server/accounting/redis_backend.py does the same in Lua.
+atomic. server/accounting/redis_backend.py does the same in Lua.
 What runs after a call (`leave`, `settle`, `give_back`) is started from a
 `finally` of a possibly cancelled task or from a CallRecord observer, where
 awaiting is not possible: callers hand it to `Background`, which keeps the
@@ -23,15 +30,17 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Coroutine, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-from aiolimiter import AsyncLimiter
 
 log = logging.getLogger(__name__)
 
 NEVER = math.inf
+# The span a per-minute limit holds over, and the slots it is counted in.
+WINDOW_S = 60.0
+SLOTS_PER_WINDOW = 60
 
 
 class Background:
@@ -74,18 +83,41 @@ class Reservation:
     reserved_nanos: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class LedgerSpend:
+    """A budget's spend in its period as the usage ledger knows it, and the
+    alerts that spend has crossed: (alert key, mark in nano-dollars), which
+    count as fired for `alerts_ttl_s` (the period)."""
+
+    spent_nanos: int
+    alerts: tuple[tuple[str, float], ...] = ()
+    alerts_ttl_s: float = 0.0
+
+
+# Asked by a backend that has lost a budget, with the budget key and its limit
+# (None: not known here); None when the ledger cannot answer now.
+SpendSource = Callable[[str, int | None], Awaitable[LedgerSpend | None]]
+
+
+def alert_key(budget_key: str, threshold: float) -> str:
+    """The `first_time` key of a budget's alert at `threshold` (fires once per period)."""
+    return f"alert:{budget_key}:{threshold}"
+
+
 class QuotaBackend(Protocol):
     """The counters behind rate limits and budgets."""
 
     async def take(self, key: str, capacity: float, amount: float) -> float:
-        """Takes `amount` from a bucket refilling `capacity` per minute.
+        """Takes `amount` if the key's usage in the last minute leaves room in `capacity`.
 
-        Returns 0.0 when taken, else the seconds until it would fit (nothing taken).
+        Returns 0.0 when taken, else the seconds until it would fit (nothing
+        taken), NEVER when `amount` exceeds `capacity`.
         """
         ...
 
     async def give_back(self, key: str, capacity: float, amount: float) -> None:
-        """Returns (amount > 0) or forcibly takes (amount < 0) bucket capacity."""
+        """Returns (amount > 0) usage taken earlier, or takes more (amount < 0),
+        even past the capacity: a call used more than it reserved."""
         ...
 
     async def enter(self, key: str, cap: int, holder: str, ttl_s: float) -> bool:
@@ -112,29 +144,72 @@ class QuotaBackend(Protocol):
         """True for the first caller with `key` within ttl_s (alerts fire once)."""
         ...
 
-    def seed(self, key: str, spent: int) -> None:
-        """Sets a budget's spend if the backend has none (from the ledger at start)."""
+    async def reconcile(self, spends: Mapping[str, int]) -> None:
+        """Raises budgets' spends to the ledger's (budget key -> nano-dollars) where
+        lower; never lowers one. Redis skips budgets it does not hold: those are
+        rebuilt from the ledger when next used (redis_backend.py)."""
         ...
 
     async def aclose(self) -> None: ...
 
 
-class _Bucket(AsyncLimiter):
-    """aiolimiter's leaky bucket, asked without waiting, and able to give back."""
+class _Window:
+    """One key's usage over the last `window_s`, in slots of window_s / 60.
 
-    __slots__ = ()
+    A take at time t is charged to the end of its slot and forgotten once
+    that moment is `window_s` old. When the last take of any span of
+    window_s was admitted, every earlier take of that span was still counted
+    (it is charged no earlier than it happened), so no span holds more than
+    the capacity. A give back lowers the oldest usage first: when the call's
+    own take is still in the window, that frees nothing a later span could
+    not have freed (a take that has left the window has nothing to return,
+    which this cannot tell: it then frees others' usage instead).
+    """
 
-    def try_take(self, amount: float) -> float:
-        if self.has_capacity(amount):  # leaks first
-            self._level += amount
-            return 0.0
-        if amount > self.max_rate:
+    __slots__ = ("_slots",)
+
+    def __init__(self) -> None:
+        self._slots: deque[list[float]] = deque()  # [slot index, amount], oldest first
+
+    def _used(self, now: float, window_s: float) -> float:
+        slot_s = window_s / SLOTS_PER_WINDOW
+        slots = self._slots
+        while slots and slots[0][0] * slot_s + window_s <= now:
+            slots.popleft()
+        return sum(amount for _, amount in slots)
+
+    def _charge(self, now: float, window_s: float, amount: float) -> None:
+        index = math.floor(now * SLOTS_PER_WINDOW / window_s) + 1
+        if self._slots and self._slots[-1][0] >= index:
+            self._slots[-1][1] += amount
+        else:
+            self._slots.append([index, amount])
+
+    def take(self, now: float, window_s: float, capacity: float, amount: float) -> float:
+        if amount > capacity:
             return NEVER
-        return (self._level + amount - self.max_rate) / self._rate_per_sec
+        excess = self._used(now, window_s) + amount - capacity
+        if excess <= 0:
+            self._charge(now, window_s, amount)
+            return 0.0
+        for index, held in self._slots:
+            excess -= held
+            if excess <= 0:
+                return index * window_s / SLOTS_PER_WINDOW + window_s - now
+        return window_s  # not reached: once the whole window has left, amount fits
 
-    def give_back(self, amount: float) -> None:
-        self._leak()
-        self._level = max(0.0, self._level - amount)
+    def give_back(self, now: float, window_s: float, amount: float) -> None:
+        self._used(now, window_s)
+        if amount < 0:
+            self._charge(now, window_s, -amount)
+            return
+        slots = self._slots
+        while amount > 0 and slots:
+            if slots[0][1] <= amount:
+                amount -= slots.popleft()[1]
+            else:
+                slots[0][1] -= amount
+                amount = 0
 
 
 @dataclass(slots=True)
@@ -151,30 +226,33 @@ class _Budget:
 
 
 class LocalBackend:
-    """Counters in this process's memory (one gateway process, or per-process limits)."""
+    """Counters in this process's memory (one gateway process, or per-process limits).
 
-    def __init__(self) -> None:
-        self._buckets: dict[str, _Bucket] = {}
+    `clock` (monotonic seconds) and `window_s` of the per-minute windows exist
+    for tests: a minute of traffic can be replayed without waiting for it.
+    """
+
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, window_s: float = WINDOW_S
+    ) -> None:
+        self._clock = clock
+        self._window_s = window_s
+        self._windows: dict[str, _Window] = {}
         self._slots: dict[str, dict[str, float]] = {}
         self._budgets: dict[str, _Budget] = {}
         self._seen: dict[str, float] = {}
 
-    def _bucket(self, key: str, capacity: float) -> _Bucket:
-        bucket = self._buckets.get(key)
-        if bucket is None or bucket.max_rate != capacity:
-            bucket = self._buckets[key] = _Bucket(capacity, 60.0)
-        return bucket
+    def _window(self, key: str) -> _Window:
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = _Window()
+        return window
 
     async def take(self, key: str, capacity: float, amount: float) -> float:
-        return self._bucket(key, capacity).try_take(amount)
+        return self._window(key).take(self._clock(), self._window_s, capacity, amount)
 
     async def give_back(self, key: str, capacity: float, amount: float) -> None:
-        bucket = self._bucket(key, capacity)
-        if amount >= 0:
-            bucket.give_back(amount)
-        else:
-            bucket._leak()
-            bucket._level += -amount  # used more than reserved: owed, even past the cap
+        self._window(key).give_back(self._clock(), self._window_s, amount)
 
     async def enter(self, key: str, cap: int, holder: str, ttl_s: float) -> bool:
         holders = self._slots.setdefault(key, {})
@@ -225,9 +303,10 @@ class LocalBackend:
         self._seen[key] = now + ttl_s
         return True
 
-    def seed(self, key: str, spent: int) -> None:
-        state = self._budgets.setdefault(key, _Budget())
-        state.spent = max(state.spent, spent)
+    async def reconcile(self, spends: Mapping[str, int]) -> None:
+        for key, spent in spends.items():
+            state = self._budgets.setdefault(key, _Budget())
+            state.spent = max(state.spent, spent)
 
     async def aclose(self) -> None:
         return None

@@ -3,7 +3,21 @@
 Each operation is one Lua script, so it is atomic across replicas: N
 gateways sharing a Redis enforce one limit, and a budget reservation checks
 and reserves in one step. Time comes from Redis (`TIME`), so replicas with
-skewed clocks agree. The scripts mirror LocalBackend (server/accounting/backend.py).
+skewed clocks agree. The scripts mirror LocalBackend (server/accounting/backend.py):
+a per-minute limit is a window of 60 slots in a hash (slot -> amount) that
+never admits more than the limit in any 60 s, so a fresh key may use its
+whole minute at once and then waits until its oldest usage is a minute old.
+
+Budgets survive a Redis that comes back empty. A budget's hash carries a
+`seeded` mark once its spend is known; the first reservation (or settle,
+or budget query) that finds it missing asks the usage ledger for the
+period's spend (`spend_source`, from Accounting), and one script sets
+spent = max(spent, ledger) and the mark, and counts the alerts that spend
+has crossed as fired. Taking the larger of the two, never their sum, is
+what keeps a call from counting twice: one whose settle reached Redis after
+the loss and whose row the ledger also holds counts once, and a rebuild
+run twice (two replicas, a retry) changes nothing. Accounting also raises
+seeded budgets to the ledger's spend every `budgets.reconcile_interval_s`.
 
 Every command is bounded by `redis.timeout_s`. When Redis cannot be reached
 the configured failure mode decides: `open` lets the call through, `closed`
@@ -11,7 +25,8 @@ refuses it with UNAVAILABLE (QUOTA_BACKEND_UNAVAILABLE). Either way a
 warning is logged (at most once per interval) and `failures` counts it, the
 hook a metric reads. A post-call update that is lost (settle,
 leave) is not retried: a reservation expires after
-budgets.reservation_ttl_s, a concurrency slot after its ttl.
+budgets.reservation_ttl_s, a concurrency slot after its ttl; a lost settle
+is caught up by the next reconcile, once the ledger has the call's row.
 """
 
 from __future__ import annotations
@@ -19,13 +34,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from server.accounting.backend import NEVER, BudgetCounter, Reservation
+from server.accounting.backend import (
+    NEVER,
+    WINDOW_S,
+    BudgetCounter,
+    Reservation,
+    SpendSource,
+)
 from server.config import RedisConfig
 from server.errors import QuotaBackendUnavailableError
 
@@ -34,40 +58,86 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _LOG_EVERY_S = 10.0
 
-# KEYS[1] bucket; ARGV capacity, rate per second, amount. Returns "0" or the
-# seconds to wait (strings: Redis truncates Lua numbers to integers).
-_TAKE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local cap, rate, amount = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local level = tonumber(redis.call('HGET', KEYS[1], 'level') or '0')
-local last = tonumber(redis.call('HGET', KEYS[1], 'last') or tostring(now))
-level = math.max(0, level - (now - last) * rate)
-local wait = '0'
-if amount > cap then
-  wait = '-1'
-elseif level + amount > cap then
-  wait = tostring((level + amount - cap) / rate)
-else
-  level = level + amount
+# A window K is a hash: slot index -> amount (see _Window in backend.py).
+# `window` drops the slots a whole window old and returns the others' indexes
+# (oldest first), their amounts and their sum; `charge` adds to the current slot.
+_WINDOW = """
+local function now_s()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-redis.call('HSET', KEYS[1], 'level', tostring(level), 'last', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(cap / rate * 1000) + 1000)
-return wait
+local function window(k, now, width)
+  local slot = width / 60
+  local flat = redis.call('HGETALL', k)
+  local slots, amounts, used = {}, {}, 0
+  for i = 1, #flat, 2 do
+    local index = tonumber(flat[i])
+    if index * slot + width <= now then
+      redis.call('HDEL', k, flat[i])
+    else
+      slots[#slots + 1] = index
+      amounts[index] = tonumber(flat[i + 1])
+      used = used + amounts[index]
+    end
+  end
+  table.sort(slots)
+  return slots, amounts, used
+end
+local function charge(k, now, width, amount, slots)
+  local index = math.floor(now * 60 / width) + 1
+  if #slots > 0 and slots[#slots] > index then index = slots[#slots] end
+  redis.call('HINCRBYFLOAT', k, string.format('%d', index), amount)
+  redis.call('PEXPIRE', k, math.ceil(width * 62 / 60 * 1000))
+end
 """
 
-# KEYS[1] bucket; ARGV capacity, rate per second, amount to give back (<0: take).
-_GIVE_BACK = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local cap, rate, amount = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local level = tonumber(redis.call('HGET', KEYS[1], 'level') or '0')
-local last = tonumber(redis.call('HGET', KEYS[1], 'last') or tostring(now))
-level = math.max(0, level - (now - last) * rate - amount)
-redis.call('HSET', KEYS[1], 'level', tostring(level), 'last', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(math.max(level, cap) / rate * 1000) + 1000)
+# KEYS[1] window; ARGV capacity, amount, window seconds. Returns "0", "-1"
+# (never fits) or the seconds to wait (strings: Redis truncates Lua numbers).
+_TAKE = (
+    _WINDOW
+    + """
+local cap, amount, width = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if amount > cap then return '-1' end
+local now = now_s()
+local slots, amounts, used = window(KEYS[1], now, width)
+local excess = used + amount - cap
+if excess <= 0 then
+  charge(KEYS[1], now, width, amount, slots)
+  return '0'
+end
+for _, index in ipairs(slots) do
+  excess = excess - amounts[index]
+  if excess <= 0 then return tostring(index * width / 60 + width - now) end
+end
+return tostring(width)
+"""
+)
+
+# KEYS[1] window; ARGV amount to give back (oldest usage first; < 0: take), window seconds.
+_GIVE_BACK = (
+    _WINDOW
+    + """
+local amount, width = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now = now_s()
+local slots, amounts = window(KEYS[1], now, width)
+if amount < 0 then
+  charge(KEYS[1], now, width, -amount, slots)
+  return 1
+end
+for _, index in ipairs(slots) do
+  if amount <= 0 then break end
+  local field = string.format('%d', index)
+  if amounts[index] <= amount then
+    amount = amount - amounts[index]
+    redis.call('HDEL', KEYS[1], field)
+  else
+    redis.call('HSET', KEYS[1], field, tostring(amounts[index] - amount))
+    amount = 0
+  end
+end
 return 1
 """
+)
 
 # KEYS[1] zset of holders scored by expiry; ARGV cap, holder, ttl seconds.
 _ENTER = """
@@ -79,8 +149,10 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]) + 1)
 return 1
 """
 
-# A budget K is a hash (spent, reserved), K..':amounts' holder -> amount and
-# K..':holds' holder scored by expiry. Expired holds are dropped first.
+# A budget K is a hash (spent, reserved, and `seeded` once its spend is
+# known: rebuilt from the ledger, or counted here since the period began),
+# K..':amounts' holder -> amount and K..':holds' holder scored by expiry.
+# Expired holds are dropped first.
 _PURGE = """
 local function purge(k, now)
   local expired = redis.call('ZRANGEBYSCORE', k .. ':holds', '-inf', now)
@@ -93,17 +165,26 @@ local function purge(k, now)
 end
 """
 
-# KEYS budgets; ARGV amount, holder, ttl, key expiry, then one limit per key.
+# KEYS budgets; ARGV amount, holder, ttl, key expiry, whether budgets must be
+# seeded first, then one limit per key. Returns {1}, {0, index of the refused
+# budget, its spent, its reserved}, or {2, indexes of budgets to seed first}.
 _RESERVE = (
     _PURGE
     + """
+if ARGV[5] == '1' then
+  local lost = {2}
+  for i, k in ipairs(KEYS) do
+    if redis.call('HEXISTS', k, 'seeded') == 0 then lost[#lost + 1] = i end
+  end
+  if #lost > 1 then return lost end
+end
 local now = tonumber(redis.call('TIME')[1])
 local amount = tonumber(ARGV[1])
 for i, k in ipairs(KEYS) do
   purge(k, now)
   local spent = tonumber(redis.call('HGET', k, 'spent') or '0')
   local reserved = tonumber(redis.call('HGET', k, 'reserved') or '0')
-  if spent + reserved + amount > tonumber(ARGV[4 + i]) then
+  if spent + reserved + amount > tonumber(ARGV[5 + i]) then
     return {0, i, tostring(spent), tostring(reserved)}
   end
 end
@@ -115,13 +196,14 @@ for _, k in ipairs(KEYS) do
     redis.call('EXPIRE', k .. suffix, tonumber(ARGV[4]))
   end
 end
-return {1, 0, '0', '0'}
+return {1}
 """
 )
 
-# KEYS budgets; ARGV holder, actual cost, key expiry. Returns the new spends.
+# KEYS budgets; ARGV holder, actual cost, key expiry. Returns each budget's
+# new spend and whether it is seeded.
 _SETTLE = """
-local spends = {}
+local out = {}
 for _, k in ipairs(KEYS) do
   local a = redis.call('HGET', k .. ':amounts', ARGV[1])
   if a then
@@ -129,35 +211,91 @@ for _, k in ipairs(KEYS) do
     redis.call('HDEL', k .. ':amounts', ARGV[1])
     redis.call('ZREM', k .. ':holds', ARGV[1])
   end
-  spends[#spends + 1] = tostring(redis.call('HINCRBY', k, 'spent', ARGV[2]))
+  out[#out + 1] = tostring(redis.call('HINCRBY', k, 'spent', ARGV[2]))
+  out[#out + 1] = redis.call('HEXISTS', k, 'seeded')
   redis.call('EXPIRE', k, tonumber(ARGV[3]))
 end
-return spends
+return out
 """
 
 _STATE = (
     _PURGE
     + """
 purge(KEYS[1], tonumber(redis.call('TIME')[1]))
-return {redis.call('HGET', KEYS[1], 'spent') or '0', redis.call('HGET', KEYS[1], 'reserved') or '0'}
+return {
+  redis.call('HGET', KEYS[1], 'spent') or '0',
+  redis.call('HGET', KEYS[1], 'reserved') or '0',
+  redis.call('HEXISTS', KEYS[1], 'seeded'),
+}
 """
 )
 
+# KEYS[1] a budget, then its alert keys; ARGV the ledger's spend, key expiry,
+# alert expiry, the spend whose alerts count as fired, then each alert's mark.
+# Once per budget (the first replica to get here wins): spent = max(spent,
+# ledger), and the alerts crossed before count as fired. Returns the spend.
+_SEED = """
+local spent = tonumber(redis.call('HGET', KEYS[1], 'spent') or '0')
+if redis.call('HEXISTS', KEYS[1], 'seeded') == 1 then return tostring(spent) end
+if tonumber(ARGV[1]) > spent then
+  spent = tonumber(ARGV[1])
+  redis.call('HSET', KEYS[1], 'spent', ARGV[1])
+end
+redis.call('HSET', KEYS[1], 'seeded', '1')
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+for i = 2, #KEYS do
+  if tonumber(ARGV[3 + i]) <= tonumber(ARGV[4]) then
+    redis.call('SET', KEYS[i], '1', 'NX', 'EX', tonumber(ARGV[3]))
+  end
+end
+return tostring(spent)
+"""
+
+# KEYS[1] a budget; ARGV the ledger's spend. Raises a seeded budget's spend to it.
+_RAISE = """
+if redis.call('HEXISTS', KEYS[1], 'seeded') == 0 then return 0 end
+if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'spent') or '0') then
+  redis.call('HSET', KEYS[1], 'spent', ARGV[1])
+  return 1
+end
+return 0
+"""
+
 # Budget counters outlive their period (a month) by a margin.
 _BUDGET_EXPIRY_S = 40 * 86400
+# A budget whose spend the ledger could not give is asked again after this.
+_REBUILD_RETRY_S = 10.0
+_MAX_REMEMBERED = 10_000
+_RECONCILE_BATCH = 500
 
 
 class RedisBackend:
-    """QuotaBackend on Redis; see the module docstring for failure handling."""
+    """QuotaBackend on Redis; see the module docstring for failure handling.
 
-    def __init__(self, config: RedisConfig) -> None:
+    `spend_source` rebuilds a budget Redis has lost from the ledger (None:
+    no ledger, budgets count from what Redis holds). `window_s` is the span
+    of the per-minute limits, changed only by tests.
+    """
+
+    def __init__(
+        self,
+        config: RedisConfig,
+        *,
+        spend_source: SpendSource | None = None,
+        window_s: float = WINDOW_S,
+    ) -> None:
         self._config = config
         self._prefix = config.key_prefix
+        self._window_s = window_s
+        self._source = spend_source
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
             config.url,
             socket_timeout=config.timeout_s,
             socket_connect_timeout=config.timeout_s,
-            retry_on_timeout=False,
+            # A pooled connection that Redis dropped (a restart) is retried
+            # once on a new one, at once; a timeout is not retried.
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
         )
         self._take = self._redis.register_script(_TAKE)
         self._give_back = self._redis.register_script(_GIVE_BACK)
@@ -165,6 +303,13 @@ class RedisBackend:
         self._reserve = self._redis.register_script(_RESERVE)
         self._settle = self._redis.register_script(_SETTLE)
         self._state = self._redis.register_script(_STATE)
+        self._seed = self._redis.register_script(_SEED)
+        self._raise = self._redis.register_script(_RAISE)
+        # Budget key -> its limit, as last reserved here (the alert marks of a rebuild).
+        self._limits: dict[str, int] = {}
+        # One rebuild per budget at a time; a failed one is not retried before the time.
+        self._rebuilding: dict[str, asyncio.Task[int | None]] = {}
+        self._rebuild_after: dict[str, float] = {}
         self._last_warning = 0.0
         # Operations that failed for want of Redis (a metric reads this).
         self.failures = 0
@@ -198,17 +343,17 @@ class RedisBackend:
         return self._prefix + key
 
     async def take(self, key: str, capacity: float, amount: float) -> float:
-        rate = capacity / 60.0
-
         async def call() -> float:
-            wait = float(await self._take(keys=[self._k(key)], args=[capacity, rate, amount]))
+            wait = float(
+                await self._take(keys=[self._k(key)], args=[capacity, amount, self._window_s])
+            )
             return NEVER if wait < 0 else wait
 
         return await self._run("take", call, 0.0)
 
     async def give_back(self, key: str, capacity: float, amount: float) -> None:
         async def call() -> None:
-            await self._give_back(keys=[self._k(key)], args=[capacity, capacity / 60.0, amount])
+            await self._give_back(keys=[self._k(key)], args=[amount, self._window_s])
 
         await self._run("give back", call, None)
 
@@ -229,38 +374,151 @@ class RedisBackend:
     async def reserve(
         self, budgets: Sequence[BudgetCounter], amount: int, holder: str, ttl_s: float
     ) -> Reservation:
-        async def call() -> Reservation:
-            ok, index, spent, reserved = await self._reserve(
-                keys=[self._k(b.key) for b in budgets],
-                args=[
-                    amount,
-                    holder,
-                    max(1, int(ttl_s)),
-                    _BUDGET_EXPIRY_S,
-                    *(b.limit_nanos for b in budgets),
-                ],
-            )
-            if ok:
-                return Reservation(True)
-            return Reservation(False, budgets[int(index) - 1], int(spent), int(reserved))
+        if len(self._limits) >= _MAX_REMEMBERED:
+            self._limits.clear()
+        for budget in budgets:
+            self._limits[budget.key] = budget.limit_nanos
 
-        return await self._run("reserve", call, Reservation(True))
+        def attempt(seeded_first: bool) -> Callable[[], Awaitable[list[Any] | None]]:
+            async def call() -> list[Any] | None:
+                return list(
+                    await self._reserve(
+                        keys=[self._k(b.key) for b in budgets],
+                        args=[
+                            amount,
+                            holder,
+                            max(1, int(ttl_s)),
+                            _BUDGET_EXPIRY_S,
+                            int(seeded_first),
+                            *(b.limit_nanos for b in budgets),
+                        ],
+                    )
+                )
+
+            return call
+
+        result = await self._run("reserve", attempt(self._source is not None), None)
+        if result is not None and int(result[0]) == 2:
+            # Redis has lost these budgets (restarted empty, or a new period):
+            # rebuilt from the ledger first, outside the Redis timeout.
+            await self._rebuild([budgets[int(i) - 1].key for i in result[1:]])
+            result = await self._run("reserve", attempt(False), None)
+        if result is None or int(result[0]) == 1:
+            return Reservation(True)
+        _, index, spent, reserved = result
+        return Reservation(False, budgets[int(index) - 1], int(spent), int(reserved))
 
     async def settle(self, keys: Sequence[str], holder: str, actual: int) -> list[int]:
-        async def call() -> list[int]:
-            spends = await self._settle(
-                keys=[self._k(k) for k in keys], args=[holder, actual, _BUDGET_EXPIRY_S]
+        async def call() -> list[Any]:
+            return list(
+                await self._settle(
+                    keys=[self._k(k) for k in keys], args=[holder, actual, _BUDGET_EXPIRY_S]
+                )
             )
-            return [int(s) for s in spends]
 
-        return await self._run("settle", call, [])
+        nothing: list[Any] = []
+        result = await self._run("settle", call, nothing)
+        spends = [int(s) for s in result[0::2]]
+        lost = [k for k, seeded in zip(keys, result[1::2], strict=True) if not int(seeded)]
+        if lost and self._source is not None:
+            # A call reserved before Redis lost the budget: its spend joins the ledger's.
+            # The ledger holds this call too (its row is written before the
+            # rebuild reads): its own alerts may still fire.
+            rebuilt = await self._rebuild(lost, fired_below=actual)
+            spends = [
+                max(spent, rebuilt.get(k) or 0) for k, spent in zip(keys, spends, strict=True)
+            ]
+        return spends
 
     async def budget_state(self, key: str) -> tuple[int, int]:
-        async def call() -> tuple[int, int]:
-            spent, reserved = await self._state(keys=[self._k(key)])
-            return int(spent), int(reserved)
+        async def call() -> tuple[int, int, int]:
+            spent, reserved, seeded = await self._state(keys=[self._k(key)])
+            return int(spent), int(reserved), int(seeded)
 
-        return await self._run("budget state", call, (0, 0))
+        spent, reserved, seeded = await self._run("budget state", call, (0, 0, 1))
+        if not seeded and self._source is not None:
+            rebuilt = (await self._rebuild([key])).get(key)
+            if rebuilt is not None:
+                spent = max(spent, rebuilt)
+        return spent, reserved
+
+    async def _rebuild(self, keys: Sequence[str], *, fired_below: int = 0) -> dict[str, int | None]:
+        """Seeds budgets Redis has lost from the ledger; the spends after it (None: not seeded).
+
+        The alerts up to the ledger's spend less `fired_below` count as fired.
+        """
+        tasks = []
+        for key in keys:
+            task = self._rebuilding.get(key)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._rebuild_one(key, fired_below))
+                self._rebuilding[key] = task
+
+                def forget(_: asyncio.Task[int | None], key: str = key) -> None:
+                    self._rebuilding.pop(key, None)
+
+                task.add_done_callback(forget)
+            tasks.append(task)
+        # Shielded: a caller that gives up does not stop the rebuild others wait for.
+        spends = await asyncio.gather(*(asyncio.shield(t) for t in tasks))
+        return dict(zip(keys, spends, strict=True))
+
+    async def _rebuild_one(self, key: str, fired_below: int) -> int | None:
+        assert self._source is not None
+        now = time.monotonic()
+        if self._rebuild_after.get(key, 0.0) > now:
+            return None
+        try:
+            spend = await self._source(key, self._limits.get(key))
+        except Exception:
+            log.exception("budget %s: reading its spend from the usage ledger failed", key)
+            spend = None
+        if spend is None:
+            # The ledger cannot say: the budget counts from what Redis holds
+            # until a later call tries again.
+            if len(self._rebuild_after) >= _MAX_REMEMBERED:
+                self._rebuild_after.clear()
+            self._rebuild_after[key] = now + _REBUILD_RETRY_S
+            return None
+        log.info(
+            "budget %s: rebuilt from the usage ledger (%d nano-dollars spent)",
+            key,
+            spend.spent_nanos,
+        )
+
+        async def call() -> int | None:
+            spent = await self._seed(
+                keys=[self._k(key), *(self._k(alert) for alert, _ in spend.alerts)],
+                args=[
+                    spend.spent_nanos,
+                    _BUDGET_EXPIRY_S,
+                    max(1, int(spend.alerts_ttl_s)),
+                    spend.spent_nanos - fired_below,
+                    *(mark for _, mark in spend.alerts),
+                ],
+            )
+            return int(spent)
+
+        return await self._run("rebuild budget", call, None)
+
+    async def reconcile(self, spends: Mapping[str, int]) -> None:
+        items = list(spends.items())
+        for start in range(0, len(items), _RECONCILE_BATCH):
+            batch = items[start : start + _RECONCILE_BATCH]
+
+            async def call(batch: list[tuple[str, int]] = batch) -> None:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for key, spent in batch:
+                        await self._raise(keys=[self._k(key)], args=[spent], client=pipe)
+                    raised = await pipe.execute()
+                if any(raised):
+                    log.info(
+                        "budgets: %d of %d raised to the usage ledger's spend",
+                        sum(map(int, raised)),
+                        len(batch),
+                    )
+
+            await self._run("reconcile budgets", call, None)
 
     async def first_time(self, key: str, ttl_s: float) -> bool:
         async def call() -> bool:
@@ -268,9 +526,7 @@ class RedisBackend:
 
         return await self._run("alert", call, False)
 
-    def seed(self, key: str, spent: int) -> None:
-        # Redis holds the shared spend itself; a replica's own ledger is partial.
-        return None
-
     async def aclose(self) -> None:
+        for task in list(self._rebuilding.values()):
+            task.cancel()
         await self._redis.aclose()
