@@ -4,7 +4,7 @@ Second in the chain (auth → rate limit → tracing): the auth interceptor has
 bound the caller's Identity while this one builds its handler, so a key
 without these limits gets the handler back untouched (no per-call cost at
 all). For a limited key the handler is wrapped: when it starts, it takes a
-concurrency slot and one request from the key's bucket, or aborts with
+concurrency slot and one request from the key's minute, or aborts with
 RESOURCE_EXHAUSTED, a QuotaFailure naming the limit, RetryInfo and a
 `retry-after` trailer, before the servicer has decoded anything or called
 an upstream. The slot is given back when the handler ends, however it ends.
