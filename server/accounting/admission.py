@@ -8,7 +8,7 @@ minute and concurrency need neither and are refused earlier, by
 interceptors/rate_limit.py.
 
 `admit` reserves the worst case: input tokens (estimated with
-server/token_estimate.py) plus max_tokens against the TPM bucket, and the
+server/token_estimate.py) plus max_tokens against the key's one-minute TPM window, and the
 cost of that usage against every budget of the key (the UTC day's and the
 month's), atomically in the backend. The reservation rides on the call's
 CallRecord (`quota_hold`), and `settle`, a CallRecord observer, corrects it
@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 
 import httpx2
 
-from server.accounting.backend import Background, BudgetCounter, QuotaBackend
+from server.accounting.backend import Background, BudgetCounter, QuotaBackend, alert_key
 from server.accounting.quotas import (
     NANOS_PER_USD,
     BudgetPeriod,
@@ -240,8 +240,8 @@ class Admission:
                 # makes that once per period across replicas too.
                 if not spent - actual < mark <= spent:
                     continue
-                alert_key = f"alert:{period.counter.key}:{threshold}"
-                if await self._backend.first_time(alert_key, period.length_s):
+                key = alert_key(period.counter.key, threshold)
+                if await self._backend.first_time(key, period.length_s):
                     self._fire(
                         BudgetAlert(key_id, period.kind, period.label, threshold, spent, limit)
                     )
