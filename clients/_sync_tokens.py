@@ -5,7 +5,9 @@ on a channel of its own; a token is replaced once 80% of its lifetime has
 passed; a refusal refreshes it once. Threads share one token and one
 refresh at a time (a lock, where the async source shares a task); with no
 event loop there is no background refresh, so the caller that finds the
-token due fetches the new one while the others wait for it.
+token due fetches the new one while the others wait for it. After IssueToken
+fails it is not asked again before the same backoff has passed
+(clients/_token_backoff.py); a token still valid is used meanwhile.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from collections.abc import Callable
 
 import grpc
 
+from clients._token_backoff import IssueTokenBackoff
 from llmgateway.v1 import token_pb2, token_pb2_grpc
 
 __all__ = ["SyncTokenSource"]
+
+# Below this much remaining life a token is not used when its refresh failed.
+_EXPIRY_MARGIN_S = 1.0
 
 
 class SyncTokenSource:
@@ -33,6 +39,7 @@ class SyncTokenSource:
         refresh_fraction: float = 0.8,
         timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        backoff: IssueTokenBackoff | None = None,
     ) -> None:
         self._api_key = api_key
         self._fraction = refresh_fraction
@@ -46,6 +53,8 @@ class SyncTokenSource:
         self._lock = threading.Lock()
         self._token: str | None = None
         self._refresh_at = 0.0
+        self._expires_at = 0.0
+        self._backoff = backoff or IssueTokenBackoff(clock=clock)
         self.issued = 0  # tokens obtained so far (for tests and metrics)
 
     def __repr__(self) -> str:  # never shows the key or the token
@@ -54,29 +63,48 @@ class SyncTokenSource:
     def token(self) -> str:
         """A token to call with: the current one while fresh, else a new one."""
         with self._lock:
-            if self._token is None or self._clock() >= self._refresh_at:
-                self._fetch()
-            assert self._token is not None
-            return self._token
+            now = self._clock()
+            if self._token is not None and now < self._refresh_at:
+                return self._token
+            usable = self._token is not None and now < self._expires_at - _EXPIRY_MARGIN_S
+            try:
+                return self._fetch()
+            except grpc.RpcError:
+                if usable and not self._backoff.refused:
+                    assert self._token is not None
+                    return self._token  # still valid: the next call tries again
+                raise
 
     def refresh(self, refused: str) -> str:
         """A new token after the gateway refused `refused` (shared by every refused call)."""
         with self._lock:
-            if self._token is None or self._token == refused:
-                self._fetch()
-            assert self._token is not None
-            return self._token
+            if self._token is not None and self._token != refused:
+                return self._token
+            return self._fetch()
 
-    def _fetch(self) -> None:
+    def _fetch(self) -> str:
+        """A new token, unless IssueToken failed lately: then its error, at once."""
+        if self._backoff.wait() > 0:
+            raise self._backoff.error()
         sent = self._clock()  # lifetimes count from before the request: refresh early, not late
-        response = self._stub.IssueToken(
-            token_pb2.IssueTokenRequest(),
-            metadata=(("authorization", f"Bearer {self._api_key}"),),
-            timeout=self._timeout,
-        )
+        try:
+            response = self._stub.IssueToken(
+                token_pb2.IssueTokenRequest(),
+                metadata=(("authorization", f"Bearer {self._api_key}"),),
+                timeout=self._timeout,
+            )
+        except grpc.RpcError as error:
+            failure = self._backoff.failed(error)
+            if self._backoff.refused:
+                self._token = None  # the key's tokens are refused with it
+            raise failure from error
+        self._backoff.succeeded()
+        lifetime = response.lifetime.ToTimedelta().total_seconds()
         self._token = response.token
-        self._refresh_at = sent + self._fraction * response.lifetime.ToTimedelta().total_seconds()
+        self._refresh_at = sent + self._fraction * lifetime
+        self._expires_at = sent + lifetime
         self.issued += 1
+        return self._token
 
     def close(self) -> None:
         """Closes the token channel."""

@@ -18,6 +18,12 @@ gets one new token and is retried once, never more; a server stream only
 when nothing was received yet, so no response is ever duplicated. The token
 is checked when a call starts, so a stream that outlives it runs on.
 
+When IssueToken fails the source backs off (clients/_token_backoff.py):
+exponentially with jitter after a transient failure, for minutes after a
+refusal of the key (revoked, unknown). Until then a call that needs a new
+token fails at once with that error, without reaching the gateway; a call
+whose token is still valid uses it.
+
 grpc.aio applies an interceptor to a call type only if it implements that
 type's interface, hence one class per type (unary-unary, unary-stream). The
 interceptors run once per attempt of grpc's own retries, if configured. The
@@ -35,9 +41,15 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2
 
+from clients._token_backoff import IssueTokenBackoff
 from llmgateway.v1 import token_pb2, token_pb2_grpc
 
-__all__ = ["TokenSource", "UnaryStreamTokenInterceptor", "UnaryUnaryTokenInterceptor"]
+__all__ = [
+    "IssueTokenBackoff",
+    "TokenSource",
+    "UnaryStreamTokenInterceptor",
+    "UnaryUnaryTokenInterceptor",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +65,9 @@ class TokenSource:
     `target` is the gateway's address; `channel_credentials` makes the token
     channel a TLS one (insecure when None). `lifetime` asks the gateway for
     tokens shorter than its default. `refresh_fraction` of a token's lifetime
-    passes before it is replaced.
+    passes before it is replaced. `backoff` says when to ask IssueToken again
+    after it failed (the default: 0.5 s doubling to 30 s; 5 minutes after
+    the key was refused).
     """
 
     def __init__(
@@ -66,6 +80,7 @@ class TokenSource:
         refresh_fraction: float = 0.8,
         timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        backoff: IssueTokenBackoff | None = None,
     ) -> None:
         if not 0 < refresh_fraction < 1:
             raise ValueError("refresh_fraction must be between 0 and 1")
@@ -81,6 +96,7 @@ class TokenSource:
         self._refresh_at = 0.0
         self._expires_at = 0.0
         self._refreshing: asyncio.Task[str] | None = None
+        self._backoff = backoff or IssueTokenBackoff(clock=clock)
         self.issued = 0  # tokens obtained so far (for tests and metrics)
 
     def __repr__(self) -> str:  # never shows the key or the token
@@ -95,8 +111,15 @@ class TokenSource:
         now = self._clock()
         if self._token is not None and now < self._refresh_at:
             return self._token
+        usable = self._token is not None and now < self._expires_at - _EXPIRY_MARGIN_S
+        if self._backoff.wait() > 0:  # IssueToken failed lately: not again yet
+            if usable:
+                assert self._token is not None
+                return self._token
+            raise self._backoff.error()
         refreshing = self._start_refresh()
-        if self._token is not None and now < self._expires_at - _EXPIRY_MARGIN_S:
+        if usable:
+            assert self._token is not None
             return self._token  # still valid: the refresh runs in the background
         return await asyncio.shield(refreshing)
 
@@ -108,6 +131,8 @@ class TokenSource:
         """
         if self._token is not None and self._token != refused:
             return self._token
+        if self._backoff.wait() > 0:
+            raise self._backoff.error()
         return await asyncio.shield(self._start_refresh())
 
     def _start_refresh(self) -> asyncio.Task[str]:
@@ -129,11 +154,18 @@ class TokenSource:
         # Lifetimes count from before the request, so clock skew and latency
         # can only make the client refresh early, never late.
         sent = self._clock()
-        response = await stub.IssueToken(
-            request,
-            metadata=((AUTHORIZATION, f"Bearer {self._api_key}"),),
-            timeout=self._timeout,
-        )
+        try:
+            response = await stub.IssueToken(
+                request,
+                metadata=((AUTHORIZATION, f"Bearer {self._api_key}"),),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as error:
+            failure = self._backoff.failed(error)
+            if self._backoff.refused:
+                self._token = None  # the key's tokens are refused with it
+            raise failure from error
+        self._backoff.succeeded()
         lifetime = response.lifetime.ToTimedelta().total_seconds()
         self._token = response.token
         self._refresh_at = sent + self._fraction * lifetime

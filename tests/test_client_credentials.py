@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -11,7 +12,8 @@ from typing import Any
 import grpc
 import pytest
 
-from clients.credentials import TokenSource
+from clients import GatewayClientSync, UnauthenticatedError
+from clients.credentials import IssueTokenBackoff, TokenSource
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from server.auth.tokens import TokenRejectedError, create_signing_key
 from tests.conftest import request
@@ -23,10 +25,15 @@ STREAM = "/llmgateway.v1.GenerationService/StreamGenerate"
 
 
 class CallCounter(grpc.aio.ServerInterceptor):
-    """Counts every call that reaches the server, refused ones included."""
+    """Counts every call that reaches the server, refused ones included.
+
+    While `issue_token_down` is set, IssueToken answers UNAVAILABLE (an
+    overloaded or restarting gateway).
+    """
 
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
+        self.issue_token_down = False
 
     async def intercept_service(
         self,
@@ -34,7 +41,13 @@ class CallCounter(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
         self.calls[handler_call_details.method] += 1
+        if self.issue_token_down and handler_call_details.method == ISSUE_TOKEN:
+            return grpc.unary_unary_rpc_method_handler(_unavailable)
         return await continuation(handler_call_details)
+
+
+async def _unavailable(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(grpc.StatusCode.UNAVAILABLE, "token service down")
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +249,128 @@ async def test_the_api_key_goes_only_to_issue_token(
 def test_refresh_fraction_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="refresh_fraction"):
         TokenSource("localhost:1", "k", refresh_fraction=1.5)
+
+
+async def _calls_for(seconds: float, stub: Any) -> tuple[Counter[grpc.StatusCode], str]:
+    """Calls Generate and StreamGenerate in a loop, as a worker retrying would.
+
+    Returns the status codes and the last error's message.
+    """
+    codes: Counter[grpc.StatusCode] = Counter()
+    details = ""
+    # One after the other: a call starts when made.
+    calls: tuple[Callable[[], Awaitable[Any]], ...] = (
+        lambda: stub.Generate(request()),
+        lambda: _collect(stub.StreamGenerate(request())),
+    )
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while loop.time() < end:
+        for call in calls:
+            try:
+                await call()
+                codes[grpc.StatusCode.OK] += 1
+            except grpc.aio.AioRpcError as error:
+                codes[error.code()] += 1
+                details = error.details() or ""
+        await asyncio.sleep(0.005)
+    return codes, details
+
+
+async def test_a_revoked_key_is_not_sent_again_and_again(
+    short_lived: AuthedGateway, counter: CallCounter
+) -> None:
+    key_id, key = short_lived.create_key("revoked-before")
+    await short_lived.gateway.auth.store.revoke_async(key_id)  # type: ignore[union-attr]
+    before = counter.calls.copy()
+    async with (
+        TokenSource(short_lived.address, key) as source,
+        grpc.aio.insecure_channel(short_lived.address, interceptors=source.interceptors()) as ch,
+    ):
+        codes, details = await _calls_for(2.0, pb_grpc.GenerationServiceStub(ch))
+    assert codes[grpc.StatusCode.UNAUTHENTICATED] > 50 and set(codes) == {
+        grpc.StatusCode.UNAUTHENTICATED
+    }
+    # One IssueToken said the key is revoked; nothing else reached the gateway.
+    assert counter.calls[ISSUE_TOKEN] - before[ISSUE_TOKEN] == 1
+    assert counter.calls[GENERATE] - before[GENERATE] == 0
+    assert counter.calls[STREAM] - before[STREAM] == 0
+    assert "refused the API key" in details and "revoked" in details
+
+
+async def test_a_key_revoked_while_in_use_stops_its_calls(
+    short_lived: AuthedGateway, counter: CallCounter
+) -> None:
+    key_id, key = short_lived.create_key("revoked-during")
+    async with (
+        TokenSource(short_lived.address, key) as source,
+        grpc.aio.insecure_channel(short_lived.address, interceptors=source.interceptors()) as ch,
+    ):
+        stub = pb_grpc.GenerationServiceStub(ch)
+        await stub.Generate(request("before"))
+        await short_lived.gateway.auth.store.revoke_async(key_id)  # type: ignore[union-attr]
+        before = counter.calls.copy()
+        codes, details = await _calls_for(2.0, stub)
+    assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
+    assert counter.calls[ISSUE_TOKEN] - before[ISSUE_TOKEN] == 1
+    # The call that found its token refused; after IssueToken refused the key,
+    # no call reaches the gateway.
+    assert counter.calls[GENERATE] - before[GENERATE] == 1
+    assert counter.calls[STREAM] - before[STREAM] == 0
+    assert "refused the API key" in details
+
+
+async def test_issue_token_failures_back_off_exponentially(
+    short_lived: AuthedGateway, counter: CallCounter
+) -> None:
+    key = short_lived.create_key("flaky")[1]
+    before = counter.calls.copy()
+    loop = asyncio.get_running_loop()
+    counter.issue_token_down = True
+    try:
+        backoff = IssueTokenBackoff(clock=time.monotonic)
+        async with TokenSource(short_lived.address, key, backoff=backoff) as source:
+            end = loop.time() + 2.0
+            failures = 0
+            while loop.time() < end:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await source.token()
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                failures += 1
+                await asyncio.sleep(0.005)
+            asked = counter.calls[ISSUE_TOKEN] - before[ISSUE_TOKEN]
+            # Waits of at least 0.25, 0.5 and 1 s: four asks in two seconds at most.
+            assert 2 <= asked <= 4 and failures > 100
+            counter.issue_token_down = False
+            assert backoff.failures == asked
+            await asyncio.sleep(backoff.wait())
+            assert await source.token()  # back: a token, and the backoff starts over
+            assert backoff.failures == 0
+    finally:
+        counter.issue_token_down = False
+
+
+async def test_the_sync_client_stops_asking_for_a_revoked_key(
+    short_lived: AuthedGateway, counter: CallCounter
+) -> None:
+    key_id, key = short_lived.create_key("revoked-sync")
+    await short_lived.gateway.auth.store.revoke_async(key_id)  # type: ignore[union-attr]
+    before = counter.calls.copy()
+
+    def calls() -> list[UnauthenticatedError]:
+        refusals = []
+        with GatewayClientSync(short_lived.address, api_key=key) as client:
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                with pytest.raises(UnauthenticatedError) as caught:
+                    client.generate("echo", "Hi")
+                refusals.append(caught.value)
+                with pytest.raises(UnauthenticatedError):
+                    client.stream("echo", "Hi").final_response()
+        return refusals
+
+    refusals = await asyncio.to_thread(calls)
+    assert len(refusals) > 20
+    assert counter.calls[ISSUE_TOKEN] - before[ISSUE_TOKEN] == 1
+    assert counter.calls[GENERATE] - before[GENERATE] == 0
+    assert all("revoked" in str(error) for error in refusals)
