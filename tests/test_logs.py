@@ -189,7 +189,8 @@ def test_the_filter_redacts_arguments_exceptions_and_extras(json_lines: io.Strin
 
 def test_configure_logging_formats_and_levels(monkeypatch: pytest.MonkeyPatch) -> None:
     root = logging.getLogger()
-    saved = root.handlers[:], root.level, logging.getLogger("httpx").level
+    levels = {name: logging.getLogger(name).level for name in SDK_LOGGERS}
+    saved = root.handlers[:], root.level
     try:
         monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: auto is JSON
         configure_logging(LoggingConfig(level="WARNING", loggers={"httpx": "ERROR"}))
@@ -206,7 +207,8 @@ def test_configure_logging_formats_and_levels(monkeypatch: pytest.MonkeyPatch) -
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
-        logging.getLogger("httpx").setLevel(saved[2])
+        for name, level in levels.items():  # as the suite had them (tests/conftest.py)
+            logging.getLogger(name).setLevel(level)
     install_redaction()  # idempotent on the restored handlers
     for handler in root.handlers:
         assert sum(isinstance(f, RedactionFilter) for f in handler.filters) <= 1
