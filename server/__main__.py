@@ -14,6 +14,7 @@ from server.app import run
 from server.auth.cli import add_keys_parser, run_keys_command
 from server.config import ConfigError, load_config
 from server.logs import configure_logging
+from server.port_claim import claim_port
 from server.telemetry.audit import configure_audit
 from server.workers import run_workers
 
@@ -59,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_audit(config.audit)
     if args.command == "keys":
         return run_keys_command(args, config.auth)
-    if config.server.workers > 1:
-        return run_workers(config)
     try:
-        run(config)
+        if config.server.workers > 1:
+            return run_workers(config)
+        with claim_port(config.server.port):
+            run(config)
     except ConfigError as err:
         print(f"llm-gateway: {err}", file=sys.stderr)
         return 2

@@ -62,7 +62,8 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
         ),
         # grpc turns SO_REUSEPORT on by default, which would let a second
         # gateway bind the same port silently and steal half the calls; only
-        # our own workers (server.workers) share a port on purpose.
+        # our own workers (server.workers) share a port on purpose, and the
+        # port claim (server/port_claim.py) keeps other gateways off it.
         ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
     ]
     if config.max_connection_idle_s:
@@ -191,7 +192,13 @@ class Gateway:
                 " trusted; for local development only"
             )
         address = _address(self.config.server.host, self.config.server.port)
-        self.port = self._server.add_insecure_port(address)
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError:  # grpc's only word on it: "Failed to bind"
+            raise ConfigError(
+                f"cannot listen on {address} (server.host, server.port): the port is in use"
+                " by another program, or the address is not one of this machine's"
+            ) from None
         await self.accounting.start()  # the ledger's writer, budgets seeded from it
         await self._server.start()
         self.telemetry.start()  # the metrics endpoint, when metrics are on

@@ -431,6 +431,32 @@ class GatewayConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _workers_share_their_limits(self) -> Self:
+        # With limits.backend: local every worker is a process with its own
+        # counters and budgets, so N workers would let each key through N times
+        # its limits and spend its budget N times, and say nothing.
+        configured = self.configured_limits()
+        if self.server.workers > 1 and self.limits.backend != "redis" and configured:
+            raise ValueError(
+                f"server.workers: {self.server.workers} with limits.backend:"
+                f" {self.limits.backend} would give each worker its own limits and budgets"
+                f" ({', '.join(configured)}), so every key would get {self.server.workers}"
+                " times its limits; set limits.backend: redis (shared by all workers)"
+                " or server.workers: 1"
+            )
+        return self
+
+    def configured_limits(self) -> list[str]:
+        """The limits and budgets sections that configure anything (QuotaPolicy.configured)."""
+        sections = {
+            "limits.default": self.limits.default != KeyLimitsConfig(),
+            "limits.keys": bool(self.limits.keys),
+            "budgets.default": self.budgets.default != KeyBudgetConfig(),
+            "budgets.keys": bool(self.budgets.keys),
+        }
+        return [name for name, configured in sections.items() if configured]
+
 
 class ConfigError(Exception):
     """The configuration is invalid; the message names every bad key."""

@@ -5,7 +5,12 @@ the parent starts N worker processes, each a complete gateway bound to the
 same port with SO_REUSEPORT, so the kernel spreads connections (not calls:
 one HTTP/2 connection stays with one worker) across them. The parent only
 forwards SIGTERM/SIGINT and waits; each worker drains as a single gateway
-does. Per-process state (caches, in-memory rate limits) is per worker.
+does. Per-process state (caches, in-memory rate limits) is per worker, so
+workers refuse to start when keys have limits or budgets and the limits
+backend is not shared (limits.backend: redis): the configuration's are
+refused when it is loaded (server/config.py), the key store's here. The
+parent claims the port for its workers (server/port_claim.py), so no other
+gateway can bind it beside them.
 """
 
 from __future__ import annotations
@@ -15,10 +20,15 @@ import logging
 import multiprocessing
 import os
 import signal
+import sqlite3
+import sys
 from types import FrameType
 from typing import Any
 
-from server.config import GatewayConfig
+from server.auth.keys import KeyStore
+from server.config import ConfigError, GatewayConfig
+from server.identity import KeyLimits
+from server.port_claim import claim_port, join_port_claim
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +43,56 @@ def _worker_main(config_data: dict[str, Any], index: int) -> None:
     config = GatewayConfig.model_validate(config_data)
     configure_logging(config.logging)
     logging.getLogger(__name__).info("worker %d (pid %d) starting", index, os.getpid())
-    run(config)
+    try:
+        with join_port_claim(config.server.port):
+            run(config)
+    except ConfigError as err:
+        print(f"llm-gateway worker {index}: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def refuse_unshared_store_limits(config: GatewayConfig) -> None:
+    """Raises ConfigError when workers would each count the key store's limits alone.
+
+    Keys created with `keys create --rpm/--tpm/--budget-usd` carry limits the
+    configuration does not show. Reading every record is cheap next to
+    starting workers. A key given limits after start-up is not seen here.
+    """
+    if config.server.workers == 1 or config.limits.backend == "redis" or not config.auth.enabled:
+        return
+    store = config.auth.key_store
+    try:
+        records = KeyStore(store).list()
+    except sqlite3.Error as err:
+        raise ConfigError(
+            f"cannot read the key store {store} to check its keys' limits: {err}"
+        ) from None
+    limited = [r.id for r in records if not r.revoked and r.limits != KeyLimits()]
+    if limited:
+        shown = ", ".join(limited[:5]) + (
+            f" and {len(limited) - 5} more" if len(limited) > 5 else ""
+        )
+        raise ConfigError(
+            f"server.workers: {config.server.workers} with limits.backend:"
+            f" {config.limits.backend}: keys in the key store {store} carry limits or"
+            f" budgets ({shown}), and each worker would count them on its own, so every"
+            f" key would get {config.server.workers} times its limits; set"
+            " limits.backend: redis (shared by all workers) or server.workers: 1"
+        )
 
 
 def run_workers(config: GatewayConfig) -> int:
-    """Runs `config.server.workers` serving processes until they exit; returns the exit code."""
+    """Runs `config.server.workers` serving processes until they exit; returns the exit code.
+
+    Raises ConfigError, before any worker starts, when the workers would not
+    share the key store's limits or the port is served by another gateway.
+    """
+    refuse_unshared_store_limits(config)
+    with claim_port(config.server.port, workers=config.server.workers):
+        return _run_workers(config)
+
+
+def _run_workers(config: GatewayConfig) -> int:
     context = multiprocessing.get_context("spawn")
     data = config.model_dump(mode="json")
     workers = [
