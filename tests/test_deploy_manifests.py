@@ -58,6 +58,28 @@ def test_the_configmap_is_a_valid_gateway_config(tmp_path: Path) -> None:
     assert pod["terminationGracePeriodSeconds"] > config.server.shutdown_grace_s
 
 
+def test_the_deployment_never_multiplies_a_key_s_limits(tmp_path: Path) -> None:
+    # Each gateway process counts limits and budgets on its own unless they
+    # live in Redis, so workers or replicas beyond one would multiply them (keys
+    # can carry limits from the key store, which no manifest shows).
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(manifests()["ConfigMap"]["data"]["config.yaml"])
+    container = gateway_container()
+    environ = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    environ.pop("LLMGW_CONFIG")
+    arguments = [*container.get("command", []), *container.get("args", [])]
+    overrides = {}
+    if "--workers" in arguments:
+        overrides["server.workers"] = int(arguments[arguments.index("--workers") + 1])
+    config = load_config(config_file, environ=environ, overrides=overrides)
+    replicas = manifests()["Deployment"]["spec"]["replicas"]
+    processes = config.server.workers * replicas
+    assert processes == 1 or config.limits.backend == "redis", (
+        f"{replicas} replica(s) x {config.server.workers} worker(s) with limits.backend:"
+        f" {config.limits.backend}: every key would get {processes} times its limits"
+    )
+
+
 def test_probes_speak_grpc_health_to_the_gateway_port() -> None:
     container = gateway_container()
     port = container["ports"][0]["containerPort"]
