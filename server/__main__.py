@@ -12,7 +12,7 @@ from typing import Any
 
 from server.app import run
 from server.auth.cli import add_keys_parser, run_keys_command
-from server.config import ConfigError, load_config
+from server.config import ConfigError, GatewayConfig, load_config
 from server.logs import configure_logging
 from server.port_claim import claim_port
 from server.telemetry.audit import configure_audit
@@ -37,6 +37,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unshared_key_limits(args: argparse.Namespace, config: GatewayConfig) -> str | None:
+    """Why `keys create` must not give a key limits under this configuration, or None.
+
+    Workers refuse to start while stored keys carry limits they would each
+    count alone (server/workers.py); this keeps such a key from appearing
+    while they run, when the command reads the gateway's configuration.
+    """
+    if args.keys_command != "create" or (args.rpm, args.tpm, args.budget_usd) == (None,) * 3:
+        return None
+    workers = config.server.workers
+    if workers == 1 or config.limits.backend == "redis":
+        return None
+    return (
+        f"--rpm, --tpm and --budget-usd need limits.backend: redis with server.workers:"
+        f" {workers}: each worker would count the key's limits on its own, giving it"
+        f" {workers} times them; set limits.backend: redis or server.workers: 1"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {}
@@ -59,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     # The audit trail is process-wide like logging: `keys create` audits too.
     configure_audit(config.audit)
     if args.command == "keys":
+        refusal = _unshared_key_limits(args, config)
+        if refusal:
+            print(f"llm-gateway keys: {refusal}", file=sys.stderr)
+            return 2
         return run_keys_command(args, config.auth)
     try:
         if config.server.workers > 1:

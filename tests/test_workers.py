@@ -129,6 +129,19 @@ async def test_workers_are_refused_when_keys_in_the_store_carry_limits(tmp_path:
     refuse_unshared_store_limits(config.model_copy(update={"limits": shared}))
 
 
+async def test_keys_create_gives_no_limits_that_workers_would_multiply(tmp_path: Path) -> None:
+    environ = {**as_environment(auth_settings(tmp_path)), "LLMGW_SERVER__WORKERS": "2"}
+    code, err = await run_gateway("keys", "create", "--name", "svc", "--rpm", "10", env=environ)
+    assert code == 2
+    assert "--rpm, --tpm and --budget-usd need limits.backend: redis" in err
+    assert "Traceback" not in err
+    assert KeyStore(tmp_path / "keys.sqlite3").list() == []
+    # A key without limits is fine: nothing to multiply.
+    code, err = await run_gateway("keys", "create", "--name", "svc", env=environ)
+    assert code == 0, err
+    assert [r.name for r in KeyStore(tmp_path / "keys.sqlite3").list()] == ["svc"]
+
+
 def refused_for_port(port: int, code: int, err: str) -> bool:
     return (
         code == 2
