@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
 import sys
 
 import grpc
@@ -174,6 +176,27 @@ async def test_invalid_config_stops_start_up_naming_the_key(tmp_path: object) ->
     _, err = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 2
     assert b"server.port" in err
+    assert b"Traceback" not in err
+
+
+async def test_a_port_another_program_holds_stops_start_up_with_a_message() -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "server",
+            "--port",
+            str(port),
+            env={**os.environ, "LLMGW_AUTH__ENABLED": "false"},
+            stderr=asyncio.subprocess.PIPE,
+            cwd=REPO_ROOT,
+        )
+        _, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port} (server.host, server.port)".encode() in err
     assert b"Traceback" not in err
 
 
