@@ -35,6 +35,11 @@ async def test_three_processes_hold_one_global_rpm(tmp_path: Path) -> None:
             "LLMGW_REDIS__URL": redis.url,
             "LLMGW_LIMITS__DEFAULT__REQUESTS_PER_MINUTE": str(rpm),
             "LLMGW_LEDGER__ENABLED": "false",
+            # On a loaded machine a Redis reply can take longer than the 0.25 s
+            # default, and failing open would let that call through uncounted:
+            # this test is about the window, not about Redis being slow.
+            "LLMGW_REDIS__TIMEOUT_S": "5",
+            "LLMGW_REDIS__FAILURE_MODE": "closed",
         }
         servers = await asyncio.gather(*(start_server_process(env=env) for _ in range(3)))
         channels = [grpc.aio.insecure_channel(f"127.0.0.1:{s.port}") for s in servers]
