@@ -51,6 +51,11 @@ class SdkProvider(Provider, Generic[ModelT]):
         self._prefixes = tuple(self.default_prefixes if prefixes is None else prefixes)
         unlisted = settings.unlisted_pricing
         self._configured_unlisted = None if unlisted is None else Pricing(**unlisted.model_dump())
+        # (upstream name, price) of every model listed here or in the catalog:
+        # an unlisted id's family is found among them (built once, not per call).
+        listed: list[UpstreamModel] = [*configured]
+        listed += [self.Model(id=model_id) for model_id in self.catalog]
+        self._listed_prices = [(m.upstream_name, m.info(name).pricing) for m in listed]
 
     def make_client(self, settings: UpstreamSettings) -> Any:
         """The SDK client, one per provider instance (its connection pool is reused)."""
@@ -87,12 +92,10 @@ class SdkProvider(Provider, Generic[ModelT]):
     def _unlisted_pricing(self, model_id: str) -> Pricing:
         if self._configured_unlisted is not None:
             return self._configured_unlisted
-        models: list[UpstreamModel] = [*self._models.values()]
-        models += [self.Model(id=model_id) for model_id in self.catalog]
-        listed = [(model.upstream_name, model.info(self.name).pricing) for model in models]
-        shared = {name: _shared_prefix(name, model_id) for name, _ in listed}
-        longest = max(shared.values(), default=0)
-        family = [price for name, price in listed if shared[name] == longest]
+        listed = self._listed_prices
+        shared = [_shared_prefix(name, model_id) for name, _ in listed]
+        longest = max(shared, default=0)
+        family = [price for (_, price), n in zip(listed, shared, strict=True) if n == longest]
         return Pricing(
             input_per_mtok=max((p.input_per_mtok for p in family), default=0.0),
             output_per_mtok=max((p.output_per_mtok for p in family), default=0.0),
