@@ -46,9 +46,9 @@ def _unshared_key_limits(args: argparse.Namespace, config: GatewayConfig) -> str
     """
     if args.keys_command != "create" or (args.rpm, args.tpm, args.budget_usd) == (None,) * 3:
         return None
-    workers = config.server.workers
-    if workers == 1 or config.limits.backend == "redis":
+    if not config.workers_count_limits_alone:
         return None
+    workers = config.server.workers
     return (
         f"--rpm, --tpm and --budget-usd need limits.backend: redis with server.workers:"
         f" {workers}: each worker would count the key's limits on its own, giving it"

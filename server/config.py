@@ -437,7 +437,7 @@ class GatewayConfig(_Strict):
         # counters and budgets, so N workers would let each key through N times
         # its limits and spend its budget N times, and say nothing.
         configured = self.configured_limits()
-        if self.server.workers > 1 and self.limits.backend != "redis" and configured:
+        if self.workers_count_limits_alone and configured:
             raise ValueError(
                 f"server.workers: {self.server.workers} with limits.backend:"
                 f" {self.limits.backend} would give each worker its own limits and budgets"
@@ -447,15 +447,26 @@ class GatewayConfig(_Strict):
             )
         return self
 
+    @property
+    def workers_count_limits_alone(self) -> bool:
+        """Several workers, each with its own in-process limits and budgets."""
+        return self.server.workers > 1 and self.limits.backend != "redis"
+
     def configured_limits(self) -> list[str]:
-        """The limits and budgets sections that configure anything (QuotaPolicy.configured)."""
-        sections = {
-            "limits.default": self.limits.default != KeyLimitsConfig(),
-            "limits.keys": bool(self.limits.keys),
-            "budgets.default": self.budgets.default != KeyBudgetConfig(),
-            "budgets.keys": bool(self.budgets.keys),
-        }
-        return [name for name, configured in sections.items() if configured]
+        """The limits and budgets sections that configure anything."""
+        return configured_limit_sections(self.limits, self.budgets)
+
+
+def configured_limit_sections(limits: LimitsConfig, budgets: BudgetsConfig) -> list[str]:
+    """The limits and budgets sections that configure anything (none: no key is limited
+    by the configuration, though the key store's keys may still be)."""
+    sections = {
+        "limits.default": limits.default != KeyLimitsConfig(),
+        "limits.keys": bool(limits.keys),
+        "budgets.default": budgets.default != KeyBudgetConfig(),
+        "budgets.keys": bool(budgets.keys),
+    }
+    return [name for name, configured in sections.items() if configured]
 
 
 class ConfigError(Exception):

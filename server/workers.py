@@ -58,7 +58,7 @@ def refuse_unshared_store_limits(config: GatewayConfig) -> None:
     configuration does not show. Reading every record is cheap next to
     starting workers. A key given limits after start-up is not seen here.
     """
-    if config.server.workers == 1 or config.limits.backend == "redis" or not config.auth.enabled:
+    if not config.workers_count_limits_alone or not config.auth.enabled:
         return
     store = config.auth.key_store
     try:

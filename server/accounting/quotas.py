@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from server.accounting.backend import BudgetCounter
-from server.config import BudgetsConfig, KeyBudgetConfig, KeyLimitsConfig, LimitsConfig
+from server.config import (
+    BudgetsConfig,
+    KeyBudgetConfig,
+    KeyLimitsConfig,
+    LimitsConfig,
+    configured_limit_sections,
+)
 from server.identity import Identity, KeyLimits
 
 log = logging.getLogger(__name__)
@@ -67,12 +73,7 @@ class QuotaPolicy:
     def __init__(self, limits: LimitsConfig, budgets: BudgetsConfig) -> None:
         self._limits = limits
         self._budgets = budgets
-        self._configured = (
-            bool(limits.keys)
-            or bool(budgets.keys)
-            or limits.default != KeyLimitsConfig()
-            or budgets.default != KeyBudgetConfig()
-        )
+        self._configured = bool(configured_limit_sections(limits, budgets))
         self._cache: dict[tuple[str, KeyLimits], EffectiveLimits | None] = {}
 
     @property
