@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from datetime import UTC, datetime
 
 from server.accounting.admission import Admission, BudgetAlert, QuotaHold
@@ -37,7 +36,13 @@ from server.accounting.backend import (
     alert_key,
 )
 from server.accounting.ledger import SqliteLedger, UsageLedger, UsageTotals
-from server.accounting.quotas import EffectiveLimits, QuotaPolicy, budget_key, period_starts
+from server.accounting.quotas import (
+    EffectiveLimits,
+    QuotaPolicy,
+    budget_key,
+    budget_of,
+    period_starts,
+)
 from server.calls import CallObserver
 from server.config import GatewayConfig
 from server.errors import UnavailableError
@@ -57,10 +62,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-# budget_key's shape: budget:{<key id>}:<daily|monthly>:<label>
-_BUDGET_KEY = re.compile(r"budget:\{(?P<key_id>.*)\}:(?P<kind>daily|monthly):(?P<label>.+)")
-
-
 def _backend(config: GatewayConfig, spend_source: SpendSource | None) -> QuotaBackend:
     if config.limits.backend == "redis":
         # Imported only when configured: the redis client is not needed otherwise.
@@ -68,16 +69,6 @@ def _backend(config: GatewayConfig, spend_source: SpendSource | None) -> QuotaBa
 
         return RedisBackend(config.redis, spend_source=spend_source)
     return LocalBackend()
-
-
-def _period(kind: str, label: str) -> tuple[datetime, datetime]:
-    """The UTC start and end of the budget period a budget key's label names."""
-    if kind == "daily":
-        start = datetime.strptime(label, "%Y-%m-%d").replace(tzinfo=UTC)
-        return start, datetime.fromtimestamp(start.timestamp() + 86_400, UTC)
-    start = datetime.strptime(label, "%Y-%m").replace(tzinfo=UTC)
-    year, month = divmod(start.month, 12)
-    return start, start.replace(year=start.year + year, month=month + 1)
 
 
 def _ledger(config: GatewayConfig) -> UsageLedger | None:
@@ -169,15 +160,13 @@ class Accounting:
         it. None when the ledger cannot answer now.
         """
         assert self.ledger is not None
-        match = _BUDGET_KEY.fullmatch(key)
-        if match is None:
+        budget = budget_of(key)
+        if budget is None:
             return None
-        start, end = _period(match["kind"], match["label"])
+        key_id, start, end = budget
         try:
             await self.ledger.flush()
-            totals = await self.ledger.totals(
-                start.timestamp(), end.timestamp(), "", match["key_id"]
-            )
+            totals = await self.ledger.totals(start.timestamp(), end.timestamp(), "", key_id)
         except UnavailableError as err:
             log.warning("budget %s cannot be rebuilt from the usage ledger now: %s", key, err)
             return None

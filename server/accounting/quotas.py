@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import calendar
 import logging
+import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from server.accounting.backend import BudgetCounter
 from server.config import (
@@ -152,27 +153,45 @@ class BudgetPeriod:
         return 86_400.0 if self.kind == "daily" else 31 * 86_400.0
 
 
+_LABELS = {"daily": "%Y-%m-%d", "monthly": "%Y-%m"}
+# budget_key's shape, read back by budget_of.
+_BUDGET_KEY = re.compile(r"budget:\{(?P<key_id>.*)\}:(?P<kind>daily|monthly):(?P<label>.+)")
+
+
 def budget_key(key_id: str, kind: str, label: str) -> str:
     # {key_id} is a Redis hash tag: a key's budgets share a cluster slot.
     return f"budget:{{{key_id}}}:{kind}:{label}"
 
 
+def budget_of(key: str) -> tuple[str, datetime, datetime] | None:
+    """The key id and the UTC start and end of the period a budget key names."""
+    match = _BUDGET_KEY.fullmatch(key)
+    if match is None:
+        return None
+    kind = match["kind"]
+    start = datetime.strptime(match["label"], _LABELS[kind]).replace(tzinfo=UTC)
+    return match["key_id"], start, period_end(kind, start)
+
+
+def period_end(kind: str, start: datetime) -> datetime:
+    """The start of the next period after the (UTC) day or month beginning at `start`."""
+    if kind == "daily":
+        return start + timedelta(days=1)
+    return start + timedelta(days=calendar.monthrange(start.year, start.month)[1])
+
+
 def budget_periods(key_id: str, limits: EffectiveLimits, now: datetime) -> list[BudgetPeriod]:
     """The key's budgets counted at `now` (UTC day and UTC month)."""
+    day, month = period_starts(now)
     periods = []
-    if limits.daily_nanos is not None:
-        label = now.strftime("%Y-%m-%d")
-        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        ends = datetime.fromtimestamp(start.timestamp() + 86_400, UTC)
-        counter = BudgetCounter(budget_key(key_id, "daily", label), limits.daily_nanos)
-        periods.append(BudgetPeriod("daily", label, counter, ends))
-    if limits.monthly_nanos is not None:
-        label = now.strftime("%Y-%m")
-        days = calendar.monthrange(now.year, now.month)[1]
-        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        ends = datetime.fromtimestamp(start.timestamp() + days * 86_400, UTC)
-        counter = BudgetCounter(budget_key(key_id, "monthly", label), limits.monthly_nanos)
-        periods.append(BudgetPeriod("monthly", label, counter, ends))
+    for kind, start, limit in (
+        ("daily", day, limits.daily_nanos),
+        ("monthly", month, limits.monthly_nanos),
+    ):
+        if limit is not None:
+            label = now.strftime(_LABELS[kind])
+            counter = BudgetCounter(budget_key(key_id, kind, label), limit)
+            periods.append(BudgetPeriod(kind, label, counter, period_end(kind, start)))
     return periods
 
 
