@@ -17,19 +17,17 @@ from typing import Any, cast
 import grpc
 import pytest
 
-from server.app import Gateway
 from server.calls import CallRecord, open_record
-from server.config import load_config
 from server.costs import compute_cost
 from server.routing import Router
 from server.schema import Pricing, Usage
 from server.servicer import GenerationServicer
 from server.token_estimate import count_text
-from tests.conftest import RunningGateway, request, started
+from tests.conftest import RunningGateway, request
 from tests.fake_upstream import FakeUpstream, Reply, Text
 from tests.redis_fixtures import limited_gateway
 from tests.test_ledger import ledger_rows
-from tests.upstream_fixtures import PRICING, ask, provider_config
+from tests.upstream_fixtures import PRICING, ask, start_upstream_gateway
 
 PROMPT = "Summarise the history of the printing press in three short paragraphs."
 
@@ -38,20 +36,10 @@ PROMPT = "Summarise the history of the printing press in three short paragraphs.
 async def gateway(
     fake: FakeUpstream, tmp_path: Path, _openai_key_in_environment: None
 ) -> AsyncIterator[RunningGateway]:
-    config = load_config(
-        environ={},
-        overrides={
-            "server.host": "127.0.0.1",
-            "server.port": 0,
-            "server.coalesce_stream_deltas": False,
-            "auth.enabled": False,
-            "providers": provider_config(fake),
-            "routing": {"retry": {"max_attempts": 1}, "breaker": {"enabled": False}},
-            "ledger.path": str(tmp_path / "usage.sqlite3"),
-            "ledger.flush_interval_s": 0.05,
-        },
+    gw = await start_upstream_gateway(
+        fake,
+        **{"ledger.path": str(tmp_path / "usage.sqlite3"), "ledger.flush_interval_s": 0.05},
     )
-    gw = await started(Gateway(config, router=Router.from_config(config)))
     yield gw
     await gw.aclose()
 

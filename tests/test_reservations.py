@@ -18,13 +18,10 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from server.app import Gateway
 from server.catalog import ANTHROPIC_MODELS
-from server.config import load_config
-from server.routing import Router
-from tests.conftest import RunningGateway, detail, free_port, rich_status, started
+from tests.conftest import RunningGateway, detail, free_port, rich_status
 from tests.fake_upstream import FakeUpstream, Reply, Usage
-from tests.upstream_fixtures import ask, provider_config
+from tests.upstream_fixtures import SINGLE_ATTEMPT, ask, provider_config, start_upstream_gateway
 
 CHEAP = {"input_per_mtok": 1.0, "output_per_mtok": 5.0}
 DEAR = {"input_per_mtok": 10.0, "output_per_mtok": 50.0}
@@ -61,16 +58,12 @@ async def budgeted_gateway(
     running: list[RunningGateway] = []
 
     async def make(daily_usd: float, **overrides: Any) -> RunningGateway:
-        config = load_config(
-            environ={},
-            overrides={
-                "server.host": "127.0.0.1",
-                "server.port": 0,
-                "auth.enabled": False,
+        gw = await start_upstream_gateway(
+            fake,
+            **{
                 "providers": providers(fake),
                 "routing": {
-                    "retry": {"max_attempts": 1},
-                    "breaker": {"enabled": False},
+                    **SINGLE_ATTEMPT,
                     "routes": {
                         "cheap-then-dear": [
                             {"provider": "down", "model": "claude-cheap-down"},
@@ -83,7 +76,6 @@ async def budgeted_gateway(
                 **overrides,
             },
         )
-        gw = await started(Gateway(config, router=Router.from_config(config)))
         running.append(gw)
         return gw
 

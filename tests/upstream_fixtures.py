@@ -112,11 +112,14 @@ def _openai_key_in_environment() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="session")
-async def upstream_gateway(
-    fake_upstream: FakeUpstream, _openai_key_in_environment: None
-) -> AsyncIterator[RunningGateway]:
-    """A gateway serving the Anthropic, OpenAI and OpenAI-compatible providers above."""
+# One attempt, no breaker: tests see each upstream failure as the provider
+# maps it (tests/test_retries.py covers the router's part).
+SINGLE_ATTEMPT = {"retry": {"max_attempts": 1}, "breaker": {"enabled": False}}
+
+
+async def start_upstream_gateway(fake: FakeUpstream, **overrides: Any) -> RunningGateway:
+    """A gateway serving the providers above on the fake upstream, with `overrides`
+    (dotted config keys) over the tests' base settings."""
     config = load_config(
         environ={},
         overrides={
@@ -127,13 +130,20 @@ async def upstream_gateway(
             # One gateway event per upstream event, so these tests see the
             # translation itself (tests/test_coalescing.py covers merging).
             "server.coalesce_stream_deltas": False,
-            "providers": provider_config(fake_upstream),
-            # One attempt, no breaker: these tests see each upstream failure as
-            # the provider maps it (tests/test_retries.py covers the router's part).
-            "routing": {"retry": {"max_attempts": 1}, "breaker": {"enabled": False}},
+            "providers": provider_config(fake),
+            "routing": SINGLE_ATTEMPT,
+            **overrides,
         },
     )
-    gw = await started(Gateway(config, router=Router.from_config(config)))
+    return await started(Gateway(config, router=Router.from_config(config)))
+
+
+@pytest.fixture(scope="session")
+async def upstream_gateway(
+    fake_upstream: FakeUpstream, _openai_key_in_environment: None
+) -> AsyncIterator[RunningGateway]:
+    """A gateway serving the Anthropic, OpenAI and OpenAI-compatible providers above."""
+    gw = await start_upstream_gateway(fake_upstream)
     yield gw
     await gw.aclose()
 
