@@ -21,7 +21,7 @@ from llmgateway.v1 import usage_pb2
 from server.accounting import BudgetAlert
 from server.accounting.quotas import budget_key
 from tests.conftest import request, start_server_process
-from tests.redis_fixtures import LimitedGateway, limited_gateway, redis_server
+from tests.redis_fixtures import LimitedGateway, RedisServer, limited_gateway, redis_server
 from tests.test_budget import CALL_NANOS, FITS_TEN, PROMPT, outcome
 
 OK = grpc.StatusCode.OK
@@ -71,9 +71,16 @@ async def outcome_of(call: object) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+def shared_redis(redis: RedisServer) -> dict[str, object]:
+    """Limits in `redis`, with time for a fresh Redis's first command on a loaded
+    machine: at the 0.25 s default a timeout fails open and lets a call through
+    uncounted, which these exact counts would catch as a bug that is not one."""
+    return {"limits.backend": "redis", "redis.url": redis.url, "redis.timeout_s": 2.0}
+
+
 async def test_budget_race_across_replicas(tmp_path: Path) -> None:
     async with redis_server(tmp_path) as redis:
-        shared = {"limits.backend": "redis", "redis.url": redis.url, **FITS_TEN}
+        shared = {**shared_redis(redis), **FITS_TEN}
         async with (
             limited_gateway(tmp_path, **shared) as one,
             limited_gateway(tmp_path, **shared) as two,
@@ -133,7 +140,7 @@ async def test_an_exhausted_budget_stays_exhausted_when_redis_comes_back_empty(
 ) -> None:
     alerts: list[BudgetAlert] = []
     async with redis_server(tmp_path) as redis:
-        shared = {"limits.backend": "redis", "redis.url": redis.url, **FITS_TEN}
+        shared = {**shared_redis(redis), **FITS_TEN}
         async with limited_gateway(tmp_path, **shared) as gw:
             gw.gateway.accounting.admission.alert_hooks.append(alerts.append)
             for _ in range(10):
@@ -161,7 +168,7 @@ async def test_a_call_in_flight_when_redis_empties_counts_once(tmp_path: Path) -
     and this one, not this one alone (nor twice); its own alert fires once."""
     alerts: list[BudgetAlert] = []
     async with redis_server(tmp_path) as redis:
-        shared = {"limits.backend": "redis", "redis.url": redis.url, **FITS_TEN}
+        shared = {**shared_redis(redis), **FITS_TEN}
         async with limited_gateway(tmp_path, **shared) as gw:
             gw.gateway.accounting.admission.alert_hooks.append(alerts.append)
             for _ in range(9):
@@ -187,8 +194,7 @@ async def test_reconcile_raises_a_spend_redis_lost(tmp_path: Path) -> None:
     """A settle that never reached Redis is caught up from the ledger."""
     async with redis_server(tmp_path) as redis:
         shared = {
-            "limits.backend": "redis",
-            "redis.url": redis.url,
+            **shared_redis(redis),
             "budgets.reconcile_interval_s": 0.2,
             **FITS_TEN,
         }
