@@ -34,6 +34,7 @@ class RecordedRequest:
     body: Any
     received_at: float
     query: str = ""
+    raw: bytes = b""  # the body's bytes as received
     ended_at: float | None = None
     # True when the client closed the connection before the response ended.
     disconnected: bool = False
@@ -100,6 +101,7 @@ class FakeUpstream:
             body=body,
             received_at=asyncio.get_running_loop().time(),
             query=request.query_string,
+            raw=raw,
         )
         self.requests.append(recorded)
         reply = self._replies.popleft() if self._replies else Reply()
