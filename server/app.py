@@ -28,6 +28,7 @@ from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from llmgateway.v1 import token_pb2_grpc, usage_pb2_grpc
 from server.accounting import Accounting
+from server.accounting.call_gate import CallGate
 from server.auth import GatewayAuth
 from server.auth.service import SERVICE_NAME as TOKEN_SERVICE
 from server.auth.service import TokenServicer
@@ -125,12 +126,10 @@ class Gateway:
         self.telemetry = Telemetry(
             config, self.servicer, self.router, tracer_provider=tracer_provider
         )
-        self.rate_limiter = RateLimitInterceptor(
-            self.accounting.policy,
-            self.accounting.backend,
-            self.accounting.background,
-            methods=RATE_LIMITED_METHODS,
+        self.gate = CallGate(
+            self.accounting.policy, self.accounting.backend, self.accounting.background
         )
+        self.rate_limiter = RateLimitInterceptor(self.gate, methods=RATE_LIMITED_METHODS)
         # A refused call is recorded like any other (ledger, metrics, log line);
         # budget alerts reach the metrics and the audit trail; failures of the
         # shared limits store (Redis) are a metric.

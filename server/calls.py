@@ -15,15 +15,18 @@ must not block (queue the work, as the ledger does).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import grpc
 
 from server.costs import compute_cost
+from server.errors import GatewayError
 from server.events import (
     MessageDelta,
     MessageStart,
@@ -94,6 +97,10 @@ class CallRecord:
     # The tokens (and so the cost) are the gateway's estimate, not the
     # provider's: it reported no usage, or the call ended before it did.
     usage_estimated: bool = False
+    # The edge that served the call ("grpc" or "http"), and who the caller
+    # says it is for (CallerMetadata.end_user_id, or Claude Code's session id).
+    edge: str = "grpc"
+    end_user: str = ""
 
     def observe(self, event: StreamEvent) -> None:
         """Takes what matters for accounting from one event (cheap: runs per event)."""
@@ -197,3 +204,45 @@ def close_record(
             observer(record)
         except Exception:
             log.exception("call observer %r failed (request_id=%s)", observer, record.request_id)
+
+
+# A cancel that arrives with less than this left of the caller's deadline is
+# recorded as DEADLINE_EXCEEDED: the caller's clock ran out, a few ms ahead
+# of ours, and cancelled.
+DEADLINE_SLACK_S = 0.1
+
+
+@asynccontextmanager
+async def accounted(
+    record: CallRecord, observers: list[CallObserver], deadline: float | None
+) -> AsyncIterator[None]:
+    """Closes `record` with the call's outcome, whichever way the call ends.
+
+    Each edge runs its call inside this, within its own error boundary, so it
+    sees the GatewayError itself (its code and reason) before the edge turns
+    it into a status. `deadline` is the caller's, on the event loop's clock.
+    """
+    try:
+        yield
+    except GatewayError as err:
+        close_record(record, observers, err.code, err.reason)
+        raise
+    except (asyncio.CancelledError, GeneratorExit):
+        # The caller's own deadline cancels it a little before ours runs out
+        # (ours counts from when its request arrived): a cancel this close
+        # to the deadline is the deadline.
+        expired = (
+            deadline is not None
+            and deadline - asyncio.get_running_loop().time() <= DEADLINE_SLACK_S
+        )
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+        close_record(record, observers, code)
+        raise
+    except grpc.aio.AbortError:
+        close_record(record, observers, grpc.StatusCode.UNKNOWN, "ABORTED")
+        raise
+    except Exception:
+        close_record(record, observers, grpc.StatusCode.INTERNAL, "INTERNAL")
+        raise
+    else:
+        close_record(record, observers, grpc.StatusCode.OK)

@@ -21,7 +21,7 @@ import grpc
 
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
-from server.calls import CallObserver, CallRecord, close_record, open_record
+from server.calls import CallObserver, CallRecord, accounted, close_record, open_record
 from server.coalescing import coalesce
 from server.decoding import decode_count_tokens, decode_generate
 from server.encoding import encode_event, encode_models, encode_response
@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 # The provider's id for the call, for a caller who must quote it to the provider.
 UPSTREAM_REQUEST_ID_HEADER = "x-upstream-request-id"
-# A cancel that arrives with less than this left of the caller's deadline is
-# recorded as DEADLINE_EXCEEDED: the caller's clock ran out, a few ms ahead
-# of ours, and cancelled.
-DEADLINE_SLACK_S = 0.1
 # Request ids travel in metadata, so they must be printable ASCII.
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
@@ -152,7 +148,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> pb.GenerateResponse:
         record = open_record("Generate", request.model)
         with self._tracked():
-            async with error_boundary(context, record), self._accounted(record, context):
+            deadline = deadline_of(context)
+            async with error_boundary(context, record), accounted(record, self.observers, deadline):
                 request_id, internal, route = await self._admitted(record, request, context)
                 internal.incremental = False
                 accumulator = ResponseAccumulator()
@@ -168,7 +165,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
         record = open_record("StreamGenerate", request.model)
         with self._tracked():
-            async with error_boundary(context, record), self._accounted(record, context):
+            deadline = deadline_of(context)
+            async with error_boundary(context, record), accounted(record, self.observers, deadline):
                 request_id, internal, route = await self._admitted(record, request, context)
                 context.set_trailing_metadata(_trailers(request_id))
                 events = self._router.stream(internal, route)
@@ -199,41 +197,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         # deployment's MessageStart names its own prices.
         record.pricing = route.model.pricing
         record.request = internal
+        record.end_user = internal.metadata.end_user_id
         if self.admission is not None:
             await self.admission.admit(record, internal, route)
         return request_id, internal, route
-
-    @asynccontextmanager
-    async def _accounted(
-        self, record: CallRecord, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[None]:
-        """Closes `record` with the call's outcome, whichever way the call ends.
-
-        Inside error_boundary, so it sees the GatewayError itself (its code and
-        reason) before the boundary turns it into an abort.
-        """
-        try:
-            yield
-        except GatewayError as err:
-            close_record(record, self.observers, err.code, err.reason)
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            # The caller's own deadline cancels it a little before ours runs out
-            # (ours counts from when its request arrived): a cancel this close
-            # to the deadline is the deadline.
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= DEADLINE_SLACK_S
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-            close_record(record, self.observers, code)
-            raise
-        except grpc.aio.AbortError:
-            close_record(record, self.observers, grpc.StatusCode.UNKNOWN, "ABORTED")
-            raise
-        except Exception:
-            close_record(record, self.observers, grpc.StatusCode.INTERNAL, "INTERNAL")
-            raise
-        else:
-            close_record(record, self.observers, grpc.StatusCode.OK)
 
     async def CountTokens(
         self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext[Any, Any]

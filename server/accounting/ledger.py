@@ -56,6 +56,11 @@ COLUMNS = (
     # 1 when the gateway estimated the tokens (the upstream reported no usage,
     # or the call ended before it did): server/calls.py.
     "usage_estimated",
+    # Which edge served the call: grpc, or http (the HTTP front door's protocol
+    # is in `method`, e.g. anthropic.messages).
+    "edge",
+    # Who the caller says the call is for (an end user, or Claude Code's session).
+    "end_user",
 )
 
 _SCHEMA = """
@@ -79,7 +84,9 @@ CREATE TABLE IF NOT EXISTS usage (
     ttft_s REAL,
     status TEXT NOT NULL,            -- the gRPC status code name
     error_reason TEXT NOT NULL,
-    usage_estimated INTEGER NOT NULL DEFAULT 0
+    usage_estimated INTEGER NOT NULL DEFAULT 0,
+    edge TEXT NOT NULL DEFAULT 'grpc',
+    end_user TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS usage_by_time ON usage (time);
 CREATE INDEX IF NOT EXISTS usage_by_key_time ON usage (key_id, time);
@@ -117,6 +124,8 @@ def row_of(record: CallRecord) -> Row:
         record.status.name,
         record.error_reason,
         int(record.usage_estimated),
+        record.edge,
+        record.end_user,
     )
 
 
@@ -248,6 +257,10 @@ class SqliteLedger:
                     conn.execute(
                         "ALTER TABLE usage ADD COLUMN usage_estimated INTEGER NOT NULL DEFAULT 0"
                     )
+                if "edge" not in columns:
+                    conn.execute("ALTER TABLE usage ADD COLUMN edge TEXT NOT NULL DEFAULT 'grpc'")
+                if "end_user" not in columns:
+                    conn.execute("ALTER TABLE usage ADD COLUMN end_user TEXT NOT NULL DEFAULT ''")
                 conn.execute(_CALL_ID_INDEX)
             conn.close()
 

@@ -72,6 +72,8 @@ _SCHEMA = (
     # retried batch idempotent (ON CONFLICT below).
     "ALTER TABLE usage ADD COLUMN IF NOT EXISTS call_id TEXT",
     "ALTER TABLE usage ADD COLUMN IF NOT EXISTS usage_estimated SMALLINT NOT NULL DEFAULT 0",
+    "ALTER TABLE usage ADD COLUMN IF NOT EXISTS edge TEXT NOT NULL DEFAULT 'grpc'",
+    "ALTER TABLE usage ADD COLUMN IF NOT EXISTS end_user TEXT NOT NULL DEFAULT ''",
     "CREATE UNIQUE INDEX IF NOT EXISTS usage_by_call ON usage (call_id)",
     'CREATE INDEX IF NOT EXISTS usage_by_time ON usage ("time")',
     'CREATE INDEX IF NOT EXISTS usage_by_key_time ON usage (key_id, "time")',
