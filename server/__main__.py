@@ -21,11 +21,15 @@ from server.workers import run_workers
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m server", description="Serve the llm-gateway gRPC API."
+        prog="python -m server",
+        description="Serve the llm-gateway: its gRPC API and its HTTP front door.",
     )
     parser.add_argument("--config", help="YAML config file (default: $LLMGW_CONFIG, or none)")
     parser.add_argument("--host", help="address to listen on (server.host, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (server.port, default 50051)")
+    parser.add_argument(
+        "--http-port", type=int, help="the HTTP front door's port (http.port, default 8080)"
+    )
     parser.add_argument("--workers", type=int, help="server.workers: serving processes (default 1)")
     parser.add_argument("--log-level", help="logging.level: DEBUG, INFO, WARNING or ERROR")
     parser.add_argument(
@@ -63,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["server.host"] = args.host
     if args.port is not None:
         overrides["server.port"] = args.port
+    if args.http_port is not None:
+        overrides["http.port"] = args.http_port
     if args.workers is not None:
         overrides["server.workers"] = args.workers
     if args.log_level is not None:
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if config.server.workers > 1:
             return run_workers(config)
-        with claim_port(config.server.port):
+        with claim_port(config.server.port), claim_port(config.http_port):
             run(config)
     except ConfigError as err:
         print(f"llm-gateway: {err}", file=sys.stderr)

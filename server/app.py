@@ -35,10 +35,12 @@ from server.auth.service import TokenServicer
 from server.config import ConfigError, GatewayConfig, ServerConfig
 from server.health import SERVICE_NAME as HEALTH_SERVICE
 from server.health import SERVING, HealthService
+from server.http_edge import FrontDoor, HttpCalls, HttpServer, MessagesApi
 from server.identity import SCOPE_GENERATE
 from server.routing import Router
 from server.servicer import GenerationServicer
 from server.telemetry.observability import Telemetry
+from server.telemetry.tracing import TRACER_NAME
 from server.usage_service import SERVICE_NAME as USAGE_SERVICE
 from server.usage_service import UsageServicer
 
@@ -177,6 +179,31 @@ class Gateway:
             )
         self.port = 0
         self._stopping: asyncio.Task[None] | None = None
+        self._serving = False  # started and not draining: what /readyz reports
+        # The HTTP front door (server/http_edge/): the same core, its own port.
+        self.http: HttpServer | None = None
+        self.http_calls: HttpCalls | None = None
+        if config.http.enabled:
+            tracer = (
+                self.telemetry.tracer_provider.get_tracer(TRACER_NAME)
+                if self.telemetry.tracer_provider is not None
+                else None
+            )
+            self.http_calls = HttpCalls(
+                self.gate, self.accounting.admission, self.servicer.observers, tracer
+            )
+            front_door = FrontDoor(
+                MessagesApi(self.http_calls, self.router, config.http),
+                self.auth.authenticator if self.auth else None,
+                max_body_bytes=config.http.max_body_bytes,
+                ready=lambda: self._serving,
+            )
+            self.http = HttpServer(
+                front_door,
+                config.http.host or config.server.host,
+                config.http.port,
+                reuse_port=config.server.workers > 1,
+            )
 
     async def start(self) -> int:
         """Binds, starts serving and returns the bound port."""
@@ -199,18 +226,31 @@ class Gateway:
                 " by another program, or the address is not one of this machine's"
             ) from None
         await self.accounting.start()  # the ledger's writer, budgets seeded from it
+        if self.http is not None:
+            await self.http.start()
         await self._server.start()
         self.telemetry.start()  # the metrics endpoint, when metrics are on
         self.health.set("", SERVING)
         self.health.set(GENERATION_SERVICE, SERVING)
         self.health.set(TOKEN_SERVICE, SERVING)
         self.health.set(USAGE_SERVICE, SERVING)
+        self._serving = True
         log.info(
-            "llm-gateway serving on %s (event loop: %s)",
+            "llm-gateway serving on %s (gRPC)%s (event loop: %s)",
             _address(self.config.server.host, self.port),
+            f" and http://{_address(self.http_host, self.http.port)} (HTTP)" if self.http else "",
             type(asyncio.get_running_loop()).__module__.partition(".")[0],
         )
         return self.port
+
+    @property
+    def http_host(self) -> str:
+        return self.config.http.host or self.config.server.host
+
+    @property
+    def http_port(self) -> int:
+        """The HTTP front door's bound port (0 when it is off)."""
+        return self.http.port if self.http is not None else 0
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains and stops; safe to call more than once (a later call waits)."""
@@ -221,15 +261,21 @@ class Gateway:
 
     async def _drain(self, grace: float) -> None:
         self.health.enter_graceful_shutdown()
+        self._serving = False
+        http_in_flight = self.http_calls.in_flight if self.http_calls else 0
         log.info(
             "shutting down: %d call(s) in flight, up to %.3g s to finish",
-            self.servicer.in_flight,
+            self.servicer.in_flight + http_in_flight,
             grace,
         )
         # server.stop(grace) refuses new calls at once (GOAWAY), waits for the
         # calls in flight and cancels what is left after `grace`. Health Watch
-        # streams end by themselves on drain (server/health.py).
-        await self._server.stop(grace)
+        # streams end by themselves on drain (server/health.py). The HTTP front
+        # door drains beside it, with the same grace.
+        if self.http is not None:
+            await asyncio.gather(self._server.stop(grace), self.http.stop(grace))
+        else:
+            await self._server.stop(grace)
         await self.router.aclose()
         await self.accounting.aclose()  # settle what is pending, flush the ledger
         await self.telemetry.stop()  # metrics endpoint down, queued spans flushed

@@ -74,6 +74,20 @@ class ServerConfig(_Strict):
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
+class HttpConfig(_Strict):
+    """The HTTP front door (server/http_edge/): the providers' own APIs, one core."""
+
+    enabled: bool = True
+    # None: the gRPC server's host (server.host).
+    host: str | None = None
+    port: int = Field(8080, ge=0, le=65535)
+    # A larger body is refused (413) before it is read.
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    # While an upstream is silent, a streamed answer gets `event: ping` this
+    # often, so that no client gives up on it.
+    ping_interval_s: float = Field(15.0, gt=0)
+
+
 class LoggingConfig(_Strict):
     level: LogLevel = "INFO"
     # auto: JSON when stderr is not a terminal (containers, systemd, log
@@ -408,6 +422,7 @@ class LedgerConfig(_Strict):
 
 class GatewayConfig(_Strict):
     server: ServerConfig = ServerConfig()
+    http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
     auth: AuthConfig = Field(default_factory=AuthConfig)
     # Instance name -> provider. The offline provider serves when none is configured.
@@ -446,6 +461,11 @@ class GatewayConfig(_Strict):
                 " or server.workers: 1"
             )
         return self
+
+    @property
+    def http_port(self) -> int:
+        """The HTTP front door's configured port; 0 when it is off (or picked by the OS)."""
+        return self.http.port if self.http.enabled else 0
 
     @property
     def workers_count_limits_alone(self) -> bool:

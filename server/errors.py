@@ -26,6 +26,23 @@ from grpc_status import rpc_status
 ERROR_DOMAIN = "llmgateway"
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamReply:
+    """An upstream's error answer, kept whole for an edge that relays it verbatim.
+
+    Set by a provider serving a pass-through request (server/schema.py's
+    Passthrough): the HTTP front door sends it to a client of the same
+    `protocol` with its status, body and the headers that matter.
+    """
+
+    protocol: str
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+    # An error that came as an event of a stream: the event's own bytes.
+    event: bytes = b""
+
+
 class GatewayError(Exception):
     """Base of every error the gateway reports to its caller."""
 
@@ -46,6 +63,8 @@ class GatewayError(Exception):
         # One line per upstream attempt, in order, set by the router when it
         # gives up (server/routing/); sent as a DebugInfo detail.
         self.attempts: list[str] = []
+        # The upstream's own error answer, for an edge that relays it.
+        self.upstream_reply: UpstreamReply | None = None
 
     def detail_messages(self) -> list[ProtoMessage]:
         """The google.rpc detail messages besides ErrorInfo and RetryInfo."""

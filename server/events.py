@@ -97,6 +97,19 @@ class MessageStop:
     pass
 
 
+@dataclass(slots=True)
+class RawChunk:
+    """Bytes of the upstream's answer, as they came, for a pass-through call.
+
+    A provider serving a Passthrough request yields them besides the typed
+    events (which the gateway reads for its accounting): one per SSE event,
+    or the whole body of a non-streamed answer. Only the edge that asked
+    writes them; folding a stream ignores them.
+    """
+
+    data: bytes
+
+
 StreamEvent: TypeAlias = (
     MessageStart
     | ContentBlockStart
@@ -107,6 +120,7 @@ StreamEvent: TypeAlias = (
     | ContentBlockStop
     | MessageDelta
     | MessageStop
+    | RawChunk
 )
 
 

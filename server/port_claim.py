@@ -105,6 +105,9 @@ def claim_port(port: int, *, workers: int = 1) -> Iterator[None]:
 @contextlib.contextmanager
 def join_port_claim(port: int) -> Iterator[None]:
     """A worker's share of its parent's claim on `port`, held while the block runs."""
+    if port == 0:
+        yield
+        return
     fd, path = _open(port)
     try:
         try:

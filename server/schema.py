@@ -112,6 +112,27 @@ class CallerMetadata:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+# The wire formats the HTTP front door speaks (Passthrough.protocol).
+ANTHROPIC_MESSAGES = "anthropic.messages"
+
+
+@dataclass(slots=True)
+class Passthrough:
+    """A request to forward verbatim to a provider that speaks its wire format.
+
+    Set by the HTTP front door: a provider of `protocol` (e.g.
+    "anthropic.messages") sends `body` as it came, its model aside, with
+    `headers`, and yields, besides the events, the upstream's bytes as
+    RawChunk events; any other provider serves the decoded request.
+    """
+
+    protocol: str
+    body: bytes  # the request body as the client sent it
+    document: dict[str, Any]  # `body`, parsed
+    headers: dict[str, str] = field(default_factory=dict)  # forwarded as they came
+    query: str = ""
+
+
 @dataclass(slots=True)
 class GenerationRequest:
     """A validated generation request.
@@ -141,6 +162,9 @@ class GenerationRequest:
     # When the caller's deadline runs out, on the event loop's clock
     # (loop.time()); None: no deadline. Upstream calls get what is left.
     deadline: float | None = None
+    # Set when the request came through the HTTP front door in a provider's
+    # own format (see Passthrough).
+    passthrough: Passthrough | None = None
 
 
 @dataclass(slots=True)
@@ -150,6 +174,7 @@ class TokenCountRequest:
     system: list[TextBlock] = field(default_factory=list)
     tools: list[Tool] = field(default_factory=list)
     deadline: float | None = None  # as GenerationRequest.deadline
+    passthrough: Passthrough | None = None  # as GenerationRequest.passthrough
 
 
 @dataclass(slots=True)

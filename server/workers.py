@@ -44,7 +44,7 @@ def _worker_main(config_data: dict[str, Any], index: int) -> None:
     configure_logging(config.logging)
     logging.getLogger(__name__).info("worker %d (pid %d) starting", index, os.getpid())
     try:
-        with join_port_claim(config.server.port):
+        with join_port_claim(config.server.port), join_port_claim(config.http_port):
             run(config)
     except ConfigError as err:
         print(f"llm-gateway worker {index}: {err}", file=sys.stderr)
@@ -88,7 +88,11 @@ def run_workers(config: GatewayConfig) -> int:
     share the key store's limits or the port is served by another gateway.
     """
     refuse_unshared_store_limits(config)
-    with claim_port(config.server.port, workers=config.server.workers):
+    workers = config.server.workers
+    with (
+        claim_port(config.server.port, workers=workers),
+        claim_port(config.http_port, workers=workers),
+    ):
         return _run_workers(config)
 
 

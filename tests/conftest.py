@@ -37,6 +37,7 @@ os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="llmgw-test-state-")
 TEST_CONFIG = {
     "server.host": "127.0.0.1",
     "server.port": 0,
+    "http.port": 0,
     "server.shutdown_grace_s": 5,
     # Local-development mode, explicitly: these tests are about generation, not
     # credentials (tests/test_auth*.py build gateways with auth on).
@@ -201,7 +202,12 @@ async def start_server_process(*args: str, env: dict[str, str] | None = None) ->
         *args,
         cwd=REPO_ROOT,
         # Auth off unless a test says otherwise (tests/test_auth*.py do).
-        env={**os.environ, "LLMGW_AUTH__ENABLED": "false", **(env or {})},
+        env={
+            **os.environ,
+            "LLMGW_AUTH__ENABLED": "false",
+            "LLMGW_HTTP__PORT": "0",
+            **(env or {}),
+        },
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -490,7 +490,12 @@ def test_auth_is_on_by_default() -> None:
 async def test_auth_disabled_refuses_a_non_loopback_host() -> None:
     config = load_config(
         environ={},
-        overrides={"server.host": "0.0.0.0", "server.port": 0, "auth.enabled": False},
+        overrides={
+            "server.host": "0.0.0.0",
+            "server.port": 0,
+            "http.port": 0,
+            "auth.enabled": False,
+        },
     )
     gateway = Gateway(config)
     with pytest.raises(ConfigError, match=r"auth\.enabled"):

@@ -143,6 +143,7 @@ async def test_gateway_merges_a_burst_from_the_anthropic_sdk(fake: FakeUpstream)
         environ={},
         overrides={
             "server.port": 0,
+            "http.port": 0,
             "auth.enabled": False,
             "providers": {"anthropic": provider_config(fake)["anthropic"]},
         },

@@ -51,7 +51,7 @@ async def test_health_check_unknown_service(running: RunningGateway) -> None:
 
 
 async def test_watch_sees_not_serving_when_draining() -> None:
-    gateway = Gateway(load_config(environ={}, overrides={"server.port": 0}))
+    gateway = Gateway(load_config(environ={}, overrides={"server.port": 0, "http.port": 0}))
     port = await gateway.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)

@@ -72,6 +72,7 @@ async def make_gateway(fake: FakeUpstream) -> AsyncIterator[GatewayFactory]:
             overrides={
                 "server.host": "127.0.0.1",
                 "server.port": 0,
+                "http.port": 0,
                 "server.coalesce_stream_deltas": False,
                 "auth.enabled": False,
                 "providers": {

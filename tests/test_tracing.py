@@ -55,6 +55,7 @@ def upstream_overrides(fake: FakeUpstream, **more: Any) -> dict[str, Any]:
     return {
         "server.host": "127.0.0.1",
         "server.port": 0,
+        "http.port": 0,
         "auth.enabled": False,
         "server.coalesce_stream_deltas": False,
         "providers": provider_config(fake),

@@ -125,6 +125,7 @@ async def start_upstream_gateway(fake: FakeUpstream, **overrides: Any) -> Runnin
         overrides={
             "server.host": "127.0.0.1",
             "server.port": 0,
+            "http.port": 0,
             # Auth has its own tests; these are about what reaches the providers.
             "auth.enabled": False,
             # One gateway event per upstream event, so these tests see the
@@ -298,6 +299,7 @@ async def make_routed_gateway(
             overrides={
                 "server.host": "127.0.0.1",
                 "server.port": 0,
+                "http.port": 0,
                 "server.coalesce_stream_deltas": False,
                 "auth.enabled": False,
                 "providers": providers or provider_config(fake),

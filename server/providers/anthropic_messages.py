@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal
+from urllib.parse import parse_qsl
 
 import anthropic
 import httpx2
@@ -36,11 +37,13 @@ from server.errors import (
     FieldViolation,
     GatewayError,
     UpstreamProtocolError,
+    UpstreamReply,
     UpstreamStreamInterruptedError,
 )
-from server.events import StreamEvent
+from server.events import RawChunk, StreamEvent
 from server.providers import _anthropic_codec as codec
 from server.providers._sdk_provider import SdkProvider
+from server.providers._sse import SseSplitter
 from server.providers._upstream import (
     FailureKind,
     UpstreamModel,
@@ -57,10 +60,34 @@ from server.providers._upstream import (
     upstream_timeout,
     with_catalog_defaults,
 )
-from server.schema import GenerationRequest, TokenCount, TokenCountRequest
+from server.schema import (
+    ANTHROPIC_MESSAGES,
+    GenerationRequest,
+    Passthrough,
+    TokenCount,
+    TokenCountRequest,
+)
 
 UPSTREAM_REQUEST_ID_HEADER = "request-id"
 MESSAGES_PATH = "/v1/messages"
+COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
+# The headers of an upstream error answer that a relayed error keeps.
+_RELAYED_ERROR_HEADERS = frozenset(
+    {"content-type", "retry-after", "x-should-retry", UPSTREAM_REQUEST_ID_HEADER}
+)
+# The HTTP status Anthropic gives each error type (for an error event).
+_ERROR_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
 # `messages.create` arguments it sends as headers, not in the body.
 _HEADER_ARGUMENTS = {
     "user_profile_id": "anthropic-user-profile-id",
@@ -132,6 +159,11 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
         return kwargs
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        passthrough = request.passthrough
+        if passthrough is not None and passthrough.protocol == ANTHROPIC_MESSAGES:
+            async for relayed in self._relay(request, passthrough):
+                yield relayed
+            return
         body, options = post_arguments(self.create_arguments(request), _HEADER_ARGUMENTS)
         upstream_request_id = ""
         stream: Any = None
@@ -178,7 +210,121 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
             if stream is not None:
                 await stream.close()
 
+    def _relayed(
+        self, passthrough: Passthrough, model_id: str, deadline: float | None, request_id: str
+    ) -> tuple[bytes, dict[str, Any]]:
+        """The body and `client.post` options of a pass-through call: the client's
+        bytes (re-encoded only when the model is renamed) and its headers."""
+        upstream_name = self._model(model_id).upstream_name
+        body = passthrough.body
+        if passthrough.document.get("model") != upstream_name:
+            document = {**passthrough.document, "model": upstream_name}
+            body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+        headers = {**passthrough.headers, "Content-Type": "application/json"}
+        if request_id:
+            headers["x-request-id"] = request_id
+        options: dict[str, Any] = {
+            "headers": headers,
+            "timeout": upstream_timeout(deadline, self._timeout),
+        }
+        if passthrough.query:
+            options["params"] = dict(parse_qsl(passthrough.query, keep_blank_values=True))
+        return body, options
+
+    async def _relay(
+        self, request: GenerationRequest, passthrough: Passthrough
+    ) -> AsyncIterator[StreamEvent]:
+        """Serves a Messages request as the client sent it: its bytes go upstream, and
+        the upstream's bytes come back as RawChunks beside the events read from them."""
+        upstream_request_id = ""
+        stream: Any = None
+        client = await self._sdk.current()
+        try:
+            body, options = self._relayed(
+                passthrough, request.model, request.deadline, request.request_id
+            )
+            if passthrough.document.get("stream") is not True:
+                response = await client.post(
+                    MESSAGES_PATH, content=body, options=options, cast_to=httpx2.Response
+                )
+                upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+                decoder = self._decoder(request, upstream_request_id)
+                raw_body = response.content
+                for raw in codec.message_as_raw_events(json.loads(raw_body)):
+                    event = decoder.feed(raw)
+                    if event is not None:
+                        yield event
+                decoder.finish()
+                yield RawChunk(raw_body)
+                return
+            stream = await client.post(
+                MESSAGES_PATH,
+                content=body,
+                options=options,
+                cast_to=object,
+                stream=True,
+                stream_cls=anthropic.AsyncStream[object],
+            )
+            upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+            decoder = self._decoder(request, upstream_request_id)
+            splitter = SseSplitter()
+            async for chunk in stream.response.aiter_bytes():
+                for sse in splitter.feed(chunk):
+                    if sse.data:
+                        raw = json.loads(sse.data)
+                        if sse.name == "error" or raw.get("type") == "error":
+                            raise self._stream_error(raw, sse.data, sse.raw, request)
+                        event = decoder.feed(raw)
+                        if event is not None:
+                            yield event
+                    yield RawChunk(sse.raw)
+            decoder.finish()
+        except (anthropic.AnthropicError, httpx2.HTTPError, json.JSONDecodeError) as err:
+            error = self._failure(err, request.model, upstream_request_id, request.request_id)
+            if isinstance(err, anthropic.APIStatusError):
+                error.upstream_reply = _reply_of(err.response)
+            raise error from err
+        finally:
+            if stream is not None:
+                await stream.close()
+
+    def _decoder(
+        self, request: GenerationRequest, upstream_request_id: str
+    ) -> codec.MessagesStreamDecoder:
+        return codec.MessagesStreamDecoder(
+            provider=self.name,
+            model=request.model,
+            request_id=request.request_id,
+            upstream_request_id=upstream_request_id,
+        )
+
+    def _stream_error(
+        self, raw: Any, data: str, event: bytes, request: GenerationRequest
+    ) -> GatewayError:
+        """An `event: error` in a relayed stream, mapped, with its bytes kept for relay."""
+        details = raw.get("error") if isinstance(raw, dict) else None
+        error_type = details.get("type", "") if isinstance(details, dict) else ""
+        message = details.get("message", "") if isinstance(details, dict) else ""
+        error = upstream_failure(
+            _ERROR_TYPES.get(error_type, "unavailable"),
+            provider=self.name,
+            model=request.model,
+            message=self._sdk.redact(str(message)),
+            metadata={"upstream_error_type": str(error_type)},
+            retry_after=None,
+        )
+        error.upstream_reply = UpstreamReply(
+            ANTHROPIC_MESSAGES,
+            _ERROR_STATUS.get(str(error_type), 500),
+            data.encode(),
+            (("content-type", "application/json"),),
+            event=event,
+        )
+        return error
+
     async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
+        if request.passthrough is not None and request.passthrough.protocol == ANTHROPIC_MESSAGES:
+            return await self._relay_count(request, request.passthrough)
         model = self._model(request.model)
         kwargs: dict[str, Any] = {
             "model": model.upstream_name,
@@ -195,6 +341,25 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
         except (anthropic.AnthropicError, httpx2.HTTPError) as err:
             raise self._failure(err, request.model, "", "") from err
         return TokenCount(input_tokens=counted.input_tokens, estimated=False)
+
+    async def _relay_count(
+        self, request: TokenCountRequest, passthrough: Passthrough
+    ) -> TokenCount:
+        client = await self._sdk.current()
+        try:
+            body, options = self._relayed(passthrough, request.model, request.deadline, "")
+            response = await client.post(
+                COUNT_TOKENS_PATH, content=body, options=options, cast_to=httpx2.Response
+            )
+            counted = json.loads(response.content)["input_tokens"]
+            if not isinstance(counted, int):
+                raise UpstreamProtocolError(f"provider {self.name} counted no input_tokens")
+        except (anthropic.AnthropicError, httpx2.HTTPError, ValueError, KeyError, TypeError) as err:
+            error = self._failure(err, request.model, "", "")
+            if isinstance(err, anthropic.APIStatusError):
+                error.upstream_reply = _reply_of(err.response)
+            raise error from err
+        return TokenCount(input_tokens=counted, estimated=False)
 
     def _map_error(
         self,
@@ -251,6 +416,16 @@ def _merge_options(kwargs: dict[str, Any], options: dict[str, Any]) -> list[Fiel
         return [FieldViolation("provider_options.betas", "must be a list of strings")]
     kwargs["extra_headers"] = {**kwargs.get("extra_headers", {}), "anthropic-beta": ",".join(betas)}
     return merge_provider_options(kwargs, options, _CREATE_ARGUMENTS)
+
+
+def _reply_of(response: httpx2.Response) -> UpstreamReply:
+    """An upstream's error answer, kept for an edge that relays it verbatim."""
+    headers = tuple(
+        (name.lower(), value)
+        for name, value in response.headers.items()
+        if name.lower() in _RELAYED_ERROR_HEADERS or name.lower().startswith("anthropic-ratelimit-")
+    )
+    return UpstreamReply(ANTHROPIC_MESSAGES, response.status_code, response.content, headers)
 
 
 def _present(values: dict[str, str]) -> dict[str, str]:

@@ -35,7 +35,7 @@ from server.errors import (
     DeploymentRateLimitedError,
     GatewayError,
 )
-from server.events import ContentBlockStart, MessageDelta, MessageStart, StreamEvent
+from server.events import ContentBlockStart, MessageDelta, MessageStart, RawChunk, StreamEvent
 from server.providers.base import Provider
 from server.providers.registry import UnknownProviderKindError, provider_class
 from server.routing import balancer, smart
@@ -90,7 +90,7 @@ def build_providers(config: GatewayConfig) -> list[Provider]:
 
 def _held_back(event: StreamEvent) -> bool:
     """Whether an event carries nothing yet, so it may wait for the first content."""
-    if isinstance(event, MessageStart):
+    if isinstance(event, MessageStart | RawChunk):
         return True
     if isinstance(event, ContentBlockStart):
         block = event.block

@@ -1,0 +1,206 @@
+"""The HTTP front door as one ASGI application: routes, credentials, the error boundary.
+
+A pure ASGI callable (no framework middleware: Starlette's
+BaseHTTPMiddleware breaks streaming and cancellation, and a table lookup is
+all the routing this needs). Per request: find the endpoint (404 in
+Anthropic's error shape otherwise), authenticate with the core's
+Authenticator (the key or token in `x-api-key` or `Authorization: Bearer`,
+one message for every failure, as on gRPC), read the body within
+`http.max_body_bytes`, and hand it to the protocol's adapter
+(messages.py). Every failure becomes a response in exactly one place,
+`_answer_error`. Health endpoints answer without credentials. Every path is
+also served under `/anthropic`, the layout of native pass-through proxies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+
+from server.auth.authenticator import Authenticator
+from server.errors import GatewayError, MissingScopeError
+from server.http_edge.errors import JSON, HttpError, error_body, error_response
+from server.http_edge.exchange import ClientGoneError, Exchange, Receive, Scope, Send
+from server.http_edge.messages import MessagesApi
+from server.identity import IDENTITY, SCOPE_GENERATE, Identity
+from server.telemetry.audit import AUTH_FAILED, PERMISSION_DENIED, audit_event
+
+log = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+_PREFIX = "/anthropic"
+_MODEL_PATH = re.compile(r"^/v1/models/([^/]+)$")
+
+# A handler gets the exchange and the request body (b"" for those without one).
+Handler = Callable[[Exchange, bytes], Awaitable[None]]
+
+
+class _Endpoint:
+    __slots__ = ("handler", "private", "reads_body")
+
+    def __init__(self, handler: Handler, *, private: bool = True, reads_body: bool = False):
+        self.handler = handler
+        self.private = private  # needs credentials
+        self.reads_body = reads_body  # a JSON body
+
+
+class FrontDoor:
+    """The ASGI application of the HTTP edge."""
+
+    def __init__(
+        self,
+        messages: MessagesApi,
+        authenticator: Authenticator | None,
+        *,
+        max_body_bytes: int,
+        ready: Callable[[], bool],
+    ) -> None:
+        self._limit = max_body_bytes
+        self._messages = messages
+        self._authenticator = authenticator
+        self._ready = ready
+        alive = _Endpoint(self._alive, private=False)
+        readiness = _Endpoint(self._readiness, private=False)
+        empty = _Endpoint(self._empty, private=False)
+        self._routes: dict[tuple[str, str], _Endpoint] = {
+            ("GET", "/healthz"): alive,
+            ("GET", "/readyz"): readiness,
+            ("GET", "/health"): readiness,
+            ("GET", "/"): alive,
+            ("HEAD", "/"): empty,
+            ("GET", "/api/hello"): alive,
+            ("HEAD", "/api/hello"): empty,
+            ("POST", "/v1/messages"): _Endpoint(messages.create, reads_body=True),
+            ("POST", "/v1/messages/count_tokens"): _Endpoint(
+                messages.count_tokens, reads_body=True
+            ),
+            ("GET", "/v1/models"): _Endpoint(self._list_models),
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan and websockets are not served (uvicorn runs with lifespan off)
+        exchange = Exchange(scope, receive, send)
+        exchange.request_id = _request_id(exchange)
+        try:
+            await self._serve(exchange, scope)
+        except ClientGoneError:
+            return
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if exchange.disconnected and task is not None:
+                task.uncancel()  # the client left: nothing to answer, the call is recorded
+                return
+            raise
+        finally:
+            await exchange.close()
+
+    def _endpoint(self, method: str, path: str) -> tuple[_Endpoint | None, str]:
+        if path.startswith(_PREFIX + "/"):
+            path = path[len(_PREFIX) :]
+        endpoint = self._routes.get((method, path))
+        if endpoint is None and method == "GET":
+            match = _MODEL_PATH.match(path)
+            if match is not None:
+                return _Endpoint(self._get_model), match.group(1)
+        return endpoint, ""
+
+    async def _serve(self, exchange: Exchange, scope: Scope) -> None:
+        endpoint, argument = self._endpoint(exchange.method, exchange.path)
+        if endpoint is None:
+            message = f"{exchange.method} {exchange.path} is not served here"
+            await self._answer_error(exchange, HttpError(404, "not_found_error", message))
+            return
+        token = None
+        try:
+            if endpoint.private and self._authenticator is not None:
+                token = IDENTITY.set(await self._authenticate(exchange, scope))
+            body = argument.encode()
+            if endpoint.reads_body:
+                _require_json(exchange)
+                body = await exchange.body(self._limit)
+                exchange.watch_disconnect()
+            await endpoint.handler(exchange, body)
+        except (GatewayError, HttpError) as err:
+            await self._answer_error(exchange, err)
+        except Exception:
+            log.exception("unhandled error serving request %s", exchange.request_id)
+            error = HttpError(
+                500, "api_error", f"internal error (request id {exchange.request_id})"
+            )
+            await self._answer_error(exchange, error)
+        finally:
+            if token is not None:
+                IDENTITY.reset(token)
+
+    async def _authenticate(self, exchange: Exchange, scope: Scope) -> Identity:
+        assert self._authenticator is not None
+        key_id = ""
+        try:
+            identity = await self._authenticator.authenticate(exchange.header_list, exchange.path)
+            key_id = identity.key_id
+            if not identity.has_scope(SCOPE_GENERATE):
+                raise MissingScopeError(SCOPE_GENERATE)
+        except GatewayError as err:
+            denied = isinstance(err, MissingScopeError)
+            client = scope.get("client")
+            audit_event(
+                PERMISSION_DENIED if denied else AUTH_FAILED,
+                method=f"{exchange.method} {exchange.path}",
+                peer=f"ipv4:{client[0]}:{client[1]}" if client else "",
+                reason=err.reason,
+                **({"key_id": key_id} if denied else {}),
+            )
+            raise
+        return identity
+
+    async def _answer_error(self, exchange: Exchange, error: GatewayError | HttpError) -> None:
+        """The one place a failure becomes an HTTP answer (or ends a started stream)."""
+        if exchange.started:
+            if not exchange.ended:
+                await exchange.end()
+            return
+        if isinstance(error, HttpError):
+            body = error_body(error.error_type, error.message, exchange.request_id)
+            await exchange.respond(error.status, body, [("content-type", JSON)])
+            return
+        status, body, headers = error_response(error, exchange.request_id)
+        await exchange.respond(status, body, headers)
+
+    # -- the endpoints the front door answers itself ------------------------------------
+
+    async def _alive(self, exchange: Exchange, body: bytes) -> None:
+        await exchange.respond(200, b'{"status":"ok"}', [("content-type", JSON)])
+
+    async def _readiness(self, exchange: Exchange, body: bytes) -> None:
+        if self._ready():
+            await exchange.respond(200, b'{"status":"ok"}', [("content-type", JSON)])
+        else:
+            await exchange.respond(503, b'{"status":"draining"}', [("content-type", JSON)])
+
+    async def _empty(self, exchange: Exchange, body: bytes) -> None:
+        await exchange.respond(200, b"", [])
+
+    async def _list_models(self, exchange: Exchange, body: bytes) -> None:
+        await self._messages.list_models(exchange)
+
+    async def _get_model(self, exchange: Exchange, body: bytes) -> None:
+        await self._messages.get_model(exchange, body.decode())
+
+
+def _request_id(exchange: Exchange) -> str:
+    given = exchange.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def _require_json(exchange: Exchange) -> None:
+    kind = exchange.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind != "application/json":
+        raise HttpError(
+            400,
+            "invalid_request_error",
+            f"content-type must be application/json, not {kind or 'missing'!r}",
+        )
