@@ -226,4 +226,4 @@ async def start_server_process(*args: str, env: dict[str, str] | None = None) ->
 
 # Provider tests' fixtures (fake upstreams, a gateway pointed at them) and the
 # PostgreSQL server of the ledger tests.
-pytest_plugins = ["tests.upstream_fixtures", "tests.postgres_fixtures"]
+pytest_plugins = ["tests.upstream_fixtures", "tests.postgres_fixtures", "tests.http_fixtures"]

@@ -12,16 +12,14 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import pytest
 
-from server.calls import CallRecord, open_record
+from server.calls import CallRecord, accounted, open_record
 from server.costs import compute_cost
-from server.routing import Router
 from server.schema import Pricing, Usage
-from server.servicer import GenerationServicer
 from server.token_estimate import count_text
 from tests.conftest import RunningGateway, request
 from tests.fake_upstream import FakeUpstream, Reply, Text
@@ -74,16 +72,6 @@ async def test_calls_whose_deadline_ran_out_are_deadline_exceeded(tmp_path: Path
     assert {row["status"] for row in recorded.values()} == {"DEADLINE_EXCEEDED"}
 
 
-class _Context:
-    """What `_accounted` asks of a gRPC context: the time left of the deadline."""
-
-    def __init__(self, remaining: float | None) -> None:
-        self.remaining = remaining
-
-    def time_remaining(self) -> float | None:
-        return self.remaining
-
-
 @pytest.mark.parametrize(
     ("remaining", "status"),
     [
@@ -98,12 +86,11 @@ async def test_a_cancel_at_the_deadline_is_recorded_as_the_deadline(
     remaining: float | None, status: grpc.StatusCode
 ) -> None:
     closed: list[CallRecord] = []
-    servicer = GenerationServicer(cast(Router, None))
-    servicer.observers.append(closed.append)
     record = open_record("Generate", "echo")
-    context = cast(grpc.aio.ServicerContext[Any, Any], _Context(remaining))
+    now = asyncio.get_running_loop().time()
+    deadline = None if remaining is None else now + remaining
     with pytest.raises(asyncio.CancelledError):
-        async with servicer._accounted(record, context):
+        async with accounted(record, [closed.append], deadline):
             raise asyncio.CancelledError
     assert [r.status for r in closed] == [status]
 

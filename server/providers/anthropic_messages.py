@@ -270,14 +270,18 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
             splitter = SseSplitter()
             async for chunk in stream.response.aiter_bytes():
                 for sse in splitter.feed(chunk):
-                    if sse.data:
-                        raw = json.loads(sse.data)
-                        if sse.name == "error" or raw.get("type") == "error":
-                            raise self._stream_error(raw, sse.data, sse.raw, request)
-                        event = decoder.feed(raw)
-                        if event is not None:
-                            yield event
+                    # The bytes first: an edge that relays knows from the first
+                    # event that it relays, before any typed event reaches it.
+                    if not sse.data:
+                        yield RawChunk(sse.raw)
+                        continue
+                    raw = json.loads(sse.data)
+                    if sse.name == "error" or raw.get("type") == "error":
+                        raise self._stream_error(raw, sse.data, sse.raw, request)
                     yield RawChunk(sse.raw)
+                    event = decoder.feed(raw)
+                    if event is not None:
+                        yield event
             decoder.finish()
         except (anthropic.AnthropicError, httpx2.HTTPError, json.JSONDecodeError) as err:
             error = self._failure(err, request.model, upstream_request_id, request.request_id)
