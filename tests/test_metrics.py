@@ -26,7 +26,17 @@ from tests.upstream_fixtures import ask, generate, stream_all
 DASHBOARD = Path(__file__).parent.parent / "deploy" / "grafana" / "llm-gateway.json"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 # Every label our own metrics may carry: bounded sets only.
-ALLOWED_LABELS = {"method", "code", "model", "provider", "type", "outcome", "reason", "deployment"}
+ALLOWED_LABELS = {
+    "edge",
+    "method",
+    "code",
+    "model",
+    "provider",
+    "type",
+    "outcome",
+    "reason",
+    "deployment",
+}
 ALLOWED_LABELS |= {"state", "budget", "le", "period", "threshold"}
 
 
@@ -75,14 +85,19 @@ async def test_scrape_after_calls_shows_counters_and_histograms(
         await gw.stub.Generate(ask("no-such-model", "Hi"))
 
     found = samples(await scrape(port))
-    assert value(found, "llmgw_rpcs_total", method="Generate", code="OK") == 2
-    assert value(found, "llmgw_rpcs_total", method="StreamGenerate", code="OK") == 1
-    assert value(found, "llmgw_rpcs_total", method="Generate", code="NOT_FOUND") == 1
+    assert value(found, "llmgw_rpcs_total", edge="grpc", method="Generate", code="OK") == 2
+    assert value(found, "llmgw_rpcs_total", edge="grpc", method="StreamGenerate", code="OK") == 1
+    assert value(found, "llmgw_rpcs_total", edge="grpc", method="Generate", code="NOT_FOUND") == 1
 
     claude = {"model": first.model, "provider": "anthropic"}
-    count = value(found, "llmgw_request_duration_seconds_count", method="Generate", **claude)
+    count = value(
+        found, "llmgw_request_duration_seconds_count", edge="grpc", method="Generate", **claude
+    )
     assert count == 2
-    assert value(found, "llmgw_request_duration_seconds_sum", method="Generate", **claude) > 0
+    assert (
+        value(found, "llmgw_request_duration_seconds_sum", edge="grpc", method="Generate", **claude)
+        > 0
+    )
     assert value(found, "llmgw_time_to_first_token_seconds_count", **claude) == 2
     inf = value(found, "llmgw_time_to_first_token_seconds_bucket", le="+Inf", **claude)
     assert inf == 2
@@ -97,7 +112,16 @@ async def test_scrape_after_calls_shows_counters_and_histograms(
     gpt_model = events[0].message_start.model
     gpt = {"model": gpt_model, "provider": "openai"}
     assert value(found, "llmgw_time_to_first_token_seconds_count", **gpt) == 1
-    assert value(found, "llmgw_request_duration_seconds_count", method="StreamGenerate", **gpt) == 1
+    assert (
+        value(
+            found,
+            "llmgw_request_duration_seconds_count",
+            edge="grpc",
+            method="StreamGenerate",
+            **gpt,
+        )
+        == 1
+    )
 
     anthropic = {"provider": "anthropic", "model": "claude-test"}
     assert value(found, "llmgw_upstream_attempts_total", outcome="OK", **anthropic) == 2
@@ -225,16 +249,35 @@ async def test_made_up_model_names_do_not_take_the_configured_models_labels(
 
     found = samples(await scrape(gw.gateway.telemetry.metrics_port))
     claude = {"model": "claude-test", "provider": "anthropic"}
-    assert value(found, "llmgw_request_duration_seconds_count", method="Generate", **claude) == 2
+    assert (
+        value(
+            found, "llmgw_request_duration_seconds_count", edge="grpc", method="Generate", **claude
+        )
+        == 2
+    )
     gpt = {"model": "gpt-test", "provider": "openai"}
-    assert value(found, "llmgw_request_duration_seconds_count", method="StreamGenerate", **gpt) == 1
+    assert (
+        value(
+            found,
+            "llmgw_request_duration_seconds_count",
+            edge="grpc",
+            method="StreamGenerate",
+            **gpt,
+        )
+        == 1
+    )
     assert value(found, "llmgw_upstream_attempts_total", outcome="OK", **claude) == 2
     assert value(found, "llmgw_upstream_attempts_total", outcome="OK", **gpt) == 1
     breaker = {"deployment": "anthropic/claude-test"}
     assert value(found, "llmgw_circuit_breaker_state", state="closed", **breaker) == 1
     # The made-up names are still bounded: the last ones were folded into "other".
     other = {"model": OTHER, "provider": "anthropic"}
-    assert value(found, "llmgw_request_duration_seconds_count", method="Generate", **other) > 0
+    assert (
+        value(
+            found, "llmgw_request_duration_seconds_count", edge="grpc", method="Generate", **other
+        )
+        > 0
+    )
     assert value(found, "llmgw_upstream_attempts_total", outcome="OK", provider=OTHER, model="") > 0
     for metric in ("llmgw_request_duration_seconds_count", "llmgw_upstream_attempts_total"):
         labelled = {dict(labels).get("model") for (name, labels) in found if name == metric}

@@ -74,6 +74,9 @@ class HttpServer:
         self._socket = _socket(self._host, self._port, self._reuse_port)
         self.port = self._socket.getsockname()[1]
         self._config.load()
+        # The per-call log line (server/logs.py) says what an access log would,
+        # with the call's outcome; uvicorn's would be a second line per request.
+        logging.getLogger("uvicorn.access").disabled = True
         self._server.lifespan = self._config.lifespan_class(self._config)
         await self._server.startup(sockets=[self._socket])
         # Updates the Date header and watches for should_exit, ten times a second.

@@ -158,14 +158,14 @@ class GatewayMetrics:
             GCCollector(registry=r)
         self.rpcs = Counter(
             "llmgw_rpcs",
-            "Generation RPCs by method and status code.",
-            ["method", "code"],
+            "Generation calls by edge (grpc, http), method and status code.",
+            ["edge", "method", "code"],
             registry=r,
         )
         self.duration = Histogram(
             "llmgw_request_duration_seconds",
             "Generation call latency, to the last byte (gen_ai.server.request.duration).",
-            ["method", "model", "provider"],
+            ["edge", "method", "model", "provider"],
             buckets=REQUEST_DURATION_BUCKETS,
             registry=r,
         )
@@ -244,10 +244,10 @@ class GatewayMetrics:
         """CallRecord observer (runs once per generation call)."""
         model = self._model(record.model_served)
         provider = record.provider
-        self.rpcs.labels(record.method, record.status.name).inc()
+        self.rpcs.labels(record.edge, record.method, record.status.name).inc()
         latency = record.latency_s
         if latency is not None:
-            self.duration.labels(record.method, model, provider).observe(latency)
+            self.duration.labels(record.edge, record.method, model, provider).observe(latency)
         usage = record.usage
         ttft = record.time_to_first_token_s
         if ttft is not None:
