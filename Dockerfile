@@ -24,11 +24,13 @@ ENV PATH=/opt/llm-gateway/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     LLMGW_SERVER__HOST=0.0.0.0 \
     LLMGW_SERVER__PORT=50051 \
+    LLMGW_HTTP__PORT=8080 \
     XDG_STATE_HOME=/var/lib/llm-gateway
 # API keys (hashed), their secret and the token signing keys live here.
 VOLUME /var/lib/llm-gateway
 USER 10001
-EXPOSE 50051
+# gRPC, and the HTTP front door (Anthropic's Messages API; /healthz, /readyz).
+EXPOSE 50051 8080
 # The gRPC health protocol, not a TCP poke: the check fails while draining.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
     CMD ["python", "-m", "server.healthcheck", "--address", "127.0.0.1:50051", "--timeout", "3"]

@@ -90,6 +90,10 @@ def test_probes_speak_grpc_health_to_the_gateway_port() -> None:
     assert env["LLMGW_CONFIG"].startswith("/etc/llm-gateway/config/")
     service = manifests()["Service"]["spec"]["ports"][0]
     assert service["targetPort"] == container["ports"][0]["name"]
+    # The HTTP front door: probed at /readyz, and published by the Service.
+    assert container["ports"][1] == {"name": "http", "containerPort": 8080}
+    assert container["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert manifests()["Service"]["spec"]["ports"][1]["targetPort"] == "http"
 
 
 def test_envoy_health_checks_the_gateway_over_http2() -> None:
@@ -104,5 +108,15 @@ def test_envoy_health_checks_the_gateway_over_http2() -> None:
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     route = manager["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
     assert route["timeout"] == "0s"  # Envoy's 15 s default would cut long streams
+    # The front door: HTTP/1.1, probed at /readyz, on the gateway's HTTP port.
+    front = config["static_resources"]["clusters"][1]
+    assert front["health_checks"][0]["http_health_check"]["path"] == "/readyz"
+    front_endpoint = front["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert front_endpoint["address"]["socket_address"]["port_value"] == 8080
+    ingress_ports = {
+        listener["address"]["socket_address"]["port_value"]
+        for listener in config["static_resources"]["listeners"]
+    }
+    assert ingress_ports.isdisjoint({50051, 8080})  # the sidecar shares the pod's ports
     sidecar = yaml.safe_load((ENVOY / "sidecar.yaml").read_text())
     assert sidecar["spec"]["template"]["spec"]["containers"][0]["name"] == "envoy"
