@@ -8,7 +8,7 @@ RELEASED_CONTRACT := proto/released/contract.binpb
 
 .PHONY: run test check lint typecheck pytest proto proto-lint proto-release bench bench-peer clean
 
-## run: install the gateway and serve it on 127.0.0.1:50051 (offline provider, no keys needed)
+## run: install the gateway and serve it: gRPC on 127.0.0.1:50051, HTTP on 127.0.0.1:8080 (offline provider, no keys)
 run: $(STAMP)
 	$(BIN)/python -m server --no-auth $(ARGS)
 

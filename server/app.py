@@ -208,11 +208,15 @@ class Gateway:
     async def start(self) -> int:
         """Binds, starts serving and returns the bound port."""
         if not self.config.auth.enabled:
-            if not is_loopback(self.config.server.host):
-                raise ConfigError(
-                    "invalid configuration:\n  auth.enabled: false is only allowed on a loopback"
-                    f" server.host (127.0.0.1, ::1, localhost), not {self.config.server.host!r}"
-                )
+            hosts = {"server.host": self.config.server.host}
+            if self.http is not None:
+                hosts["http.host"] = self.http_host
+            for key, host in hosts.items():
+                if not is_loopback(host):
+                    raise ConfigError(
+                        "invalid configuration:\n  auth.enabled: false is only allowed on a"
+                        f" loopback {key} (127.0.0.1, ::1, localhost), not {host!r}"
+                    )
             log.warning(
                 "authentication is DISABLED (auth.enabled: false): every local caller is"
                 " trusted; for local development only"

@@ -259,6 +259,7 @@ def call_fields(record: CallRecord) -> dict[str, object]:
         "trace_id": format(span_context.trace_id, "032x") if span_context.is_valid else "",
         "key_id": record.key_id,
         "method": record.method,
+        "edge": record.edge,
         "model": record.model_requested,
         "model_served": record.model_served,
         "provider": record.provider,
