@@ -382,34 +382,45 @@ def test_untranslatable_fields_and_blocks_are_listed_and_still_counted() -> None
     assert {v.field for v in decoded.untranslatable} == {
         "container",
         "mcp_servers",
-        "context_management",
-        "service_tier",
-        "output_config",
         "max_tokens",
-        "messages[0].role",
         "messages[1].content[0]",
         "messages[1].content[1].source.type",
         "messages[1].content[2]",
-        "messages[2].content[0].citations",
         "messages[2].content[1]",
         "messages[2].content[2]",
         "messages[3].content[0].content[0]",
         "tools[0]",
+    }
+    assert all(UNTRANSLATABLE in v.description for v in decoded.untranslatable)
+    # Hints a translation leaves out, named, rather than refused (Claude Code sends them).
+    assert set(decoded.dropped) == {
+        "context_management",
+        "service_tier",
+        "output_config.effort",
+        "messages[2].content[0].citations",
         "tools[1].strict",
         "thinking.display",
         "metadata.team",
     }
-    assert all(UNTRANSLATABLE in v.description for v in decoded.untranslatable)
     request = decoded.request
     assert request.max_tokens == 0
-    assert request.messages[0] == Message(Role.USER, [TextBlock("Mid-conversation instructions.")])
+    # A system message mid-conversation joins the system instructions.
+    assert request.system == [TextBlock("Mid-conversation instructions.")]
+    assert request.messages[0].role is Role.USER
     # An unknown block stands in as its compact JSON; an image by file id as an image.
-    assert request.messages[1].content[:2] == [
+    assert request.messages[0].content[:2] == [
         TextBlock(json.dumps(document, separators=(",", ":"))),
         ImageBlock(),
     ]
     assert request.tools[0].name == "web_search"
     assert count_request(request.system, request.messages, request.tools) > 400
+
+
+def test_an_output_format_cannot_be_dropped() -> None:
+    schema = {"type": "json_schema", "schema": {"type": "object"}}
+    decoded = decode(body_of(user(text("x")), output_config={"effort": "low", "format": schema}))
+    assert [v.field for v in decoded.untranslatable] == ["output_config.format"]
+    assert decoded.dropped == ["output_config.effort"]
 
 
 def test_a_base64_document_counts_as_an_image_not_as_its_characters() -> None:

@@ -8,16 +8,23 @@ as InvalidArgumentError, as server/decoding.py does for the gRPC edge.
 
 Anthropic's API is wider than the internal request. What is valid there but
 has no internal equivalent (server tools, `document` or `search_result`
-blocks, citations, system-role messages, `container`, `mcp_servers`,
-`output_config`, any field this module does not know) does not fail
-decoding: it is listed in `untranslatable`. A route to an Anthropic
-deployment forwards the body verbatim and needs only the model, max_tokens,
-the stream flag and a token estimate; a translated route (OpenAI, the
-offline models) refuses the call with those violations. So that the estimate
-still counts what the internal request cannot carry, an untranslatable block
-stands in the request as a TextBlock holding its compact JSON (a base64
-payload, a PDF's, is left out of it and counted as one image), and an image
-whose source is a file id as an ImageBlock with neither data nor url.
+blocks, `container`, `mcp_servers`, an output `format`, any field this
+module does not know) does not fail decoding: it is listed in
+`untranslatable`. A route to an Anthropic deployment forwards the body
+verbatim and needs only the model, max_tokens, the stream flag and a token
+estimate; a translated route (OpenAI, the offline models) refuses the call
+with those violations. Hints that only tune how Anthropic serves a call
+(`context_management`, `output_config.effort`, `service_tier`, a tool's
+`defer_loading` or `strict`, `thinking.display`, citations in the history,
+metadata beyond `user_id`) are listed in `dropped` instead: a translation
+leaves them out, as it leaves out their beta headers, so Claude Code, which
+sends them all, can be served by any model. A `system` message in the
+middle of the conversation joins the system instructions. So that the
+estimate still counts what the internal request cannot carry, an
+untranslatable block stands in the request as a TextBlock holding its
+compact JSON (a base64 payload, a PDF's, is left out of it and counted as
+one image), and an image whose source is a file id as an ImageBlock with
+neither data nor url.
 
 Cache hints with no place in the internal request (a tool's `cache_control`,
 the top-level one) are checked and dropped: they change no answer. The
@@ -31,7 +38,7 @@ import base64
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from server.errors import FieldViolation, InvalidArgumentError
@@ -80,6 +87,7 @@ _REQUEST_KEYS = frozenset(
         "tool_choice",
         "thinking",
         "cache_control",
+        "output_config",  # see _BodyDecoder.output_config
     ]
 )
 # The keys each known block may carry; any other key with a value is untranslatable.
@@ -92,6 +100,13 @@ _BLOCK_KEYS = {
     "redacted_thinking": frozenset({"type", "data", "cache_control"}),
 }
 _TOOL_KEYS = frozenset({"type", "name", "description", "input_schema", "cache_control"})
+# Hints a translation drops: they tune how Anthropic serves a call (its
+# context editing, effort, tier, tool loading) or annotate history, and no
+# other API has them. Their betas are never sent to another API either, so
+# a field is never dropped while its beta header goes on, or the reverse.
+_DROPPABLE_REQUEST_KEYS = frozenset({"context_management", "service_tier", "speed"})
+_DROPPABLE_TOOL_KEYS = frozenset({"defer_loading", "strict", "eager_input_streaming"})
+_DROPPABLE_BLOCK_KEYS = frozenset({"citations"})
 _TOOL_CHOICE_KEYS = frozenset({"type", "name", "disable_parallel_tool_use"})
 _MESSAGE_KEYS = frozenset({"role", "content"})
 _METADATA_KEYS = frozenset({"user_id"})
@@ -106,12 +121,14 @@ class DecodedMessages:
 
     `untranslatable` is empty when a non-Anthropic deployment may serve
     `request` faithfully; otherwise it names every field or block that would
-    be lost (see the module docstring).
+    be lost (see the module docstring). `dropped` names the hints a
+    translation leaves out (context management, effort, citations...).
     """
 
     request: GenerationRequest
     stream: bool
     untranslatable: list[FieldViolation]
+    dropped: list[str] = field(default_factory=list)
 
 
 def decode_messages(body: object, *, request_id: str, deadline: float | None) -> DecodedMessages:
@@ -155,6 +172,7 @@ def decode_messages(body: object, *, request_id: str, deadline: float | None) ->
         ),
         bool(stream),
         d.untranslatable,
+        d.dropped,
     )
 
 
@@ -177,11 +195,14 @@ def decode_count_tokens(body: object, *, deadline: float | None) -> TokenCountRe
 class _BodyDecoder:
     """Builds internal values while collecting every violation it meets."""
 
-    __slots__ = ("tool_use_ids", "untranslatable", "violations")
+    __slots__ = ("dropped", "moved_system", "tool_use_ids", "untranslatable", "violations")
 
     def __init__(self) -> None:
         self.violations: list[FieldViolation] = []
         self.untranslatable: list[FieldViolation] = []
+        self.dropped: list[str] = []
+        # System messages met among the messages, for the system instructions.
+        self.moved_system: list[TextBlock] = []
         self.tool_use_ids: set[str] = set()
 
     def bad(self, field: str, description: str) -> None:
@@ -194,11 +215,22 @@ class _BodyDecoder:
         if self.violations:
             raise InvalidArgumentError(self.violations)
 
-    def extras(self, raw: dict[str, Any], known: frozenset[str], path: str) -> None:
-        """Lists the keys of `raw` outside `known` that carry a value."""
+    def extras(
+        self,
+        raw: dict[str, Any],
+        known: frozenset[str],
+        path: str,
+        droppable: frozenset[str] = frozenset(),
+    ) -> None:
+        """Lists the keys of `raw` outside `known` that carry a value: as dropped when
+        they are only hints (`droppable`), as untranslatable otherwise."""
         for key, value in raw.items():
             if key not in known and not _empty(value):
-                self.unsupported(f"{path}.{key}" if path else key)
+                field = f"{path}.{key}" if path else key
+                if key in droppable:
+                    self.dropped.append(field)
+                else:
+                    self.unsupported(field)
 
     # -- the request ---------------------------------------------------------
 
@@ -213,15 +245,27 @@ class _BodyDecoder:
         self, body: dict[str, Any]
     ) -> tuple[list[TextBlock], list[Message], list[Tool], ToolChoice | None]:
         """The parts a token count needs too: system, messages, tools and tool choice."""
-        self.extras(body, _REQUEST_KEYS, "")
+        self.extras(body, _REQUEST_KEYS, "", _DROPPABLE_REQUEST_KEYS)
+        self.output_config(body.get("output_config"))
         system = body.get("system")
         system_blocks = [] if system is None else self.text_blocks(system, "system")
         messages = self.messages(body.get("messages"))
+        system_blocks += self.moved_system
         tools, names = self.tools(body.get("tools"))
         tool_choice = self.tool_choice(body.get("tool_choice"), names)
         # Cache hints cannot be placed on the internal request; they change no answer.
         self.cache_control(body, "")
         return system_blocks, messages, tools, tool_choice
+
+    def output_config(self, value: Any) -> None:
+        """`effort` is a hint a translation may drop; any other setting (a `format`
+        the answer must follow) it cannot carry."""
+        if value is None:
+            return
+        if not isinstance(value, dict):
+            self.bad("output_config", "must be an object")
+            return
+        self.extras(value, frozenset(), "output_config", frozenset({"effort"}))
 
     def max_tokens(self, value: Any) -> int:
         if value is None:
@@ -268,7 +312,7 @@ class _BodyDecoder:
         if display not in (None, "summarized", "omitted"):
             self.bad("thinking.display", 'must be "summarized" or "omitted"')
         elif display == "omitted":
-            self.unsupported("thinking.display")
+            self.dropped.append("thinking.display")
         if kind == "disabled":
             return None
         if kind == "enabled":
@@ -293,7 +337,8 @@ class _BodyDecoder:
         if not isinstance(value, dict):
             self.bad("metadata", "must be an object")
             return ""
-        self.extras(value, _METADATA_KEYS, "metadata")
+        # Other metadata is the caller's bookkeeping: no answer depends on it.
+        self.extras(value, _METADATA_KEYS, "metadata", frozenset(value))
         user_id = value.get("user_id")
         if user_id is None:
             return ""
@@ -322,14 +367,14 @@ class _BodyDecoder:
             role_name = message.get("role")
             content = message.get("content")
             if role_name == "system":
-                # Valid mid-conversation in Anthropic's API; ours has no place for it.
-                self.unsupported(f"{path}.role", f"a system message {UNTRANSLATABLE}")
-                blocks: list[ContentBlock] = list(self.text_blocks(content, f"{path}.content"))
-                decoded.append(Message(Role.USER, blocks))
+                # Valid mid-conversation in Anthropic's API (Claude Code sends one):
+                # a translation joins it to the system instructions.
+                self.moved_system.extend(self.text_blocks(content, f"{path}.content"))
                 continue
             role = _ROLES.get(role_name) if isinstance(role_name, str) else None
             if role is None:
                 self.bad(f"{path}.role", 'must be "user" or "assistant"')
+            blocks: list[ContentBlock]
             if isinstance(content, str):
                 blocks = [TextBlock(content)] if content else []
             elif isinstance(content, list):
@@ -377,7 +422,7 @@ class _BodyDecoder:
 
     def block(self, raw: dict[str, Any], kind: str, path: str) -> ContentBlock | None:
         """A block of a kind in _BLOCK_KEYS."""
-        self.extras(raw, _BLOCK_KEYS[kind], path)
+        self.extras(raw, _BLOCK_KEYS[kind], path, _DROPPABLE_BLOCK_KEYS)
         cache = self.cache_control(raw, path)
         if kind == "text":
             text = raw.get("text")
@@ -553,7 +598,7 @@ class _BodyDecoder:
                 names.add(label)
                 decoded.append(Tool(label, _compact(tool)))
                 continue
-            self.extras(tool, _TOOL_KEYS, path)
+            self.extras(tool, _TOOL_KEYS, path, _DROPPABLE_TOOL_KEYS)
             self.cache_control(tool, path)
             if not isinstance(name, str) or not TOOL_NAME.match(name):
                 self.bad(f"{path}.name", "must be 1-128 letters, digits, '_' or '-'")
