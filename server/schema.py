@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    from server.errors import FieldViolation
 
 
 class Role(enum.Enum):
@@ -131,6 +134,9 @@ class Passthrough:
     document: dict[str, Any]  # `body`, parsed
     headers: dict[str, str] = field(default_factory=dict)  # forwarded as they came
     query: str = ""
+    # What a translation to another API would lose: only a provider that relays
+    # `protocol` may serve the request then (server/routing/router.py).
+    untranslatable: list[FieldViolation] = field(default_factory=list)
 
 
 @dataclass(slots=True)

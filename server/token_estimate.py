@@ -4,25 +4,35 @@ Two counts live here. `count_pieces` is the offline provider's tokenizer:
 one token per word, per run of digits and per punctuation mark; the offline
 provider streams those pieces one per chunk, and reports them as its usage.
 `count_text` is the estimate everything else trusts (the context-window
-check, TPM and budget reservations, smart routing, OpenAI CountTokens, the
-output of a stream cut short): never below the pieces, and never below a
-bound from the text's UTF-8 length, so that text the pieces undercount
-cannot slip past a limit. Measured against BPE tokenizers, a word-per-token
-count is close on English prose but far below on long unbroken runs (200,000
-characters with no space were 4 "tokens") and on scripts without spaces
-(4,500 Japanese characters were 603). The bound counts one token per
-ASCII_BYTES_PER_TOKEN ASCII characters (BPE tokenizers average about four on
-English and code, fewer on random identifiers), one per CJK, kana or hangul
-character (BPE tokenizers give each from about 0.7 to over 1 token), and one
-per OTHER_BYTES_PER_TOKEN UTF-8 bytes of the rest (Cyrillic, Greek, Arabic:
-about two characters a token). It stays at most one token per character,
-which the context-window check's cheap bound relies on. Images count a flat
-IMAGE_TOKENS. No exact tokenizer runs here: see the README (Token counts).
+check, TPM and budget reservations, smart routing, the OpenAI CountTokens of
+a model without an exact count, the output of a stream cut short): never
+below the pieces, and never below a bound from the text's UTF-8 length, so
+that text the pieces undercount cannot slip past a limit. A word-per-token
+count is close on English prose but far below on long unbroken runs
+(200,000 characters with no space were 4 "tokens") and on scripts without
+spaces (4,500 Japanese characters were 603).
+
+The bound was fitted to OpenAI's o200k_base and cl100k_base encodings
+(tests/test_exact_tokens.py compares them on each kind of text): one token
+per ASCII_CHARS_PER_TOKEN ASCII characters (about four on English and code);
+one per character of a run of letters and digits mixed (hex, base64, UUIDs,
+keys: BPE gives them a token every 1.5 to 2 characters); one per group of up
+to DIGITS_PER_TOKEN digits (how both encodings split numbers);
+WIDE_TOKENS_PER_CHAR per CJK, kana or hangul character; and one per
+OTHER_BYTES_PER_TOKEN UTF-8 bytes of the rest (Cyrillic, Greek, Arabic,
+Indic, Thai). It stays at most one token per character, which the
+context-window check's cheap bound relies on, so text that BPE gives more
+than a token a character (emoji, rare CJK characters, hangul in
+cl100k_base) or that is random without digits (mixed-case letters,
+punctuation) can still count more than its estimate: only a tokenizer knows.
+Images count a flat IMAGE_TOKENS. Exact counts for OpenAI models are in
+server/openai_tokenizer.py.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Iterable
 
@@ -42,8 +52,17 @@ IMAGE_TOKENS = 1_000
 MESSAGE_OVERHEAD_TOKENS = 3
 
 # The bound from the UTF-8 length (see the module docstring).
-ASCII_BYTES_PER_TOKEN = 4
-OTHER_BYTES_PER_TOKEN = 3
+ASCII_CHARS_PER_TOKEN = 4
+DIGITS_PER_TOKEN = 3
+WIDE_TOKENS_PER_CHAR = 1.2
+OTHER_BYTES_PER_TOKEN = 2.4
+# A run of letters and digits from its first digit: all digits (a number,
+# split in groups as BPE splits them) or mixed (hex, base64, UUIDs, keys: a
+# token a character). Matched from a digit because scanning for one is fast.
+_DIGIT_RUN = re.compile(r"[0-9][A-Za-z0-9]*")
+# Base64 and the like: long runs of letters, digits, '+' and '/' that are not
+# a word (mixed case, or with a digit or a slash): a token a character too.
+_BLOB = re.compile(r"[A-Za-z0-9+/]{16,}=*")
 # Han, kana, hangul, CJK punctuation and full-width forms: about a token each.
 _WIDE = re.compile(
     "[\u1100-\u11ff\u2e80-\u2fdf\u3000-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
@@ -52,6 +71,13 @@ _WIDE = re.compile(
 )
 _PIECE = re.compile(r"\s*(?:\w+|[^\w\s])", re.UNICODE)
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+# The estimate's pieces: as _TOKEN, but numbers split in groups as BPE splits
+# them, and whitespace that BPE does not join to the next word: a run's all
+# but last character, a newline, before a digit or at the end.
+_ESTIMATE_PIECE = re.compile(
+    rf"[^\W0-9]+|[0-9]{{1,{DIGITS_PER_TOKEN}}}|[^\w\s]|\s+(?=\s)|\s(?=[0-9]|\Z)|[\r\n]"
+)
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 
 
 def split_pieces(text: str) -> list[str]:
@@ -75,23 +101,63 @@ def count_pieces(text: str) -> int:
     return len(_TOKEN.findall(text))
 
 
+def _is_word(run: str) -> bool:
+    return run.isalpha() and (run.islower() or run.isupper() or run.istitle())
+
+
+def _dense(text: str) -> tuple[int, str]:
+    """The tokens of the runs that count apart (blobs, numbers, mixed runs), and the rest.
+
+    Blobs leave nothing in the rest; each run from a digit leaves a "0", so
+    that the pieces still see a number there (and the space before it).
+    """
+    tokens = 0
+    blobs = [m for m in _BLOB.finditer(text) if not _is_word(m.group())]
+    if blobs:
+        parts, start = [], 0
+        for blob in blobs:
+            parts.append(text[start : blob.start()])
+            tokens += blob.end() - blob.start()
+            start = blob.end()
+        parts.append(text[start:])
+        text = "".join(parts)
+    runs = _DIGIT_RUN.findall(text)
+    if runs:
+        for run in runs:
+            count = -(-len(run) // DIGITS_PER_TOKEN) if run.isdigit() else len(run)
+            tokens += count - 1  # the "0" left counts the other
+        text = _DIGIT_RUN.sub("0", text)
+    return tokens, text
+
+
+def _non_ascii_bound(text: str, ascii_chars: int) -> int:
+    """The bound of the characters of `text` that are not ASCII: at most one each."""
+    wide = len(text) - len(_WIDE.sub("", text))
+    other_bytes = len(text.encode("utf-8", "surrogatepass")) - ascii_chars - 3 * wide
+    bound = math.ceil(wide * WIDE_TOKENS_PER_CHAR) + math.ceil(
+        max(0, other_bytes) / OTHER_BYTES_PER_TOKEN
+    )
+    return min(bound, len(text) - ascii_chars)
+
+
 def count_text(text: str) -> int:
-    """The estimated tokens of `text`: the pieces, or the UTF-8 length bound if higher."""
-    pieces = len(_TOKEN.findall(text))
-    if text.isascii():
-        bound = -(-len(text) // ASCII_BYTES_PER_TOKEN)
+    """The estimated tokens of `text` (see the module docstring); at most one a character.
+
+    Each part counts on its own: the dense runs; the rest's ASCII, as its
+    pieces or a token per ASCII_CHARS_PER_TOKEN characters, whichever is
+    more; and the rest's other characters by their UTF-8 length.
+    """
+    dense, rest = _dense(text)
+    if rest.isascii():
+        ascii_chars, other = len(rest), 0
     else:
-        ascii_chars = len(text.encode("ascii", "ignore"))
-        wide = len(text) - len(_WIDE.sub("", text))
-        other_bytes = max(0, len(text.encode("utf-8", "surrogatepass")) - ascii_chars - 3 * wide)
-        bound = (
-            -(-ascii_chars // ASCII_BYTES_PER_TOKEN)
-            + wide
-            + -(-other_bytes // OTHER_BYTES_PER_TOKEN)
-        )
-        # Emoji and other 4-byte characters: still at most a token each.
-        bound = min(bound, len(text))
-    return pieces if pieces > bound else bound
+        ascii_chars = len(rest.encode("ascii", "ignore"))
+        other = _non_ascii_bound(rest, ascii_chars)
+        # Runs of other characters count above, not as pieces.
+        rest = _NON_ASCII.sub(" ", rest)
+    pieces = len(_ESTIMATE_PIECE.findall(rest))
+    bound = -(-ascii_chars // ASCII_CHARS_PER_TOKEN)
+    return dense + min(max(pieces, bound), ascii_chars) + other
 
 
 TextCounter = Callable[[str], int]

@@ -12,6 +12,7 @@ tests/anthropic_grammar.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -20,7 +21,7 @@ import pytest
 
 from tests.anthropic_grammar import check_anthropic_stream
 from tests.fake_upstream import FakeUpstream, Reply, Text, Thinking, ToolCall, Usage, anthropic_wire
-from tests.http_fixtures import SentLog, sdk_client
+from tests.http_fixtures import SentLog, base_url, sdk_client, start_front_door
 from tests.upstream_fixtures import ANTHROPIC_KEY
 
 # A model whose upstream id is its own: the body goes upstream byte for byte.
@@ -322,3 +323,57 @@ async def test_pings_before_a_translated_upstream_answers(url: str, fake: FakeUp
         "".join(d["delta"].get("text", "") for n, d in events if n == "content_block_delta")
         == "finally"
     )
+
+
+# -- fallbacks across wire formats -----------------------------------------------------
+
+MIXED_ROUTE = {
+    "retry": {"max_attempts": 1},
+    "breaker": {"enabled": False},
+    "routes": {
+        "mixed": [
+            {"provider": "anthropic", "model": SAME_NAME, "priority": 0},
+            {"provider": "openai", "model": "gpt-test", "priority": 1},
+        ]
+    },
+}
+
+
+@pytest.mark.usefixtures("_openai_key_in_environment")
+async def test_a_fallback_translates_when_nothing_would_be_lost(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    gateway = await start_front_door(fake, tmp_path, routing=MIXED_ROUTE)
+    try:
+        fake.enqueue(Reply(status=529), Reply(blocks=[Text("from the fallback")]))
+        body = {"model": "mixed", "max_tokens": 20, "stream": True, "messages": conversation()}
+        response = await raw_post(base_url(gateway), body)
+        events = check_anthropic_stream(response.content)
+        text = "".join(d["delta"].get("text", "") for n, d in events if n == "content_block_delta")
+        assert text == "from the fallback"
+        assert [r.path for r in fake.requests] == ["/v1/messages", "/v1/chat/completions"]
+    finally:
+        await gateway.aclose()
+
+
+@pytest.mark.usefixtures("_openai_key_in_environment")
+async def test_a_fallback_never_translates_what_it_would_lose(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    gateway = await start_front_door(fake, tmp_path, routing=MIXED_ROUTE)
+    try:
+        reply = Reply(status=529)
+        fake.enqueue(reply)
+        body = {
+            "model": "mixed",
+            "max_tokens": 20,
+            "messages": conversation(),
+            "mcp_servers": [{"type": "url", "url": "https://mcp.test", "name": "x"}],
+        }
+        response = await raw_post(base_url(gateway), body)
+        # Only the Anthropic deployment may serve it: its failure is the answer.
+        assert response.status_code == 529
+        assert response.content == json.dumps(anthropic_wire.error_body(reply, 529)).encode()
+        assert [r.path for r in fake.requests] == ["/v1/messages"]
+    finally:
+        await gateway.aclose()

@@ -125,9 +125,12 @@ class Exchange:
         """Sends a whole response."""
         self.started = True
         self.status = status
-        await self._send(
-            {"type": "http.response.start", "status": status, "headers": self._headers(headers)}
-        )
+        encoded = self._headers(headers)
+        encoded.append((b"content-length", str(len(body)).encode()))
+        if status == 413:
+            # The unread rest of the body would otherwise be read and discarded.
+            encoded.append((b"connection", b"close"))
+        await self._send({"type": "http.response.start", "status": status, "headers": encoded})
         await self._send({"type": "http.response.body", "body": body})
         self.ended = True
 

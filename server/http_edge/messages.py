@@ -44,6 +44,7 @@ from server.identity import current_identity, require_model_access
 from server.providers._upstream import GATEWAY_HEADERS
 from server.routing import Route, Router
 from server.schema import ANTHROPIC_MESSAGES, ModelInfo, Passthrough
+from server.token_estimate import count_request
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,6 @@ SSE_HEADERS = [
     ("x-accel-buffering", "no"),  # proxies such as nginx must not buffer the stream
 ]
 SESSION_HEADER = "x-claude-code-session-id"
-ANTHROPIC_KIND = "anthropic"
 # Listed models carry no release date; the list shape requires one.
 _CREATED_AT = "2025-01-01T00:00:00Z"
 
@@ -112,15 +112,13 @@ class MessagesApi:
             decoded = decode_messages(document, request_id=exchange.request_id, deadline=None)
             request = decoded.request
             route = self._route(request.model)
-            if decoded.untranslatable and not any(
-                d.provider.kind == ANTHROPIC_KIND for d in route.deployments
-            ):
-                raise InvalidArgumentError(
-                    decoded.untranslatable,
-                    _untranslatable_message(decoded.untranslatable, route.model.id),
-                )
             request.passthrough = Passthrough(
-                ANTHROPIC_MESSAGES, body, document, forwarded_headers(exchange), exchange.query
+                ANTHROPIC_MESSAGES,
+                body,
+                document,
+                forwarded_headers(exchange),
+                exchange.query,
+                decoded.untranslatable,
             )
             await self._calls.admit(record, request, route)
             events = self._router.stream(request, route)
@@ -191,7 +189,15 @@ class MessagesApi:
             ANTHROPIC_MESSAGES, body, document, forwarded_headers(exchange), exchange.query
         )
         count = await self._router.count_tokens(request, route)
-        payload = json.dumps({"input_tokens": count.input_tokens}).encode()
+        tokens = count.input_tokens
+        if count.estimated or not any(
+            ANTHROPIC_MESSAGES in d.provider.relays for d in route.deployments
+        ):
+            # Never below what the gateway itself will hold the request to (the
+            # context window, the key's tokens per minute): Claude Code compacts
+            # its conversation on this count.
+            tokens = max(tokens, count_request(request.system, request.messages, request.tools))
+        payload = json.dumps({"input_tokens": tokens}).encode()
         await exchange.respond(200, payload, [("content-type", JSON)])
 
     # -- GET /v1/models ------------------------------------------------------------------
@@ -231,11 +237,6 @@ def _model_entry(model: ModelInfo) -> dict[str, Any]:
         "max_input_tokens": model.context_window,
         "max_tokens": model.max_output_tokens,
     }
-
-
-def _untranslatable_message(violations: list[FieldViolation], model: str) -> str:
-    fields = ", ".join(v.field for v in violations)
-    return f"model {model!r} is served by translation to another API, which cannot carry: {fields}"
 
 
 class _StreamWriter:

@@ -136,6 +136,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
 
     kind = "anthropic"
     Settings = AnthropicSettings
+    relays = frozenset({ANTHROPIC_MESSAGES})
 
     client_class = anthropic.AsyncAnthropic
     Model = AnthropicModel
@@ -160,7 +161,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         passthrough = request.passthrough
-        if passthrough is not None and passthrough.protocol == ANTHROPIC_MESSAGES:
+        if passthrough is not None and passthrough.protocol in self.relays:
             async for relayed in self._relay(request, passthrough):
                 yield relayed
             return
@@ -327,7 +328,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
         return error
 
     async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
-        if request.passthrough is not None and request.passthrough.protocol == ANTHROPIC_MESSAGES:
+        if request.passthrough is not None and request.passthrough.protocol in self.relays:
             return await self._relay_count(request, request.passthrough)
         model = self._model(request.model)
         kwargs: dict[str, Any] = {

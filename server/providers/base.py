@@ -37,6 +37,9 @@ class Provider(abc.ABC):
     # deterministic test double): the gateway then never merges waiting
     # deltas (server/coalescing.py) for this provider.
     exact_chunks: ClassVar[bool] = False
+    # The wire formats (server/schema.py's Passthrough.protocol) whose requests
+    # this provider sends upstream verbatim instead of translating them.
+    relays: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, name: str) -> None:
         self.name = name

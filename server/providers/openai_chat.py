@@ -17,10 +17,14 @@ call's timeout is what is left of the caller's deadline. Translation rules
 are in _openai_codec.py; every SDK failure becomes a GatewayError in
 `_map_error`, and only there.
 
-CountTokens is the gateway's documented estimate (server/token_estimate.py,
-`estimated: true`): tiktoken downloads its encodings at run time, which a
-gateway without internet cannot do, and OpenAI has no counting endpoint for
-Chat Completions.
+CountTokens counts with tiktoken and the encodings shipped with the gateway
+(server/openai_tokenizer.py: no download, `estimated: false`) for the models
+tiktoken knows (gpt-4o, gpt-4.1, gpt-5, the o-series, gpt-4, gpt-3.5); a
+request with tools, images or several content parts is flagged `estimated`,
+since OpenAI does not publish how it renders them. Other models, and every
+model when tiktoken is not installed, get the gateway's estimate
+(server/token_estimate.py, `estimated: true`): OpenAI has no counting
+endpoint for Chat Completions.
 
 Provider options: any `chat.completions.create` argument (e.g.
 `reasoning_effort`, `service_tier`, `extra_headers`), and any other key,
@@ -38,7 +42,7 @@ import openai
 from openai.resources.chat.completions import AsyncCompletions
 from pydantic import model_validator
 
-from server import token_estimate
+from server import openai_tokenizer, token_estimate
 from server.catalog import OPENAI_MODELS, OPENAI_PREFIXES
 from server.errors import (
     DeadlineExceededError,
@@ -205,6 +209,12 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
                 await stream.close()
 
     async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
+        upstream_name = self._model(request.model).upstream_name
+        counted = await openai_tokenizer.count_request(
+            upstream_name, request.system, request.messages, request.tools
+        )
+        if counted is not None:
+            return TokenCount(input_tokens=counted.tokens, estimated=not counted.exact)
         count = token_estimate.count_request(request.system, request.messages, request.tools)
         return TokenCount(input_tokens=count, estimated=True)
 

@@ -34,6 +34,7 @@ from server.errors import (
     DeadlineExceededError,
     DeploymentRateLimitedError,
     GatewayError,
+    InvalidArgumentError,
 )
 from server.events import ContentBlockStart, MessageDelta, MessageStart, RawChunk, StreamEvent
 from server.providers.base import Provider
@@ -86,6 +87,31 @@ def build_providers(config: GatewayConfig) -> list[Provider]:
             )
             raise ConfigError(f"invalid configuration:\n{problems}") from None
     return providers
+
+
+def relaying(route: Route, request: GenerationRequest) -> Sequence[Deployment]:
+    """The deployments that can serve a pass-through request that translation would
+    lose parts of: those that relay its protocol. Raises InvalidArgumentError naming
+    what would be lost when there is none."""
+    passthrough = request.passthrough
+    if passthrough is None or not passthrough.untranslatable:
+        return route.deployments
+    relays = [d for d in route.deployments if passthrough.protocol in d.provider.relays]
+    if not relays:
+        lost = ", ".join(v.field for v in passthrough.untranslatable)
+        raise InvalidArgumentError(
+            passthrough.untranslatable,
+            f"model {route.model.id!r} is served by translation to another API,"
+            f" which cannot carry: {lost}",
+        )
+    return relays
+
+
+def _all_relay(deployments: Sequence[Deployment], request: GenerationRequest) -> bool:
+    passthrough = request.passthrough
+    return passthrough is not None and all(
+        passthrough.protocol in d.provider.relays for d in deployments
+    )
 
 
 def _held_back(event: StreamEvent) -> bool:
@@ -356,7 +382,12 @@ class Router:
                     route.model.id,
                     request.request_id,
                 )
-            deployments = fitting(route.deployments, request)
+            deployments = relaying(route, request)
+            if not _all_relay(deployments, request):
+                # A relayed request is checked by its upstream, whose exact count
+                # and own "prompt is too long" reach the client; the gateway's
+                # estimate errs high and would refuse some that fit.
+                deployments = fitting(deployments, request)
             # The attempts loop is inline, not a nested generator: it runs for
             # every event of every call.
             loop = asyncio.get_running_loop()
