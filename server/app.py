@@ -33,12 +33,12 @@ from server.auth import GatewayAuth
 from server.auth.service import SERVICE_NAME as TOKEN_SERVICE
 from server.auth.service import TokenServicer
 from server.config import ConfigError, GatewayConfig, ServerConfig
+from server.grpc_edge.servicer import GenerationServicer
 from server.health import SERVICE_NAME as HEALTH_SERVICE
 from server.health import SERVING, HealthService
 from server.http_edge import FrontDoor, HttpCalls, HttpServer, MessagesApi
 from server.identity import SCOPE_GENERATE
 from server.routing import Router
-from server.servicer import GenerationServicer
 from server.telemetry.observability import Telemetry
 from server.telemetry.tracing import TRACER_NAME
 from server.usage_service import SERVICE_NAME as USAGE_SERVICE

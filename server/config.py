@@ -54,7 +54,7 @@ class ServerConfig(_Strict):
     shutdown_grace_s: float = Field(30.0, ge=0)
     reflection: bool = True
     # Under load, merge the stream deltas that are already waiting into one
-    # message (server/coalescing.py); never delays a delta.
+    # message (server/grpc_edge/coalescing.py); never delays a delta.
     coalesce_stream_deltas: bool = True
     # Serving processes sharing the port with SO_REUSEPORT (server/workers.py);
     # one event loop each, so at most one per core helps.

@@ -2,7 +2,7 @@
 
 Every error the gateway reports is a GatewayError subclass that declares its
 gRPC status code and an ErrorInfo reason. The servicer's error boundary
-(server/servicer.py) is the only place that turns one into a status on the
+(server/grpc_edge/servicer.py) is the only place that turns one into a status on the
 wire, using the google.rpc rich error model through grpcio-status: ErrorInfo
 always, plus BadRequest field violations, RetryInfo or QuotaFailure where
 they apply. Anything that is not a GatewayError becomes INTERNAL with a

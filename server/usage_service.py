@@ -19,7 +19,7 @@ from server.accounting import Accounting
 from server.accounting.ledger import Grouping
 from server.auth.keys import KeyStore
 from server.errors import FieldViolation, InvalidArgumentError, UnavailableError
-from server.servicer import error_boundary
+from server.grpc_edge.servicer import error_boundary
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["UsageService"].full_name
 

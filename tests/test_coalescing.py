@@ -1,4 +1,4 @@
-"""Merging stream deltas that are already waiting (server/coalescing.py)."""
+"""Merging stream deltas that are already waiting (server/grpc_edge/coalescing.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from server.app import Gateway
-from server.coalescing import coalesce
 from server.config import load_config
 from server.errors import UpstreamOverloadedError
 from server.events import (
@@ -24,6 +23,7 @@ from server.events import (
     TextDelta,
     ToolInputDelta,
 )
+from server.grpc_edge.coalescing import coalesce
 from server.schema import StopReason, TextBlock, ToolUseBlock
 from tests.fake_upstream import FakeUpstream
 from tests.fake_upstream.script import Reply, Text

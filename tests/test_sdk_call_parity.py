@@ -20,7 +20,7 @@ from google.protobuf import duration_pb2
 
 from llmgateway.v1 import generation_pb2 as pb
 from server.config import load_config
-from server.decoding import decode_generate
+from server.grpc_edge.decoding import decode_generate
 from server.providers._sdk_provider import SdkProvider
 from server.routing import Router
 from tests.fake_upstream import FakeUpstream

@@ -18,8 +18,8 @@ from llmgateway.v1 import token_pb2 as pb
 from llmgateway.v1 import token_pb2_grpc as pb_grpc
 from server.auth.tokens import NoSigningKeyError, TokenIssuer
 from server.errors import AuthDisabledError, InternalError, PermissionDeniedError
+from server.grpc_edge.servicer import error_boundary
 from server.identity import current_identity
-from server.servicer import error_boundary
 from server.telemetry.audit import PERMISSION_DENIED, TOKEN_ISSUED, audit_event, peer_of
 
 log = logging.getLogger(__name__)

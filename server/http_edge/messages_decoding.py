@@ -4,7 +4,7 @@ The HTTP front door's protocol adapter for Anthropic's JSON, in one pass over
 the parsed body. Every hard problem (no model, a block of the wrong shape, a
 sampling value out of range) becomes a field violation named by its path
 (`messages[2].content[0].source.data`), and all of them are raised together
-as InvalidArgumentError, as server/decoding.py does for the gRPC edge.
+as InvalidArgumentError, as server/grpc_edge/decoding.py does for the gRPC edge.
 
 Anthropic's API is wider than the internal request. What is valid there but
 has no internal equivalent (server tools, `document` or `search_result`

@@ -35,7 +35,7 @@ class Provider(abc.ABC):
     Settings: ClassVar[type[ProviderSettings]] = ProviderSettings
     # True when the chunk boundaries of `stream` are part of the output (a
     # deterministic test double): the gateway then never merges waiting
-    # deltas (server/coalescing.py) for this provider.
+    # deltas (server/grpc_edge/coalescing.py) for this provider.
     exact_chunks: ClassVar[bool] = False
     # The wire formats (server/schema.py's Passthrough.protocol) whose requests
     # this provider sends upstream verbatim instead of translating them.

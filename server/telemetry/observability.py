@@ -11,9 +11,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from interceptors.tracing import TracingInterceptor
 from server.accounting import BudgetAlert
 from server.config import GatewayConfig
+from server.grpc_edge.servicer import GenerationServicer
 from server.logs import log_call
 from server.routing import Router
-from server.servicer import GenerationServicer
 from server.telemetry.audit import BUDGET_ALERT, audit_call, audit_event, close_audit, ensure_audit
 from server.telemetry.metrics import GatewayMetrics, MetricsServer
 from server.telemetry.tracing import TRACER_NAME, CallSpans, build_tracer_provider

@@ -1,6 +1,6 @@
 """The GenerationService servicer: the edge between gRPC and the gateway.
 
-Each RPC decodes and validates its protobuf request (server/decoding.py),
+Each RPC decodes and validates its protobuf request (server/grpc_edge/decoding.py),
 hands the internal request to the router and encodes what comes back.
 Generate folds the very event stream StreamGenerate forwards. This module
 is also the error boundary: the one place a GatewayError (or an unexpected
@@ -22,11 +22,11 @@ import grpc
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from server.calls import CallObserver, CallRecord, accounted, close_record, open_record
-from server.coalescing import coalesce
-from server.decoding import decode_count_tokens, decode_generate
-from server.encoding import encode_event, encode_models, encode_response
 from server.errors import FieldViolation, GatewayError, InternalError, InvalidArgumentError
 from server.events import MessageStart, ResponseAccumulator
+from server.grpc_edge.coalescing import coalesce
+from server.grpc_edge.decoding import decode_count_tokens, decode_generate
+from server.grpc_edge.encoding import encode_event, encode_models, encode_response
 from server.identity import current_identity, require_model_access
 from server.routing import Route, Router
 from server.schema import GenerationRequest
