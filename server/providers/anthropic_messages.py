@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal
-from urllib.parse import parse_qsl
 
 import anthropic
 import httpx2
@@ -42,6 +41,7 @@ from server.errors import (
 )
 from server.events import RawChunk, StreamEvent
 from server.providers import _anthropic_codec as codec
+from server.providers._relay import relayed_body, relayed_options, reply_of
 from server.providers._sdk_provider import SdkProvider
 from server.providers._sse import SseSplitter
 from server.providers._upstream import (
@@ -71,10 +71,6 @@ from server.schema import (
 UPSTREAM_REQUEST_ID_HEADER = "request-id"
 MESSAGES_PATH = "/v1/messages"
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
-# The headers of an upstream error answer that a relayed error keeps.
-_RELAYED_ERROR_HEADERS = frozenset(
-    {"content-type", "retry-after", "x-should-retry", UPSTREAM_REQUEST_ID_HEADER}
-)
 # The HTTP status Anthropic gives each error type (for an error event).
 _ERROR_STATUS = {
     "invalid_request_error": 400,
@@ -214,23 +210,10 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
     def _relayed(
         self, passthrough: Passthrough, model_id: str, deadline: float | None, request_id: str
     ) -> tuple[bytes, dict[str, Any]]:
-        """The body and `client.post` options of a pass-through call: the client's
-        bytes (re-encoded only when the model is renamed) and its headers."""
-        upstream_name = self._model(model_id).upstream_name
-        body = passthrough.body
-        if passthrough.document.get("model") != upstream_name:
-            document = {**passthrough.document, "model": upstream_name}
-            body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
-        headers = {**passthrough.headers, "Content-Type": "application/json"}
-        if request_id:
-            headers["x-request-id"] = request_id
-        options: dict[str, Any] = {
-            "headers": headers,
-            "timeout": upstream_timeout(deadline, self._timeout),
-        }
-        if passthrough.query:
-            options["params"] = dict(parse_qsl(passthrough.query, keep_blank_values=True))
-        return body, options
+        """The body and `client.post` options of a pass-through call."""
+        body = relayed_body(passthrough, {"model": self._model(model_id).upstream_name})
+        timeout = upstream_timeout(deadline, self._timeout)
+        return body, relayed_options(passthrough, timeout, request_id)
 
     async def _relay(
         self, request: GenerationRequest, passthrough: Passthrough
@@ -424,13 +407,10 @@ def _merge_options(kwargs: dict[str, Any], options: dict[str, Any]) -> list[Fiel
 
 
 def _reply_of(response: httpx2.Response) -> UpstreamReply:
-    """An upstream's error answer, kept for an edge that relays it verbatim."""
-    headers = tuple(
-        (name.lower(), value)
-        for name, value in response.headers.items()
-        if name.lower() in _RELAYED_ERROR_HEADERS or name.lower().startswith("anthropic-ratelimit-")
+    """An error answer to relay, with Anthropic's rate-limit headers."""
+    return reply_of(
+        ANTHROPIC_MESSAGES, response, lambda name: name.startswith("anthropic-ratelimit-")
     )
-    return UpstreamReply(ANTHROPIC_MESSAGES, response.status_code, response.content, headers)
 
 
 def _present(values: dict[str, str]) -> dict[str, str]:
