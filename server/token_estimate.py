@@ -131,13 +131,12 @@ def _dense(text: str) -> tuple[int, str]:
 
 
 def _non_ascii_bound(text: str, ascii_chars: int) -> int:
-    """The bound of the characters of `text` that are not ASCII: at most one each."""
+    """The bound of the characters of `text` that are not ASCII."""
     wide = len(text) - len(_WIDE.sub("", text))
     other_bytes = len(text.encode("utf-8", "surrogatepass")) - ascii_chars - 3 * wide
-    bound = math.ceil(wide * WIDE_TOKENS_PER_CHAR) + math.ceil(
+    return math.ceil(wide * WIDE_TOKENS_PER_CHAR) + math.ceil(
         max(0, other_bytes) / OTHER_BYTES_PER_TOKEN
     )
-    return min(bound, len(text) - ascii_chars)
 
 
 def count_text(text: str) -> int:
@@ -152,12 +151,14 @@ def count_text(text: str) -> int:
         ascii_chars, other = len(rest), 0
     else:
         ascii_chars = len(rest.encode("ascii", "ignore"))
-        other = _non_ascii_bound(rest, ascii_chars)
-        # Runs of other characters count above, not as pieces.
+        # Runs of other characters count here, by their length or their pieces.
+        other_pieces = len(_TOKEN.findall(" ".join(_NON_ASCII.findall(rest))))
+        other = max(_non_ascii_bound(rest, ascii_chars), other_pieces)
         rest = _NON_ASCII.sub(" ", rest)
     pieces = len(_ESTIMATE_PIECE.findall(rest))
-    bound = -(-ascii_chars // ASCII_CHARS_PER_TOKEN)
-    return dense + min(max(pieces, bound), ascii_chars) + other
+    estimate = dense + min(max(pieces, -(-ascii_chars // ASCII_CHARS_PER_TOKEN)), ascii_chars)
+    # At most a token a character (see the module docstring).
+    return min(estimate + other, len(text))
 
 
 TextCounter = Callable[[str], int]
