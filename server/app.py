@@ -36,7 +36,7 @@ from server.config import ConfigError, GatewayConfig, ServerConfig
 from server.grpc_edge.servicer import GenerationServicer
 from server.health import SERVICE_NAME as HEALTH_SERVICE
 from server.health import SERVING, HealthService
-from server.http_edge import FrontDoor, HttpCalls, HttpServer, MessagesApi
+from server.http_edge import FrontDoor, GenerationEndpoint, HttpCalls, HttpServer
 from server.identity import SCOPE_GENERATE
 from server.routing import Router
 from server.telemetry.observability import Telemetry
@@ -193,7 +193,8 @@ class Gateway:
                 self.gate, self.accounting.admission, self.servicer.observers, tracer
             )
             front_door = FrontDoor(
-                MessagesApi(self.http_calls, self.router, config.http),
+                GenerationEndpoint(self.http_calls, self.router, config.http.ping_interval_s),
+                self.router,
                 self.auth.authenticator if self.auth else None,
                 max_body_bytes=config.http.max_body_bytes,
                 ready=lambda: self._serving,

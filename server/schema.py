@@ -117,6 +117,8 @@ class CallerMetadata:
 
 # The wire formats the HTTP front door speaks (Passthrough.protocol).
 ANTHROPIC_MESSAGES = "anthropic.messages"
+OPENAI_CHAT = "openai.chat_completions"
+OPENAI_RESPONSES = "openai.responses"
 
 
 @dataclass(slots=True)

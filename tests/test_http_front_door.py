@@ -322,7 +322,14 @@ async def test_health_endpoints_answer_without_credentials(authed_door: AuthedDo
         for path in ("/", "/api/hello"):
             response = await client.head(path)
             assert response.status_code == 200 and response.content == b"", path
-        gateway_error(await client.get("/v1/models"), 401, "authentication_error")
+        anthropic_client = {"anthropic-version": "2023-06-01"}
+        gateway_error(
+            await client.get("/v1/models", headers=anthropic_client), 401, "authentication_error"
+        )
+        # Without `anthropic-version` the client is taken for an OpenAI one.
+        response = await client.get("/v1/models")
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "invalid_api_key"
 
 
 async def test_models_lists_what_the_key_may_use(authed_door: AuthedDoor) -> None:
@@ -396,7 +403,8 @@ async def test_an_unknown_model_and_an_unknown_path_are_404s(url: str) -> None:
         await sdk_client(url).messages.create(model="no-such-model", max_tokens=5, messages=HELLO)
     assert unknown.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
     assert "no-such-model" in unknown.value.message
-    async with httpx2.AsyncClient(base_url=url, timeout=10) as client:
+    headers = {"anthropic-version": "2023-06-01"}
+    async with httpx2.AsyncClient(base_url=url, timeout=10, headers=headers) as client:
         gateway_error(await client.get("/v1/nothing"), 404, "not_found_error")
         gateway_error(await client.post("/v2/messages", content=b"{}"), 404, "not_found_error")
         gateway_error(await client.delete("/v1/messages"), 404, "not_found_error")

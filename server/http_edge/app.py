@@ -18,14 +18,18 @@ import asyncio
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from server.auth.authenticator import Authenticator
 from server.errors import GatewayError, MissingScopeError
-from server.http_edge.errors import JSON, HttpError, error_body, error_response
+from server.http_edge import models
+from server.http_edge.errors import JSON, HttpError, OpenAIErrors
 from server.http_edge.exchange import ClientGoneError, Exchange, Receive, Scope, Send
-from server.http_edge.messages import MessagesApi
+from server.http_edge.generation import Dialect, ErrorDialect, GenerationEndpoint
+from server.http_edge.messages import MessagesDialect, count_tokens
 from server.identity import IDENTITY, SCOPE_GENERATE, Identity
+from server.routing import Router
+from server.schema import OPENAI_CHAT
 from server.telemetry.audit import AUTH_FAILED, PERMISSION_DENIED, audit_event
 
 log = logging.getLogger(__name__)
@@ -38,13 +42,27 @@ _MODEL_PATH = re.compile(r"^/v1/models/([^/]+)$")
 Handler = Callable[[Exchange, bytes], Awaitable[None]]
 
 
-class _Endpoint:
-    __slots__ = ("handler", "private", "reads_body")
+ANTHROPIC = MessagesDialect()
+OPENAI_ERRORS = OpenAIErrors(OPENAI_CHAT)
 
-    def __init__(self, handler: Handler, *, private: bool = True, reads_body: bool = False):
+
+class _Endpoint:
+    __slots__ = ("dialect", "handler", "private", "reads_body")
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        private: bool = True,
+        reads_body: bool = False,
+        dialect: ErrorDialect | None = None,
+    ):
         self.handler = handler
         self.private = private  # needs credentials
         self.reads_body = reads_body  # a JSON body
+        # The wire format its errors are written in; None: the client's (its
+        # `anthropic-version` header says Anthropic's, OpenAI's otherwise).
+        self.dialect = dialect
 
 
 class FrontDoor:
@@ -52,14 +70,17 @@ class FrontDoor:
 
     def __init__(
         self,
-        messages: MessagesApi,
+        generation: GenerationEndpoint,
+        router: Router,
         authenticator: Authenticator | None,
         *,
         max_body_bytes: int,
         ready: Callable[[], bool],
+        dialects: Mapping[str, Dialect] = {},
     ) -> None:
         self._limit = max_body_bytes
-        self._messages = messages
+        self._generation = generation
+        self._router = router
         self._authenticator = authenticator
         self._ready = ready
         alive = _Endpoint(self._alive, private=False)
@@ -73,12 +94,16 @@ class FrontDoor:
             ("HEAD", "/"): empty,
             ("GET", "/api/hello"): alive,
             ("HEAD", "/api/hello"): empty,
-            ("POST", "/v1/messages"): _Endpoint(messages.create, reads_body=True),
             ("POST", "/v1/messages/count_tokens"): _Endpoint(
-                messages.count_tokens, reads_body=True
+                self._count_tokens, reads_body=True, dialect=ANTHROPIC
             ),
             ("GET", "/v1/models"): _Endpoint(self._list_models),
         }
+        # The generation endpoints: one loop, a dialect each.
+        for path, dialect in {"/v1/messages": ANTHROPIC, **dialects}.items():
+            self._routes["POST", path] = _Endpoint(
+                self._generator(dialect), reads_body=True, dialect=dialect
+            )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -108,12 +133,20 @@ class FrontDoor:
                 return _Endpoint(self._get_model), match.group(1)
         return endpoint, ""
 
+    def _generator(self, dialect: Dialect) -> Handler:
+        async def generate(exchange: Exchange, body: bytes) -> None:
+            await self._generation.run(dialect, exchange, body)
+
+        return generate
+
     async def _serve(self, exchange: Exchange, scope: Scope) -> None:
         endpoint, argument = self._endpoint(exchange.method, exchange.path)
         if endpoint is None:
             message = f"{exchange.method} {exchange.path} is not served here"
-            await self._answer_error(exchange, HttpError(404, "not_found_error", message))
+            error = HttpError(404, "not_found_error", message)
+            await self._answer_error(exchange, error, _client_dialect(exchange))
             return
+        dialect = endpoint.dialect or _client_dialect(exchange)
         token = None
         try:
             if endpoint.private and self._authenticator is not None:
@@ -125,13 +158,11 @@ class FrontDoor:
                 exchange.watch_disconnect()
             await endpoint.handler(exchange, body)
         except (GatewayError, HttpError) as err:
-            await self._answer_error(exchange, err)
+            await self._answer_error(exchange, err, dialect)
         except Exception:
             log.exception("unhandled error serving request %s", exchange.request_id)
-            error = HttpError(
-                500, "api_error", f"internal error (request id {exchange.request_id})"
-            )
-            await self._answer_error(exchange, error)
+            message = f"internal error (request id {exchange.request_id})"
+            await self._answer_error(exchange, HttpError(500, "api_error", message), dialect)
         finally:
             if token is not None:
                 IDENTITY.reset(token)
@@ -157,17 +188,20 @@ class FrontDoor:
             raise
         return identity
 
-    async def _answer_error(self, exchange: Exchange, error: GatewayError | HttpError) -> None:
+    async def _answer_error(
+        self, exchange: Exchange, error: GatewayError | HttpError, dialect: ErrorDialect
+    ) -> None:
         """The one place a failure becomes an HTTP answer (or ends a started stream)."""
         if exchange.started:
             if not exchange.ended:
                 await exchange.end()
             return
         if isinstance(error, HttpError):
-            body = error_body(error.error_type, error.message, exchange.request_id)
+            request_id = exchange.request_id
+            body = dialect.error_body(error.status, error.error_type, error.message, request_id)
             await exchange.respond(error.status, body, [("content-type", JSON)])
             return
-        status, body, headers = error_response(error, exchange.request_id)
+        status, body, headers = dialect.error_response(error, exchange.request_id)
         await exchange.respond(status, body, headers)
 
     # -- the endpoints the front door answers itself ------------------------------------
@@ -185,10 +219,20 @@ class FrontDoor:
         await exchange.respond(200, b"", [])
 
     async def _list_models(self, exchange: Exchange, body: bytes) -> None:
-        await self._messages.list_models(exchange)
+        await models.list_models(self._router, exchange)
 
     async def _get_model(self, exchange: Exchange, body: bytes) -> None:
-        await self._messages.get_model(exchange, body.decode())
+        await models.get_model(self._router, exchange, body.decode())
+
+    async def _count_tokens(self, exchange: Exchange, body: bytes) -> None:
+        await count_tokens(self._router, exchange, body)
+
+
+def _client_dialect(exchange: Exchange) -> ErrorDialect:
+    """The dialect a client speaks, for an endpoint both kinds call (models, 404s)."""
+    if "anthropic-version" in exchange.headers or exchange.path.startswith(_PREFIX):
+        return ANTHROPIC
+    return OPENAI_ERRORS
 
 
 def _request_id(exchange: Exchange) -> str:

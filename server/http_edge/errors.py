@@ -124,3 +124,91 @@ def stream_error_event(error: GatewayError) -> bytes:
             return b"event: error\ndata: " + reply.body + b"\n\n"
     _, error_type = status_of(error)
     return error_event(error_type, message_of(error))
+
+
+# -- OpenAI's dialect ------------------------------------------------------------------
+# `{"error": {"message", "type", "param", "code"}}`, with the statuses above: the
+# openai SDKs pick their exception class by status; the type and code say why.
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    504: "server_error",
+    529: "server_error",
+}
+_OPENAI_CODES = {
+    401: "invalid_api_key",
+    404: "model_not_found",
+    413: "request_too_large",
+    429: "rate_limit_exceeded",
+    504: "timeout",
+    529: "overloaded",
+}
+
+
+def openai_error_body(
+    status: int, message: str, *, code: str | None = None, param: str | None = None
+) -> bytes:
+    document = {
+        "error": {
+            "message": message,
+            "type": _OPENAI_TYPES.get(
+                status, "server_error" if status >= 500 else "invalid_request_error"
+            ),
+            "param": param,
+            "code": code if code is not None else _OPENAI_CODES.get(status),
+        }
+    }
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _openai_code(error: GatewayError, status: int) -> str | None:
+    if isinstance(error, ContextWindowExceededError):
+        return "context_length_exceeded"
+    if isinstance(error, BudgetExceededError | QuotaExhaustedError):
+        return "insufficient_quota"
+    return _OPENAI_CODES.get(status)
+
+
+def openai_error_response(
+    error: GatewayError, request_id: str, protocol: str
+) -> tuple[int, bytes, list[tuple[str, str]]]:
+    """Status, body and headers of a gateway error in OpenAI's dialect (or the
+    upstream's own answer, when an OpenAI deployment gave it to a relayed call)."""
+    reply = error.upstream_reply
+    if reply is not None and reply.protocol == protocol and reply.body and not reply.event:
+        headers = [(name, value) for name, value in reply.headers if name != "content-type"]
+        return reply.status, reply.body, [("content-type", JSON), *headers]
+    status, _ = status_of(error)
+    param = None
+    if isinstance(error, InvalidArgumentError) and error.violations:
+        param = error.violations[0].field
+    body = openai_error_body(
+        status, message_of(error), code=_openai_code(error, status), param=param
+    )
+    headers = [("content-type", JSON), ("x-request-id", request_id)]
+    if error.retry_after is not None:
+        headers.append(("retry-after", str(max(1, math.ceil(error.retry_after)))))
+    if isinstance(error, _FINAL):
+        headers.append(("x-should-retry", "false"))
+    return status, body, headers
+
+
+class OpenAIErrors:
+    """OpenAI's error dialect, for the endpoints of `protocol` (and those both SDKs call)."""
+
+    def __init__(self, protocol: str) -> None:
+        self.protocol = protocol
+
+    def error_response(
+        self, error: GatewayError, request_id: str
+    ) -> tuple[int, bytes, list[tuple[str, str]]]:
+        return openai_error_response(error, request_id, self.protocol)
+
+    def error_body(self, status: int, error_type: str, message: str, request_id: str) -> bytes:
+        return openai_error_body(status, message)

@@ -38,8 +38,9 @@ class Provider(abc.ABC):
     # deltas (server/grpc_edge/coalescing.py) for this provider.
     exact_chunks: ClassVar[bool] = False
     # The wire formats (server/schema.py's Passthrough.protocol) whose requests
-    # this provider sends upstream verbatim instead of translating them.
-    relays: ClassVar[frozenset[str]] = frozenset()
+    # this provider sends upstream verbatim instead of translating them (an
+    # instance may narrow it: not every OpenAI-compatible server has every API).
+    relays: frozenset[str] = frozenset()
 
     def __init__(self, name: str) -> None:
         self.name = name

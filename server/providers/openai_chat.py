@@ -48,11 +48,15 @@ from server.errors import (
     DeadlineExceededError,
     GatewayError,
     UpstreamProtocolError,
+    UpstreamReply,
     UpstreamStreamInterruptedError,
 )
-from server.events import StreamEvent
+from server.events import RawChunk, StreamEvent
 from server.providers import _openai_codec as codec
+from server.providers import _openai_responses_codec as responses_codec
+from server.providers._relay import relayed_body, relayed_options, reply_of
 from server.providers._sdk_provider import SdkProvider
+from server.providers._sse import SseEvent, SseSplitter
 from server.providers._upstream import (
     FailureKind,
     SamplingParameter,
@@ -70,10 +74,18 @@ from server.providers._upstream import (
     upstream_timeout,
     with_catalog_defaults,
 )
-from server.schema import GenerationRequest, TokenCount, TokenCountRequest
+from server.schema import (
+    OPENAI_CHAT,
+    OPENAI_RESPONSES,
+    GenerationRequest,
+    Passthrough,
+    TokenCount,
+    TokenCountRequest,
+)
 
 UPSTREAM_REQUEST_ID_HEADER = "x-request-id"
 COMPLETIONS_PATH = "/chat/completions"
+RESPONSES_PATH = "/responses"
 _CREATE_ARGUMENTS = sdk_parameters(AsyncCompletions.create)
 
 # OpenAI's error types and codes, for an error that arrives inside a stream.
@@ -113,6 +125,10 @@ class OpenAISettings(UpstreamSettings):
     models: list[OpenAIModel] | None = None
     # Older OpenAI-compatible servers know only `max_tokens`.
     max_tokens_field: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
+    # Whether the upstream serves the Responses API (`/v1/responses`), to which
+    # the HTTP front door then relays Responses requests verbatim; None: only
+    # OpenAI itself (no base_url) is assumed to.
+    responses_api: bool | None = None
 
 
 class OpenAIChatProvider(SdkProvider[OpenAIModel]):
@@ -129,6 +145,10 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
     def __init__(self, name: str, settings: OpenAISettings) -> None:
         super().__init__(name, settings)
         self._max_tokens_field = settings.max_tokens_field
+        responses = settings.responses_api
+        if responses is None:
+            responses = settings.base_url is None
+        self.relays = frozenset({OPENAI_CHAT, OPENAI_RESPONSES} if responses else {OPENAI_CHAT})
 
     def create_arguments(self, request: GenerationRequest) -> dict[str, Any]:
         """The `chat.completions.create` keyword arguments for `request` (stream and
@@ -160,6 +180,14 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         return kwargs
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        passthrough = request.passthrough
+        if passthrough is not None and passthrough.protocol in self.relays:
+            relay = (
+                self._relay_chat if passthrough.protocol == OPENAI_CHAT else self._relay_responses
+            )
+            async for relayed in relay(request, passthrough):
+                yield relayed
+            return
         body, options = post_arguments(self.create_arguments(request))
         # What `create` sends: the API key as a bearer token, not an admin key.
         options["security"] = {"bearer_auth": True}
@@ -207,6 +235,185 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
             # Closes the HTTP response at once, also when the caller cancelled.
             if stream is not None:
                 await stream.close()
+
+    # -- relayed calls (the HTTP front door's pass-through) ---------------------------
+
+    def _relayed(
+        self, request: GenerationRequest, passthrough: Passthrough, changes: dict[str, Any]
+    ) -> tuple[bytes, dict[str, Any]]:
+        upstream_name = self._model(request.model).upstream_name
+        body = relayed_body(passthrough, {"model": upstream_name, **changes})
+        timeout = upstream_timeout(request.deadline, self._timeout)
+        options = relayed_options(passthrough, timeout, request.request_id)
+        options["security"] = {"bearer_auth": True}
+        return body, options
+
+    async def _relay_chat(
+        self, request: GenerationRequest, passthrough: Passthrough
+    ) -> AsyncIterator[StreamEvent]:
+        """A Chat Completions request as the client sent it, the upstream's bytes back.
+
+        A stream always asks for usage (the gateway bills from it); the usage
+        chunk reaches the client only if it asked for it too.
+        """
+        document = passthrough.document
+        streaming = document.get("stream") is True
+        options_asked = document.get("stream_options")
+        wants_usage = isinstance(options_asked, dict) and options_asked.get("include_usage") is True
+        changes: dict[str, Any] = {}
+        if streaming and not wants_usage:
+            given = options_asked if isinstance(options_asked, dict) else {}
+            changes["stream_options"] = {**given, "include_usage": True}
+        upstream_request_id = ""
+        stream: Any = None
+        client = await self._sdk.current()
+        try:
+            body, options = self._relayed(request, passthrough, changes)
+            if not streaming:
+                response = await client.post(
+                    COMPLETIONS_PATH, content=body, options=options, cast_to=httpx2.Response
+                )
+                upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+                decoder = self._decoder(request, upstream_request_id)
+                for chunk in codec.completion_as_chunks(json.loads(response.content)):
+                    for event in decoder.feed(chunk):
+                        yield event
+                for event in decoder.finish():
+                    yield event
+                yield RawChunk(response.content)
+                return
+            stream = await client.post(
+                COMPLETIONS_PATH,
+                content=body,
+                options=options,
+                cast_to=object,
+                stream=True,
+                stream_cls=openai.AsyncStream[object],
+            )
+            upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+            decoder = self._decoder(request, upstream_request_id)
+            splitter = SseSplitter()
+            async for piece in stream.response.aiter_bytes():
+                for sse in splitter.feed(piece):
+                    if not sse.data or sse.data == "[DONE]":
+                        yield RawChunk(sse.raw)
+                        continue
+                    chunk = json.loads(sse.data)
+                    if "error" in chunk:
+                        raise self._stream_error(chunk["error"], sse, OPENAI_CHAT, request)
+                    # The usage chunk (no choices) the client did not ask for.
+                    if wants_usage or chunk.get("choices") or chunk.get("usage") is None:
+                        yield RawChunk(sse.raw)
+                    for event in decoder.feed(chunk):
+                        yield event
+            for event in decoder.finish():
+                yield event
+        except (openai.OpenAIError, httpx2.HTTPError, json.JSONDecodeError) as err:
+            raise self._relay_failure(err, OPENAI_CHAT, request, upstream_request_id) from err
+        finally:
+            if stream is not None:
+                await stream.close()
+
+    async def _relay_responses(
+        self, request: GenerationRequest, passthrough: Passthrough
+    ) -> AsyncIterator[StreamEvent]:
+        """A Responses API request as the client sent it, the upstream's bytes back."""
+        upstream_request_id = ""
+        stream: Any = None
+        client = await self._sdk.current()
+        try:
+            body, options = self._relayed(request, passthrough, {})
+            if passthrough.document.get("stream") is not True:
+                response = await client.post(
+                    RESPONSES_PATH, content=body, options=options, cast_to=httpx2.Response
+                )
+                upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+                decoder = self._responses_decoder(request, upstream_request_id)
+                for data in responses_codec.response_as_events(json.loads(response.content)):
+                    for event in decoder.feed(data):
+                        yield event
+                yield RawChunk(response.content)
+                return
+            stream = await client.post(
+                RESPONSES_PATH,
+                content=body,
+                options=options,
+                cast_to=object,
+                stream=True,
+                stream_cls=openai.AsyncStream[object],
+            )
+            upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+            decoder = self._responses_decoder(request, upstream_request_id)
+            splitter = SseSplitter()
+            async for piece in stream.response.aiter_bytes():
+                for sse in splitter.feed(piece):
+                    if not sse.data:
+                        yield RawChunk(sse.raw)
+                        continue
+                    data = json.loads(sse.data)
+                    kind = data.get("type")
+                    if kind == "error":
+                        raise self._stream_error(data, sse, OPENAI_RESPONSES, request)
+                    if kind == "response.failed":
+                        failure = (data.get("response") or {}).get("error") or {}
+                        raise self._stream_error(failure, sse, OPENAI_RESPONSES, request)
+                    yield RawChunk(sse.raw)
+                    for event in decoder.feed(data):
+                        yield event
+            decoder.finish()
+        except (openai.OpenAIError, httpx2.HTTPError, json.JSONDecodeError) as err:
+            raise self._relay_failure(err, OPENAI_RESPONSES, request, upstream_request_id) from err
+        finally:
+            if stream is not None:
+                await stream.close()
+
+    def _decoder(
+        self, request: GenerationRequest, upstream_request_id: str
+    ) -> codec.ChatStreamDecoder:
+        return codec.ChatStreamDecoder(
+            provider=self.name,
+            model=request.model,
+            request_id=request.request_id,
+            upstream_request_id=upstream_request_id,
+        )
+
+    def _responses_decoder(
+        self, request: GenerationRequest, upstream_request_id: str
+    ) -> responses_codec.ResponsesStreamDecoder:
+        return responses_codec.ResponsesStreamDecoder(
+            provider=self.name,
+            model=request.model,
+            request_id=request.request_id,
+            upstream_request_id=upstream_request_id,
+        )
+
+    def _relay_failure(
+        self, err: Exception, protocol: str, request: GenerationRequest, upstream_request_id: str
+    ) -> GatewayError:
+        error = self._failure(err, request.model, upstream_request_id, request.request_id)
+        if isinstance(err, openai.APIStatusError):
+            error.upstream_reply = reply_of(protocol, err.response, _rate_limit_header)
+        return error
+
+    def _stream_error(
+        self, details: Any, sse: SseEvent, protocol: str, request: GenerationRequest
+    ) -> GatewayError:
+        """An error event inside a relayed stream, mapped, its bytes kept for relay."""
+        details = details if isinstance(details, dict) else {}
+        code = str(details.get("code") or "")
+        error_type = str(details.get("type") or "")
+        kind = _ERROR_TYPES.get(code) or _ERROR_TYPES.get(error_type, "unavailable")
+        error = upstream_failure(
+            kind,
+            provider=self.name,
+            model=request.model,
+            message=self._sdk.redact(str(details.get("message") or "")),
+            metadata={"upstream_error_type": error_type or code},
+        )
+        error.upstream_reply = UpstreamReply(
+            protocol, 500, sse.data.encode(), (("content-type", "application/json"),), sse.raw
+        )
+        return error
 
     async def count_tokens(self, request: TokenCountRequest) -> TokenCount:
         upstream_name = self._model(request.model).upstream_name
@@ -268,6 +475,10 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         return UpstreamProtocolError(
             f"provider {self.name} answered with something the gateway cannot read", metadata=base
         )
+
+
+def _rate_limit_header(name: str) -> bool:
+    return name.startswith("x-ratelimit-")
 
 
 def _body_message(body: object) -> str:

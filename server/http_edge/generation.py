@@ -1,0 +1,258 @@
+"""A generation call over HTTP, whatever the wire format: one loop for every protocol.
+
+The Messages, Chat Completions and Responses endpoints differ in how a
+request is decoded, how events and errors are written, and which headers
+go upstream; each protocol says so in a Dialect (messages.py, chat.py,
+responses.py). What they share is here, written once: the call through
+the core (calls.py: gate, record, admission), the choice between relaying
+the upstream's bytes (a provider of the same format answered, with
+RawChunks) and encoding the gateway's events, keep-alive pings while an
+upstream is silent, and the end of a stream that fails after it began.
+
+Pings: before the first event the status is not sent, so that a failure
+before any content (all retries and fallbacks spent) answers with its own
+status; once `http.ping_interval_s` passes in silence the stream commits to
+200 and pings, and a later failure ends it with the dialect's error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from server.errors import (
+    FieldViolation,
+    GatewayError,
+    InternalError,
+    InvalidArgumentError,
+    ModelNotFoundError,
+)
+from server.events import RawChunk, ResponseAccumulator, StreamEvent
+from server.http_edge.calls import HttpCalls
+from server.http_edge.exchange import Exchange
+from server.routing import Route, Router
+from server.schema import GenerationRequest, GenerationResponse, Passthrough
+
+JSON = "application/json"
+SSE_HEADERS = [
+    ("content-type", "text/event-stream; charset=utf-8"),
+    ("cache-control", "no-cache"),
+    ("x-accel-buffering", "no"),  # proxies such as nginx must not buffer the stream
+]
+# Claude Code names its session: recorded as the call's end user.
+SESSION_HEADER = "x-claude-code-session-id"
+
+
+@dataclass(slots=True)
+class Decoded:
+    """A decoded request, whatever its wire format."""
+
+    request: GenerationRequest
+    stream: bool
+    # What translating it would lose (server/schema.py's Passthrough).
+    untranslatable: list[FieldViolation] = field(default_factory=list)
+    # The request named no output cap: the model's default applies.
+    default_max_tokens: bool = False
+    # What the dialect's encoder needs besides (e.g. OpenAI's include_usage).
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Encoder(Protocol):
+    def feed(self, event: StreamEvent) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+class ErrorDialect(Protocol):
+    """How one wire format writes an error answer."""
+
+    def error_response(
+        self, error: GatewayError, request_id: str
+    ) -> tuple[int, bytes, list[tuple[str, str]]]: ...
+
+    def error_body(self, status: int, error_type: str, message: str, request_id: str) -> bytes: ...
+
+
+class Dialect(ErrorDialect, Protocol):
+    """How one wire format reads requests and writes answers and errors."""
+
+    protocol: str  # Passthrough.protocol
+    span_name: str  # the server span's name, e.g. "POST /v1/messages"
+    ping: bytes  # what keeps a silent stream alive
+
+    def decode(self, document: dict[str, Any], request_id: str) -> Decoded: ...
+
+    def forwarded_headers(self, headers: Mapping[str, str]) -> dict[str, str]: ...
+
+    def encoder(self, decoded: Decoded, request_id: str) -> Encoder: ...
+
+    def whole(self, response: GenerationResponse, decoded: Decoded, request_id: str) -> bytes: ...
+
+    def stream_error(self, error: GatewayError, encoder: Encoder | None) -> bytes:
+        """The event that ends a stream failing after it began (`encoder`: the
+        translation's, None when the upstream's bytes were relayed)."""
+        ...
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    try:
+        document = json.loads(body, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as err:
+        raise InvalidArgumentError([FieldViolation("body", f"not valid JSON: {err}")]) from None
+    if not isinstance(document, dict):
+        raise InvalidArgumentError([FieldViolation("body", "must be a JSON object")])
+    return document
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def resolve(router: Router, model: str) -> Route:
+    route = router.resolve(model)
+    if route is None:
+        raise ModelNotFoundError(model)
+    return route
+
+
+class GenerationEndpoint:
+    """Runs generation calls of any dialect on the core."""
+
+    def __init__(self, calls: HttpCalls, router: Router, ping_interval_s: float) -> None:
+        self._calls = calls
+        self._router = router
+        self._ping_s = ping_interval_s
+
+    async def run(self, dialect: Dialect, exchange: Exchange, body: bytes) -> None:
+        async with self._calls.call(
+            dialect.protocol, exchange.request_id, exchange.headers, dialect.span_name
+        ) as record:
+            record.end_user = exchange.headers.get(SESSION_HEADER, "")[:256]
+            document = parse_json(body)
+            if isinstance(document.get("model"), str):
+                record.model_requested = document["model"]
+            decoded = dialect.decode(document, exchange.request_id)
+            request = decoded.request
+            route = resolve(self._router, request.model)
+            if decoded.default_max_tokens:
+                request.max_tokens = route.model.default_max_tokens
+            request.passthrough = Passthrough(
+                dialect.protocol,
+                body,
+                document,
+                dialect.forwarded_headers(exchange.headers),
+                exchange.query,
+                decoded.untranslatable,
+            )
+            await self._calls.admit(record, request, route)
+            events = self._router.stream(request, route)
+            if decoded.stream:
+                await self._stream(dialect, decoded, exchange, events, record.observe)
+            else:
+                await self._whole(dialect, decoded, exchange, events, record.observe)
+
+    async def _whole(
+        self,
+        dialect: Dialect,
+        decoded: Decoded,
+        exchange: Exchange,
+        events: AsyncIterator[StreamEvent],
+        observe: Any,
+    ) -> None:
+        accumulator = ResponseAccumulator()
+        raw: bytes | None = None
+        async for event in events:
+            observe(event)
+            if isinstance(event, RawChunk):
+                raw = event.data
+            else:
+                accumulator.add(event)
+        if raw is None:
+            raw = dialect.whole(accumulator.result(), decoded, exchange.request_id)
+        await exchange.respond(200, raw, [("content-type", JSON)])
+
+    async def _stream(
+        self,
+        dialect: Dialect,
+        decoded: Decoded,
+        exchange: Exchange,
+        events: AsyncIterator[StreamEvent],
+        observe: Any,
+    ) -> None:
+        writer = StreamWriter(exchange, self._ping_s, dialect.ping)
+        encoder: Encoder | None = None
+        relayed = False
+        try:
+            async for event in events:
+                observe(event)
+                if isinstance(event, RawChunk):
+                    relayed = True
+                    await writer.write(event.data)
+                elif not relayed:
+                    if encoder is None:
+                        encoder = dialect.encoder(decoded, exchange.request_id)
+                    data = encoder.feed(event)
+                    if data:
+                        await writer.write(data)
+            if encoder is not None:
+                tail = encoder.finish()
+                if tail:
+                    await writer.write(tail)
+        except GatewayError as err:
+            if not exchange.started:
+                raise
+            await writer.write(dialect.stream_error(err, encoder), final=True)
+            raise
+        except Exception:
+            if exchange.started:
+                failure = dialect.stream_error(InternalError("internal error"), encoder)
+                await writer.write(failure, final=True)
+            raise
+        finally:
+            writer.close()
+        await writer.end()
+
+
+class StreamWriter:
+    """Writes a stream's chunks, and pings while nothing else is written."""
+
+    __slots__ = ("_done", "_exchange", "_interval", "_last", "_lock", "_loop", "_ping", "_pinger")
+
+    def __init__(self, exchange: Exchange, interval: float, ping: bytes) -> None:
+        self._exchange = exchange
+        self._interval = interval
+        self._ping = ping
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+        self._lock = asyncio.Lock()
+        self._done = False
+        self._pinger = self._loop.create_task(self._pings())
+
+    async def write(self, data: bytes, *, final: bool = False) -> None:
+        async with self._lock:
+            if self._done:
+                return
+            if not self._exchange.started:
+                await self._exchange.start(200, SSE_HEADERS)
+            await self._exchange.write(data)
+            self._last = self._loop.time()
+            self._done = final
+
+    async def _pings(self) -> None:
+        while True:
+            await asyncio.sleep(self._last + self._interval - self._loop.time())
+            if self._loop.time() - self._last >= self._interval:
+                await self.write(self._ping)
+
+    def close(self) -> None:
+        self._pinger.cancel()
+
+    async def end(self) -> None:
+        async with self._lock:
+            if not self._exchange.started:
+                await self._exchange.start(200, SSE_HEADERS)
+            await self._exchange.end()
