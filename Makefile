@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The last released contract, as a buf image: `buf breaking` compares proto/ with it.
 RELEASED_CONTRACT := proto/released/contract.binpb
 
-.PHONY: run test check lint typecheck pytest proto proto-lint proto-release bench bench-peer clean
+.PHONY: run test check lint typecheck pytest claude-code proto proto-lint proto-release bench bench-peer clean
 
 ## run: install the gateway and serve it: gRPC on 127.0.0.1:50051, HTTP on 127.0.0.1:8080 (offline provider, no keys)
 run: $(STAMP)
@@ -15,7 +15,7 @@ run: $(STAMP)
 ## test: install everything, then lint, type-check and run the whole test suite
 test: $(STAMP) lint typecheck proto-lint pytest
 
-pytest: $(STAMP) test-servers
+pytest: $(STAMP) test-servers claude-code
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## test-servers: servers the test suite starts by itself: redis-server and PostgreSQL (Debian's packages)
@@ -33,6 +33,19 @@ test-servers:
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
 			postgresql >/dev/null; \
+	}
+
+## claude-code: Claude Code, the version pinned in tests/node/claude-code (npm), for tests/test_claude_code.py
+CLAUDE_CODE_DIR := tests/node/claude-code
+claude-code:
+	@ls $(CLAUDE_CODE_DIR)/node_modules/@anthropic-ai/claude-code-*/claude >/dev/null 2>&1 || { \
+		if command -v npm >/dev/null 2>&1; then \
+			echo "installing Claude Code (npm ci in $(CLAUDE_CODE_DIR)) for tests/test_claude_code.py"; \
+			npm ci --prefix $(CLAUDE_CODE_DIR) --no-audit --no-fund --loglevel=error >/dev/null || \
+				echo "npm ci failed: tests/test_claude_code.py will skip (and fail under CI)"; \
+		else \
+			echo "npm not found: tests/test_claude_code.py will skip (and fail under CI); install Node.js and npm"; \
+		fi; \
 	}
 
 lint: $(STAMP)
