@@ -11,7 +11,7 @@ after some events.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass
@@ -87,6 +87,9 @@ class Reply:
     event_delay_s: float = 0.0  # between streamed events
     error_after: int | None = None  # an error event after this many events
     stream_error_type: str = "overloaded_error"
+    # How the Responses API reports that error: an `error` event with the
+    # error envelope, or a `response.failed` event (OpenAI sends both).
+    responses_failure: Literal["error", "response.failed"] = "error"
     reset_after: int | None = None  # the connection is cut after this many events
     # Sent as the whole 200 body instead of the reply (SSE when the call streams)
     raw_body: bytes | None = None

@@ -6,6 +6,7 @@ loop, and serves both APIs at once:
     POST /v1/messages                 Anthropic Messages (streaming or not)
     POST /v1/messages/count_tokens    Anthropic token counting
     POST /v1/chat/completions         OpenAI Chat Completions (streaming or not)
+    POST /v1/responses                OpenAI Responses (streaming or not)
 
 It records every request (method, path, headers, JSON body) and notices
 when a client goes away before the response is finished. Tests script
@@ -22,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fake_upstream import anthropic_wire, openai_wire
+from tests.fake_upstream import anthropic_wire, openai_wire, responses_wire
 from tests.fake_upstream.script import Reply
 
 
@@ -51,6 +52,7 @@ class FakeUpstream:
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_post("/v1/responses", self._responses)
         # Cancels a handler when its client disconnects: that is how we notice.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         self.port = 0
@@ -148,6 +150,20 @@ class FakeUpstream:
             body=lambda: openai_wire.completion_body(reply, model),
             events=lambda: openai_wire.stream_events(reply, model, include_usage),
             stream_error=openai_wire.stream_error_event,
+        )
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        recorded, reply = await self._record(request)
+        body = recorded.body if isinstance(recorded.body, dict) else {}
+        return await self._respond(
+            request,
+            recorded,
+            reply,
+            headers=responses_wire.response_headers(reply),
+            error=lambda status: responses_wire.error_body(reply, status),
+            body=lambda: responses_wire.response_body(reply, body),
+            events=lambda: responses_wire.stream_events(reply, body),
+            stream_error=lambda _reply: responses_wire.stream_error_event(reply, body),
         )
 
     async def _respond(
