@@ -73,8 +73,9 @@ def status_of(error: GatewayError) -> tuple[int, str]:
 def message_of(error: GatewayError) -> str:
     """The message a client reads: every bad field of an invalid request named."""
     if isinstance(error, ContextWindowExceededError):
-        # Claude Code compacts its conversation when it reads these words.
-        return f"prompt is too long: {'; '.join(v.description for v in error.violations)}"
+        # Anthropic's own words (server/routing/context_window.py): Claude Code
+        # compacts its conversation, or lowers max_tokens, when it reads them.
+        return error.message
     if isinstance(error, InvalidArgumentError) and len(error.violations) > 1:
         return "invalid request: " + "; ".join(
             f"{v.field}: {v.description}" for v in error.violations

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 
-from server.errors import ContextWindowExceededError, FieldViolation
+from server.errors import ContextWindowExceededError, FieldViolation, InvalidArgumentError
 from server.routing.route import Deployment
 from server.schema import (
     ContentBlock,
@@ -76,12 +76,32 @@ def fitting(deployments: Sequence[Deployment], request: GenerationRequest) -> li
     if fit:
         return fit
     largest = max(deployments, key=lambda d: d.model.context_window).model
-    raise ContextWindowExceededError(
-        [
-            FieldViolation(
-                "messages",
-                f"about {tokens} input tokens plus max_tokens {max_tokens} exceed the"
-                f" {largest.context_window}-token context window of model {largest.id!r}",
-            )
-        ]
+    widest = max(deployments, key=lambda d: d.model.max_output_tokens).model
+    window = largest.context_window
+    # The messages are Anthropic's own, word for word: clients such as Claude
+    # Code read them to lower max_tokens, or to compact the conversation.
+    if max_tokens > widest.max_output_tokens:
+        limit = widest.max_output_tokens
+        raise InvalidArgumentError(
+            [
+                FieldViolation(
+                    "max_tokens",
+                    f"{max_tokens} exceeds the {limit} output tokens of model {widest.id!r}",
+                )
+            ],
+            f"max_tokens: {max_tokens} > {limit}, which is the maximum allowed number of"
+            f" output tokens for {widest.id}",
+        )
+    violation = FieldViolation(
+        "messages",
+        f"about {tokens} input tokens plus max_tokens {max_tokens} exceed the"
+        f" {window}-token context window of model {largest.id!r}",
     )
+    if tokens >= window:
+        message = f"prompt is too long: {tokens} tokens > {window} maximum"
+    else:
+        message = (
+            f"input length and `max_tokens` exceed context limit: {tokens} + {max_tokens}"
+            f" > {window}, decrease input length or `max_tokens` and try again"
+        )
+    raise ContextWindowExceededError([violation], message)
