@@ -12,21 +12,24 @@ count is close on English prose but far below on long unbroken runs
 (200,000 characters with no space were 4 "tokens") and on scripts without
 spaces (4,500 Japanese characters were 603).
 
-The bound was fitted to OpenAI's o200k_base and cl100k_base encodings
-(tests/test_exact_tokens.py compares them on each kind of text): one token
-per ASCII_CHARS_PER_TOKEN ASCII characters (about four on English and code);
-one per character of a run of letters and digits mixed (hex, base64, UUIDs,
-keys: BPE gives them a token every 1.5 to 2 characters); one per group of up
-to DIGITS_PER_TOKEN digits (how both encodings split numbers);
-WIDE_TOKENS_PER_CHAR per CJK, kana or hangul character; and one per
-OTHER_BYTES_PER_TOKEN UTF-8 bytes of the rest (Cyrillic, Greek, Arabic,
-Indic, Thai). It stays at most one token per character, which the
+The estimate was fitted to OpenAI's o200k_base and cl100k_base encodings
+(tests/test_exact_tokens.py compares them on each kind of text), and adds up
+the parts of a text, each counted its own way: runs of letters and digits
+mixed (hex, UUIDs, keys) and base64-like blobs, a token a character (BPE
+gives them one every 1.5 to 2 characters); numbers, a token per group of up
+to DIGITS_PER_TOKEN digits (as both encodings split them); the rest of the
+ASCII, by its pieces (words, punctuation, whitespace BPE keeps apart) or
+one token per ASCII_CHARS_PER_TOKEN characters, whichever is more; CJK,
+kana and hangul, WIDE_TOKENS_PER_CHAR a character; and the other scripts
+(Cyrillic, Greek, Arabic, Indic, Thai), one token per OTHER_BYTES_PER_TOKEN
+UTF-8 bytes. It stays at most one token per character, which the
 context-window check's cheap bound relies on, so text that BPE gives more
-than a token a character (emoji, rare CJK characters, hangul in
-cl100k_base) or that is random without digits (mixed-case letters,
-punctuation) can still count more than its estimate: only a tokenizer knows.
-Images count a flat IMAGE_TOKENS. Exact counts for OpenAI models are in
-server/openai_tokenizer.py.
+than a token a character (emoji, rare CJK characters, most hanzi and hangul
+in cl100k_base), short random strings without a digit and snippets of
+multi-token words can count more than estimated: only a tokenizer knows.
+On long ordinary text the estimate is above both encodings' counts (English
+prose by about a fifth). Images count a flat IMAGE_TOKENS. Exact counts for
+OpenAI models are in server/openai_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -101,7 +104,9 @@ def count_pieces(text: str) -> int:
     return len(_TOKEN.findall(text))
 
 
-def _is_word(run: str) -> bool:
+def _is_word_or_number(run: str) -> bool:
+    if run.isdigit():
+        return True  # counted in groups below
     return run.isalpha() and (run.islower() or run.isupper() or run.istitle())
 
 
@@ -112,7 +117,7 @@ def _dense(text: str) -> tuple[int, str]:
     that the pieces still see a number there (and the space before it).
     """
     tokens = 0
-    blobs = [m for m in _BLOB.finditer(text) if not _is_word(m.group())]
+    blobs = [m for m in _BLOB.finditer(text) if not _is_word_or_number(m.group())]
     if blobs:
         parts, start = [], 0
         for blob in blobs:

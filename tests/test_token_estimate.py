@@ -1,4 +1,7 @@
-"""The token estimate is never far below what BPE tokenizers count (issue 14, item 3)."""
+"""The token estimate is never far below what BPE tokenizers count (issue 14, item 3).
+
+tests/test_exact_tokens.py compares it with OpenAI's encodings themselves.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,33 @@ def test_long_unbroken_text_is_not_a_handful_of_tokens() -> None:
     assert count_pieces("x" * 200_000) == 1
     assert count_text("x" * 200_000) >= 200_000 // 4
     assert count_text("aGVsbG8gd29ybGQ" * 1_000) >= 15_000 // 4  # base64-like
+
+
+def test_random_runs_count_a_token_a_character() -> None:
+    # BPE gives hex, base64, UUIDs and keys a token every 1.5 to 2 characters
+    # (o200k_base: 40,000 characters of base64 were 27,322 tokens); the
+    # length bound alone said one per 4. Exact counts (o200k_base, cl100k_base)
+    # in the comments.
+    hex_digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    assert count_text(hex_digest) == len(hex_digest)  # 43, 43
+    blob = "QmFzZTY0IGVuY29kZWQgYmxvYg+/AAAAAAAAAAAAAA=="
+    assert count_text(blob) == len(blob)  # 24, 25
+    assert count_text("123e4567-e89b-12d3-a456-426614174000") >= 18  # 18, 18
+    # A long word is not a blob.
+    assert count_text("internationalization") == 5  # 2, 2
+
+
+def test_numbers_count_a_token_per_three_digits() -> None:
+    # As both encodings split them: 8444218515250481 is six tokens.
+    assert count_text("8444218515250481") == 6
+    assert count_text("0.8444218515250481") == 8
+
+
+def test_each_kind_of_text_counts_on_its_own() -> None:
+    # Words and punctuation by their pieces, a blob by its length: the sum.
+    prose = "the, the, the, the, the, "
+    blob = "AA0AAAAAAAE0AABFAA0AAAAAAAE0AABF"
+    assert count_text(f"{prose}{blob}") >= count_text(prose) + len(blob)
 
 
 def test_cjk_counts_about_a_token_a_character() -> None:
