@@ -147,7 +147,8 @@ class ModelNotFoundError(GatewayError):
 
     def __init__(self, model: str) -> None:
         super().__init__(
-            f"model {model!r} is not served here; ListModels shows the models that are",
+            f"model {model!r} is not served here; the model list (ListModels,"
+            " GET /v1/models) shows the models that are",
             metadata={"model": model},
         )
 

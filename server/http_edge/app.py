@@ -18,11 +18,12 @@ import asyncio
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 from server.auth.authenticator import Authenticator
 from server.errors import GatewayError, MissingScopeError
 from server.http_edge import models
+from server.http_edge.chat import ChatDialect
 from server.http_edge.errors import JSON, HttpError, OpenAIErrors
 from server.http_edge.exchange import ClientGoneError, Exchange, Receive, Scope, Send
 from server.http_edge.generation import Dialect, ErrorDialect, GenerationEndpoint
@@ -43,6 +44,7 @@ Handler = Callable[[Exchange, bytes], Awaitable[None]]
 
 
 ANTHROPIC = MessagesDialect()
+CHAT = ChatDialect()
 OPENAI_ERRORS = OpenAIErrors(OPENAI_CHAT)
 
 
@@ -76,7 +78,6 @@ class FrontDoor:
         *,
         max_body_bytes: int,
         ready: Callable[[], bool],
-        dialects: Mapping[str, Dialect] = {},
     ) -> None:
         self._limit = max_body_bytes
         self._generation = generation
@@ -100,7 +101,11 @@ class FrontDoor:
             ("GET", "/v1/models"): _Endpoint(self._list_models),
         }
         # The generation endpoints: one loop, a dialect each.
-        for path, dialect in {"/v1/messages": ANTHROPIC, **dialects}.items():
+        generation_paths: dict[str, Dialect] = {
+            "/v1/messages": ANTHROPIC,
+            "/v1/chat/completions": CHAT,
+        }
+        for path, dialect in generation_paths.items():
             self._routes["POST", path] = _Endpoint(
                 self._generator(dialect), reads_body=True, dialect=dialect
             )

@@ -54,9 +54,7 @@ class Decoded:
     stream: bool
     # What translating it would lose (server/schema.py's Passthrough).
     untranslatable: list[FieldViolation] = field(default_factory=list)
-    # The request named no output cap: the model's default applies.
-    default_max_tokens: bool = False
-    # What the dialect's encoder needs besides (e.g. OpenAI's include_usage).
+    # What the dialect needs besides, to finish the request or encode the answer.
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -84,6 +82,11 @@ class Dialect(ErrorDialect, Protocol):
     ping: bytes  # what keeps a silent stream alive
 
     def decode(self, document: dict[str, Any], request_id: str) -> Decoded: ...
+
+    def routed(self, decoded: Decoded, route: Route) -> None:
+        """Completes the request once its route is known (e.g. the model's default
+        max_tokens for a request that named none)."""
+        ...
 
     def forwarded_headers(self, headers: Mapping[str, str]) -> dict[str, str]: ...
 
@@ -138,8 +141,7 @@ class GenerationEndpoint:
             decoded = dialect.decode(document, exchange.request_id)
             request = decoded.request
             route = resolve(self._router, request.model)
-            if decoded.default_max_tokens:
-                request.max_tokens = route.model.default_max_tokens
+            dialect.routed(decoded, route)
             request.passthrough = Passthrough(
                 dialect.protocol,
                 body,

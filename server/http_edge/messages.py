@@ -25,7 +25,7 @@ from server.http_edge.messages_decoding import decode_count_tokens, decode_messa
 from server.http_edge.messages_encoding import StreamEncoder, encode_message, ping_event
 from server.identity import require_model_access
 from server.providers._upstream import GATEWAY_HEADERS
-from server.routing import Router
+from server.routing import Route, Router
 from server.schema import ANTHROPIC_MESSAGES, GenerationResponse, Passthrough
 from server.token_estimate import count_request
 
@@ -52,6 +52,9 @@ class MessagesDialect:
     def decode(self, document: dict[str, Any], request_id: str) -> Decoded:
         decoded = decode_messages(document, request_id=request_id, deadline=None)
         return Decoded(decoded.request, decoded.stream, decoded.untranslatable)
+
+    def routed(self, decoded: Decoded, route: Route) -> None:
+        """Nothing to add: a Messages request always names its max_tokens."""
 
     def forwarded_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         return anthropic_headers(headers)
