@@ -67,7 +67,10 @@ async def test_reservations_are_released_on_error_cancel_and_crash(tmp_path: Pat
         slow = request(PROMPT, max_tokens=10, provider_options={"chunk_delay_ms": 300})
         for _ in range(3):
             stream = gw.stub.StreamGenerate(slow)
-            await stream.read()  # message_start arrives with the first text delta
+            # The first text delta follows message_start at once (both held for
+            # the first content); cancelling before it reached us would pay nothing.
+            while not (await stream.read()).HasField("content_block_delta"):
+                pass
             stream.cancel()
             await asyncio.sleep(0.05)
         # Deadline passing before any output: costs nothing, released too.
