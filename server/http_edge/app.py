@@ -28,6 +28,7 @@ from server.http_edge.errors import JSON, HttpError, OpenAIErrors
 from server.http_edge.exchange import ClientGoneError, Exchange, Receive, Scope, Send
 from server.http_edge.generation import Dialect, ErrorDialect, GenerationEndpoint
 from server.http_edge.messages import MessagesDialect, count_tokens
+from server.http_edge.responses import ResponsesDialect
 from server.identity import IDENTITY, SCOPE_GENERATE, Identity
 from server.routing import Router
 from server.schema import OPENAI_CHAT
@@ -45,6 +46,7 @@ Handler = Callable[[Exchange, bytes], Awaitable[None]]
 
 ANTHROPIC = MessagesDialect()
 CHAT = ChatDialect()
+RESPONSES = ResponsesDialect()
 OPENAI_ERRORS = OpenAIErrors(OPENAI_CHAT)
 
 
@@ -104,6 +106,7 @@ class FrontDoor:
         generation_paths: dict[str, Dialect] = {
             "/v1/messages": ANTHROPIC,
             "/v1/chat/completions": CHAT,
+            "/v1/responses": RESPONSES,
         }
         for path, dialect in generation_paths.items():
             self._routes["POST", path] = _Endpoint(
