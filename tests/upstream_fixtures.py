@@ -62,6 +62,8 @@ def provider_config(fake: FakeUpstream) -> dict[str, Any]:
             "type": "openai",
             "api_key_env": OPENAI_KEY_ENV,
             "base_url": fake.openai_url,
+            # The fake speaks the Responses API too: the front door relays to it.
+            "responses_api": True,
             "models": [
                 {
                     "id": "gpt-test",
