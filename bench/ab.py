@@ -9,8 +9,9 @@ e.g. `git worktree add /tmp/before HEAD~1`; every tree runs with this
 checkout's virtual environment and load generator.
 
 Loads: the offline provider (Generate and StreamGenerate at concurrency 1
-and 32) and, with --providers, the Anthropic and OpenAI SDKs against the
-fake upstream at concurrency 1.
+and 32); with --providers, the Anthropic and OpenAI SDKs against the fake
+upstream at concurrency 1; with --http, the HTTP front door's pass-through
+and `echo` (bench/front_door.py), unary and stream, at concurrency 1 and 32.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.processes import Service, free_port, python
-from bench.run import CHUNKS, LOAD_CORE, SDK_MODELS, SERVER_CORE, Bench, _request, sdk_providers
+from bench import front_door
+from bench.processes import LOAD_CORE, SERVER_CORE, Service, free_port, python
+from bench.run import CHUNKS, SDK_MODELS, Bench, _request, sdk_providers
 
 Key = tuple[str, str, str, int]
+# The front door's loads: (name, model).
+HTTP_LOADS = (("http pass-through", front_door.PASSTHROUGH_MODEL), ("http echo", "echo"))
 
 
 def main() -> int:
@@ -32,6 +36,7 @@ def main() -> int:
     parser.add_argument("trees", nargs="+", type=Path, help="source trees to compare")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--providers", action="store_true", help="also the SDK paths (c=1)")
+    parser.add_argument("--http", action="store_true", help="also the HTTP front door")
     args = parser.parse_args()
     bench = Bench(quick=True)
     echo = bench.request_file(
@@ -44,17 +49,23 @@ def main() -> int:
         for _, model in SDK_MODELS:
             path = bench.request_file(model, _request(model, "Hello", max_tokens=256))
             loads += [(model, path, method, 1) for method in ("unary", "stream")]
+    http_loads = [
+        (name, model, method, c)
+        for name, model in (HTTP_LOADS if args.http else ())
+        for method in ("unary", "stream")
+        for c in (1, 32)
+    ]
     upstream_port = free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
-    providers: dict[str, Any] = {"offline": {"type": "offline"}, **sdk_providers(upstream)}
+    providers: dict[str, Any] = front_door.providers(sdk_providers(upstream))
     results: dict[Key, list[dict[str, Any]]] = {}
     fake = [python(), "-m", "bench.fake_upstream", str(upstream_port), str(CHUNKS)]
     with Service("fake-upstream", fake, core=LOAD_CORE):
         for round_number in range(args.rounds):
             for tree in args.trees:
                 print(f"round {round_number + 1} of {args.rounds}: {tree}", flush=True)
-                port = free_port()
-                config = bench.gateway_config(port, providers)
+                port, http_port = free_port(), free_port()
+                config = bench.gateway_config(port, providers, http_port=http_port)
                 argv = [python(), "-m", "server", "--config", str(config)]
                 # The tree's own code: run from its folder, so it comes first on the path.
                 tree_root = tree.resolve()
@@ -65,6 +76,13 @@ def main() -> int:
                         result = bench.loadgen(
                             f"127.0.0.1:{port}", request, method, c, calls=calls, seconds=15
                         )
+                        results.setdefault((str(tree), name, method, c), []).append(result)
+                    for name, model, method, c in http_loads:
+                        result = bench.http_load(
+                            f"http://127.0.0.1:{http_port}{front_door.MESSAGES}",
+                            front_door.body_file(bench, model, method), method, c,
+                            calls=1500 if c == 1 else 3000, headers=front_door.ANTHROPIC_HEADERS,
+                        )  # fmt: skip
                         results.setdefault((str(tree), name, method, c), []).append(result)
     print(table(results, [str(t) for t in args.trees]))
     return 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds bench/.bin/loadgen, the Go load generator, from Debian's Go toolchain
 # and grpc-go sources in GOPATH mode: this machine reaches no Go module proxy,
-# but Debian's packages install like any other.
+# but Debian's packages install like any other. Its HTTP mode (bench/loadgen/http.go)
+# uses Go's standard library only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GOPATH_DEBIAN=/usr/share/gocode

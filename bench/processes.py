@@ -20,6 +20,9 @@ from types import TracebackType
 
 ROOT = Path(__file__).resolve().parent.parent
 CORES = os.cpu_count() or 1
+# Where the processes run: the server under test alone on one core; the load
+# generator and the fake upstream on the other.
+SERVER_CORE, LOAD_CORE = 0, 1
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 

@@ -11,13 +11,20 @@ Row = dict[str, Any]
 
 def _find(rows: list[Row], scenario: str, target: str, method: str, c: int) -> Row | None:
     for row in rows:
-        if (row["scenario"], row["target"], row["method"], row["concurrency"]) == (
+        if (row["scenario"], row["target"], row.get("method"), row.get("concurrency")) == (
             scenario,
             target,
             method,
             c,
         ):
             return row
+    return None
+
+
+def _idle_rss(rows: list[Row], target: str) -> float | None:
+    for row in rows:
+        if row["scenario"] == "idle" and row["target"] == target:
+            return float(row["idle_rss_mib"])
     return None
 
 
@@ -28,15 +35,20 @@ def _ms(value: float) -> str:
 def full_table(rows: list[Row]) -> str:
     lines = [
         "| scenario | target | call | concurrency | calls/s | p50 ms | p90 ms | p99 ms "
-        "| first chunk p50 / p99 ms | errors |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| first byte p50 / p99 ms | first chunk p50 / p99 ms | errors |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        if "latency_ms" not in r:
+            continue  # not a load (an idle RSS): in the headline
         first = r.get("first_chunk_ms") or {}
+        byte = r.get("first_byte_ms") or {}
         lines.append(
             f"| {r['scenario']} | {r['target']} | {r['method']} | {r['concurrency']} "
             f"| {r['calls_per_s']:.0f} | {_ms(r['latency_ms']['p50'])}"
             f" | {_ms(r['latency_ms']['p90'])} | {_ms(r['latency_ms']['p99'])} | "
+            + (f"{_ms(byte['p50'])} / {_ms(byte['p99'])}" if byte else "")
+            + " | "
             + (f"{_ms(first['p50'])} / {_ms(first['p99'])}" if first else "")
             + f" | {r.get('errors', 0)} |"
         )
@@ -57,6 +69,84 @@ def _added(rows: list[Row], gateway: str, direct: str) -> dict[str, float] | Non
         "first_chunk_p50": gate_s["first_chunk_ms"]["p50"] - direct_s["first_chunk_ms"]["p50"],
         "first_chunk_p99": gate_s["first_chunk_ms"]["p99"] - direct_s["first_chunk_ms"]["p99"],
     }
+
+
+# The front door's targets (bench/front_door.py) and their keys in the numbers.
+HTTP_DIRECT = "direct upstream"
+HTTP_TARGETS = {
+    HTTP_DIRECT: "direct",
+    "front door pass-through": "passthrough",
+    "front door -> openai": "openai",
+    "front door -> echo": "echo",
+}
+
+
+def http_added(rows: list[Row], target: str, scenario: str = "http") -> dict[str, float] | None:
+    """`target` minus the direct upstream call at concurrency 1: unary latency, and a
+    stream's first byte, first text delta and whole."""
+    gate_u = _find(rows, scenario, target, "unary", 1)
+    direct_u = _find(rows, scenario, HTTP_DIRECT, "unary", 1)
+    gate_s = _find(rows, scenario, target, "stream", 1)
+    direct_s = _find(rows, scenario, HTTP_DIRECT, "stream", 1)
+    if not (gate_u and direct_u and gate_s and direct_s):
+        return None
+    added = {}
+    for name, key, gate, direct in (
+        ("unary", "latency_ms", gate_u, direct_u),
+        ("first_byte", "first_byte_ms", gate_s, direct_s),
+        ("first_chunk", "first_chunk_ms", gate_s, direct_s),
+        ("stream", "latency_ms", gate_s, direct_s),
+    ):
+        for q in ("p50", "p99"):
+            added[f"{name}_{q}"] = gate[key][q] - direct[key][q]
+    return added
+
+
+def _http_headline(rows: list[Row], lines: list[str], numbers: dict[str, Any]) -> None:
+    """The front door's targets (issue 15), from the `http` and `idle` rows."""
+    for target, limit in (
+        ("front door pass-through", " (targets: unary p50 <= 1 ms, p99 <= 3 ms; first byte"
+                                    " within 1 ms of direct)"),
+        ("front door -> openai", " (another upstream API than direct's: for reference)"),
+    ):  # fmt: skip
+        added = http_added(rows, target)
+        if added is None:
+            continue
+        numbers[f"http_added_ms_{HTTP_TARGETS[target]}"] = added
+        lines.append(
+            f"- HTTP {target}: added over direct at concurrency 1{limit}:"
+            f" unary p50 {added['unary_p50']:+.2f} ms, p99 {added['unary_p99']:+.2f} ms;"
+            f" stream first byte p50 {added['first_byte_p50']:+.2f} ms,"
+            f" p99 {added['first_byte_p99']:+.2f} ms; first text delta"
+            f" p50 {added['first_chunk_p50']:+.2f} ms, p99 {added['first_chunk_p99']:+.2f} ms;"
+            f" whole stream p50 {added['stream_p50']:+.2f} ms"
+        )
+    for method in ("unary", "stream"):
+        parts = []
+        for target, key in HTTP_TARGETS.items():
+            row = _find(rows, "http", target, method, 32)
+            if row is None:
+                continue
+            numbers[f"http_calls_per_s_{key}_{method}_c32"] = row["calls_per_s"]
+            part = f"{target} {row['calls_per_s']:.0f}/s"
+            if row.get("calls_per_server_cpu_s"):
+                numbers[f"http_calls_per_server_cpu_s_{key}_{method}"] = row[
+                    "calls_per_server_cpu_s"
+                ]
+                part += f" ({row['calls_per_server_cpu_s']} per gateway CPU-second)"
+            if row.get("errors"):
+                part += f", {row['errors']} errors"
+            parts.append(part)
+        if parts:
+            lines.append(f"- HTTP {method} at concurrency 32: " + "; ".join(parts))
+    on = _idle_rss(rows, "gateway, front door on")
+    off = _idle_rss(rows, "gateway, front door off")
+    if on and off:
+        numbers["http_idle_rss_on_vs_off"] = on / off
+        lines.append(
+            f"- idle RSS of the gateway: front door on {on:.1f} MiB, off {off:.1f} MiB"
+            f" ({100 * (on / off - 1):+.1f}%, target <= +10%)"
+        )
 
 
 def headline(rows: list[Row]) -> tuple[str, dict[str, Any]]:
@@ -112,6 +202,7 @@ def headline(rows: list[Row]) -> tuple[str, dict[str, Any]]:
                 f"- offline {method} throughput: {best['offline']:.0f}/s vs ceiling"
                 f" {best['ceiling']:.0f}/s = {100 * ratio:.0f}% (target >= 50%)"
             )
+    _http_headline(rows, lines, numbers)
     for r in rows:
         if r["scenario"] == "held":
             delay, start = r["chunk_added_delay_ms"], r["first_chunk_ms"]
@@ -162,7 +253,6 @@ def plot(rows: list[Row], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     series = [
         ("ceiling", "bare grpc.aio"),
         ("offline", "gateway offline"),
@@ -171,6 +261,9 @@ def plot(rows: list[Row], path: Path) -> bool:
         ("providers", "gateway -> openai"),
         ("providers", "direct openai SDK"),
     ]
+    if not any((r["scenario"], r["target"]) in series for r in rows):
+        return False  # the gRPC scenarios did not run: nothing to plot
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for axis, method, key, title in (
         (axes[0], "unary", "latency_ms", "Generate: latency"),
         (axes[1], "stream", "first_chunk_ms", "StreamGenerate: time to first chunk"),
@@ -212,8 +305,17 @@ def write_reports(results: dict[str, Any], stem: Path) -> str:
             f"# Benchmark {results['date']}",
             "",
             f"{machine['cores']} cores ({machine['cpu']}), Python {machine['python']};"
-            f" {machine['pinning']}. Load: bench/loadgen (Go). `make bench`,"
-            f" {results['duration_s']} s{' (quick mode)' if results['quick'] else ''}.",
+            f" {machine['pinning']}. Load: bench/loadgen (Go)."
+            + (f" Gateway source: {machine['source']}." if machine.get("source") else "")
+            + f" `{results.get('command', 'make bench')}`,"
+            f" {results['duration_s']} s{' (quick mode)' if results['quick'] else ''}."
+            + (
+                f" Load average (others' work on this shared machine) at the start"
+                f" {' / '.join(map(str, machine['load_average_at_start']))}, at the end"
+                f" {' / '.join(map(str, results['load_average_at_end']))}."
+                if "load_average_at_start" in machine and "load_average_at_end" in results
+                else ""
+            ),
             "",
             "## Against the targets",
             "",

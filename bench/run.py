@@ -7,9 +7,13 @@ Scenarios (each reported as p50 / p90 / p99 latency and throughput):
                 SDK -> fake upstream directly (bench/direct_sdk.py)
   4. held       many streams held open, a chunk every 50 ms: RSS, CPU, added delay
   5. workers    scenario 2 with 1 and 2 server processes (SO_REUSEPORT)
+  6. http       the HTTP front door (Anthropic's Messages API): pass-through and
+                translated, versus the fake upstream called directly, and the
+                idle RSS with the front door on and off (bench/front_door.py)
 
-Load comes from bench/loadgen (Go, compiled), pinned to the core the server
-under test does not use. Every run is bounded in calls and in time.
+Load comes from bench/loadgen (Go, compiled; gRPC, or HTTP/1.1 for the front
+door), pinned to the core the server under test does not use. Every run is
+bounded in calls and in time.
 Results go to bench/results/<date>-<host>.{json,md,png}.
 """
 
@@ -34,13 +38,22 @@ from typing import Any
 
 import yaml
 
-from bench.processes import CORES, ROOT, Service, free_port, pinned, python
+from bench import front_door
+from bench.processes import (
+    CORES,
+    LOAD_CORE,
+    ROOT,
+    SERVER_CORE,
+    Service,
+    free_port,
+    pinned,
+    python,
+)
 from bench.report import headline, write_reports
 from llmgateway.v1 import generation_pb2 as pb
 
 LOADGEN = ROOT / "bench" / ".bin" / "loadgen"
 CHUNKS = 20
-SERVER_CORE, LOAD_CORE = 0, 1
 # The SDK providers measured: (provider, the gateway's model id); upstream, "bench-model".
 SDK_MODELS = (("anthropic", "bench-claude"), ("openai", "bench-gpt"))
 
@@ -99,8 +112,6 @@ class Bench:
         timeout_s: float = 30,
     ) -> dict[str, Any]:
         argv = [
-            *pinned(core),
-            str(LOADGEN),
             "-addr", address,
             "-request", str(request),
             "-method", method,
@@ -115,9 +126,33 @@ class Bench:
             argv += ["-interval", f"{interval_ms}ms"]
         if ramp_s:
             argv += ["-ramp", f"{ramp_s}s"]
-        env = {**os.environ, "GOMAXPROCS": "1" if core is not None else str(CORES)}
-        out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
-        return dict(json.loads(out.stdout))
+        return _run_loadgen(argv, core)
+
+    def http_load(
+        self,
+        url: str,
+        body: Path,
+        method: str,
+        concurrency: int,
+        *,
+        calls: int,
+        headers: tuple[str, ...] = (),
+        seconds: float = 20,
+        core: int | None = LOAD_CORE,
+    ) -> dict[str, Any]:
+        """bench/loadgen in its HTTP mode: POSTs `body` to `url` (`stream`: reads the SSE)."""
+        argv = [
+            "-protocol", "http",
+            "-url", url,
+            "-request", str(body),
+            "-method", method,
+            "-c", str(concurrency),
+            "-n", str(calls),
+            "-d", f"{seconds}s",
+        ]  # fmt: skip
+        for header in headers:
+            argv += ["-header", header]
+        return _run_loadgen(argv, core)
 
     def direct(
         self, provider: str, url: str, method: str, concurrency: int, *, post: bool = False
@@ -133,20 +168,38 @@ class Bench:
         row = {"scenario": scenario, "target": target, **extra, **result}
         self.rows.append(row)
         first = result.get("first_chunk_ms") or {}
+        byte = result.get("first_byte_ms") if first else None
         print(
-            f"  {scenario:9s} {target:22s} {result['method']:6s} c={result['concurrency']:<4d}"
+            f"  {scenario:9s} {target:24s} {result['method']:6s} c={result['concurrency']:<4d}"
             f" {result['calls_per_s']:8.0f}/s  p50 {result['latency_ms']['p50']:7.2f}"
             f"  p99 {result['latency_ms']['p99']:7.2f} ms"
+            + (f"  first byte p50 {byte['p50']:.2f} p99 {byte['p99']:.2f}" if byte else "")
             + (f"  first chunk p50 {first['p50']:.2f} p99 {first['p99']:.2f}" if first else "")
             + (f"  errors {result['errors']}" if result.get("errors") else ""),
             flush=True,
         )
 
+    def record_idle(self, target: str, rss_mib: float) -> None:
+        """A process's resident memory at rest, a row of its own (scenario `idle`)."""
+        self.rows.append({"scenario": "idle", "target": target, "idle_rss_mib": round(rss_mib, 1)})
+        print(f"  idle      {target:24s} RSS {rss_mib:.1f} MiB", flush=True)
+
     # -- configuration -------------------------------------------------------
 
-    def gateway_config(self, port: int, providers: dict[str, Any], workers: int = 1) -> Path:
+    def gateway_config(
+        self,
+        port: int,
+        providers: dict[str, Any],
+        workers: int = 1,
+        *,
+        http_port: int | None = None,
+        http_enabled: bool = True,
+    ) -> Path:
+        """A configuration file; the front door is on (as it ships) on `http_port`, by
+        default a free one (the default 8080 may be taken)."""
         config = {
             "server": {"host": "127.0.0.1", "port": port, "workers": workers},
+            "http": {"enabled": http_enabled, "port": http_port or free_port()},
             "logging": {"level": "INFO"},
             # Loopback development mode: the benchmark measures the serving path.
             "auth": {"enabled": False},
@@ -321,6 +374,14 @@ class Bench:
                     )
 
 
+def _run_loadgen(argv: list[str], core: int | None) -> dict[str, Any]:
+    env = {**os.environ, "GOMAXPROCS": "1" if core is not None else str(CORES)}
+    out = subprocess.run(
+        [*pinned(core), str(LOADGEN), *argv], capture_output=True, text=True, env=env, check=True
+    )
+    return dict(json.loads(out.stdout))
+
+
 def medians(repetitions: list[dict[str, Any]]) -> dict[str, float]:
     """The median of every number the repetitions have in common (flattened keys)."""
     if len(repetitions) < 2:
@@ -361,14 +422,33 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {
+        "source": source(),
         "host": platform.node(),
         "cores": CORES,
         "cpu": model,
         "python": platform.python_version(),
+        # Others' work on this shared machine, at the start: what the numbers compete with.
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "pinning": "server under test on core 0; loadgen and fake upstream on core 1"
         if pinned(0)
         else "none (fewer than 2 cores or no taskset)",
     }
+
+
+def source() -> str:
+    """The commit measured, and whether the gateway's code differs from it."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+            check=True,
+        ).stdout.strip()  # fmt: skip
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--", "server", "interceptors"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + (" with uncommitted changes in server/" if changed else "")
 
 
 def main() -> int:
@@ -379,11 +459,12 @@ def main() -> int:
     parser.add_argument("--held-seconds", type=int, default=60)
     parser.add_argument(
         "--repeat", type=int, default=1,
-        help="run the ceiling/offline and providers scenarios N times; report the medians",
+        help="run the ceiling/offline, providers and http scenarios N times; report the medians",
     )  # fmt: skip
+    scenarios = ["ceiling", "providers", "http", "held", "workers"]
     parser.add_argument(
-        "--only", nargs="*", default=["ceiling", "providers", "held", "workers"],
-        help="scenarios: ceiling (with offline), providers, held, workers",
+        "--only", nargs="*", default=scenarios, choices=scenarios,
+        help="scenarios: ceiling (with offline), providers, http, held, workers",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
@@ -399,10 +480,10 @@ def main() -> int:
         "echo", _request("echo", " ".join(f"w{i}" for i in range(CHUNKS)), 64)
     )
     # The scenarios whose ratios compare separate loads (offline against the
-    # ceiling, the gateway against the direct SDK) run --repeat times, and
+    # ceiling, the gateway against the direct SDK or upstream) run --repeat times, and
     # the medians of those ratios are reported: single runs on a shared
     # machine move as much as the differences.
-    repeated = [s for s in ("ceiling", "providers") if s in args.only]
+    repeated = [s for s in ("ceiling", "providers", "http") if s in args.only]
     repetitions: list[dict[str, Any]] = []
     for repetition in range(args.repeat if repeated else 0):
         if args.repeat > 1:
@@ -412,6 +493,8 @@ def main() -> int:
             bench.ceiling_and_offline(echo)
         if "providers" in repeated:
             bench.providers()
+        if "http" in repeated:
+            front_door.measure(bench, sdk_providers, CHUNKS)
         repetitions.append(headline(bench.rows[first:])[1])
         if repetition < args.repeat - 1:
             del bench.rows[first:]  # the table shows the last repetition
@@ -433,18 +516,24 @@ def main() -> int:
         "date": stamp.isoformat(timespec="seconds"),
         "machine": info,
         "quick": args.quick,
+        "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
         "duration_s": round(time.monotonic() - started, 1),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "rows": bench.rows,
         "repeated": repeated,
         "repetitions": repetitions,
         "medians": medians(repetitions),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{stamp:%Y-%m-%d}-{info['host'] or 'host'}{'-quick' if args.quick else ''}"
+    # A run of some scenarios only does not overwrite the day's full run.
+    only = "" if set(args.only) == set(scenarios) else "-" + "-".join(args.only)
+    quick = "-quick" if args.quick else ""
+    stem = args.out / f"{stamp:%Y-%m-%d}-{info['host'] or 'host'}{only}{quick}"
     table = write_reports(results, stem)
     print()
     print(table)
-    print(f"wrote {stem}.json, {stem}.md and {stem}.png in {results['duration_s']} s")
+    png = f" and {stem}.png" if stem.with_suffix(".png").exists() else ""
+    print(f"wrote {stem}.json, {stem}.md{png} in {results['duration_s']} s")
     return 0
 
 

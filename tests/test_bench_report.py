@@ -148,3 +148,130 @@ def test_ab_table_gives_the_medians_per_load_and_tree() -> None:
     assert "| offline unary c=32 | before | 1000 | 30.000 | 60.000 | 0.000 |" in text
     assert "| offline unary c=32 | after | 1200 | 25.000 | 50.000 | 0.000 |" in text
     assert text.index("| before |") < text.index("| after |")
+
+
+def http_row(
+    target: str,
+    method: str,
+    c: int,
+    rate: float,
+    p50: float,
+    p99: float,
+    stream_firsts: tuple[float, float] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A front door row (bench/front_door.py): a stream has a first byte and a first chunk,
+    `stream_firsts` (p50, p99) for the first byte and 0.02 ms more for the first chunk."""
+    result = row("http", target, method, c, rate, p50, p99)
+    result["first_byte_ms"] = {"p50": p50, "p99": p99}
+    if stream_firsts:
+        b50, b99 = stream_firsts
+        result["first_byte_ms"] = {"p50": b50, "p99": b99}
+        result["first_chunk_ms"] = {"p50": b50 + 0.02, "p99": b99 + 0.02}
+    return {**result, **extra}
+
+
+HTTP_ROWS = [
+    {"scenario": "idle", "target": "gateway, front door on", "idle_rss_mib": 110.0},
+    http_row("direct upstream", "unary", 1, 6000, 0.15, 0.25),
+    http_row("front door pass-through", "unary", 1, 800, 1.05, 2.75),
+    http_row("front door -> openai", "unary", 1, 700, 1.35, 3.25),
+    http_row("direct upstream", "stream", 1, 7000, 0.12, 0.4, stream_firsts=(0.1, 0.3)),
+    http_row("front door pass-through", "stream", 1, 500, 1.9, 3.0, stream_firsts=(1.0, 1.5)),
+    http_row("front door -> openai", "stream", 1, 400, 2.2, 4.0, stream_firsts=(1.2, 2.3)),
+    http_row("direct upstream", "unary", 32, 12000, 2.5, 5.0),
+    http_row("front door pass-through", "unary", 32, 900, 35, 60, calls_per_server_cpu_s=950),
+    http_row("front door -> echo", "stream", 32, 2000, 15, 40, stream_firsts=(14, 39)),
+    {"scenario": "idle", "target": "gateway, front door off", "idle_rss_mib": 100.0},
+]
+
+
+def test_http_headline_compares_each_target_with_direct_in_the_same_run() -> None:
+    text, numbers = headline(HTTP_ROWS)
+    added = numbers["http_added_ms_passthrough"]
+    assert added["unary_p50"] == pytest.approx(0.9)
+    assert added["unary_p99"] == pytest.approx(2.5)
+    assert added["first_byte_p50"] == pytest.approx(0.9)
+    assert added["first_byte_p99"] == pytest.approx(1.2)
+    assert added["first_chunk_p50"] == pytest.approx(0.9)
+    assert added["stream_p50"] == pytest.approx(1.78)
+    assert numbers["http_added_ms_openai"]["unary_p50"] == pytest.approx(1.2)
+    assert "http_added_ms_echo" not in numbers  # echo has no upstream to compare with
+    assert numbers["http_calls_per_s_passthrough_unary_c32"] == 900
+    assert numbers["http_calls_per_server_cpu_s_passthrough_unary"] == 950
+    assert numbers["http_calls_per_s_echo_stream_c32"] == 2000
+    assert numbers["http_idle_rss_on_vs_off"] == pytest.approx(1.1)
+    assert "unary p50 +0.90 ms, p99 +2.50 ms; stream first byte p50 +0.90 ms" in text
+    assert "front door pass-through 900/s (950 per gateway CPU-second)" in text
+    assert "front door on 110.0 MiB, off 100.0 MiB (+10.0%, target <= +10%)" in text
+
+
+def test_full_table_shows_first_bytes_and_leaves_idle_rows_to_the_headline(
+    tmp_path: Path,
+) -> None:
+    results = {
+        "date": "2026-12-02T00:00:00+00:00",
+        "machine": {"cores": 2, "cpu": "test", "python": "3.11", "pinning": "none",
+                    "source": "abc1234"},
+        "quick": False,
+        "command": "python -m bench.run --only http",
+        "duration_s": 1.0,
+        "rows": HTTP_ROWS,
+    }  # fmt: skip
+    markdown = write_reports(results, tmp_path / "http")
+    assert "Gateway source: abc1234. `python -m bench.run --only http`, 1.0 s." in markdown
+    assert "| http | front door pass-through | stream | 1 | 500 | 1.90 | 3.00 | 3.00 |" in markdown
+    assert "| 1.00 / 1.50 | 1.02 / 1.52 | 0 |" in markdown
+    assert "| idle |" not in markdown
+
+
+def test_peer_http_report_compares_each_api_with_its_direct_call() -> None:
+    from bench.peer import http_report, numbers
+
+    def measured(path: str, provider: str, method: str, c: int, rate: float, p50: float,
+                 first: float | None = None) -> dict[str, Any]:  # fmt: skip
+        firsts = (first, first + 1) if first else None
+        result = http_row(path, method, c, rate, p50, p50 + 1, stream_firsts=firsts)
+        return {**result, "path": path, "provider": provider}
+
+    rows = []
+    for provider in ("anthropic", "openai"):
+        rows += [
+            measured("direct HTTP", provider, "unary", 1, 6000, 0.2),
+            measured("direct HTTP", provider, "stream", 1, 7000, 0.2, first=0.1),
+        ]
+    for path, provider, scale in (
+        ("llm-gateway /v1/messages", "anthropic", 1.0),
+        ("llm-gateway /v1/messages", "openai", 1.5),
+        ("LiteLLM /v1/messages", "anthropic", 15.0),
+        ("LiteLLM /v1/messages", "openai", 20.0),
+        ("LiteLLM /v1/chat/completions", "openai", 18.0),
+    ):
+        rows += [
+            measured(path, provider, "unary", 1, 500 / scale, 0.2 + scale),
+            measured(path, provider, "stream", 1, 400 / scale, 0.3 + scale, first=0.1 + scale),
+            measured(path, provider, "unary", 32, 900 / scale, 30 * scale),
+            measured(path, provider, "stream", 32, 600 / scale, 50 * scale),
+        ]
+    rss = {"llm-gateway": 140.0, "LiteLLM": 320.0}
+    text = http_report(rows, rss)
+    assert (
+        "| llm-gateway /v1/messages | anthropic | +1.00 / +1.00 | +1.00 / +1.00"
+        " | +1.00 / +1.00 | 900 | 600 | 140 |" in text
+    )
+    assert "| LiteLLM /v1/chat/completions | openai | +18.00 / +18.00 |" in text
+    assert (
+        "HTTP unary at concurrency 32: llm-gateway /v1/messages -> anthropic 900/s = 15.0x"
+        " LiteLLM /v1/messages -> anthropic 60/s (target >= 10x)." in text
+    )
+    assert "= 12.0x LiteLLM /v1/chat/completions -> openai 50/s." in text
+    measured_numbers = numbers(rows, rss)
+    assert measured_numbers["http_passthrough_vs_litellm_messages_stream_c32"] == pytest.approx(15)
+    assert measured_numbers["http_translated_vs_litellm_chat_unary_c32"] == pytest.approx(12)
+    assert measured_numbers["http_translated_vs_litellm_messages_unary_c32"] == pytest.approx(
+        20 / 1.5
+    )
+    added = measured_numbers["http_added_ms_llm-gateway_v1_messages_openai"]
+    assert added["unary_p50"] == pytest.approx(1.5)
+    assert added["first_byte_p99"] == pytest.approx(1.5)
+    assert measured_numbers["LiteLLM_rss_mib"] == 320.0

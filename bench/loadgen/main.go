@@ -1,44 +1,35 @@
-// loadgen drives llmgateway.v1.GenerationService (or anything with the same
-// method names) with pre-serialized requests and reports latency percentiles
-// as JSON. It is compiled so that, pinned to its own core, the load
-// generator is not the bottleneck of the Python servers it measures.
+// loadgen drives a server with pre-serialized requests and reports latency
+// percentiles as JSON. It is compiled so that, pinned to its own core, the
+// load generator is not the bottleneck of the Python servers it measures.
 //
-// It needs no generated Go code: a raw codec sends the request bytes as they
-// are, and stream messages are classified by their first protobuf tag byte
-// (StreamGenerateResponse field 3, content_block_delta, is tag 0x1a).
+// Two protocols, one driver (this file):
+//   - grpc (grpc.go): llmgateway.v1.GenerationService, or anything with the
+//     same method names: Generate (unary) and StreamGenerate (stream);
+//   - http (http.go): POST of a JSON body to a URL (Anthropic's Messages API,
+//     OpenAI's Chat Completions), the response read whole (unary) or as
+//     server-sent events up to `message_stop` or `data: [DONE]` (stream).
+//
+// Per call it records the total latency and, for streams, the time to the
+// first content chunk (and over HTTP the time to the response's first byte).
 //
 // Built in GOPATH mode against Debian's golang-google-grpc-dev, because this
-// machine reaches no Go module proxy: see bench/Makefile.
+// machine reaches no Go module proxy: see bench/build-loadgen.sh. The HTTP
+// mode uses the standard library only.
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
-	"io"
 	"io/ioutil"
 	"math"
 	"os"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/status"
 )
-
-type rawCodec struct{}
-
-func (rawCodec) Marshal(v interface{}) ([]byte, error) { return v.([]byte), nil }
-func (rawCodec) Unmarshal(data []byte, v interface{}) error {
-	*(v.(*[]byte)) = append((*(v.(*[]byte)))[:0], data...)
-	return nil
-}
-func (rawCodec) Name() string { return "proto" }
-
-const contentDeltaTag = 0x1a
 
 type summary struct {
 	Count int     `json:"count"`
@@ -50,6 +41,7 @@ type summary struct {
 }
 
 type result struct {
+	Protocol    string         `json:"protocol"`
 	Method      string         `json:"method"`
 	Concurrency int            `json:"concurrency"`
 	Connections int            `json:"connections"`
@@ -60,6 +52,7 @@ type result struct {
 	CallsPerS   float64        `json:"calls_per_s"`
 	Messages    int64          `json:"messages"`
 	LatencyMs   summary        `json:"latency_ms"`
+	FirstByte   *summary       `json:"first_byte_ms,omitempty"`
 	FirstChunk  *summary       `json:"first_chunk_ms,omitempty"`
 	ChunkDelay  *summary       `json:"chunk_added_delay_ms,omitempty"`
 }
@@ -85,19 +78,79 @@ func summarize(values []float64) summary {
 
 func ms(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e6 }
 
+// worker holds what one goroutine measured.
 type worker struct {
-	latencies, firsts, gaps []float64
-	errors                  map[string]int
-	messages                int64
+	latencies, firsts, firstBytes, gaps []float64
+	errors                              map[string]int
+	messages                            int64
 }
 
+// timing follows one call: its start, its first content chunk and the gaps
+// between content chunks (the added delay when chunks are expected every
+// `interval`).
+type timing struct {
+	start, last time.Time
+	first       time.Duration // to the first content chunk; -1 before it
+	firstByte   time.Duration // to the response's first byte (HTTP); -1 unknown
+	interval    time.Duration
+	gaps        []float64
+	record      bool
+}
+
+func newTiming(interval time.Duration, record bool) *timing {
+	return &timing{start: time.Now(), first: -1, firstByte: -1, interval: interval, record: record}
+}
+
+// content notes a content chunk arriving now.
+func (t *timing) content() {
+	now := time.Now()
+	if t.first < 0 {
+		t.first = now.Sub(t.start)
+	} else if t.record && t.interval > 0 {
+		t.gaps = append(t.gaps, ms(now.Sub(t.last)-t.interval))
+	}
+	t.last = now
+}
+
+// done records a finished call in w; errCode is "" for a success.
+func (w *worker) done(t *timing, messages int64, errCode string) {
+	if !t.record {
+		return
+	}
+	w.messages += messages
+	if errCode != "" {
+		w.errors[errCode]++
+		return
+	}
+	w.latencies = append(w.latencies, ms(time.Since(t.start)))
+	if t.first >= 0 {
+		w.firsts = append(w.firsts, ms(t.first))
+	}
+	if t.firstByte >= 0 {
+		w.firstBytes = append(w.firstBytes, ms(t.firstByte))
+	}
+	w.gaps = append(w.gaps, t.gaps...)
+}
+
+// caller makes one call on the slot-th connection (or client) and records it in w.
+type caller func(slot int, w *worker, record bool)
+
+type headerFlags []string
+
+func (h *headerFlags) String() string     { return strings.Join(*h, ", ") }
+func (h *headerFlags) Set(v string) error { *h = append(*h, v); return nil }
+
 func main() {
-	addr := flag.String("addr", "127.0.0.1:50051", "server address")
-	method := flag.String("method", "unary", "unary (Generate) or stream (StreamGenerate)")
-	service := flag.String("service", "llmgateway.v1.GenerationService", "full service name")
-	requestFile := flag.String("request", "", "file holding one serialized GenerateRequest")
+	protocol := flag.String("protocol", "grpc", "grpc or http")
+	addr := flag.String("addr", "127.0.0.1:50051", "gRPC server address")
+	url := flag.String("url", "", "HTTP: the URL to POST to")
+	var headers headerFlags
+	flag.Var(&headers, "header", "HTTP: a request header, 'Name: value' (repeatable)")
+	method := flag.String("method", "unary", "unary (gRPC Generate; HTTP whole response) or stream (StreamGenerate; SSE)")
+	service := flag.String("service", "llmgateway.v1.GenerationService", "gRPC: full service name")
+	requestFile := flag.String("request", "", "file holding the request: a serialized GenerateRequest (gRPC), the body (HTTP)")
 	concurrency := flag.Int("c", 1, "calls in flight at once")
-	conns := flag.Int("conns", 1, "HTTP/2 connections (calls are spread over them)")
+	conns := flag.Int("conns", 1, "gRPC: HTTP/2 connections (calls are spread over them); HTTP/1.1 uses one per call in flight")
 	total := flag.Int("n", 1000, "calls to make after warm-up (0: until -d)")
 	duration := flag.Duration("d", 30*time.Second, "stop starting calls after this long")
 	warmup := flag.Int("warmup", 50, "calls made and discarded before measuring")
@@ -111,76 +164,20 @@ func main() {
 		fmt.Fprintln(os.Stderr, "loadgen:", err)
 		os.Exit(2)
 	}
-	clients := make([]*grpc.ClientConn, *conns)
-	for i := range clients {
-		// Each Dial is its own HTTP/2 connection; a distinct user agent makes
-		// them easy to tell apart in server logs.
-		dialCtx, cancelDial := context.WithTimeout(context.Background(), 10*time.Second)
-		clients[i], err = grpc.DialContext(dialCtx, *addr, grpc.WithInsecure(), grpc.WithBlock(),
-			grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{}), grpc.MaxCallRecvMsgSize(64<<20)),
-			grpc.WithUserAgent(fmt.Sprintf("loadgen/%d", i)))
-		cancelDial()
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "loadgen: dial:", err)
-			os.Exit(2)
-		}
+	var call caller
+	connections := *conns
+	switch *protocol {
+	case "grpc":
+		call, err = grpcCaller(*addr, *service, *method, request, *conns, *timeout, *interval)
+	case "http":
+		connections = *concurrency
+		call, err = httpCaller(*url, headers, *method, request, *concurrency, *timeout, *interval)
+	default:
+		err = fmt.Errorf("unknown -protocol %q", *protocol)
 	}
-	unaryPath := "/" + *service + "/Generate"
-	streamPath := "/" + *service + "/StreamGenerate"
-	streamDesc := &grpc.StreamDesc{StreamName: "StreamGenerate", ServerStreams: true}
-
-	call := func(conn *grpc.ClientConn, w *worker, record bool) {
-		ctx, cancel := context.WithTimeout(context.Background(), *timeout)
-		defer cancel()
-		start := time.Now()
-		var callErr error
-		var first time.Duration = -1
-		if *method == "unary" {
-			var reply []byte
-			callErr = conn.Invoke(ctx, unaryPath, request, &reply)
-		} else {
-			stream, err := conn.NewStream(ctx, streamDesc, streamPath)
-			if err == nil {
-				err = stream.SendMsg(request)
-			}
-			if err == nil {
-				err = stream.CloseSend()
-			}
-			var last time.Time
-			var reply []byte
-			for err == nil {
-				err = stream.RecvMsg(&reply)
-				if err != nil {
-					break
-				}
-				now := time.Now()
-				if record {
-					w.messages++
-				}
-				if len(reply) > 0 && reply[0] == contentDeltaTag {
-					if first < 0 {
-						first = now.Sub(start)
-					} else if record && *interval > 0 {
-						w.gaps = append(w.gaps, ms(now.Sub(last)-*interval))
-					}
-					last = now
-				}
-			}
-			if err != io.EOF {
-				callErr = err
-			}
-		}
-		if !record {
-			return
-		}
-		if callErr != nil {
-			w.errors[status.Code(callErr).String()]++
-			return
-		}
-		w.latencies = append(w.latencies, ms(time.Since(start)))
-		if first >= 0 {
-			w.firsts = append(w.firsts, ms(first))
-		}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "loadgen:", err)
+		os.Exit(2)
 	}
 
 	// Warm-up: connections, server caches and JITs (none in Python, but the
@@ -193,7 +190,7 @@ func main() {
 		go func(i int) {
 			defer wg.Done()
 			for atomic.AddInt64(&next, 1) <= int64(*warmup) {
-				call(clients[i%len(clients)], warm, false)
+				call(i, warm, false)
 			}
 		}(i)
 	}
@@ -215,18 +212,20 @@ func main() {
 				if *total > 0 && atomic.AddInt64(&next, 1) > int64(*total) {
 					return
 				}
-				call(clients[i%len(clients)], workers[i], true)
+				call(i, workers[i], true)
 			}
 		}(i)
 	}
 	wg.Wait()
 	elapsed := time.Since(started)
 
-	out := result{Method: *method, Concurrency: *concurrency, Connections: *conns, ErrorCodes: map[string]int{}, ElapsedS: elapsed.Seconds()}
-	var latencies, firsts, gaps []float64
+	out := result{Protocol: *protocol, Method: *method, Concurrency: *concurrency, Connections: connections,
+		ErrorCodes: map[string]int{}, ElapsedS: elapsed.Seconds()}
+	var latencies, firsts, firstBytes, gaps []float64
 	for _, w := range workers {
 		latencies = append(latencies, w.latencies...)
 		firsts = append(firsts, w.firsts...)
+		firstBytes = append(firstBytes, w.firstBytes...)
 		gaps = append(gaps, w.gaps...)
 		out.Messages += w.messages
 		for code, n := range w.errors {
@@ -237,6 +236,10 @@ func main() {
 	out.Calls = len(latencies)
 	out.CallsPerS = float64(out.Calls) / elapsed.Seconds()
 	out.LatencyMs = summarize(latencies)
+	if *protocol == "http" {
+		s := summarize(firstBytes)
+		out.FirstByte = &s
+	}
 	if *method == "stream" {
 		s := summarize(firsts)
 		out.FirstChunk = &s

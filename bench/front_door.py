@@ -1,0 +1,150 @@
+"""The HTTP front door under load: Anthropic's Messages API over HTTP/1.1.
+
+`make bench` (bench/run.py, scenario `http`) and `make bench-peer`
+(bench/peer.py) drive the front door (server/http_edge/) with bench/loadgen
+in its HTTP mode (keep-alive connections, one per call in flight; unary
+reads the whole JSON answer, stream reads the SSE to `message_stop`), in
+front of the same fake upstream as the gRPC scenarios:
+
+  direct upstream          loadgen -> fake upstream's /v1/messages
+  front door pass-through  loadgen -> gateway /v1/messages -> an Anthropic
+                           deployment whose id is the upstream's, so the
+                           body goes up verbatim and the SSE comes back as is
+  front door -> openai     the same call translated: an OpenAI deployment
+                           (Chat Completions up, Anthropic SSE encoded back)
+  front door -> echo       the same call translated to the offline `echo`
+                           model: the edge and the core, no upstream at all
+
+The direct and pass-through calls send the very same body. Per target:
+calls/s at concurrency 32, and at concurrency 1 the latency, the time to the
+response's first byte and to the first text delta, each to be compared with
+direct in the same run; the gateway's CPU per call; and the gateway's idle
+RSS with the front door on and with `http.enabled: false`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bench.processes import LOAD_CORE, SERVER_CORE, Service, free_port, python
+
+if TYPE_CHECKING:
+    from bench.run import Bench
+
+MESSAGES = "/v1/messages"
+CHAT_COMPLETIONS = "/v1/chat/completions"
+# What the anthropic SDK sends besides its key; the gateway forwards it as it came.
+ANTHROPIC_HEADERS = ("anthropic-version: 2023-06-01",)
+UPSTREAM_KEY_HEADER = "x-api-key: bench"
+# An Anthropic deployment named as the upstream names its model: nothing rewritten.
+PASSTHROUGH_MODEL = "bench-model"
+OPENAI_MODEL = "bench-gpt"  # bench/run.py's OpenAI deployment
+ECHO_MODEL = "echo"
+MAX_TOKENS = 256
+
+DIRECT = "direct upstream"
+# Through the gateway: (target, model).
+GATEWAY_TARGETS = (
+    ("front door pass-through", PASSTHROUGH_MODEL),
+    ("front door -> openai", OPENAI_MODEL),
+    ("front door -> echo", ECHO_MODEL),
+)
+CONCURRENCIES = (1, 32)
+RSS_SETTLE_S = 1.0  # after "serving on", before the idle RSS is read
+
+
+def providers(sdk_providers: dict[str, Any]) -> dict[str, Any]:
+    """The gateway's providers for the front door: bench/run.py's SDK providers, plus the
+    pass-through model on the Anthropic one and the offline provider (`echo`)."""
+    config = copy.deepcopy(sdk_providers)
+    config["anthropic"]["models"].append({"id": PASSTHROUGH_MODEL})
+    config["offline"] = {"type": "offline"}
+    return config
+
+
+def body(model: str, stream: bool, *, chat: bool = False, chunks: int = 20) -> bytes:
+    """A Messages (or, `chat`, Chat Completions) request body: "Hello" for the upstream
+    models; for `echo`, `chunks` words, so it streams as many text deltas as the fake
+    upstream does."""
+    text = " ".join(f"w{i}" for i in range(chunks)) if model == ECHO_MODEL else "Hello"
+    document: dict[str, Any] = {
+        "model": model,
+        "max_tokens": 64 if model == ECHO_MODEL else MAX_TOKENS,
+        "messages": [{"role": "user", "content": text}],
+    }
+    if stream:
+        document["stream"] = True
+        if chat:
+            document["stream_options"] = {"include_usage": True}
+    return json.dumps(document).encode()
+
+
+def body_file(bench: Bench, model: str, method: str, *, chat: bool = False) -> Path:
+    """The body of a `method` call to `model`, written once per run."""
+    path = bench.work / f"http-{'chat' if chat else 'messages'}-{model}-{method}.json"
+    if not path.exists():
+        path.write_bytes(body(model, method == "stream", chat=chat))
+    return path
+
+
+def calls(bench: Bench, concurrency: int) -> int:
+    # Streams too: at concurrency 1 a p99 wants a thousand samples.
+    count = 1000 if concurrency == 1 else 3000
+    return count // 3 if bench.quick else count
+
+
+def settled_rss(service: Service) -> float:
+    time.sleep(RSS_SETTLE_S)
+    return service.rss_mib()
+
+
+def measure(bench: Bench, sdk_providers: Callable[[str], dict[str, Any]], chunks: int) -> None:
+    """The `http` scenario: every target, unary and stream, at each concurrency; then
+    the idle RSS with the front door off. Loads alternate between targets, so each
+    comparison with direct is made minutes apart at most."""
+    upstream_port, port, http_port = free_port(), free_port(), free_port()
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    config = providers(sdk_providers(upstream))
+    fake = [python(), "-m", "bench.fake_upstream", str(upstream_port), str(chunks)]
+    on = bench.gateway_config(port, config, http_port=http_port)
+    with (
+        Service("fake-upstream", fake, core=LOAD_CORE),
+        bench.gateway(on, core=SERVER_CORE) as gateway,
+    ):
+        bench.record_idle("gateway, front door on", settled_rss(gateway))
+        gateway_url = f"http://127.0.0.1:{http_port}{MESSAGES}"
+        for method in ("unary", "stream"):
+            for c in CONCURRENCIES:
+                direct = bench.http_load(
+                    upstream + MESSAGES,
+                    body_file(bench, PASSTHROUGH_MODEL, method),
+                    method, c, calls=calls(bench, c),
+                    headers=(*ANTHROPIC_HEADERS, UPSTREAM_KEY_HEADER),
+                )  # fmt: skip
+                bench.record("http", DIRECT, direct)
+                for target, model in GATEWAY_TARGETS:
+                    cpu = gateway.cpu_seconds()
+                    result = bench.http_load(
+                        gateway_url, body_file(bench, model, method), method, c,
+                        calls=calls(bench, c), headers=ANTHROPIC_HEADERS,
+                    )  # fmt: skip
+                    cpu = gateway.cpu_seconds() - cpu
+                    bench.record("http", target, result, **cpu_per_call(result, cpu))
+    off = bench.gateway_config(free_port(), config, http_enabled=False)
+    with bench.gateway(off, core=SERVER_CORE) as gateway:
+        bench.record_idle("gateway, front door off", settled_rss(gateway))
+
+
+def cpu_per_call(result: dict[str, Any], server_cpu_s: float) -> dict[str, Any]:
+    """The serving process's CPU over a load, including the warm-up calls (50, a few
+    percent of a load): calls per serving CPU-second, as the workers scenario reports."""
+    served = result["calls"] + 50
+    return {
+        "server_cpu_s": round(server_cpu_s, 3),
+        "calls_per_server_cpu_s": round(served / max(server_cpu_s, 1e-9)),
+    }

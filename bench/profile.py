@@ -1,0 +1,153 @@
+"""Where the gateway's time goes under one HTTP front door load: py-spy on the serving process.
+
+Starts the fake upstream and the gateway as `make bench` does (gateway on
+core 0; the load generator, the fake upstream and py-spy on core 1), drives
+one front door target with bench/loadgen for `--seconds`, and samples the
+gateway with py-spy (`pip install py-spy`; it needs ptrace rights over the
+gateway, which a process has over its own children). Prints the functions
+with the most samples, by own time and including callees, with files
+shortened to their package; writes the raw stacks (py-spy's collapsed
+format, for speedscope or flamegraph.pl) next to the report.
+
+Usage: python -m bench.profile [--target passthrough|openai|echo] [--method unary|stream]
+                               [--concurrency C] [--seconds S] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import front_door
+from bench.processes import LOAD_CORE, ROOT, SERVER_CORE, Service, free_port, pinned, python
+from bench.run import CHUNKS, LOADGEN, Bench, sdk_providers
+
+MODELS = {
+    "passthrough": front_door.PASSTHROUGH_MODEL,
+    "openai": front_door.OPENAI_MODEL,
+    "echo": front_door.ECHO_MODEL,
+}
+_FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^:()]*)(?::\d+)?\)$")
+
+
+def _short(file: str) -> str:
+    """A file as its package path: site-packages/…/x.py or the repository's server/x.py."""
+    for marker in ("site-packages/", "lib/python3.11/", str(ROOT) + "/"):
+        if marker in file:
+            return file.split(marker, 1)[1]
+    return file
+
+
+def _frame(raw: str) -> str:
+    match = _FRAME.match(raw.strip())
+    if match is None:
+        return raw.strip()
+    return f"{match['function']} ({_short(match['file'])})"
+
+
+def _area(frame: str) -> str:
+    """What a frame belongs to: the gateway's module (server/x/y.py), or the package."""
+    file = frame.rpartition(" (")[2].rstrip(")")
+    if file.startswith(("server/", "interceptors/")):
+        return file
+    top = file.split("/", 1)[0]
+    return top.removesuffix(".py") if "/" in file or top.endswith(".py") else file
+
+
+def summarize(collapsed: str, top: int = 25) -> str:
+    """Own and inclusive sample shares per function, from py-spy's collapsed stacks."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [_frame(f) for f in stack.split(";")]
+        # The thread name py-spy puts first is not a frame.
+        frames = [f for f in frames if not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    areas: collections.Counter[str] = collections.Counter()
+    for frame, count in own.items():
+        areas[_area(frame)] += count
+    lines = [f"{total} samples", "", "| own % | package or gateway module |", "| ---: | --- |"]
+    lines += [f"| {100 * n / total:.1f} | {a} |" for a, n in areas.most_common(top)]
+    lines += ["", "| own % | function |", "| ---: | --- |"]
+    lines += [f"| {100 * n / total:.1f} | {f} |" for f, n in own.most_common(top)]
+    lines += ["", "| incl. % | function |", "| ---: | --- |"]
+    lines += [f"| {100 * n / total:.1f} | {f} |" for f, n in inclusive.most_common(top)]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", choices=sorted(MODELS), default="passthrough")
+    parser.add_argument("--method", choices=["unary", "stream"], default="unary")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--out", type=Path, default=Path("/tmp"))
+    args = parser.parse_args()
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists() or not LOADGEN.exists():
+        print("needs py-spy (pip install py-spy) and bench/.bin/loadgen", file=sys.stderr)
+        return 2
+    bench = Bench(quick=False)
+    upstream_port, port, http_port = free_port(), free_port(), free_port()
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    providers = front_door.providers(sdk_providers(upstream))
+    config = bench.gateway_config(port, providers, http_port=http_port)
+    fake = [python(), "-m", "bench.fake_upstream", str(upstream_port), str(CHUNKS)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"profile-{args.target}-{args.method}-c{args.concurrency}"
+    body = front_door.body_file(bench, MODELS[args.target], args.method)
+    with (
+        Service("fake-upstream", fake, core=LOAD_CORE),
+        bench.gateway(config, core=SERVER_CORE) as gateway,
+    ):
+        url = f"http://127.0.0.1:{http_port}{front_door.MESSAGES}"
+        # Warm: connections open, lazy imports done, before sampling starts.
+        bench.http_load(url, body, args.method, args.concurrency, calls=500)
+        record = [
+            *pinned(LOAD_CORE), spy, "record", "--pid", str(gateway.pids()[0]),
+            "--rate", str(args.rate), "--duration", str(args.seconds),
+            "--format", "raw", "--output", f"{stem}.txt", "--nonblocking", "--threads",
+        ]  # fmt: skip
+        sampler = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        cpu = gateway.cpu_seconds()
+        result = bench.http_load(
+            url, body, args.method, args.concurrency, calls=0, seconds=args.seconds,
+            headers=front_door.ANTHROPIC_HEADERS,
+        )  # fmt: skip
+        cpu = gateway.cpu_seconds() - cpu
+        _, errors = sampler.communicate(timeout=args.seconds + 30)
+        if sampler.returncode != 0:
+            print(errors.decode(errors="replace"), file=sys.stderr)
+            return 1
+    header = (
+        f"# Profile: front door {args.target} {args.method}, concurrency {args.concurrency}\n\n"
+        f"{result['calls_per_s']:.0f} calls/s over {args.seconds} s (py-spy at {args.rate} Hz"
+        f" on the load core), {result['calls'] / max(cpu, 1e-9):.0f} calls per gateway"
+        f" CPU-second, {1e6 * cpu / max(result['calls'], 1):.0f} µs of gateway CPU per call,"
+        f" {result['errors']} errors.\n\n"
+    )
+    report = header + summarize(Path(f"{stem}.txt").read_text()) + "\n"
+    Path(f"{stem}.md").write_text(report)
+    print(report)
+    print(f"wrote {stem}.md and {stem}.txt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
