@@ -173,6 +173,9 @@ class GenerationRequest:
     # Set when the request came through the HTTP front door in a provider's
     # own format (see Passthrough).
     passthrough: Passthrough | None = None
+    # How many answers the caller pays for (Chat Completions' `n`, relayed to
+    # an OpenAI deployment): the reservation covers max_tokens of each.
+    choices: int = 1
 
 
 @dataclass(slots=True)

@@ -342,7 +342,7 @@ def test_every_violation_is_named_at_once() -> None:
             function_tool("weather"),
         ],
         "tool_choice": {"type": "function", "function": {"name": "missing"}},
-        "n": 2,
+        "n": -2,
         "temperature": 2.5,
         "top_p": -0.1,
         "max_tokens": 0,
@@ -381,7 +381,7 @@ def test_every_violation_is_named_at_once() -> None:
         "tools[1].function.parameters": found["tools[1].function.parameters"],
         "tools[2].function.name": "duplicate tool name 'weather'",
         "tool_choice.function.name": "no tool named 'missing' in tools",
-        "n": "n > 1 is not supported",
+        "n": "must be a positive integer",
         "temperature": "must be a number from 0 to 2",
         "top_p": "must be a number from 0 to 1",
         "max_tokens": "must be a positive integer",
@@ -1139,3 +1139,15 @@ def test_checker_partial_mode_accepts_a_cut_stream() -> None:
         check_chat_stream(cut, include_usage=True)
     with pytest.raises(AssertionError):
         check_chat_stream(ARGUMENTS, include_usage=True, partial=True)
+
+
+def test_several_choices_are_for_a_relay_to_give_and_reserve() -> None:
+    decoded = decode_chat(
+        {"model": "m", "n": 3, "messages": [{"role": "user", "content": "x"}]},
+        request_id="r",
+        deadline=None,
+    )
+    # An OpenAI deployment answers n choices (and the reservation counts them);
+    # a translation, which gives one, refuses.
+    assert decoded.request.choices == 3
+    assert [v.field for v in decoded.untranslatable] == ["n"]

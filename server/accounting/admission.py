@@ -142,7 +142,7 @@ class Admission:
         record.quota_hold = hold
         tpm = limits.tokens_per_minute
         if tpm is not None:
-            tokens = input_tokens + request.max_tokens
+            tokens = input_tokens + request.max_tokens * request.choices
             wait = await self._backend.take(tpm_key(key_id), tpm, tokens)
             if math.isinf(wait):
                 raise OverLimitError(
@@ -171,7 +171,7 @@ class Admission:
         if limits.has_budget:
             now = datetime.now(UTC)
             periods = budget_periods(key_id, limits, now)
-            cost = route_max_cost_nanos(input_tokens, request.max_tokens, route)
+            cost = route_max_cost_nanos(input_tokens, request.max_tokens * request.choices, route)
             result = await self._backend.reserve(
                 [p.counter for p in periods], cost, hold.holder, self._config.reservation_ttl_s
             )

@@ -192,11 +192,15 @@ def decode_chat(body: object, *, request_id: str, deadline: float | None) -> Dec
         d.bad("stream", "must be a boolean")
     include_usage = d.stream_options(body.get("stream_options"))
     n = body.get("n")
+    choices = 1
     if n is not None:
         if not _is_int(n) or n < 1:
             d.bad("n", "must be a positive integer")
         elif n > 1:
-            d.bad("n", "n > 1 is not supported")
+            # An OpenAI deployment gives n choices (relayed, reserved n times);
+            # a translation can give one.
+            choices = n
+            d.unsupported("n", f"n > 1 {UNTRANSLATABLE}")
     max_tokens = d.max_tokens(body)
     temperature = d.number(body, "temperature", 0.0, MAX_TEMPERATURE)
     top_p = d.number(body, "top_p", 0.0, 1.0)
@@ -221,6 +225,7 @@ def decode_chat(body: object, *, request_id: str, deadline: float | None) -> Dec
             metadata=CallerMetadata(end_user_id=end_user_id),
             incremental=bool(stream),
             deadline=deadline,
+            choices=choices,
         ),
         bool(stream),
         include_usage,

@@ -118,7 +118,14 @@ class Exchange:
     def _headers(self, headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
         encoded = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
         if self.request_id:
-            encoded.append((b"request-id", self.request_id.encode("latin-1")))
+            # The gateway's id for the call (its ledger row, its log line), where
+            # each SDK reads one: `request-id` (Anthropic's), `x-request-id`
+            # (OpenAI's), unless an upstream's relayed answer already names it.
+            given = {name for name, _ in headers}
+            value = self.request_id.encode("latin-1")
+            for name in (b"request-id", b"x-request-id"):
+                if name.decode() not in given:
+                    encoded.append((name, value))
         return encoded
 
     async def respond(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
