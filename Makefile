@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The last released contract, as a buf image: `buf breaking` compares proto/ with it.
 RELEASED_CONTRACT := proto/released/contract.binpb
 
-.PHONY: run test check lint typecheck pytest claude-code proto proto-lint proto-release bench bench-peer clean
+.PHONY: run test check lint typecheck pytest claude-code codex proto proto-lint proto-release bench bench-peer clean
 
 ## run: install the gateway and serve it: gRPC on 127.0.0.1:50051, HTTP on 127.0.0.1:8080 (offline provider, no keys)
 run: $(STAMP)
@@ -15,7 +15,7 @@ run: $(STAMP)
 ## test: install everything, then lint, type-check and run the whole test suite
 test: $(STAMP) lint typecheck proto-lint pytest
 
-pytest: $(STAMP) test-servers claude-code
+pytest: $(STAMP) test-servers claude-code codex
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## test-servers: servers the test suite starts by itself: redis-server and PostgreSQL (Debian's packages)
@@ -45,6 +45,19 @@ claude-code:
 				echo "npm ci failed: tests/test_claude_code.py will skip (and fail under CI)"; \
 		else \
 			echo "npm not found: tests/test_claude_code.py will skip (and fail under CI); install Node.js and npm"; \
+		fi; \
+	}
+
+## codex: Codex CLI, the version pinned in tests/node/codex (npm), for tests/test_codex_cli.py
+CODEX_DIR := tests/node/codex
+codex:
+	@ls $(CODEX_DIR)/node_modules/@openai/codex-*/vendor/*/bin/codex >/dev/null 2>&1 || { \
+		if command -v npm >/dev/null 2>&1; then \
+			echo "installing Codex CLI (npm ci in $(CODEX_DIR)) for tests/test_codex_cli.py"; \
+			npm ci --prefix $(CODEX_DIR) --no-audit --no-fund --loglevel=error >/dev/null || \
+				echo "npm ci failed: tests/test_codex_cli.py will skip (and fail under CI)"; \
+		else \
+			echo "npm not found: tests/test_codex_cli.py will skip (and fail under CI); install Node.js and npm"; \
 		fi; \
 	}
 
