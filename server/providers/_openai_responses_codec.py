@@ -36,11 +36,15 @@ _FINISHED = frozenset({"response.completed", "response.incomplete"})
 def usage_of(raw: Mapping[str, Any] | None) -> Usage | None:
     if not raw:
         return None
-    cached = (raw.get("input_tokens_details") or {}).get("cached_tokens") or 0
+    details = raw.get("input_tokens_details") or {}
+    cached = details.get("cached_tokens") or 0
+    written = details.get("cache_write_tokens") or 0
+    # input_tokens counts the cached and written ones too: ours are disjoint.
     return Usage(
-        input_tokens=max(0, (raw.get("input_tokens") or 0) - cached),
+        input_tokens=max(0, (raw.get("input_tokens") or 0) - cached - written),
         output_tokens=raw.get("output_tokens") or 0,
         cache_read_input_tokens=cached,
+        cache_creation_input_tokens=written,
     )
 
 

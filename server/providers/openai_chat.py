@@ -353,7 +353,10 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
                     data = json.loads(sse.data)
                     kind = data.get("type")
                     if kind == "error":
-                        raise self._stream_error(data, sse, OPENAI_RESPONSES, request)
+                        # The error's fields are at the top, or nested under `error`.
+                        nested = data.get("error")
+                        details = nested if isinstance(nested, dict) else data
+                        raise self._stream_error(details, sse, OPENAI_RESPONSES, request)
                     if kind == "response.failed":
                         failure = (data.get("response") or {}).get("error") or {}
                         raise self._stream_error(failure, sse, OPENAI_RESPONSES, request)

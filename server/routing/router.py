@@ -98,7 +98,7 @@ def relaying(route: Route, request: GenerationRequest) -> Sequence[Deployment]:
         return route.deployments
     relays = [d for d in route.deployments if passthrough.protocol in d.provider.relays]
     if not relays:
-        lost = ", ".join(v.field for v in passthrough.untranslatable)
+        lost = "; ".join(f"{v.field}: {v.description}" for v in passthrough.untranslatable)
         raise InvalidArgumentError(
             passthrough.untranslatable,
             f"model {route.model.id!r} is served by translation to another API,"
