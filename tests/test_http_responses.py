@@ -795,10 +795,10 @@ async def test_state_the_gateway_does_not_keep_is_a_400_that_says_so(
 async def test_a_tool_only_openai_runs_is_a_400_naming_it(
     url: str, fake: FakeUpstream, model: str
 ) -> None:
-    body = ask(model, tools=[WEATHER_TOOL, {"type": "web_search"}])
+    body = ask(model, tools=[WEATHER_TOOL, {"type": "file_search", "vector_store_ids": ["vs_1"]}])
     error = openai_error(await responses_post(url, body), 400)
     assert error["param"] == "tools[1]"
-    assert "web_search" in error["message"] and "tools[1]" in error["message"]
+    assert "file_search" in error["message"] and "tools[1]" in error["message"]
     assert not fake.requests
 
 

@@ -42,8 +42,8 @@ SSE_HEADERS = [
     ("cache-control", "no-cache"),
     ("x-accel-buffering", "no"),  # proxies such as nginx must not buffer the stream
 ]
-# Claude Code names its session: recorded as the call's end user.
-SESSION_HEADER = "x-claude-code-session-id"
+# Claude Code and Codex name their session: recorded as the call's end user.
+SESSION_HEADERS = ("x-claude-code-session-id", "session-id")
 
 
 @dataclass(slots=True)
@@ -115,6 +115,14 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _session(headers: Mapping[str, str]) -> str:
+    for name in SESSION_HEADERS:
+        value = headers.get(name)
+        if value:
+            return value[:256]
+    return ""
+
+
 def resolve(router: Router, model: str) -> Route:
     route = router.resolve(model)
     if route is None:
@@ -134,7 +142,7 @@ class GenerationEndpoint:
         async with self._calls.call(
             dialect.protocol, exchange.request_id, exchange.headers, dialect.span_name
         ) as record:
-            record.end_user = exchange.headers.get(SESSION_HEADER, "")[:256]
+            record.end_user = _session(exchange.headers)
             document = parse_json(body)
             if isinstance(document.get("model"), str):
                 record.model_requested = document["model"]

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from server.errors import FieldViolation, InvalidArgumentError
+from server.http_edge.json_decoding import refuse_lone_surrogates
 from server.http_edge.responses_encoding import open_thinking
 from server.schema import (
     CacheControl,
@@ -126,6 +127,7 @@ _REQUEST_KEYS = frozenset(
 # Hints a translation leaves out: caching keys, bookkeeping, serving tiers.
 _DROPPABLE_REQUEST_KEYS = frozenset(
     [
+        "client_metadata",  # Codex's telemetry ids, sent on every request
         "prompt_cache_key",
         "prompt_cache_retention",
         "prompt_cache_options",
@@ -152,6 +154,8 @@ _OUTPUT_KEYS = frozenset({"type", "call_id", "output", "id", "status", "caller",
 _REASONING_KEYS = frozenset({"type", "id", "summary", "content", "encrypted_content", "status"})
 _FUNCTION_TOOL_KEYS = frozenset({"type", "name", "description", "parameters", "strict"})
 _DROPPABLE_TOOL_KEYS = frozenset({"defer_loading", "output_schema", "allowed_callers"})
+# Tools a translation leaves out rather than refusing the call (see `tools`).
+_DROPPABLE_TOOLS = frozenset({"web_search", "web_search_preview", "namespace"})
 _TOOL_CHOICES = {
     "none": ToolChoiceMode.NONE,
     "auto": ToolChoiceMode.AUTO,
@@ -202,6 +206,7 @@ def decode_responses(body: object, *, request_id: str, deadline: float | None) -
     """Validates a Responses request body (parsed JSON); raises InvalidArgumentError."""
     if not isinstance(body, dict):
         raise InvalidArgumentError([FieldViolation("body", "must be a JSON object")])
+    refuse_lone_surrogates(body)
     d = _BodyDecoder()
     d.extras(body, _REQUEST_KEYS, "", _DROPPABLE_REQUEST_KEYS)
     d.stateless(body)
@@ -709,8 +714,14 @@ class _BodyDecoder:
             if not isinstance(tool, dict) or not isinstance(kind, str):
                 self.bad(path, 'must be a tool: an object with a "type"')
                 continue
+            if kind in _DROPPABLE_TOOLS:
+                # Offered by Codex on every request (web search, its sub-agents'
+                # namespace): a translated model works without them, as the
+                # model it stands for would with the feature off.
+                self.dropped.append(path)
+                continue
             if kind != "function":
-                # A tool only OpenAI runs or grammars (web search, custom, shell...):
+                # A tool only OpenAI runs or grammars (custom, shell, file search...):
                 # kept as a tool described by its JSON, for the estimate.
                 self.unsupported(path, f"{kind!r} tools {UNTRANSLATABLE}")
                 label = tool.get("name")
