@@ -25,6 +25,63 @@ from grpc_status import rpc_status
 
 ERROR_DOMAIN = "llmgateway"
 
+# -- Errors that fit on the wire -----------------------------------------------
+# A gRPC status travels in trailers, and a client refuses trailers past its
+# metadata limit (8 KiB soft, 16 KiB hard by default) with RESOURCE_EXHAUSTED
+# "received metadata size exceeds...", hiding the real error. An error lists
+# the caller's bad fields and echoes their values, so what it echoes is capped:
+# each string, the violations listed and the bytes they take, the message and
+# the upstream attempts. A status past MAX_STATUS_BYTES (several caps reached
+# at once, in characters UTF-8 takes 4 bytes for, which grpc-message
+# percent-encodes) loses its attempts and most of its message; even with
+# every cap reached it then takes under 7 KiB of trailers.
+
+# Any one echoed string (a field path, a description, a metadata value).
+MAX_ECHO_BYTES = 200
+# Violations listed, and the UTF-8 bytes their fields and descriptions take
+# (the first is always listed); those left out are counted in a last one.
+# Bytes are what the wire limits; the count lets the 30-odd violations of one
+# badly wrong body be named at once.
+MAX_LISTED_VIOLATIONS = 50
+MAX_VIOLATION_BYTES = 2560
+# The status message on the gRPC wire, and the upstream attempts (DebugInfo).
+MAX_MESSAGE_BYTES = 1024
+MAX_ATTEMPT_BYTES = 1024
+# The field of the last violation, which says how many were left out.
+OMITTED_FIELD = "…"
+# What a status should take on the wire (its message percent-encoded in
+# grpc-message, the whole status in base64 in grpc-status-details-bin).
+MAX_STATUS_BYTES = 6 * 1024
+
+
+def clip(text: str, limit: int = MAX_ECHO_BYTES) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8, ending in "…" when cut."""
+    encoded = text.encode("utf-8", "surrogatepass")
+    if len(encoded) <= limit:
+        return text
+    # "…" takes 3 bytes; a character cut in half is dropped.
+    return encoded[: limit - 3].decode("utf-8", "ignore") + "…"
+
+
+def _wire_bytes(status: status_pb2.Status) -> int:
+    """What `status` takes in trailers: grpc-message percent-encodes every byte
+    outside printable ASCII (and "%"), grpc-status-details-bin is base64."""
+    message = status.message.encode("utf-8", "surrogatepass")
+    encoded = sum(1 if 0x20 <= byte <= 0x7E and byte != 0x25 else 3 for byte in message)
+    size: int = status.ByteSize()
+    return encoded + 4 * math.ceil(size / 3)
+
+
+def _within(texts: Sequence[str], budget: int, most: int) -> int:
+    """How many of `texts`, from the first, fit `most` items and `budget` bytes
+    (the first always does)."""
+    used = 0
+    for count, text in enumerate(texts[:most]):
+        used += len(text.encode("utf-8", "surrogatepass"))
+        if used > budget and count:
+            return count
+    return min(len(texts), most)
+
 
 @dataclass(frozen=True, slots=True)
 class UpstreamReply:
@@ -71,10 +128,21 @@ class GatewayError(Exception):
         return []
 
     def to_status(self, request_id: str = "") -> grpc.Status:
-        """Builds the rich status (details in `grpc-status-details-bin`)."""
-        metadata = dict(self.metadata)
+        """Builds the rich status (details in `grpc-status-details-bin`), small
+        enough for any client's metadata limit (see MAX_STATUS_BYTES)."""
+        status = self._rich_status(request_id, MAX_MESSAGE_BYTES, with_attempts=True)
+        if _wire_bytes(status) > MAX_STATUS_BYTES:
+            # Only when nearly every cap is reached at once: the attempts go,
+            # and the message is cut to the length of one echoed value.
+            status = self._rich_status(request_id, MAX_ECHO_BYTES, with_attempts=False)
+        return rpc_status.to_status(status)
+
+    def _rich_status(
+        self, request_id: str, message_limit: int, *, with_attempts: bool
+    ) -> status_pb2.Status:
+        metadata = {key: clip(value) for key, value in self.metadata.items()}
         if request_id:
-            metadata["request_id"] = request_id
+            metadata["request_id"] = clip(request_id)
         if self.attempts:
             metadata["attempts"] = str(len(self.attempts))
         details: list[ProtoMessage] = [
@@ -85,10 +153,14 @@ class GatewayError(Exception):
             delay.FromNanoseconds(int(self.retry_after * 1e9))
             details.append(error_details_pb2.RetryInfo(retry_delay=delay))
         details.extend(self.detail_messages())
-        if self.attempts:
+        if self.attempts and with_attempts:
+            attempts = [clip(line) for line in self.attempts]
+            listed = _within(attempts, MAX_ATTEMPT_BYTES, MAX_LISTED_VIOLATIONS)
+            if listed < len(attempts):
+                attempts[listed:] = [f"... and {len(attempts) - listed} more attempts"]
             details.append(
                 error_details_pb2.DebugInfo(
-                    stack_entries=self.attempts, detail="upstream attempts, in order"
+                    stack_entries=attempts, detail="upstream attempts, in order"
                 )
             )
         packed = []
@@ -96,10 +168,11 @@ class GatewayError(Exception):
             any_detail = any_pb2.Any()
             any_detail.Pack(detail)
             packed.append(any_detail)
-        status = status_pb2.Status(
-            code=getattr(code_pb2, self.code.name), message=self.message, details=packed
+        return status_pb2.Status(
+            code=getattr(code_pb2, self.code.name),
+            message=clip(self.message, message_limit),
+            details=packed,
         )
-        return rpc_status.to_status(status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,13 +190,32 @@ class InvalidArgumentError(GatewayError):
     reason = "INVALID_ARGUMENT"
 
     def __init__(self, violations: Sequence[FieldViolation], message: str = "") -> None:
-        self.violations = list(violations)
+        # Both edges list these (BadRequest on gRPC, the message over HTTP),
+        # so the caps apply here, once: see MAX_LISTED_VIOLATIONS.
+        clipped = [FieldViolation(clip(v.field), clip(v.description)) for v in violations]
+        listed = _within(
+            [v.field + v.description for v in clipped], MAX_VIOLATION_BYTES, MAX_LISTED_VIOLATIONS
+        )
+        self.violations = clipped[:listed]
+        # How many violations were found but not listed.
+        self.omitted = len(clipped) - listed
+        if self.omitted:
+            self.violations.append(
+                FieldViolation(
+                    OMITTED_FIELD,
+                    f"{self.omitted} more field violation{_s(self.omitted)} left out"
+                    f" (only the first{f' {listed}' if listed > 1 else ''} listed)",
+                )
+            )
         if not message:
-            first = self.violations[0]
-            more = len(self.violations) - 1
+            first = clipped[0]
+            more = len(clipped) - 1
             message = f"invalid request: {first.field}: {first.description}"
             if more:
-                message += f" (and {more} more field violation{'s' if more > 1 else ''})"
+                message += f" (and {more} more field violation{_s(more)}"
+                if self.omitted:
+                    message += f", {self.omitted} of them not listed"
+                message += ")"
         super().__init__(message)
 
     def detail_messages(self) -> list[ProtoMessage]:
@@ -139,6 +231,10 @@ class InvalidArgumentError(GatewayError):
         ]
 
 
+def _s(count: int) -> str:
+    return "s" if count > 1 else ""
+
+
 class ModelNotFoundError(GatewayError):
     """The requested model is not served by this gateway."""
 
@@ -147,7 +243,7 @@ class ModelNotFoundError(GatewayError):
 
     def __init__(self, model: str) -> None:
         super().__init__(
-            f"model {model!r} is not served here; the model list (ListModels,"
+            f"model {clip(model)!r} is not served here; the model list (ListModels,"
             " GET /v1/models) shows the models that are",
             metadata={"model": model},
         )
@@ -308,7 +404,7 @@ class ModelNotAllowedError(PermissionDeniedError):
     reason = "MODEL_NOT_ALLOWED"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"this key may not use model {model!r}", metadata={"model": model})
+        super().__init__(f"this key may not use model {clip(model)!r}", metadata={"model": model})
 
 
 class MissingScopeError(PermissionDeniedError):

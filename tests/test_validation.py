@@ -256,3 +256,75 @@ async def test_arbitrary_requests_get_a_definite_answer(
             error.details(),
         )
         rich_status(error)  # always with google.rpc details
+
+
+def _with_nan_schema() -> pb.GenerateRequest:
+    req = request(tools=[pb.Tool(name="lookup")])
+    req.tools[0].input_schema.update({"type": "object", "properties": {"x": {"max": math.nan}}})
+    return req
+
+
+def _with_infinite_tool_input() -> pb.GenerateRequest:
+    use = pb.ToolUseBlock(id="toolu_a", name="lookup")
+    use.input.update({"values": [1, -math.inf]})
+    return pb.GenerateRequest(
+        model="echo", messages=[user("hi"), assistant(pb.ContentBlock(tool_use=use))]
+    )
+
+
+def _with_infinite_option() -> pb.GenerateRequest:
+    req = request()
+    req.provider_options.update({"odd key": math.inf})
+    return req
+
+
+def _with_ttl(seconds: int, nanos: int = 0) -> pb.GenerateRequest:
+    req = request()
+    req.messages[0].content[0].cache_control.ttl.seconds = seconds
+    req.messages[0].content[0].cache_control.ttl.nanos = nanos
+    return req
+
+
+# Values a Struct or a Duration can carry that the gateway cannot use: once
+# INTERNAL with a traceback (issue 17), now the field that holds them, named.
+ODD_VALUES: list[tuple[str, pb.GenerateRequest, str]] = [
+    ("nan-in-input-schema", _with_nan_schema(), "tools[0].input_schema.properties.x.max"),
+    (
+        "inf-in-tool-input",
+        _with_infinite_tool_input(),
+        "messages[1].content[0].tool_use.input.values[1]",
+    ),
+    ("inf-in-provider-options", _with_infinite_option(), 'provider_options["odd key"]'),
+    ("huge-ttl", _with_ttl(10**14), "messages[0].content[0].cache_control.ttl"),
+    ("huge-negative-ttl", _with_ttl(-(10**14)), "messages[0].content[0].cache_control.ttl"),
+    ("ttl-signs-differ", _with_ttl(5, -1), "messages[0].content[0].cache_control.ttl"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "req", "field"),
+    [
+        pytest.param(method, req, field, id=f"{method}-{name}")
+        for method in ("Generate", "StreamGenerate", "CountTokens")
+        for name, req, field in ODD_VALUES
+        # CountTokensRequest has no provider_options.
+        if method != "CountTokens" or not field.startswith("provider_options")
+    ],
+)
+async def test_odd_struct_and_duration_values_are_invalid_argument(
+    stub: pb_grpc.GenerationServiceStub, method: str, req: pb.GenerateRequest, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if method == "Generate":
+            await stub.Generate(req)
+        elif method == "StreamGenerate":
+            [_ async for _ in stub.StreamGenerate(req)]
+        else:
+            await stub.CountTokens(
+                pb.CountTokensRequest(
+                    model=req.model, system=req.system, messages=req.messages, tools=req.tools
+                )
+            )
+    error = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert field in field_violations(error), field_violations(error)

@@ -9,11 +9,13 @@ limits that depend on the model (max_tokens) are checked once it is known.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
 from llmgateway.v1 import generation_pb2 as pb
 from server.errors import FieldViolation, InvalidArgumentError, ModelNotFoundError
@@ -50,10 +52,63 @@ _TOOL_CHOICE_MODES = {
 }
 
 
-def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
-    if not value.fields:
-        return {}
-    return json_format.MessageToDict(value)
+# Where a decoder reports a bad field: (field path, description).
+Violations = Callable[[str, str], None]
+# A Struct key that reads well after a dot in a field path; others are quoted.
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# google.protobuf.Duration's range (duration.proto): about 10,000 years.
+MAX_DURATION_SECONDS = 315_576_000_000
+
+
+def struct_to_dict(value: struct_pb2.Struct, path: str, bad: Violations) -> dict[str, Any]:
+    """A Struct as the JSON object it stands for, every number a float.
+
+    A Struct carries any double, but JSON has no NaN or Infinity: each one
+    is reported under its own path (`tools[0].input_schema.properties.x`)
+    and decoded as null, so that the caller learns every bad value at once.
+    Depth needs no guard here: the protobuf parser refuses a message nested
+    more than 100 deep.
+    """
+    return {
+        key: _value_to_python(item, _key_path(path, key), bad) for key, item in value.fields.items()
+    }
+
+
+def _key_path(path: str, key: str) -> str:
+    return f"{path}.{key}" if _PLAIN_KEY.match(key) else f"{path}[{json.dumps(key)}]"
+
+
+def _value_to_python(value: struct_pb2.Value, path: str, bad: Violations) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            bad(path, f"must be a finite number, not {number} (JSON has no NaN or Infinity)")
+            return None
+        return number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return struct_to_dict(value.struct_value, path, bad)
+    if kind == "list_value":
+        return [
+            _value_to_python(item, f"{path}[{i}]", bad)
+            for i, item in enumerate(value.list_value.values)
+        ]
+    return None  # null_value, or no kind set
+
+
+def _valid_duration(value: duration_pb2.Duration) -> bool:
+    """Whether a Duration is within the range duration.proto allows (the wire
+    carries any int64, and a timedelta cannot hold the far end of it)."""
+    seconds, nanos = value.seconds, value.nanos
+    return (
+        abs(seconds) <= MAX_DURATION_SECONDS
+        and abs(nanos) < 1_000_000_000
+        and not (seconds > 0 > nanos or seconds < 0 < nanos)
+    )
 
 
 class _Decoder:
@@ -84,7 +139,12 @@ class _Decoder:
                 self.bad(f"{path}.tool_use.id", "must not be empty")
             if not use.name:
                 self.bad(f"{path}.tool_use.name", "must not be empty")
-            return ToolUseBlock(use.id, use.name, struct_to_dict(use.input), cache)
+            return ToolUseBlock(
+                use.id,
+                use.name,
+                struct_to_dict(use.input, f"{path}.tool_use.input", self.bad),
+                cache,
+            )
         if kind == "tool_result":
             result = block.tool_result
             if not result.tool_use_id:
@@ -130,10 +190,18 @@ class _Decoder:
             return None
         if not block.cache_control.HasField("ttl"):
             return CacheControl()
-        ttl = block.cache_control.ttl.ToTimedelta().total_seconds()
-        if ttl <= 0:
+        ttl = block.cache_control.ttl
+        if not _valid_duration(ttl):
+            self.bad(
+                f"{path}.cache_control.ttl",
+                f"must be a valid Duration (seconds at most {MAX_DURATION_SECONDS:,},"
+                " nanos at most 999,999,999, both of one sign)",
+            )
+            return CacheControl()
+        seconds = ttl.seconds + ttl.nanos / 1e9
+        if seconds <= 0:
             self.bad(f"{path}.cache_control.ttl", "must be positive")
-        return CacheControl(ttl)
+        return CacheControl(seconds)
 
     def system(self, blocks: Any) -> list[TextBlock]:
         system: list[TextBlock] = []
@@ -197,7 +265,7 @@ class _Decoder:
             elif tool.name in names:
                 self.bad(f"tools[{i}].name", f"duplicate tool name {tool.name!r}")
             names.add(tool.name)
-            schema = struct_to_dict(tool.input_schema)
+            schema = struct_to_dict(tool.input_schema, f"tools[{i}].input_schema", self.bad)
             if schema and schema.get("type", "object") != "object":
                 self.bad(f"tools[{i}].input_schema.type", 'must be "object"')
             decoded.append(Tool(tool.name, tool.description, schema))
@@ -260,6 +328,7 @@ def decode_generate(
         thinking_budget = request.thinking.budget_tokens
         if thinking_budget <= 0:
             d.bad("thinking.budget_tokens", "must be positive")
+    provider_options = struct_to_dict(request.provider_options, "provider_options", d.bad)
     d.raise_if_invalid()
 
     route = router.resolve(request.model)
@@ -292,7 +361,7 @@ def decode_generate(
             stop_sequences=list(request.stop_sequences),
             thinking_budget_tokens=thinking_budget,
             metadata=CallerMetadata(metadata.end_user_id, dict(metadata.tags)),
-            provider_options=struct_to_dict(request.provider_options),
+            provider_options=provider_options,
             deadline=deadline,
         ),
         route,

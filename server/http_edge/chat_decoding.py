@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from server.errors import FieldViolation, InvalidArgumentError
+from server.http_edge.json_decoding import refuse_lone_surrogates
 from server.schema import (
     CacheControl,
     CallerMetadata,
@@ -178,6 +179,7 @@ def decode_chat(body: object, *, request_id: str, deadline: float | None) -> Dec
     """Validates a Chat Completions request body (parsed JSON); raises InvalidArgumentError."""
     if not isinstance(body, dict):
         raise InvalidArgumentError([FieldViolation("body", "must be a JSON object")])
+    refuse_lone_surrogates(body)
     d = _BodyDecoder()
     d.extras(body, _REQUEST_KEYS, "", _DROPPABLE_REQUEST_KEYS)
     model = body.get("model")

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from server.errors import FieldViolation, InvalidArgumentError
+from server.http_edge.json_decoding import refuse_lone_surrogates
 from server.schema import (
     CacheControl,
     CallerMetadata,
@@ -135,6 +136,7 @@ def decode_messages(body: object, *, request_id: str, deadline: float | None) ->
     """Validates a Messages request body (parsed JSON); raises InvalidArgumentError."""
     if not isinstance(body, dict):
         raise InvalidArgumentError([FieldViolation("body", "must be a JSON object")])
+    refuse_lone_surrogates(body)
     d = _BodyDecoder()
     model = d.model(body)
     max_tokens = d.max_tokens(body.get("max_tokens"))
@@ -184,6 +186,7 @@ def decode_count_tokens(body: object, *, deadline: float | None) -> TokenCountRe
     """
     if not isinstance(body, dict):
         raise InvalidArgumentError([FieldViolation("body", "must be a JSON object")])
+    refuse_lone_surrogates(body)
     d = _BodyDecoder()
     model = d.model(body)
     system, messages, tools, _ = d.conversation(body)
