@@ -92,15 +92,15 @@ proto-lint: $(STAMP)
 proto-release: $(STAMP)
 	$(BIN)/buf build '.git#ref=HEAD' --exclude-source-info -o $(RELEASED_CONTRACT)
 
-## bench: build the Go load generator and run every benchmark scenario (about 7 minutes)
+## bench: build the Go load generator and run every benchmark scenario, gRPC and HTTP (about 8 minutes; BENCH_ARGS=--repeat 3, about 14)
 bench: $(STAMP) $(VENV)/.bench-installed bench/.bin/loadgen
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
-## bench-peer: the same provider scenario through LiteLLM's proxy (own venv), side by side
+## bench-peer: the SDK and HTTP (Messages, Chat Completions) scenarios through LiteLLM's proxy (own venv), side by side (about 6 minutes; BENCH_ARGS=--repeat 3, about 17)
 bench-peer: $(STAMP) $(VENV)/.bench-installed bench/.bin/loadgen
 	$(BIN)/python -m bench.peer $(BENCH_ARGS)
 
-bench/.bin/loadgen: bench/loadgen/main.go bench/build-loadgen.sh
+bench/.bin/loadgen: $(wildcard bench/loadgen/*.go) bench/build-loadgen.sh
 	bench/build-loadgen.sh
 
 $(VENV)/.bench-installed: $(STAMP)

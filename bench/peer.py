@@ -268,7 +268,7 @@ def main() -> int:
     middle = medians(repetitions)
     if middle:
         text += f"\n\n## Medians over {len(repetitions)} repetitions\n\n" + "\n".join(
-            f"- {key}: {value:.3g}" for key, value in sorted(middle.items())
+            f"- {key}: {value:.4g}" for key, value in sorted(middle.items())
         )
     print(text)
     stamp = datetime.now(UTC)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench import front_door
 from bench.processes import LOAD_CORE, ROOT, SERVER_CORE, Service, free_port, pinned, python
-from bench.run import CHUNKS, LOADGEN, Bench, sdk_providers
+from bench.run import CHUNKS, LOADGEN, Bench, sdk_providers, source
 
 MODELS = {
     "passthrough": front_door.PASSTHROUGH_MODEL,
@@ -140,7 +140,8 @@ def main() -> int:
         f"{result['calls_per_s']:.0f} calls/s over {args.seconds} s (py-spy at {args.rate} Hz"
         f" on the load core), {result['calls'] / max(cpu, 1e-9):.0f} calls per gateway"
         f" CPU-second, {1e6 * cpu / max(result['calls'], 1):.0f} µs of gateway CPU per call,"
-        f" {result['errors']} errors.\n\n"
+        f" {result['errors']} errors. Gateway source: {source()}."
+        f" `python -m bench.profile {' '.join(sys.argv[1:])}`.\n\n"
     )
     report = header + summarize(Path(f"{stem}.txt").read_text()) + "\n"
     Path(f"{stem}.md").write_text(report)

@@ -326,7 +326,7 @@ def write_reports(results: dict[str, Any], stem: Path) -> str:
                     f"## Medians over {len(results['repetitions'])} repetitions"
                     f" of the {' and '.join(results['repeated'])} scenarios",
                     "",
-                    *(f"- {key}: {value:.3g}" for key, value in sorted(results["medians"].items())),
+                    *(f"- {key}: {value:.4g}" for key, value in sorted(results["medians"].items())),
                     "",
                 ]
                 if results.get("medians")
