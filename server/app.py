@@ -3,7 +3,10 @@
 Lifecycle: `start()` binds and serves; `stop()` drains gracefully: health
 turns NOT_SERVING (so mesh sidecars stop routing here) and Watch streams
 end, new calls are refused, in-flight calls get up to the grace period to
-finish, and whatever is still open after that is cancelled.
+finish, and whatever is still open after that is cancelled (recorded as
+UNAVAILABLE, SHUTTING_DOWN: what its caller sees). A second SIGTERM or
+SIGINT cuts the calls still in flight at once, writes their rows and every
+row waiting, and exits within SECOND_SIGNAL_EXIT_S.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import ipaddress
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -32,7 +36,9 @@ from server.accounting.call_gate import CallGate
 from server.auth import GatewayAuth
 from server.auth.service import SERVICE_NAME as TOKEN_SERVICE
 from server.auth.service import TokenServicer
+from server.calls import Drain
 from server.config import ConfigError, GatewayConfig, ServerConfig
+from server.grpc_edge.expired_calls import install_expired_call_filter
 from server.grpc_edge.servicer import GenerationServicer
 from server.health import SERVICE_NAME as HEALTH_SERVICE
 from server.health import SERVING, HealthService
@@ -49,6 +55,9 @@ log = logging.getLogger(__name__)
 GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 # Calls counted by the per-key request and concurrency limits.
 RATE_LIMITED_METHODS = (f"/{GENERATION_SERVICE}/Generate", f"/{GENERATION_SERVICE}/StreamGenerate")
+# After a second signal the process exits within this, the calls it cut and the
+# rows waiting written if the time allows.
+SECOND_SIGNAL_EXIT_S = 2.0
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -111,6 +120,10 @@ class Gateway:
         self.accounting = Accounting(config)
         self.servicer.admission = self.accounting.admission
         self.servicer.observers.extend(self.accounting.observers)
+        self.servicer.durable = self.accounting.durable
+        self.drain = Drain()
+        self.servicer.drain = self.drain
+        install_expired_call_filter()
         # Auth runs first: an unauthenticated call is refused before anything
         # else looks at it. None when auth is disabled (local development).
         self.auth = GatewayAuth.from_config(config.auth) if config.auth.enabled else None
@@ -190,7 +203,12 @@ class Gateway:
                 else None
             )
             self.http_calls = HttpCalls(
-                self.gate, self.accounting.admission, self.servicer.observers, tracer
+                self.gate,
+                self.accounting.admission,
+                self.servicer.observers,
+                tracer,
+                durable=self.accounting.durable,
+                drain=self.drain,
             )
             front_door = FrontDoor(
                 GenerationEndpoint(self.http_calls, self.router, config.http.ping_interval_s),
@@ -276,15 +294,48 @@ class Gateway:
         # server.stop(grace) refuses new calls at once (GOAWAY), waits for the
         # calls in flight and cancels what is left after `grace`. Health Watch
         # streams end by themselves on drain (server/health.py). The HTTP front
-        # door drains beside it, with the same grace.
-        if self.http is not None:
-            await asyncio.gather(self._server.stop(grace), self.http.stop(grace))
-        else:
-            await self._server.stop(grace)
+        # door drains beside it, with the same grace. The calls cancelled then
+        # are recorded as their callers see them, UNAVAILABLE: this timer is set
+        # before the servers' own, so it fires first.
+        cutting = asyncio.get_running_loop().call_later(grace, self._cutting)
+        try:
+            if self.http is not None:
+                await asyncio.gather(self._server.stop(grace), self.http.stop(grace))
+            else:
+                await self._server.stop(grace)
+        finally:
+            cutting.cancel()
         await self.router.aclose()
         await self.accounting.aclose()  # settle what is pending, flush the ledger
         await self.telemetry.stop()  # metrics endpoint down, queued spans flushed
         log.info("stopped")
+
+    def _cutting(self) -> None:
+        if not self.drain.cutting:
+            self.drain.cutting = True
+            if self.in_flight:
+                log.info("cancelling the %d call(s) still in flight", self.in_flight)
+
+    @property
+    def in_flight(self) -> int:
+        """Generation calls in flight on both edges."""
+        return self.servicer.in_flight + (self.http_calls.in_flight if self.http_calls else 0)
+
+    async def cut_calls(self) -> None:
+        """Cancels the calls in flight now and writes every ledger row waiting (a
+        second signal: exit now, losing no recorded call)."""
+        self._cutting()
+        if self.http is not None:
+            self.http.cancel_requests()
+        # The server is draining already: a second stop with no grace cancels
+        # every call it serves.
+        await self._server.stop(0)
+        # The cancelled calls close their records as they unwind (neither edge
+        # signals its last call's end: a short poll, bounded by the caller).
+        while self.in_flight:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        if self.accounting.ledger is not None:
+            await self.accounting.ledger.flush()
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
@@ -313,14 +364,21 @@ async def serve(config: GatewayConfig) -> None:
     """Runs the gateway until SIGTERM or SIGINT, then drains and returns."""
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
+    gateway: Gateway | None = None
+    exiting: list[asyncio.Task[None]] = []  # the exit a second signal started (held here)
 
     def on_signal(signum: int) -> None:
-        if signalled.is_set():
-            # A second signal means "now": exit without waiting for the drain.
-            log.warning("second %s: exiting without draining", signal.Signals(signum).name)
-            os._exit(1)
-        log.info("%s received", signal.Signals(signum).name)
-        signalled.set()
+        if not signalled.is_set():
+            log.info("%s received", signal.Signals(signum).name)
+            signalled.set()
+        elif not exiting:
+            # A second signal means "now": cut the calls in flight and exit without
+            # waiting for the drain, once the rows of what was served are written.
+            log.warning(
+                "second %s: cancelling the calls in flight and exiting",
+                signal.Signals(signum).name,
+            )
+            exiting.append(loop.create_task(_exit_now(gateway)))
 
     # Before start: a signal that comes once the port is open is a drain,
     # never the default action (the process killed mid-call).
@@ -336,3 +394,21 @@ async def serve(config: GatewayConfig) -> None:
     gc.freeze()
     await signalled.wait()
     await gateway.stop()
+
+
+async def _exit_now(gateway: Gateway | None) -> None:
+    """Exits with status 1 within SECOND_SIGNAL_EXIT_S, the ledger's rows written first."""
+    # Even if the event loop never gets back here (a call stuck in a tight loop).
+    backstop = threading.Timer(SECOND_SIGNAL_EXIT_S, os._exit, (1,))
+    backstop.daemon = True
+    backstop.start()
+    try:
+        if gateway is not None:
+            async with asyncio.timeout(SECOND_SIGNAL_EXIT_S * 0.75):
+                await gateway.cut_calls()
+    except TimeoutError:
+        log.error("exiting before every call in flight was cut and recorded")
+    except Exception:
+        log.exception("cutting the calls in flight failed")
+    finally:
+        os._exit(1)

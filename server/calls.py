@@ -10,7 +10,9 @@ happened" reads one record, filled in one place, and a cancelled or failed
 stream is accounted for with the output it had produced.
 
 Observers run synchronously on the event loop when the call ends: they
-must not block (queue the work, as the ledger does).
+must not block (queue the work, as the ledger does). With
+`ledger.durability: sync` an edge then awaits its Durability (the ledger's
+commit of the row) before the caller hears how the call ended.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import grpc
 
 from server.costs import compute_cost
-from server.errors import GatewayError
+from server.errors import GatewayError, ShuttingDownError
 from server.events import (
     MessageDelta,
     MessageStart,
@@ -43,6 +45,9 @@ from server.token_estimate import count_request, count_text
 log = logging.getLogger(__name__)
 
 CallObserver = Callable[["CallRecord"], None]
+# Awaited once a record is closed, before the caller is told the outcome: returns
+# when the call's ledger row is committed (server/accounting: ledger.durability).
+Durability = Callable[["CallRecord"], Awaitable[None]]
 _CONTENT = (TextDelta, ToolInputDelta, ThinkingDelta, SignatureDelta)
 
 
@@ -206,6 +211,40 @@ def close_record(
             log.exception("call observer %r failed (request_id=%s)", observer, record.request_id)
 
 
+async def close_durably(
+    record: CallRecord,
+    observers: list[CallObserver],
+    durable: Durability | None,
+    status: grpc.StatusCode,
+    error_reason: str = "",
+) -> None:
+    """close_record, then waits on `durable` (the ledger's commit of the row), if any.
+
+    A record closed already is left alone: its row was waited on when it closed.
+    """
+    if record.ended_at is not None:
+        return
+    close_record(record, observers, status, error_reason)
+    if durable is not None:
+        # Right after the close, with no await between: the ledger waits for
+        # the rows buffered so far, this call's the newest.
+        await durable(record)
+
+
+class Drain:
+    """The gateway's drain, as the calls it cuts see it.
+
+    Once the drain's grace has run out (or a second signal asks to exit), the
+    server cancels the calls still in flight: their callers see UNAVAILABLE,
+    and their records say so (SHUTTING_DOWN) rather than CANCELLED.
+    """
+
+    __slots__ = ("cutting",)
+
+    def __init__(self) -> None:
+        self.cutting = False
+
+
 # A cancel that arrives with less than this left of the caller's deadline is
 # recorded as DEADLINE_EXCEEDED: the caller's clock ran out, a few ms ahead
 # of ours, and cancelled.
@@ -214,35 +253,47 @@ DEADLINE_SLACK_S = 0.1
 
 @asynccontextmanager
 async def accounted(
-    record: CallRecord, observers: list[CallObserver], deadline: float | None
+    record: CallRecord,
+    observers: list[CallObserver],
+    deadline: float | None,
+    *,
+    durable: Durability | None = None,
+    drain: Drain | None = None,
 ) -> AsyncIterator[None]:
     """Closes `record` with the call's outcome, whichever way the call ends.
 
     Each edge runs its call inside this, within its own error boundary, so it
     sees the GatewayError itself (its code and reason) before the edge turns
     it into a status. `deadline` is the caller's, on the event loop's clock.
+    With `durable`, a call that ends with an answer for its caller (a result
+    or an error) leaves here only once its row is committed; a cancelled
+    call, whose caller is gone, does not wait.
     """
     try:
         yield
     except GatewayError as err:
-        close_record(record, observers, err.code, err.reason)
+        await close_durably(record, observers, durable, err.code, err.reason)
         raise
     except (asyncio.CancelledError, GeneratorExit):
-        # The caller's own deadline cancels it a little before ours runs out
-        # (ours counts from when its request arrived): a cancel this close
-        # to the deadline is the deadline.
-        expired = (
-            deadline is not None
-            and deadline - asyncio.get_running_loop().time() <= DEADLINE_SLACK_S
-        )
-        code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-        close_record(record, observers, code)
+        if drain is not None and drain.cutting:
+            code, reason = ShuttingDownError.code, ShuttingDownError.reason
+        else:
+            # The caller's own deadline cancels it a little before ours runs out
+            # (ours counts from when its request arrived): a cancel this close
+            # to the deadline is the deadline.
+            expired = (
+                deadline is not None
+                and deadline - asyncio.get_running_loop().time() <= DEADLINE_SLACK_S
+            )
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            reason = ""
+        close_record(record, observers, code, reason)
         raise
     except grpc.aio.AbortError:
         close_record(record, observers, grpc.StatusCode.UNKNOWN, "ABORTED")
         raise
     except Exception:
-        close_record(record, observers, grpc.StatusCode.INTERNAL, "INTERNAL")
+        await close_durably(record, observers, durable, grpc.StatusCode.INTERNAL, "INTERNAL")
         raise
     else:
-        close_record(record, observers, grpc.StatusCode.OK)
+        await close_durably(record, observers, durable, grpc.StatusCode.OK)

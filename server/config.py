@@ -400,6 +400,12 @@ class LedgerConfig(_Strict):
     dsn: str = ""
     # Rows are written in batches this often; a crash loses at most this much.
     flush_interval_s: float = Field(1.0, gt=0, le=60)
+    # async: a call's row is written after its caller has its answer (a crash
+    # loses the rows of the last flush interval). sync: the caller gets the
+    # final status (the end of the body, over HTTP) only once the row is
+    # committed, in a batch shared with the calls ending meanwhile; with
+    # SQLite, each batch is also synced to disk.
+    durability: Literal["async", "sync"] = "async"
     max_batch: int = Field(500, ge=1)
     # Rows kept in memory while the ledger cannot be written (PostgreSQL
     # unreachable, a full disk or a locked SQLite file); beyond it rows are dropped.

@@ -17,6 +17,10 @@ and Redis budgets are raised to the ledger's spend every
 PostgreSQL ledger shared by the replicas holds every call, an SQLite ledger
 only this replica's, and either lacks the calls still in flight (their
 settle adds them). The ledger is flushed before a rebuild reads it.
+
+With `ledger.durability: sync`, `Accounting.durable` is what the edges await
+(server/calls.py `accounted`) between closing a call's record and telling its
+caller how the call ended: the ledger's commit of the call's row.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from datetime import UTC, datetime
+from pathlib import Path
 
 from server.accounting.admission import Admission, BudgetAlert, QuotaHold
 from server.accounting.backend import (
@@ -43,8 +49,8 @@ from server.accounting.quotas import (
     budget_of,
     period_starts,
 )
-from server.calls import CallObserver
-from server.config import GatewayConfig
+from server.calls import CallObserver, Durability
+from server.config import ConfigError, GatewayConfig
 from server.errors import UnavailableError
 
 __all__ = [
@@ -90,6 +96,19 @@ def _ledger(config: GatewayConfig) -> UsageLedger | None:
         flush_interval_s=ledger.flush_interval_s,
         max_batch=ledger.max_batch,
         max_buffered=ledger.max_buffered,
+        sync_to_disk=ledger.durability == "sync",
+    )
+
+
+def _unusable_ledger_path(path: Path, err: OSError | sqlite3.Error) -> str:
+    if path.is_dir():
+        reason = "it is a directory"
+    elif isinstance(err, OSError):
+        reason = f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
+    else:
+        reason = str(err) or type(err).__name__
+    return (
+        f"invalid configuration:\n  ledger.path: cannot keep the usage ledger at {path}: {reason}"
     )
 
 
@@ -100,6 +119,11 @@ class Accounting:
         self._budgets = config.budgets
         self.policy = QuotaPolicy(config.limits, config.budgets)
         self.ledger = _ledger(config)
+        # What a call awaits, once its record is closed, before its caller hears
+        # how it ended (ledger.durability: sync); None: nothing.
+        self.durable: Durability | None = None
+        if self.ledger is not None and config.ledger.durability == "sync":
+            self.durable = self.ledger.durable
         self.backend = _backend(config, None if self.ledger is None else self.budget_spend)
         self.background = Background()
         self.admission = Admission(self.policy, self.backend, config.budgets, self.background)
@@ -114,9 +138,16 @@ class Accounting:
         return observers
 
     async def start(self) -> None:
+        """Starts the ledger's writer; raises ConfigError naming `ledger.path` when
+        SQLite cannot keep the ledger there."""
         if self.ledger is None:
             return
-        await self.ledger.start()
+        try:
+            await self.ledger.start()
+        except (OSError, sqlite3.Error) as err:
+            if not isinstance(self.ledger, SqliteLedger):
+                raise
+            raise ConfigError(_unusable_ledger_path(self.ledger.path, err)) from None
         if isinstance(self.backend, LocalBackend):
             # In-process budgets start from this period's spend in the ledger.
             await self.reconcile_budgets()

@@ -8,11 +8,18 @@ rows wait, and writes them in batches. A crash loses at most the unwritten
 rows; `aclose` (graceful shutdown, after the server has drained) writes
 everything left. Queries run in worker threads on their own connections,
 which WAL lets read while the writer writes.
+
+With `ledger.durability: sync` the edges await `durable(record)` before the
+caller hears how its call ended: it wakes the writer, which commits every row
+waiting (the calls that ended while it wrote the previous batch share one
+commit, and one sync to disk) and resolves the waiters from its thread
+through `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -156,6 +163,16 @@ class UsageLedger(Protocol):
 
     def record(self, record: CallRecord) -> None: ...
 
+    async def durable(self, record: CallRecord) -> None:
+        """Returns once `record`'s row is committed (ledger.durability: sync).
+
+        Called right after the record closed, it waits for every row buffered
+        until then. It returns at once while the ledger cannot write (its last
+        attempt failed): calls do not wait out an outage, their rows stay
+        buffered and are retried.
+        """
+        ...
+
     async def start(self) -> None: ...
 
     async def flush(self) -> None: ...
@@ -224,25 +241,36 @@ class SqliteLedger:
         flush_interval_s: float = 1.0,
         max_batch: int = 500,
         max_buffered: int = 100_000,
+        sync_to_disk: bool = False,
     ) -> None:
         self.path = path
         self._interval = flush_interval_s
         self._max_batch = max_batch
         self._max_buffered = max_buffered
+        # NORMAL: a commit survives the process dying (kill -9), not the machine
+        # losing power; FULL (ledger.durability: sync) syncs the WAL at each commit.
+        self._synchronous = "FULL" if sync_to_disk else "NORMAL"
         self._rows: deque[Row] = deque()  # appended by the loop, drained by the writer
         self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()  # flushes, _STOP
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._outage = OutageLog(log, every_s=60.0)
-        self.rows_written = 0
+        # Rows are committed in the order they were buffered, so row number n
+        # (counted by `_accepted`) is durable once `rows_written` reaches n.
+        self._accepted = 0  # rows ever buffered (the event loop's)
+        self._committed = 0  # rows_written as the event loop last heard it
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()  # durable() calls
+        self._failing = False  # the last write attempt failed (set by the writer)
+        self.rows_written = 0  # the writer's
         self.rows_dropped = 0
         self.failures = 0
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
         return conn
 
     async def start(self) -> None:
@@ -265,6 +293,7 @@ class SqliteLedger:
             conn.close()
 
         await asyncio.to_thread(create)
+        self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._write_loop, name="usage-ledger", daemon=True)
         self._thread.start()
 
@@ -279,8 +308,41 @@ class SqliteLedger:
             self._outage.dropped(self.rows_dropped, len(self._rows), self.path)
             return
         self._rows.append(row_of(record))
+        self._accepted += 1
         if len(self._rows) >= self._max_batch:
             self._wake.set()
+
+    async def durable(self, record: CallRecord) -> None:
+        """Returns once `record`'s row is committed (see UsageLedger.durable)."""
+        target = self._accepted
+        if target <= self._committed or self._failing or self._closed or self._loop is None:
+            return
+        waiter = self._loop.create_future()
+        self._waiters.append((target, waiter))
+        self._wake.set()
+        await waiter
+
+    def _settle(self, committed: int) -> None:
+        """On the event loop: the writer has committed `committed` rows in all."""
+        self._committed = max(self._committed, committed)
+        while self._waiters and self._waiters[0][0] <= self._committed:
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _release_waiters(self) -> None:
+        """On the event loop: a write failed, or the writer stopped; nobody waits on it."""
+        while self._waiters:
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _tell_loop(self, callback: Callable[..., None], *args: object) -> None:
+        """From the writer thread: runs `callback` on the event loop (if it still runs)."""
+        if self._loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(callback, *args)
 
     def _write_loop(self) -> None:
         conn: sqlite3.Connection | None = None
@@ -335,6 +397,8 @@ class SqliteLedger:
             except sqlite3.Error as err:
                 self._rows.extendleft(reversed(batch))
                 self.failures += 1
+                self._failing = True
+                self._tell_loop(self._release_waiters)
                 if conn is not None:
                     conn.close()
                 self._outage.failed(
@@ -346,7 +410,11 @@ class SqliteLedger:
                 )
                 return None, False
             self.rows_written += len(batch)
+            self._failing = False
             self._outage.recovered("usage ledger: writing to %s again after %.0f s", self.path)
+        # Also when there was nothing to write: a waiter may have come after the
+        # last batch committed and before the event loop heard of it.
+        self._tell_loop(self._settle, self.rows_written)
         return conn, True
 
     async def flush(self) -> None:
@@ -376,6 +444,7 @@ class SqliteLedger:
             self._requests.put(_STOP)
             self._wake.set()
             await asyncio.to_thread(self._thread.join)
+        self._release_waiters()
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:

@@ -5,7 +5,8 @@ replicas share. `record` appends the row to a bounded in-memory buffer (no
 I/O on the request path); one asyncio task owns a psycopg async connection
 and writes the buffer in batches, `flush_interval_s` after a batch's first
 row or as soon as `max_batch` rows wait. `aclose` (graceful shutdown) writes
-everything left.
+everything left. With `ledger.durability: sync`, `durable(record)` is a flush:
+the rows of the calls ending while a batch is written go in the next one.
 
 When PostgreSQL is unreachable the writer logs a warning (where it writes,
 never the DSN's password), keeps buffering up to `max_buffered` rows (newer
@@ -127,6 +128,7 @@ class PostgresLedger:
         self._accepted = 0  # rows ever buffered
         self._flush_target = 0  # flush/aclose want rows up to this count written now
         self._failures = 0  # failed write attempts, ever
+        self._failing = False  # the last attempt to connect or write failed
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
@@ -173,6 +175,7 @@ class PostgresLedger:
             async with asyncio.timeout(self._timeout):
                 self._conn = await self._connect()
         except (psycopg.Error, OSError, TimeoutError) as err:
+            self._failing = True
             self._note_failure(err)
         self._task = asyncio.create_task(self._run(), name="usage-ledger-postgres")
 
@@ -192,6 +195,11 @@ class PostgresLedger:
         self._accepted += 1
         if len(self._buffer) >= self._max_batch:
             self._wake.set()
+
+    async def durable(self, record: CallRecord) -> None:
+        """Returns once `record`'s row is committed (see UsageLedger.durable)."""
+        if not self._failing:
+            await self.flush()
 
     @property
     def _written_or_gone(self) -> int:
@@ -250,6 +258,7 @@ class PostgresLedger:
                     await cur.executemany(_INSERT, batch)
         except (psycopg.Error, OSError, TimeoutError) as err:
             self._failures += 1
+            self._failing = True
             # The waiting flushes return on this failure; later ones ask again.
             self._flush_target = self._written_or_gone
             if self._conn is not None:
@@ -264,6 +273,7 @@ class PostgresLedger:
         if self._buffer:
             self._first_at = time.monotonic() - self._interval  # still due: keep draining
         self.rows_written += len(batch)
+        self._failing = False
         self._outage.recovered(
             "usage ledger: PostgreSQL at %s reachable again after %.0fs", self.where
         )

@@ -14,19 +14,28 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
-from server.calls import CallObserver, CallRecord, accounted, close_record, open_record
+from server.calls import (
+    CallObserver,
+    CallRecord,
+    Drain,
+    Durability,
+    accounted,
+    close_record,
+    open_record,
+)
 from server.errors import FieldViolation, GatewayError, InternalError, InvalidArgumentError
 from server.events import MessageStart, ResponseAccumulator
 from server.grpc_edge.coalescing import coalesce
 from server.grpc_edge.decoding import decode_count_tokens, decode_generate
 from server.grpc_edge.encoding import encode_event, encode_models, encode_response
+from server.grpc_edge.expired_calls import SERVED_CALL
 from server.identity import current_identity, require_model_access
 from server.routing import Route, Router
 from server.schema import GenerationRequest
@@ -116,6 +125,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         # Reserves tokens per minute and budget once the request is decoded
         # (server/accounting/admission.py); settled by an observer.
         self.admission: Admission | None = None
+        # ledger.durability: sync: the final status waits for the call's row.
+        self.durable: Durability | None = None
+        # The gateway's drain: calls it cuts are recorded UNAVAILABLE.
+        self.drain: Drain | None = None
 
     @contextmanager
     def _tracked(self) -> Iterator[None]:
@@ -147,9 +160,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GenerateResponse:
         record = open_record("Generate", request.model)
+        SERVED_CALL.set(context)
         with self._tracked():
             deadline = deadline_of(context)
-            async with error_boundary(context, record), accounted(record, self.observers, deadline):
+            async with error_boundary(context, record), self._accounted(record, deadline):
                 request_id, internal, route = await self._admitted(record, request, context)
                 internal.incremental = False
                 accumulator = ResponseAccumulator()
@@ -164,9 +178,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
         record = open_record("StreamGenerate", request.model)
+        SERVED_CALL.set(context)
         with self._tracked():
             deadline = deadline_of(context)
-            async with error_boundary(context, record), accounted(record, self.observers, deadline):
+            async with error_boundary(context, record), self._accounted(record, deadline):
                 request_id, internal, route = await self._admitted(record, request, context)
                 context.set_trailing_metadata(_trailers(request_id))
                 events = self._router.stream(internal, route)
@@ -178,6 +193,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         trailers = _trailers(request_id, event.upstream_request_id)
                         context.set_trailing_metadata(trailers)
                     yield encode_event(event)
+
+    def _accounted(
+        self, record: CallRecord, deadline: float | None
+    ) -> AbstractAsyncContextManager[None]:
+        """The call closes `record` however it ends (server/calls.py `accounted`)."""
+        return accounted(record, self.observers, deadline, durable=self.durable, drain=self.drain)
 
     async def _admitted(
         self,

@@ -17,11 +17,21 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from server.accounting.call_gate import CallGate
-from server.calls import CallObserver, CallRecord, accounted, close_record, open_record
+from server.calls import (
+    CallObserver,
+    CallRecord,
+    Drain,
+    Durability,
+    accounted,
+    close_durably,
+    close_record,
+    open_record,
+)
 from server.identity import current_identity, require_model_access
 from server.routing import Route
 from server.schema import GenerationRequest
@@ -41,12 +51,18 @@ class HttpCalls:
         admission: Admission | None,
         observers: list[CallObserver],
         tracer: trace.Tracer | None = None,
+        *,
+        durable: Durability | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self._gate = gate
         self._admission = admission
         # The gRPC servicer's list itself: observers added later are seen too.
         self._observers = observers
         self._tracer = tracer
+        # ledger.durability: sync: the answer's last bytes wait for the call's row.
+        self._durable = durable
+        self._drain = drain  # calls the gateway's drain cuts are recorded UNAVAILABLE
         self.in_flight = 0
 
     @asynccontextmanager
@@ -73,7 +89,9 @@ class HttpCalls:
                     raise refusal
             self.in_flight += 1
             try:
-                async with accounted(record, self._observers, None):
+                async with accounted(
+                    record, self._observers, None, durable=self._durable, drain=self._drain
+                ):
                     yield record
             finally:
                 self.in_flight -= 1
@@ -81,6 +99,15 @@ class HttpCalls:
                     self._gate.leave(record.key_id, holder)
                 if span is not None and record.status.name in _SERVER_FAILURES:
                     span.set_status(Status(StatusCode.ERROR, record.error_reason))
+
+    async def finished(self, record: CallRecord) -> None:
+        """The call's events have all passed and only its answer's last bytes are left.
+
+        With ledger.durability: sync the record is closed (OK) here and its row
+        committed before those bytes go; otherwise it closes when the call ends.
+        """
+        if self._durable is not None:
+            await close_durably(record, self._observers, self._durable, grpc.StatusCode.OK)
 
     async def admit(self, record: CallRecord, request: GenerationRequest, route: Route) -> None:
         """What a decoded request passes before any upstream call (as on gRPC)."""

@@ -18,8 +18,9 @@ status; once `http.ping_interval_s` passes in silence the stream commits to
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -160,10 +161,11 @@ class GenerationEndpoint:
             )
             await self._calls.admit(record, request, route)
             events = self._router.stream(request, route)
+            finished = functools.partial(self._calls.finished, record)
             if decoded.stream:
-                await self._stream(dialect, decoded, exchange, events, record.observe)
+                await self._stream(dialect, decoded, exchange, events, record.observe, finished)
             else:
-                await self._whole(dialect, decoded, exchange, events, record.observe)
+                await self._whole(dialect, decoded, exchange, events, record.observe, finished)
 
     async def _whole(
         self,
@@ -172,6 +174,7 @@ class GenerationEndpoint:
         exchange: Exchange,
         events: AsyncIterator[StreamEvent],
         observe: Any,
+        finished: Callable[[], Awaitable[None]],
     ) -> None:
         accumulator = ResponseAccumulator()
         raw: bytes | None = None
@@ -183,6 +186,7 @@ class GenerationEndpoint:
                 accumulator.add(event)
         if raw is None:
             raw = dialect.whole(accumulator.result(), decoded, exchange.request_id)
+        await finished()
         await exchange.respond(200, raw, [("content-type", JSON)])
 
     async def _stream(
@@ -192,6 +196,7 @@ class GenerationEndpoint:
         exchange: Exchange,
         events: AsyncIterator[StreamEvent],
         observe: Any,
+        finished: Callable[[], Awaitable[None]],
     ) -> None:
         writer = StreamWriter(exchange, self._ping_s, dialect.ping)
         encoder: Encoder | None = None
@@ -208,6 +213,7 @@ class GenerationEndpoint:
                     data = encoder.feed(event)
                     if data:
                         await writer.write(data)
+            await finished()
             if encoder is not None:
                 tail = encoder.finish()
                 if tail:
