@@ -216,6 +216,7 @@ class Gateway:
                 self.auth.authenticator if self.auth else None,
                 max_body_bytes=config.http.max_body_bytes,
                 ready=lambda: self._serving,
+                drain=self.drain,
             )
             self.http = HttpServer(
                 front_door,

@@ -650,3 +650,25 @@ async def test_metrics_count_http_calls_by_edge(
     assert value(after, "llmgw_rpcs_total", **labels) == before + 1
     assert value(after, "llmgw_rpcs_total", **{**labels, "edge": "grpc"}) == 0
     assert value(after, "llmgw_calls_in_flight") == 0
+
+
+async def test_a_model_name_no_ledger_can_store_is_refused_and_recorded(
+    front_door: RunningGateway, url: str
+) -> None:
+    # A lone surrogate is valid JSON but not UTF-8: refused, and its refusal's
+    # row must not break the ledger's writer (later calls are still recorded).
+    body = b'{"model":"bad\\ud800","max_tokens":5,"messages":[{"role":"user","content":"x"}]}'
+    headers = {"content-type": "application/json", "x-request-id": "surrogate-model"}
+    async with httpx2.AsyncClient(timeout=10) as client:
+        refused = await client.post(f"{url}/v1/messages", content=body, headers=headers)
+        assert refused.status_code == 400
+        later = await client.post(
+            f"{url}/v1/messages",
+            content=json.dumps(
+                {"model": "echo", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+            ).encode(),
+            headers={"content-type": "application/json", "x-request-id": "after-surrogate"},
+        )
+        assert later.status_code == 200
+    assert (await ledger_row(front_door, "surrogate-model"))["status"] == "INVALID_ARGUMENT"
+    assert (await ledger_row(front_door, "after-surrogate"))["status"] == "OK"

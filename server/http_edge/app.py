@@ -21,7 +21,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from server.auth.authenticator import Authenticator
-from server.errors import GatewayError, MissingScopeError
+from server.calls import Drain
+from server.errors import GatewayError, MissingScopeError, ShuttingDownError
 from server.http_edge import models
 from server.http_edge.chat import ChatDialect
 from server.http_edge.errors import JSON, HttpError, OpenAIErrors
@@ -80,12 +81,15 @@ class FrontDoor:
         *,
         max_body_bytes: int,
         ready: Callable[[], bool],
+        drain: Drain | None = None,
     ) -> None:
         self._limit = max_body_bytes
         self._generation = generation
         self._router = router
         self._authenticator = authenticator
         self._ready = ready
+        # Set once the gateway's drain cuts the calls still running.
+        self._drain = drain
         alive = _Endpoint(self._alive, private=False)
         readiness = _Endpoint(self._readiness, private=False)
         empty = _Endpoint(self._empty, private=False)
@@ -167,6 +171,17 @@ class FrontDoor:
             await endpoint.handler(exchange, body)
         except (GatewayError, HttpError) as err:
             await self._answer_error(exchange, err, dialect)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if exchange.disconnected or self._drain is None or not self._drain.cutting:
+                raise
+            # The drain's grace ran out: the caller hears it, as a gRPC caller does.
+            if task is not None:
+                task.uncancel()
+            cut = ShuttingDownError("the gateway is shutting down; retry on another replica")
+            if exchange.started and not exchange.ended and hasattr(dialect, "stream_error"):
+                await exchange.write(dialect.stream_error(cut, None))
+            await self._answer_error(exchange, cut, dialect)
         except Exception:
             log.exception("unhandled error serving request %s", exchange.request_id)
             message = f"internal error (request id {exchange.request_id})"

@@ -116,6 +116,15 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _recordable(model: object) -> str:
+    """The model as asked for, for the record of a call refused before decoding
+    (JSON may carry lone surrogates, which no ledger can store: the decoder
+    refuses them, but the refusal is recorded first)."""
+    if not isinstance(model, str):
+        return ""
+    return model[:256].encode("utf-8", "replace").decode("utf-8")
+
+
 def _session(headers: Mapping[str, str]) -> str:
     for name in SESSION_HEADERS:
         value = headers.get(name)
@@ -145,8 +154,7 @@ class GenerationEndpoint:
         ) as record:
             record.end_user = _session(exchange.headers)
             document = parse_json(body)
-            if isinstance(document.get("model"), str):
-                record.model_requested = document["model"]
+            record.model_requested = _recordable(document.get("model"))
             decoded = dialect.decode(document, exchange.request_id)
             request = decoded.request
             route = resolve(self._router, request.model)
