@@ -8,6 +8,7 @@ channel, and the providers reach the fake through the real SDKs over HTTP.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -36,10 +37,21 @@ PRICING = {
 }
 
 
+# The HTTP client under the SDK providers: the default (aiohttp) unless
+# LLMGW_TEST_HTTP_TRANSPORT names another, so that a file's tests run over
+# either transport (tests/test_transport.py tests what differs between them).
+TRANSPORT: dict[str, str] = (
+    {"http_transport": os.environ["LLMGW_TEST_HTTP_TRANSPORT"]}
+    if os.environ.get("LLMGW_TEST_HTTP_TRANSPORT")
+    else {}
+)
+
+
 def provider_config(fake: FakeUpstream) -> dict[str, Any]:
     return {
         "anthropic": {
             "type": "anthropic",
+            **TRANSPORT,
             "api_key": ANTHROPIC_KEY,
             "base_url": fake.anthropic_url,
             "models": [
@@ -60,6 +72,7 @@ def provider_config(fake: FakeUpstream) -> dict[str, Any]:
         },
         "openai": {
             "type": "openai",
+            **TRANSPORT,
             "api_key_env": OPENAI_KEY_ENV,
             "base_url": fake.openai_url,
             # The fake speaks the Responses API too: the front door relays to it.
@@ -81,6 +94,7 @@ def provider_config(fake: FakeUpstream) -> dict[str, Any]:
         # An OpenAI-compatible server (vLLM-like): no prefix routing, top_k, max_tokens.
         "local": {
             "type": "openai",
+            **TRANSPORT,
             "api_key": "unused",
             "base_url": fake.openai_url,
             "route_prefixes": [],

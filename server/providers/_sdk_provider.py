@@ -5,6 +5,7 @@ unlisted ids by prefix, the caller's deadline as the upstream timeout, and
 the SDK client behind a KeyedClient that follows a rotated API key. A
 subclass names its SDK client class, model class, catalog and prefixes, and
 implements `stream`, `count_tokens` and its one error-mapping function.
+The HTTP client under the SDK (aiohttp or httpx) is built in _transport.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
+import httpx2
+
 from server.errors import GatewayError
+from server.providers._transport import HttpTransport, http_client
 from server.providers._upstream import (
     PLACEHOLDER_KEY,
     KeyedClient,
@@ -33,6 +37,8 @@ class SdkProvider(Provider, Generic[ModelT]):
     # The SDK's async client class, the model settings class, the shipped
     # catalog and the id prefixes of the kind.
     client_class: ClassVar[Callable[..., Any]]
+    # The SDK's HTTP client class for each transport (_transport.py).
+    http_clients: ClassVar[dict[HttpTransport, Callable[..., httpx2.AsyncClient]]]
     Model: ClassVar[type[UpstreamModel]]
     catalog: ClassVar[Mapping[str, Mapping[str, Any]]]
     default_prefixes: ClassVar[tuple[str, ...]]
@@ -58,7 +64,8 @@ class SdkProvider(Provider, Generic[ModelT]):
         self._listed_prices = [(m.upstream_name, m.info(name).pricing) for m in listed]
 
     def make_client(self, settings: UpstreamSettings) -> Any:
-        """The SDK client, one per provider instance (its connection pool is reused)."""
+        """The SDK client, one per provider instance, over the configured transport
+        (_transport.py); its connection pool is reused by every call."""
         return self.client_class(
             # KeyedClient swaps in the real key, and swaps again when it rotates.
             api_key=PLACEHOLDER_KEY,
@@ -67,6 +74,13 @@ class SdkProvider(Provider, Generic[ModelT]):
             # The router retries and falls back; SDK retries would multiply them.
             max_retries=0,
             default_headers=settings.default_headers or None,
+            http_client=http_client(
+                settings.http_transport,
+                self.http_clients,
+                max_connections=settings.max_connections,
+                keepalive_s=settings.keepalive_s,
+                timeout_s=settings.timeout_s,
+            ),
         )
 
     @classmethod

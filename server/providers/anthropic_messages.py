@@ -25,6 +25,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+import aiohttp
 import anthropic
 import httpx2
 from anthropic.resources.messages import AsyncMessages
@@ -44,6 +45,7 @@ from server.providers import _anthropic_codec as codec
 from server.providers._relay import relayed_body, relayed_options, reply_of
 from server.providers._sdk_provider import SdkProvider
 from server.providers._sse import SseSplitter
+from server.providers._transport import transport_failure
 from server.providers._upstream import (
     FailureKind,
     UpstreamModel,
@@ -104,6 +106,10 @@ _ERROR_TYPES: dict[str, FailureKind] = {
     "api_error": "unavailable",
     "timeout_error": "unavailable",
 }
+# What an upstream call may raise: the SDK's errors, its transport's (httpx2's,
+# and the few of aiohttp's the aiohttp transport passes on as they are), and an
+# answer that is not JSON. Mapped in `_map_error`.
+_FAILURES = (anthropic.AnthropicError, httpx2.HTTPError, aiohttp.ClientError, json.JSONDecodeError)
 
 
 class AnthropicModel(UpstreamModel):
@@ -135,6 +141,10 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
     relays = frozenset({ANTHROPIC_MESSAGES})
 
     client_class = anthropic.AsyncAnthropic
+    http_clients = {
+        "aiohttp": anthropic.DefaultAioHttpClient,
+        "httpx": anthropic.DefaultAsyncHttpxClient,
+    }
     Model = AnthropicModel
     catalog = ANTHROPIC_MODELS
     default_prefixes = ANTHROPIC_PREFIXES
@@ -197,7 +207,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
                 if event is not None:
                     yield event
             decoder.finish()
-        except (anthropic.AnthropicError, httpx2.HTTPError, json.JSONDecodeError) as err:
+        except _FAILURES as err:
             raise self._failure(
                 err, request.model, upstream_request_id, request.request_id
             ) from err
@@ -267,7 +277,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
                     if event is not None:
                         yield event
             decoder.finish()
-        except (anthropic.AnthropicError, httpx2.HTTPError, json.JSONDecodeError) as err:
+        except _FAILURES as err:
             error = self._failure(err, request.model, upstream_request_id, request.request_id)
             if isinstance(err, anthropic.APIStatusError):
                 error.upstream_reply = _reply_of(err.response)
@@ -326,7 +336,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
         try:
             timeout = upstream_timeout(request.deadline, self._timeout)
             counted = await client.messages.count_tokens(**kwargs, timeout=timeout)
-        except (anthropic.AnthropicError, httpx2.HTTPError) as err:
+        except (anthropic.AnthropicError, httpx2.HTTPError, aiohttp.ClientError) as err:
             raise self._failure(err, request.model, "", "") from err
         return TokenCount(input_tokens=counted.input_tokens, estimated=False)
 
@@ -342,7 +352,14 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
             counted = json.loads(response.content)["input_tokens"]
             if not isinstance(counted, int):
                 raise UpstreamProtocolError(f"provider {self.name} counted no input_tokens")
-        except (anthropic.AnthropicError, httpx2.HTTPError, ValueError, KeyError, TypeError) as err:
+        except (
+            anthropic.AnthropicError,
+            httpx2.HTTPError,
+            aiohttp.ClientError,
+            ValueError,
+            KeyError,
+            TypeError,
+        ) as err:
             error = self._failure(err, request.model, "", "")
             if isinstance(err, anthropic.APIStatusError):
                 error.upstream_reply = _reply_of(err.response)
@@ -351,19 +368,23 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
 
     def _map_error(
         self,
-        err: anthropic.AnthropicError | httpx2.HTTPError | json.JSONDecodeError,
+        err: Exception,
         model: str,
         upstream_request_id: str,
     ) -> GatewayError:
-        """The one place an Anthropic SDK failure becomes a GatewayError."""
+        """The one place an Anthropic SDK failure (or its transport's) becomes a GatewayError."""
         metadata = {"upstream_request_id": upstream_request_id}
-        # Most specific first: timeouts are connection errors, too.
-        if isinstance(err, anthropic.APITimeoutError | httpx2.TimeoutException):
+        # What the transport says it was (_transport.py), else the SDK's class;
+        # most specific first: timeouts are connection errors, too.
+        failure = transport_failure(err)
+        if failure is None and isinstance(err, anthropic.APIConnectionError):
+            failure = "timeout" if isinstance(err, anthropic.APITimeoutError) else "connection"
+        if failure == "timeout":
             return DeadlineExceededError(
                 f"provider {self.name} did not answer within the deadline",
                 metadata={"provider": self.name, **_present(metadata)},
             )
-        if isinstance(err, anthropic.APIConnectionError | httpx2.TransportError):
+        if failure == "connection":
             return UpstreamStreamInterruptedError(
                 f"the connection to provider {self.name} failed",
                 metadata={"provider": self.name, **_present(metadata)},

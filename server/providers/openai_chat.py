@@ -37,6 +37,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+import aiohttp
 import httpx2
 import openai
 from openai.resources.chat.completions import AsyncCompletions
@@ -57,6 +58,7 @@ from server.providers import _openai_responses_codec as responses_codec
 from server.providers._relay import relayed_body, relayed_options, reply_of
 from server.providers._sdk_provider import SdkProvider
 from server.providers._sse import SseEvent, SseSplitter
+from server.providers._transport import transport_failure
 from server.providers._upstream import (
     FailureKind,
     SamplingParameter,
@@ -100,6 +102,10 @@ _ERROR_TYPES: dict[str, FailureKind] = {
     "server_error": "unavailable",
     "overloaded_error": "overloaded",
 }
+# What an upstream call may raise: the SDK's errors, its transport's (httpx2's,
+# and the few of aiohttp's the aiohttp transport passes on as they are), and an
+# answer that is not JSON. Mapped in `_map_error`.
+_FAILURES = (openai.OpenAIError, httpx2.HTTPError, aiohttp.ClientError, json.JSONDecodeError)
 
 
 class OpenAIModel(UpstreamModel):
@@ -138,6 +144,10 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
     Settings = OpenAISettings
 
     client_class = openai.AsyncOpenAI
+    http_clients = {
+        "aiohttp": openai.DefaultAioHttpClient,
+        "httpx": openai.DefaultAsyncHttpxClient,
+    }
     Model = OpenAIModel
     catalog = OPENAI_MODELS
     default_prefixes = OPENAI_PREFIXES
@@ -227,7 +237,7 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
                     yield event
             for event in decoder.finish():
                 yield event
-        except (openai.OpenAIError, httpx2.HTTPError, json.JSONDecodeError) as err:
+        except _FAILURES as err:
             raise self._failure(
                 err, request.model, upstream_request_id, request.request_id
             ) from err
@@ -308,7 +318,7 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
                         yield event
             for event in decoder.finish():
                 yield event
-        except (openai.OpenAIError, httpx2.HTTPError, json.JSONDecodeError) as err:
+        except _FAILURES as err:
             raise self._relay_failure(err, OPENAI_CHAT, request, upstream_request_id) from err
         finally:
             if stream is not None:
@@ -364,7 +374,7 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
                     for event in decoder.feed(data):
                         yield event
             decoder.finish()
-        except (openai.OpenAIError, httpx2.HTTPError, json.JSONDecodeError) as err:
+        except _FAILURES as err:
             raise self._relay_failure(err, OPENAI_RESPONSES, request, upstream_request_id) from err
         finally:
             if stream is not None:
@@ -430,20 +440,25 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
 
     def _map_error(
         self,
-        err: openai.OpenAIError | httpx2.HTTPError | json.JSONDecodeError,
+        err: Exception,
         model: str,
         upstream_request_id: str,
     ) -> GatewayError:
-        """The one place an OpenAI SDK failure becomes a GatewayError."""
+        """The one place an OpenAI SDK failure (or its transport's) becomes a GatewayError."""
         base = {"provider": self.name}
         if upstream_request_id:
             base["upstream_request_id"] = upstream_request_id
-        # Most specific first: timeouts are connection errors, too.
-        if isinstance(err, openai.APITimeoutError | httpx2.TimeoutException):
+        # What the transport says it was (_transport.py: this SDK's aiohttp
+        # transport calls a dropped connection a connect timeout), else the
+        # SDK's class; most specific first: timeouts are connection errors, too.
+        failure = transport_failure(err)
+        if failure is None and isinstance(err, openai.APIConnectionError):
+            failure = "timeout" if isinstance(err, openai.APITimeoutError) else "connection"
+        if failure == "timeout":
             return DeadlineExceededError(
                 f"provider {self.name} did not answer within the deadline", metadata=base
             )
-        if isinstance(err, openai.APIConnectionError | httpx2.TransportError):
+        if failure == "connection":
             return UpstreamStreamInterruptedError(
                 f"the connection to provider {self.name} failed", metadata=base
             )
