@@ -1,11 +1,14 @@
-"""Server-sent events split from a byte stream, each kept as the bytes it came in.
+"""Server-sent events split from a byte stream, in batches of whole events.
 
 A pass-through call relays an upstream's SSE answer to its client byte for
-byte while the gateway reads the events it needs (usage, errors): the
+byte while the gateway reads the events it needs (usage, errors). The
 splitter cuts the stream at event boundaries (a blank line, `\\n\\n` or
-`\\r\\n\\r\\n`), whatever the chunking, and hands back each event's exact
-bytes with its name and data. The buffer of an unfinished event is bounded:
-an upstream that never ends one is a protocol error, not unbounded memory.
+`\\r\\n\\r\\n`), whatever the chunking: each read gives one batch, the bytes
+of every event it completed (relayed with one write) and each event's name,
+data and place in those bytes; the start of an unfinished event waits for
+the next read, so a batch always ends at an event boundary. The buffer of an
+unfinished event is bounded: an upstream that never ends one is a protocol
+error, not unbounded memory.
 """
 
 from __future__ import annotations
@@ -21,20 +24,31 @@ MAX_EVENT_BYTES = 16 * 1024 * 1024
 
 @dataclass(slots=True)
 class SseEvent:
-    raw: bytes  # the event's bytes, its terminating blank line included
     name: str  # the `event:` field ("" when absent)
-    data: str  # the `data:` lines, joined by newlines
+    data: bytes  # the `data:` lines, joined by newlines
+    start: int  # where the event's bytes begin in its batch's `raw`
+    end: int  # and where they end, its terminating blank line included
+
+
+@dataclass(slots=True)
+class SseBatch:
+    raw: bytes  # the bytes of the events one read completed, in order
+    events: list[SseEvent]
+
+    def bytes_of(self, event: SseEvent) -> bytes:
+        return self.raw[event.start : event.end]
 
 
 class SseSplitter:
-    """Feeds on chunks of an SSE byte stream; returns the events they complete."""
+    """Feeds on chunks of an SSE byte stream; returns the events each completes."""
 
     __slots__ = ("_buffer",)
 
     def __init__(self) -> None:
         self._buffer = b""
 
-    def feed(self, chunk: bytes) -> list[SseEvent]:
+    def feed(self, chunk: bytes) -> SseBatch | None:
+        """The events `chunk` completes, or None when it completes none."""
         buffer = self._buffer + chunk if self._buffer else chunk
         events: list[SseEvent] = []
         start = 0
@@ -50,12 +64,14 @@ class SseSplitter:
             crlf = buffer.find(b"\r\n\r\n", start, cut)
             if 0 <= crlf < end:  # a CRLF boundary comes first
                 end, cut = crlf, crlf + 4
-            events.append(_parse(buffer[start:cut], buffer[start:end]))
+            events.append(_event(buffer, start, end, cut))
             start = cut
         self._buffer = buffer[start:]
         if len(self._buffer) > MAX_EVENT_BYTES:
             raise UpstreamProtocolError("an upstream event exceeded the size limit")
-        return events
+        if not events:
+            return None
+        return SseBatch(buffer if start == len(buffer) else buffer[:start], events)
 
     @property
     def pending(self) -> bytes:
@@ -63,15 +79,35 @@ class SseSplitter:
         return self._buffer
 
 
-def _parse(raw: bytes, text: bytes) -> SseEvent:
+def _event(buffer: bytes, start: int, end: int, cut: int) -> SseEvent:
+    """The event in buffer[start:end] (its fields; `cut`: after its blank line)."""
+    # What providers send: `event: NAME` and one `data: ...` line, or the data
+    # line alone, with `\n` line ends. Anything else is parsed field by field.
+    if buffer.find(b"\r", start, end) < 0:
+        if buffer.startswith(b"event: ", start):
+            line = buffer.find(b"\n", start, end)
+            if (
+                line >= 0
+                and buffer.startswith(b"data: ", line + 1)
+                and buffer.find(b"\n", line + 1, end) < 0
+            ):
+                return SseEvent(
+                    buffer[start + 7 : line].decode(), buffer[line + 7 : end], start, cut
+                )
+        elif buffer.startswith(b"data: ", start) and buffer.find(b"\n", start, end) < 0:
+            return SseEvent("", buffer[start + 6 : end], start, cut)
+    return _parsed(buffer[start:end], start, cut)
+
+
+def _parsed(text: bytes, start: int, cut: int) -> SseEvent:
     name = ""
-    data: list[str] = []
-    for line in text.decode("utf-8", errors="replace").splitlines():
-        field, _, value = line.partition(":")
-        if value.startswith(" "):
+    data: list[bytes] = []
+    for line in text.splitlines():
+        field, _, value = line.partition(b":")
+        if value.startswith(b" "):
             value = value[1:]
-        if field == "data":
+        if field == b"data":
             data.append(value)
-        elif field == "event":
-            name = value
-    return SseEvent(raw, name, "\n".join(data))
+        elif field == b"event":
+            name = value.decode("utf-8", errors="replace")
+    return SseEvent(name, b"\n".join(data), start, cut)

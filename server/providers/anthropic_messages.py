@@ -22,6 +22,7 @@ Provider options: any `messages.create` argument (e.g. `output_config`,
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -44,7 +45,7 @@ from server.events import RawChunk, StreamEvent
 from server.providers import _anthropic_codec as codec
 from server.providers._relay import relayed_body, relayed_options, reply_of
 from server.providers._sdk_provider import SdkProvider
-from server.providers._sse import SseSplitter
+from server.providers._sse import SseBatch, SseSplitter
 from server.providers._transport import transport_failure
 from server.providers._upstream import (
     FailureKind,
@@ -263,19 +264,18 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
             decoder = self._decoder(request, upstream_request_id)
             splitter = SseSplitter()
             async for chunk in stream.response.aiter_bytes():
-                for sse in splitter.feed(chunk):
-                    # The bytes first: an edge that relays knows from the first
-                    # event that it relays, before any typed event reaches it.
-                    if not sse.data:
-                        yield RawChunk(sse.raw)
-                        continue
-                    raw = json.loads(sse.data)
-                    if sse.name == "error" or raw.get("type") == "error":
-                        raise self._stream_error(raw, sse.data, sse.raw, request)
-                    yield RawChunk(sse.raw)
-                    event = decoder.feed(raw)
-                    if event is not None:
-                        yield event
+                batch = splitter.feed(chunk)
+                if batch is None:
+                    continue
+                relayed, events, error = self._read(batch, decoder, request)
+                # The bytes first: an edge that relays knows from the first
+                # read that it relays, before any typed event reaches it.
+                if relayed:
+                    yield RawChunk(batch.raw if relayed == len(batch.raw) else batch.raw[:relayed])
+                for event in events:
+                    yield event
+                if error is not None:
+                    raise error
             decoder.finish()
         except _FAILURES as err:
             error = self._failure(err, request.model, upstream_request_id, request.request_id)
@@ -285,6 +285,51 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
         finally:
             if stream is not None:
                 await stream.close()
+
+    def _read(
+        self, batch: SseBatch, decoder: codec.MessagesStreamDecoder, request: GenerationRequest
+    ) -> tuple[int, list[StreamEvent], GatewayError | None]:
+        """What the gateway reads from one read of a relayed stream: how many of its
+        bytes to relay, its events, and the error event that ends it, if any.
+
+        Parsed: what accounting and routing need (message_start, message_delta,
+        content_block_start, error, and events it does not know). Not parsed:
+        pings, content_block_stop, message_stop (its name says all), and deltas,
+        read by a pattern: consecutive deltas of a block are decoded as one, so
+        that the router sees content begin and a cut stream's output is counted.
+        """
+        events: list[StreamEvent] = []
+        run: tuple[bytes, bytes] | None = None  # (upstream index, kind) of `payloads`
+        payloads: list[bytes] = []
+        for sse in batch.events:
+            name = sse.name
+            if not sse.data or name in _UNREAD:
+                continue
+            if name == "content_block_delta":
+                match = _DELTA.fullmatch(sse.data)
+                if match is not None and _DELTA_FIELDS.get(match[2]) == match[3]:
+                    if run != (match[1], match[2]):
+                        if run is not None:
+                            _decode_run(decoder, run, payloads, events)
+                        run, payloads = (match[1], match[2]), []
+                    payloads.append(match[4])
+                    continue
+            if run is not None:
+                _decode_run(decoder, run, payloads, events)
+                run = None
+            raw = _MESSAGE_STOP if name == "message_stop" else json.loads(sse.data)
+            if name == "error" or raw.get("type") == "error":
+                return (
+                    sse.start,
+                    events,
+                    self._stream_error(raw, sse.data, batch.bytes_of(sse), request),
+                )
+            event = decoder.feed(raw)
+            if event is not None:
+                events.append(event)
+        if run is not None:
+            _decode_run(decoder, run, payloads, events)
+        return len(batch.raw), events, None
 
     def _decoder(
         self, request: GenerationRequest, upstream_request_id: str
@@ -297,7 +342,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
         )
 
     def _stream_error(
-        self, raw: Any, data: str, event: bytes, request: GenerationRequest
+        self, raw: Any, data: bytes, event: bytes, request: GenerationRequest
     ) -> GatewayError:
         """An `event: error` in a relayed stream, mapped, with its bytes kept for relay."""
         details = raw.get("error") if isinstance(raw, dict) else None
@@ -314,7 +359,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
         error.upstream_reply = UpstreamReply(
             ANTHROPIC_MESSAGES,
             _ERROR_STATUS.get(str(error_type), 500),
-            data.encode(),
+            data,
             (("content-type", "application/json"),),
             event=event,
         )
@@ -425,6 +470,42 @@ def _merge_options(kwargs: dict[str, Any], options: dict[str, Any]) -> list[Fiel
         return [FieldViolation("provider_options.betas", "must be a list of strings")]
     kwargs["extra_headers"] = {**kwargs.get("extra_headers", {}), "anthropic-beta": ",".join(betas)}
     return merge_provider_options(kwargs, options, _CREATE_ARGUMENTS)
+
+
+# A relayed stream's delta, read without parsing its JSON (compact, or with
+# spaces after the separators): the upstream block index, the delta's kind, its
+# payload's field, and the payload as escaped on the wire.
+_DELTA = re.compile(
+    rb'\{"type": ?"content_block_delta", ?"index": ?(\d+), ?"delta": ?'
+    rb'\{"type": ?"([a-z_]+)", ?"([a-z_]+)": ?"([^"\\]*(?:\\.[^"\\]*)*)"\}\}'
+)
+_DELTA_FIELDS = {
+    b"text_delta": b"text",
+    b"input_json_delta": b"partial_json",
+    b"thinking_delta": b"thinking",
+    b"signature_delta": b"signature",
+}
+# Events of a relayed stream the gateway does not read.
+_UNREAD = frozenset({"ping", "content_block_stop"})
+_MESSAGE_STOP = {"type": "message_stop"}
+
+
+def _decode_run(
+    decoder: codec.MessagesStreamDecoder,
+    run: tuple[bytes, bytes],
+    payloads: list[bytes],
+    events: list[StreamEvent],
+) -> None:
+    """Decodes consecutive deltas of one block as one (their payloads joined)."""
+    index, kind = run
+    payload = payloads[0] if len(payloads) == 1 else b"".join(payloads)
+    text = payload.decode("utf-8", errors="replace")
+    if "\\" in text:
+        text = json.loads(f'"{text}"')  # the escapes of a JSON string
+    delta = {"type": kind.decode(), _DELTA_FIELDS[kind].decode(): text}
+    event = decoder.feed({"type": "content_block_delta", "index": int(index), "delta": delta})
+    if event is not None:
+        events.append(event)
 
 
 def _reply_of(response: httpx2.Response) -> UpstreamReply:

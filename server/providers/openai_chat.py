@@ -55,9 +55,15 @@ from server.errors import (
 from server.events import RawChunk, StreamEvent
 from server.providers import _openai_codec as codec
 from server.providers import _openai_responses_codec as responses_codec
-from server.providers._relay import relayed_body, relayed_options, reply_of
+from server.providers._relay import (
+    merged_deltas,
+    relayed_body,
+    relayed_bytes,
+    relayed_options,
+    reply_of,
+)
 from server.providers._sdk_provider import SdkProvider
-from server.providers._sse import SseEvent, SseSplitter
+from server.providers._sse import SseBatch, SseEvent, SseSplitter
 from server.providers._transport import transport_failure
 from server.providers._upstream import (
     FailureKind,
@@ -304,18 +310,17 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
             decoder = self._decoder(request, upstream_request_id)
             splitter = SseSplitter()
             async for piece in stream.response.aiter_bytes():
-                for sse in splitter.feed(piece):
-                    if not sse.data or sse.data == "[DONE]":
-                        yield RawChunk(sse.raw)
-                        continue
-                    chunk = json.loads(sse.data)
-                    if "error" in chunk:
-                        raise self._stream_error(chunk["error"], sse, OPENAI_CHAT, request)
-                    # The usage chunk (no choices) the client did not ask for.
-                    if wants_usage or chunk.get("choices") or chunk.get("usage") is None:
-                        yield RawChunk(sse.raw)
-                    for event in decoder.feed(chunk):
-                        yield event
+                batch = splitter.feed(piece)
+                if batch is None:
+                    continue
+                relayed, events, error = self._read_chat(batch, decoder, wants_usage, request)
+                # The bytes first (one write per upstream read), then what they say.
+                if relayed:
+                    yield RawChunk(relayed)
+                for event in events:
+                    yield event
+                if error is not None:
+                    raise error
             for event in decoder.finish():
                 yield event
         except _FAILURES as err:
@@ -356,29 +361,76 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
             decoder = self._responses_decoder(request, upstream_request_id)
             splitter = SseSplitter()
             async for piece in stream.response.aiter_bytes():
-                for sse in splitter.feed(piece):
-                    if not sse.data:
-                        yield RawChunk(sse.raw)
-                        continue
-                    data = json.loads(sse.data)
-                    kind = data.get("type")
-                    if kind == "error":
-                        # The error's fields are at the top, or nested under `error`.
-                        nested = data.get("error")
-                        details = nested if isinstance(nested, dict) else data
-                        raise self._stream_error(details, sse, OPENAI_RESPONSES, request)
-                    if kind == "response.failed":
-                        failure = (data.get("response") or {}).get("error") or {}
-                        raise self._stream_error(failure, sse, OPENAI_RESPONSES, request)
-                    yield RawChunk(sse.raw)
-                    for event in decoder.feed(data):
-                        yield event
+                batch = splitter.feed(piece)
+                if batch is None:
+                    continue
+                relayed, events, error = self._read_responses(batch, decoder, request)
+                if relayed:
+                    yield RawChunk(relayed)
+                for event in events:
+                    yield event
+                if error is not None:
+                    raise error
             decoder.finish()
         except _FAILURES as err:
             raise self._relay_failure(err, OPENAI_RESPONSES, request, upstream_request_id) from err
         finally:
             if stream is not None:
                 await stream.close()
+
+    def _read_chat(
+        self,
+        batch: SseBatch,
+        decoder: codec.ChatStreamDecoder,
+        wants_usage: bool,
+        request: GenerationRequest,
+    ) -> tuple[bytes, list[StreamEvent], GatewayError | None]:
+        """One read of a relayed Chat Completions stream: the bytes to relay (without
+        the usage chunk the client did not ask for), the events read from them, and
+        the error chunk that ends them, if any."""
+        events: list[StreamEvent] = []
+        left_out: list[SseEvent] = []
+        for sse in batch.events:
+            data = sse.data
+            if not data or data == b"[DONE]":
+                continue
+            chunk = json.loads(data)
+            if "error" in chunk:
+                error = self._stream_error(chunk["error"], batch, sse, OPENAI_CHAT, request)
+                return relayed_bytes(batch, left_out, sse.start), merged_deltas(events), error
+            # The usage chunk (no choices) the client did not ask for.
+            if not (wants_usage or chunk.get("choices") or chunk.get("usage") is None):
+                left_out.append(sse)
+            events += decoder.feed(chunk)
+        return relayed_bytes(batch, left_out, len(batch.raw)), merged_deltas(events), None
+
+    def _read_responses(
+        self,
+        batch: SseBatch,
+        decoder: responses_codec.ResponsesStreamDecoder,
+        request: GenerationRequest,
+    ) -> tuple[bytes, list[StreamEvent], GatewayError | None]:
+        """One read of a relayed Responses stream: the bytes to relay, the events read
+        from them (events the decoder has no use for are not parsed), and the error
+        or `response.failed` event that ends them, if any."""
+        events: list[StreamEvent] = []
+        for sse in batch.events:
+            if not sse.data or sse.name in _RESPONSES_UNREAD:
+                continue
+            data = json.loads(sse.data)
+            kind = data.get("type")
+            failure: Any = None
+            if kind == "error":
+                # The error's fields are at the top, or nested under `error`.
+                nested = data.get("error")
+                failure = nested if isinstance(nested, dict) else data
+            elif kind == "response.failed":
+                failure = (data.get("response") or {}).get("error") or {}
+            if failure is not None:
+                error = self._stream_error(failure, batch, sse, OPENAI_RESPONSES, request)
+                return relayed_bytes(batch, (), sse.start), merged_deltas(events), error
+            events += decoder.feed(data)
+        return batch.raw, merged_deltas(events), None
 
     def _decoder(
         self, request: GenerationRequest, upstream_request_id: str
@@ -409,7 +461,12 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         return error
 
     def _stream_error(
-        self, details: Any, sse: SseEvent, protocol: str, request: GenerationRequest
+        self,
+        details: Any,
+        batch: SseBatch,
+        sse: SseEvent,
+        protocol: str,
+        request: GenerationRequest,
     ) -> GatewayError:
         """An error event inside a relayed stream, mapped, its bytes kept for relay."""
         details = details if isinstance(details, dict) else {}
@@ -424,7 +481,11 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
             metadata={"upstream_error_type": error_type or code},
         )
         error.upstream_reply = UpstreamReply(
-            protocol, 500, sse.data.encode(), (("content-type", "application/json"),), sse.raw
+            protocol,
+            500,
+            sse.data,
+            (("content-type", "application/json"),),
+            batch.bytes_of(sse),
         )
         return error
 
@@ -493,6 +554,25 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         return UpstreamProtocolError(
             f"provider {self.name} answered with something the gateway cannot read", metadata=base
         )
+
+
+# Responses stream events the relay's accounting has no use for, by name: not
+# parsed (some repeat a whole output, e.g. response.output_text.done). The
+# blocks they would close are closed by response.completed.
+_RESPONSES_UNREAD = frozenset(
+    {
+        "response.in_progress",
+        "response.content_part.added",
+        "response.content_part.done",
+        "response.output_text.done",
+        "response.output_text.annotation.added",
+        "response.function_call_arguments.done",
+        "response.reasoning_summary_part.added",
+        "response.reasoning_summary_part.done",
+        "response.reasoning_summary_text.done",
+        "response.output_item.done",
+    }
+)
 
 
 def _rate_limit_header(name: str) -> bool:
