@@ -29,7 +29,23 @@ in cl100k_base), short random strings without a digit and snippets of
 multi-token words can count more than estimated: only a tokenizer knows.
 On long ordinary text the estimate is above both encodings' counts (English
 prose by about a fifth). Images count a flat IMAGE_TOKENS. Exact counts for
-OpenAI models are in server/openai_tokenizer.py.
+OpenAI models are in server/openai_tokenizer.py. The estimate is never below
+a token per ASCII_CHARS_PER_TOKEN characters (`count_floor`), so that the
+length of a request alone can show that it is beyond a context window.
+
+Counting is bounded however long the text (issue 17: one 25 MiB request
+froze the gateway for 1.5 s and five took 1.2 GiB). Text longer than
+SLICE_CHARS is counted a slice at a time, cut where the whole's count is the
+sum of its slices' (before a space, or for the pieces after any non-word
+character), failing that anywhere but inside a run of base64 characters,
+whose count depends on its length (the slices' estimate is then at least the
+whole's, and still at most a token a character): memory holds one slice's
+pieces, never a list of every token. On the event loop, `count_request_async`
+counts a slice per step of server/loop_turns.py, so that other calls wait at
+most a slice (a few hundred microseconds), and remembers its counts for the
+rest of the call: the synchronous counts that follow in the same call (the
+context-window check, smart routing, admission, the offline provider) find
+them.
 """
 
 from __future__ import annotations
@@ -37,8 +53,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
 
+from server.loop_turns import taking_turns
 from server.schema import (
     ContentBlock,
     ImageBlock,
@@ -82,6 +102,35 @@ _ESTIMATE_PIECE = re.compile(
 )
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 
+# A text longer than this is counted a slice at a time (see the module
+# docstring); counting a slice takes a few hundred microseconds.
+SLICE_CHARS = 4_096
+# A request of at most this many characters is counted at once where it is
+# needed, in a few milliseconds; a longer one ahead, by count_request_async.
+COUNT_AT_ONCE_CHARS = 16 * SLICE_CHARS
+# Where a slice may end (a match ends the slice): for the estimate, at a
+# non-space before a space, else anywhere but between two base64 characters
+# (nor before a base64 run's padding); for the pieces, after any non-word
+# character.
+_SPACE_CUT = re.compile(r"\S(?=[ \t\r\n])")
+_TEXT_CUT = re.compile(r"[^A-Za-z0-9+/]|.(?=[^A-Za-z0-9+/=])", re.DOTALL)
+_PIECE_CUT = re.compile(r"\W")
+
+
+def _slices(text: str, near: re.Pattern[str], far: re.Pattern[str]) -> Iterator[str]:
+    """`text` in slices of about SLICE_CHARS, each ending where `near` matches
+    soon after SLICE_CHARS, else where `far` first does (one slice to the end
+    when it never does)."""
+    start, size = 0, len(text)
+    while size - start > SLICE_CHARS:
+        end = start + SLICE_CHARS
+        found = near.search(text, end - 1, end + SLICE_CHARS // 4) or far.search(text, end - 1)
+        cut = found.end() if found else size
+        yield text[start:cut]
+        start = cut
+    if start < size:
+        yield text[start:]
+
 
 def split_pieces(text: str) -> list[str]:
     """Splits text into token pieces that concatenate back to `text`.
@@ -99,9 +148,41 @@ def split_pieces(text: str) -> list[str]:
     return pieces
 
 
+def count_floor(text: str) -> int:
+    """What `count_text` never counts below: a token per ASCII_CHARS_PER_TOKEN
+    characters, from the length alone."""
+    return -(-len(text) // ASCII_CHARS_PER_TOKEN)
+
+
+def _token_class(char: str) -> int:
+    """A character's class in _TOKEN's terms: a word character (w), a space
+    (s), or another, a piece of its own (p)."""
+    if re.fullmatch(r"\w", char):
+        return ord("w")
+    return ord("s") if re.fullmatch(r"\s", char) else ord("p")
+
+
+_ASCII_CLASSES = bytes(_token_class(chr(i)) for i in range(256))
+
+
+def _count_pieces_slice(text: str) -> int:
+    if not text.isascii():
+        return len(_TOKEN.findall(text))
+    # The same count, by class of character in C, ten times as fast: each
+    # other character is a piece, and so is each run of word characters.
+    classes = text.encode("ascii").translate(_ASCII_CLASSES)
+    runs = classes.count(b"sw") + classes.count(b"pw") + classes.startswith(b"w")
+    return classes.count(b"p") + runs
+
+
 def count_pieces(text: str) -> int:
     """The offline provider's tokenizer: the pieces `split_pieces` gives."""
-    return len(_TOKEN.findall(text))
+    if len(text) <= SLICE_CHARS:
+        return _count_pieces_slice(text)
+    remembered = _remembered(text, count_pieces)
+    if remembered is not None:
+        return remembered
+    return sum(map(_count_pieces_slice, _slices(text, _PIECE_CUT, _PIECE_CUT)))
 
 
 def _is_word_or_number(run: str) -> bool:
@@ -144,13 +225,7 @@ def _non_ascii_bound(text: str, ascii_chars: int) -> int:
     )
 
 
-def count_text(text: str) -> int:
-    """The estimated tokens of `text` (see the module docstring); at most one a character.
-
-    Each part counts on its own: the dense runs; the rest's ASCII, as its
-    pieces or a token per ASCII_CHARS_PER_TOKEN characters, whichever is
-    more; and the rest's other characters by their UTF-8 length.
-    """
+def _count_text_slice(text: str) -> int:
     dense, rest = _dense(text)
     if rest.isascii():
         ascii_chars, other = len(rest), 0
@@ -162,27 +237,109 @@ def count_text(text: str) -> int:
         rest = _NON_ASCII.sub(" ", rest)
     pieces = len(_ESTIMATE_PIECE.findall(rest))
     estimate = dense + min(max(pieces, -(-ascii_chars // ASCII_CHARS_PER_TOKEN)), ascii_chars)
-    # At most a token a character (see the module docstring).
-    return min(estimate + other, len(text))
+    # At most a token a character (see the module docstring), at least the floor.
+    return max(min(estimate + other, len(text)), count_floor(text))
+
+
+def count_text(text: str) -> int:
+    """The estimated tokens of `text` (see the module docstring); at most one a character.
+
+    Each part counts on its own: the dense runs; the rest's ASCII, as its
+    pieces or a token per ASCII_CHARS_PER_TOKEN characters, whichever is
+    more; and the rest's other characters by their UTF-8 length.
+    """
+    if len(text) <= SLICE_CHARS:
+        return _count_text_slice(text)
+    remembered = _remembered(text, count_text)
+    if remembered is not None:
+        return remembered
+    return sum(map(_count_text_slice, _slices(text, _SPACE_CUT, _TEXT_CUT)))
 
 
 TextCounter = Callable[[str], int]
+# How count_request_async counts a text in slices with each counter.
+_SLICED: dict[TextCounter, tuple[TextCounter, re.Pattern[str], re.Pattern[str]]] = {
+    count_text: (_count_text_slice, _SPACE_CUT, _TEXT_CUT),
+    count_pieces: (_count_pieces_slice, _PIECE_CUT, _PIECE_CUT),
+}
+# What a request is counted as: fixed tokens, text, or a JSON value (counted as its JSON).
+_Part = int | str | dict[str, Any]
+
+
+@dataclass(slots=True)
+class _Remembered:
+    """One call's counts of long texts, and the JSON of its values, by id.
+
+    Each entry holds what its id names, so that the id cannot be reused by
+    another object while the entry lives.
+    """
+
+    counts: dict[tuple[int, TextCounter], tuple[str, int]] = field(default_factory=dict)
+    dumps: dict[int, tuple[dict[str, Any], str]] = field(default_factory=dict)
+
+
+# Set per call (the call's task has its own context): see remember_this_call.
+_REMEMBERED: ContextVar[_Remembered | None] = ContextVar("token_counts", default=None)
+
+
+def remember_this_call() -> None:
+    """Starts remembering, for the rest of the current call, the counts that
+    count_request_async makes and the JSON of the request's values."""
+    _REMEMBERED.set(_Remembered())
+
+
+def _remembered(text: str, count: TextCounter) -> int | None:
+    remembered = _REMEMBERED.get()
+    if remembered is None:
+        return None
+    hit = remembered.counts.get((id(text), count))
+    return hit[1] if hit is not None and hit[0] is text else None
+
+
+def _text(part: str | dict[str, Any]) -> str:
+    """A part as the text to count: a JSON value as its JSON (once per call)."""
+    if isinstance(part, str):
+        return part
+    remembered = _REMEMBERED.get()
+    if remembered is None:
+        return json.dumps(part)
+    hit = remembered.dumps.get(id(part))
+    if hit is not None and hit[0] is part:
+        return hit[1]
+    text = json.dumps(part)
+    remembered.dumps[id(part)] = (part, text)
+    return text
+
+
+def _block_parts(blocks: Iterable[ContentBlock]) -> Iterator[_Part]:
+    for block in blocks:
+        if isinstance(block, TextBlock | ThinkingBlock):
+            yield block.text
+        elif isinstance(block, ImageBlock):
+            yield IMAGE_TOKENS
+        elif isinstance(block, ToolUseBlock):
+            yield block.name
+            yield block.input
+        elif isinstance(block, ToolResultBlock):
+            yield from _block_parts(block.content)
+
+
+def _parts(
+    system: Iterable[ContentBlock], messages: Iterable[Message], tools: Iterable[Tool]
+) -> Iterator[_Part]:
+    yield from _block_parts(system)
+    for message in messages:
+        yield MESSAGE_OVERHEAD_TOKENS
+        yield from _block_parts(message.content)
+    for tool in tools:
+        yield MESSAGE_OVERHEAD_TOKENS
+        yield tool.name
+        yield tool.description
+        yield tool.input_schema
 
 
 def count_blocks(blocks: Iterable[ContentBlock], count: TextCounter = count_text) -> int:
-    total = 0
-    for block in blocks:
-        if isinstance(block, TextBlock):
-            total += count(block.text)
-        elif isinstance(block, ImageBlock):
-            total += IMAGE_TOKENS
-        elif isinstance(block, ToolUseBlock):
-            total += count(block.name) + count(json.dumps(block.input))
-        elif isinstance(block, ToolResultBlock):
-            total += count_blocks(block.content, count)
-        elif isinstance(block, ThinkingBlock):
-            total += count(block.text)
-    return total
+    return sum(p if isinstance(p, int) else count(_text(p)) for p in _block_parts(blocks))
 
 
 def count_request(
@@ -191,11 +348,50 @@ def count_request(
     tools: Iterable[Tool],
     count: TextCounter = count_text,
 ) -> int:
-    """The estimated input tokens of a request (`count_pieces`: the offline tokenizer's)."""
-    total = count_blocks(system, count)
-    for message in messages:
-        total += MESSAGE_OVERHEAD_TOKENS + count_blocks(message.content, count)
-    for tool in tools:
-        total += MESSAGE_OVERHEAD_TOKENS + count(tool.name) + count(tool.description)
-        total += count(json.dumps(tool.input_schema))
+    """The estimated input tokens of a request (`count_pieces`: the offline tokenizer's;
+    `count_floor`: what the estimate is never below; `len`: what it is never above)."""
+    return sum(
+        p if isinstance(p, int) else count(_text(p)) for p in _parts(system, messages, tools)
+    )
+
+
+async def count_request_async(
+    system: Iterable[ContentBlock],
+    messages: Iterable[Message],
+    tools: Iterable[Tool],
+    count: TextCounter = count_text,
+) -> int:
+    """count_request, for requests of any size: on the event loop, a slice per
+    step of server/loop_turns.py, so that other calls wait at most a slice.
+    Remembers the counts of long texts for the rest of the call (see
+    remember_this_call).
+
+    `count` is count_text or count_pieces.
+    """
+    count_slice, near, far = _SLICED[count]
+    remembered = _REMEMBERED.get()
+    total = step = 0
+    async with taking_turns() as next_step:
+        for part in _parts(system, messages, tools):
+            if isinstance(part, int):
+                total += part
+                continue
+            text = _text(part)
+            if len(text) <= SLICE_CHARS:
+                slices: Iterable[str] = (text,)
+            elif (tokens := _remembered(text, count)) is not None:
+                total += tokens
+                continue
+            else:
+                slices = _slices(text, near, far)
+            tokens = 0
+            for piece in slices:
+                tokens += count_slice(piece)
+                step += len(piece)
+                if step >= SLICE_CHARS:
+                    step = 0
+                    await next_step()
+            if len(text) > SLICE_CHARS and remembered is not None:
+                remembered.counts[(id(text), count)] = (text, tokens)
+            total += tokens
     return total

@@ -48,8 +48,8 @@ from server.errors import (
 )
 from server.identity import current_identity
 from server.routing import Route
+from server.routing.context_window import estimate_ahead, estimated_input_tokens
 from server.schema import GenerationRequest, Pricing, Usage
-from server.token_estimate import count_request
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,15 @@ class Admission:
     async def admit(self, record: CallRecord, request: GenerationRequest, route: Route) -> None:
         """Reserves what the call may use, or raises a QuotaExceededError."""
         limits = self._policy.limits_for(current_identity())
-        if limits is None or not limits.needs_admission:
+        needed = limits is not None and limits.needs_admission
+        # Every generation call passes here before routing: a long request is
+        # estimated now without stalling the event loop, for the checks after
+        # this one too (server/routing/context_window.py).
+        long_estimate = await estimate_ahead(request, route, needed)
+        if limits is None or not needed:
             return
         key_id = record.key_id
-        input_tokens = count_request(request.system, request.messages, request.tools)
+        input_tokens = estimated_input_tokens(request) if long_estimate is None else long_estimate
         hold = QuotaHold(key_id, uuid.uuid4().hex)
         # On the record before the first await: whatever happens next, its
         # close settles what was taken.

@@ -59,7 +59,8 @@ def choose_tier(
     if hint in TIERS:
         tier, reason = hint, f"hint {config.hint_tag}={hint}"
     else:
-        tokens = estimated_input_tokens(request)
+        # A request whose length alone makes it large is not tokenized.
+        tokens = estimated_input_tokens(request, enough=config.large_input_tokens)
         if tokens >= config.large_input_tokens:
             tier, reason = "large", f"about {tokens} input tokens"
         elif tokens >= config.medium_input_tokens:
