@@ -38,8 +38,12 @@ class _Strict(BaseModel):
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
-    # Inline images make requests large; 32 MiB covers several.
-    max_receive_message_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    # Twice the longest text any context window takes (1.05M tokens at the
+    # estimate's floor of 4 characters a token: 4.2 MB; longer text is refused
+    # by its length): a full window's text, or a long one beside a full-size
+    # image (5 MB). Each concurrent request this size costs the gateway about
+    # 40 MiB and a few ms of its event loop to decode (bench/stall_probe.py).
+    max_receive_message_bytes: int = Field(8 * 1024 * 1024, gt=0)
     max_send_message_bytes: int = Field(32 * 1024 * 1024, gt=0)
     # Server pings idle connections so dead peers are noticed behind proxies.
     keepalive_time_s: float = Field(60.0, gt=0)
@@ -81,8 +85,9 @@ class HttpConfig(_Strict):
     # None: the gRPC server's host (server.host).
     host: str | None = None
     port: int = Field(8080, ge=0, le=65535)
-    # A larger body is refused (413) before it is read.
-    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    # A larger body is refused (413) before it is read. The gRPC limit's 8 MiB
+    # in JSON, where images are base64 (4/3 as large) and text has escapes.
+    max_body_bytes: int = Field(12 * 1024 * 1024, gt=0)
     # While an upstream is silent, a streamed answer gets `event: ping` this
     # often, so that no client gives up on it.
     ping_interval_s: float = Field(15.0, gt=0)

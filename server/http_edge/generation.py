@@ -34,6 +34,7 @@ from server.errors import (
 from server.events import RawChunk, ResponseAccumulator, StreamEvent
 from server.http_edge.calls import HttpCalls
 from server.http_edge.exchange import Exchange
+from server.loop_turns import taking_turns
 from server.routing import Route, Router
 from server.schema import GenerationRequest, GenerationResponse, Passthrough
 
@@ -101,6 +102,25 @@ class Dialect(ErrorDialect, Protocol):
         ...
 
 
+# A body up to this size is parsed at once (about a millisecond); a larger one
+# in a step of server/loop_turns.py, taking turns with the other heavy work.
+PARSE_AT_ONCE_BYTES = 1024 * 1024
+
+
+async def read_json(body: bytes) -> dict[str, Any]:
+    """parse_json, without letting large bodies that arrive together stall the
+    event loop for all of their parses at once.
+
+    json.loads holds the GIL throughout, so a thread would not help: a body
+    is parsed in one step, a few milliseconds a MiB, bounded by
+    `http.max_body_bytes`.
+    """
+    if len(body) <= PARSE_AT_ONCE_BYTES:
+        return parse_json(body)
+    async with taking_turns():
+        return parse_json(body)
+
+
 def parse_json(body: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what is wrong with it."""
     try:
@@ -153,7 +173,7 @@ class GenerationEndpoint:
             dialect.protocol, exchange.request_id, exchange.headers, dialect.span_name
         ) as record:
             record.end_user = _session(exchange.headers)
-            document = parse_json(body)
+            document = await read_json(body)
             record.model_requested = _recordable(document.get("model"))
             decoded = dialect.decode(document, exchange.request_id)
             request = decoded.request
