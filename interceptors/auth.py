@@ -1,8 +1,8 @@
 """Authenticates every call and binds the caller's identity for the handler.
 
-First in the chain (auth → rate limit → tracing): a call without valid
-credentials is answered UNAUTHENTICATED before its request bytes are even
-parsed, and one whose key lacks the method's scope PERMISSION_DENIED. An
+First in the chain (auth → overload → rate limit → tracing): a call without
+valid credentials is answered UNAUTHENTICATED before its request bytes are
+even parsed, and one whose key lacks the method's scope PERMISSION_DENIED. An
 accepted call runs with its Identity in `server.identity.IDENTITY`, which
 the servicer reads to check the requested model (that check needs the
 decoded request, so it lives at the servicer, not here).

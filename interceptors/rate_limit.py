@@ -1,7 +1,8 @@
 """Per-key requests per minute and concurrent calls, refused before the handler works.
 
-Second in the chain (auth → rate limit → tracing): the auth interceptor has
-bound the caller's Identity while this one builds its handler, so a key
+Third in the chain (auth → overload → rate limit → tracing): the auth
+interceptor has bound the caller's Identity while this one builds its
+handler, so a key
 without these limits gets the handler back untouched (no per-call cost at
 all). For a limited key the handler is wrapped: when it starts, it passes
 the core's CallGate (server/accounting/call_gate.py: a concurrency slot and

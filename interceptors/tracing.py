@@ -1,7 +1,7 @@
 """Opens an OpenTelemetry SERVER span around each RPC, continuing the caller's trace.
 
-Last in the chain (auth → rate limit → tracing): a refused call makes no
-span, and the span covers exactly the handler's work. It is installed only
+Last in the chain (auth → overload → rate limit → tracing): a refused call
+makes no span, and the span covers exactly the handler's work. It is installed only
 when tracing is on (server/telemetry/), so an untraced gateway pays nothing.
 The caller's W3C `traceparent` (and `baggage`; OTEL_PROPAGATORS decides) is
 read from the call's metadata. While the handler runs the span is the
@@ -180,11 +180,17 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_stream_writer(request: Any, context: Context) -> None:
                 span, token, task = start(request)
+                pieces: list[str] | None = [] if capture else None
                 try:
-                    await streaming(request, context)
+                    if pieces is None:
+                        await streaming(request, context)
+                    else:
+                        await streaming(request, _CapturingContext(context, pieces))
                 except BaseException as err:
                     end(span, token, task, context, err)
                     raise
+                if pieces is not None:
+                    span.set_attribute("gen_ai.output.messages", _output("".join(pieces)))
                 end(span, token, task, context, None)
 
             return handler._replace(unary_stream=unary_stream_writer)
@@ -205,6 +211,25 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
             end(span, token, task, context, None)
 
         return handler._replace(unary_stream=unary_stream)
+
+
+class _CapturingContext:
+    """A servicer context whose writes also keep the streamed text (capture_content)."""
+
+    def __init__(self, context: Context, pieces: list[str]) -> None:
+        self._context = context
+        self._pieces = pieces
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def write(self, message: Any) -> None:
+        if (
+            isinstance(message, pb.StreamGenerateResponse)
+            and message.WhichOneof("event") == "content_block_delta"
+        ):
+            self._pieces.append(message.content_block_delta.text)
+        await self._context.write(message)
 
 
 def _aborted(error: BaseException) -> bool:

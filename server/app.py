@@ -27,12 +27,14 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from interceptors.auth import AuthInterceptor
 from interceptors.malformed_request import MalformedRequestInterceptor
+from interceptors.overload import OverloadInterceptor
 from interceptors.rate_limit import RateLimitInterceptor
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from llmgateway.v1 import token_pb2_grpc, usage_pb2_grpc
 from server.accounting import Accounting
 from server.accounting.call_gate import CallGate
+from server.accounting.overload_gate import OverloadGate
 from server.auth import GatewayAuth
 from server.auth.service import SERVICE_NAME as TOKEN_SERVICE
 from server.auth.service import TokenServicer
@@ -43,6 +45,7 @@ from server.grpc_edge.servicer import GenerationServicer
 from server.health import SERVICE_NAME as HEALTH_SERVICE
 from server.health import SERVING, HealthService
 from server.http_edge import FrontDoor, GenerationEndpoint, HttpCalls, HttpServer
+from server.http_edge.unfinished_answers import install_unfinished_answer_filter
 from server.identity import SCOPE_GENERATE
 from server.routing import Router
 from server.telemetry.observability import Telemetry
@@ -53,7 +56,8 @@ from server.usage_service import UsageServicer
 log = logging.getLogger(__name__)
 
 GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
-# Calls counted by the per-key request and concurrency limits.
+# Calls counted by the per-key request and concurrency limits, and by the
+# process-wide bound on calls in flight (server.max_concurrent_calls).
 RATE_LIMITED_METHODS = (f"/{GENERATION_SERVICE}/Generate", f"/{GENERATION_SERVICE}/StreamGenerate")
 # After a second signal the process exits within this, the calls it cut and the
 # rows waiting written if the time allows.
@@ -113,7 +117,9 @@ class Gateway:
         self.config = config
         self.router = router or Router.from_config(config)
         self.servicer = GenerationServicer(
-            self.router, coalesce_deltas=config.server.coalesce_stream_deltas
+            self.router,
+            coalesce_deltas=config.server.coalesce_stream_deltas,
+            stalled_stream_timeout_s=config.server.stalled_stream_timeout_s,
         )
         self.health = HealthService()
         # Limits, budgets and the usage ledger (server/accounting/).
@@ -124,6 +130,7 @@ class Gateway:
         self.drain = Drain()
         self.servicer.drain = self.drain
         install_expired_call_filter()
+        install_unfinished_answer_filter()
         # Auth runs first: an unauthenticated call is refused before anything
         # else looks at it. None when auth is disabled (local development).
         self.auth = GatewayAuth.from_config(config.auth) if config.auth.enabled else None
@@ -145,10 +152,16 @@ class Gateway:
             self.accounting.policy, self.accounting.backend, self.accounting.background
         )
         self.rate_limiter = RateLimitInterceptor(self.gate, methods=RATE_LIMITED_METHODS)
+        # Calls in flight on both edges, bounded before any per-key limit is spent.
+        self.overload_gate = OverloadGate(
+            config.server.max_concurrent_calls, config.server.max_queue_s
+        )
+        self.overload = OverloadInterceptor(self.overload_gate, methods=RATE_LIMITED_METHODS)
         # A refused call is recorded like any other (ledger, metrics, log line);
         # budget alerts reach the metrics and the audit trail; failures of the
         # shared limits store (Redis) are a metric.
         self.rate_limiter.refusal_hooks.append(self.servicer.record_refused)
+        self.overload.refusal_hooks.append(self.servicer.record_refused)
         backend_failures = getattr(self.accounting.backend, "failures", None)
         if self.telemetry.metrics is not None and backend_failures is not None:
             backend = self.accounting.backend
@@ -164,6 +177,7 @@ class Gateway:
         self._server = grpc.aio.server(
             interceptors=[
                 *auth_interceptors,
+                self.overload,  # after auth: a refusal is recorded with its key
                 self.rate_limiter,  # after auth, which binds the identity
                 MalformedRequestInterceptor(),
                 *interceptors,
@@ -209,6 +223,8 @@ class Gateway:
                 tracer,
                 durable=self.accounting.durable,
                 drain=self.drain,
+                overload=self.overload_gate,
+                stalled_stream_timeout_s=config.server.stalled_stream_timeout_s,
             )
             front_door = FrontDoor(
                 GenerationEndpoint(self.http_calls, self.router, config.http.ping_interval_s),

@@ -60,6 +60,17 @@ class ServerConfig(_Strict):
     # Under load, merge the stream deltas that are already waiting into one
     # message (server/grpc_edge/coalescing.py); never delays a delta.
     coalesce_stream_deltas: bool = True
+    # Generation calls in flight at once in this process, both edges together
+    # (0: no limit). A call beyond it waits up to max_queue_s for a slot, then
+    # is refused at once: UNAVAILABLE (HTTP 529) with reason GATEWAY_OVERLOADED
+    # and a retry delay, recorded like any refusal. Sized so the shipped memory
+    # limit (1 GiB) holds this many streams that nobody reads (README, Limits).
+    max_concurrent_calls: int = Field(1000, ge=0)
+    max_queue_s: float = Field(0.5, ge=0, le=60)
+    # A stream whose caller has read nothing for this long (one write waiting
+    # on a full flow-control window, or a full socket over HTTP) ends with
+    # DEADLINE_EXCEEDED, reason STALLED_READER; 0: never.
+    stalled_stream_timeout_s: float = Field(300.0, ge=0)
     # Serving processes sharing the port with SO_REUSEPORT (server/workers.py);
     # one event loop each, so at most one per core helps.
     workers: int = Field(1, ge=1, le=64)

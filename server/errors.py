@@ -260,6 +260,18 @@ class ShuttingDownError(UnavailableError):
     reason = "SHUTTING_DOWN"
 
 
+class GatewayOverloadedError(UnavailableError):
+    """Every slot for calls in flight (`server.max_concurrent_calls`) stayed taken for
+    as long as a call may wait (`server.max_queue_s`): refused before any work,
+    so a retry (RetryInfo), here or on another replica, is safe."""
+
+    reason = "GATEWAY_OVERLOADED"
+
+    def to_status(self, request_id: str = "") -> grpc.Status:
+        # RetryInfo, and a `retry-after` trailer as quota refusals carry.
+        return _with_retry_after(super().to_status(request_id), self.retry_after)
+
+
 class CircuitOpenError(UnavailableError):
     """Every deployment that could serve the call is skipped by its circuit breaker."""
 
@@ -357,6 +369,14 @@ class DeadlineExceededError(GatewayError):
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "UPSTREAM_TIMEOUT"
+
+
+class StalledReaderError(GatewayError):
+    """The caller read nothing of its stream for `server.stalled_stream_timeout_s`:
+    the gateway's time limit for a stream nobody reads, not the caller's deadline."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "STALLED_READER"
 
 
 class UpstreamAuthError(InternalError):
@@ -485,12 +505,16 @@ class QuotaExceededError(GatewayError):
         ]
 
     def to_status(self, request_id: str = "") -> grpc.Status:
-        status = super().to_status(request_id)
-        if self.retry_after is None:
-            return status
-        seconds = str(max(1, math.ceil(self.retry_after)))
-        trailers = (*status.trailing_metadata, (RETRY_AFTER_HEADER, seconds))
-        return _Status(status.code, status.details, trailers)
+        return _with_retry_after(super().to_status(request_id), self.retry_after)
+
+
+def _with_retry_after(status: grpc.Status, retry_after: float | None) -> grpc.Status:
+    """`status` with a `retry-after` trailer (whole seconds, rounded up), if it says when."""
+    if retry_after is None:
+        return status
+    seconds = str(max(1, math.ceil(retry_after)))
+    trailers = (*status.trailing_metadata, (RETRY_AFTER_HEADER, seconds))
+    return _Status(status.code, status.details, trailers)
 
 
 class RateLimitExceededError(QuotaExceededError):

@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, context
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from grpc._cython.cygrpc import ExecuteBatchError  # type: ignore[import-not-found]
 
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
@@ -39,6 +40,7 @@ from server.grpc_edge.expired_calls import SERVED_CALL
 from server.identity import current_identity, require_model_access
 from server.routing import Route, Router
 from server.schema import GenerationRequest
+from server.stall_watch import watching
 
 if TYPE_CHECKING:
     from server.accounting import Admission
@@ -90,6 +92,21 @@ async def _abort(
     await context.abort(status.code, status.details, trailers)
 
 
+class _SendFailed(asyncio.CancelledError):
+    """grpc core failed to send a message: the caller is gone (it cancelled, or
+    its deadline passed) or the message was over `server.max_send_message_bytes`.
+
+    A CancelledError so that the call is recorded as one its caller left (server/
+    calls.py `accounted`); the error boundary then hands grpc its own
+    ExecuteBatchError back, which grpc logs as it did when it sent the messages
+    itself (server/grpc_edge/expired_calls.py).
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+
 @asynccontextmanager
 async def error_boundary(
     context: grpc.aio.ServicerContext[Any, Any], record: CallRecord | None = None
@@ -103,6 +120,8 @@ async def error_boundary(
         yield
     except grpc.aio.AbortError:
         raise
+    except _SendFailed as failed:
+        raise failed.error from None
     except GatewayError as err:
         await _abort(context, err, record.request_id if record else "")
     except Exception:
@@ -116,9 +135,17 @@ async def error_boundary(
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """Serves llmgateway.v1.GenerationService on a Router."""
 
-    def __init__(self, router: Router, *, coalesce_deltas: bool = True) -> None:
+    def __init__(
+        self,
+        router: Router,
+        *,
+        coalesce_deltas: bool = True,
+        stalled_stream_timeout_s: float = 0.0,
+    ) -> None:
         self._router = router
         self._coalesce = coalesce_deltas
+        # A stream whose caller reads nothing this long ends (0: never).
+        self.stalled_stream_timeout_s = stalled_stream_timeout_s
         self._in_flight = 0
         # Called with each finished generation call's record (server/calls.py).
         self.observers: list[CallObserver] = []
@@ -174,9 +201,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         context.set_trailing_metadata(_trailers(request_id, response.upstream_request_id))
         return encode_response(response)
 
-    async def StreamGenerate(
+    async def StreamGenerate(  # type: ignore[override]  # writes with context.write
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.StreamGenerateResponse]:
+    ) -> None:
+        """Writes each event as it comes, each write waiting for the caller's flow
+        control (a handler that yields is paced the same way; writing here lets a
+        write that waits too long be timed: server/stall_watch.py)."""
         record = open_record("StreamGenerate", request.model)
         SERVED_CALL.set(context)
         with self._tracked():
@@ -187,12 +217,25 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 events = self._router.stream(internal, route)
                 if self._coalesce and not route.provider.exact_chunks:
                     events = coalesce(events)
-                async for event in events:
-                    record.observe(event)
-                    if isinstance(event, MessageStart) and event.upstream_request_id:
-                        trailers = _trailers(request_id, event.upstream_request_id)
-                        context.set_trailing_metadata(trailers)
-                    yield encode_event(event)
+                try:
+                    async with watching(self.stalled_stream_timeout_s) as watch:
+                        async for event in events:
+                            record.observe(event)
+                            if isinstance(event, MessageStart) and event.upstream_request_id:
+                                trailers = _trailers(request_id, event.upstream_request_id)
+                                context.set_trailing_metadata(trailers)
+                            if watch is None:
+                                await context.write(encode_event(event))
+                            else:
+                                await watch.write(context.write(encode_event(event)))
+                except ExecuteBatchError as err:
+                    raise _SendFailed(err) from err
+                finally:
+                    # However the call ends, the upstream is closed now, not when
+                    # the garbage collector finalises the stream.
+                    aclose = getattr(events, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
 
     def _accounted(
         self, record: CallRecord, deadline: float | None

@@ -34,9 +34,11 @@ from server.errors import (
 from server.events import RawChunk, ResponseAccumulator, StreamEvent
 from server.http_edge.calls import HttpCalls
 from server.http_edge.exchange import Exchange
+from server.http_edge.unfinished_answers import STALLED_ANSWER
 from server.loop_turns import taking_turns
 from server.routing import Route, Router
 from server.schema import GenerationRequest, GenerationResponse, Passthrough
+from server.stall_watch import CURRENT_WATCH
 
 JSON = "application/json"
 SSE_HEADERS = [
@@ -262,7 +264,15 @@ class GenerationEndpoint:
 
 
 class StreamWriter:
-    """Writes a stream's chunks, and pings while nothing else is written."""
+    """Writes a stream's chunks, and pings while nothing else is written.
+
+    Each write waits while the client's socket is full (uvicorn's ASGI send
+    awaits its transport's drain), and so does the upstream read behind it.
+    The call's StallWatch (server/stall_watch.py, set by HttpCalls) times
+    those waits: a client that reads nothing for `server.stalled_stream_timeout_s`
+    ends the call, recorded STALLED_READER, and its unfinished answer is left
+    to uvicorn to close, as nothing more can be written to it.
+    """
 
     __slots__ = ("_done", "_exchange", "_interval", "_last", "_lock", "_loop", "_ping", "_pinger")
 
@@ -277,6 +287,9 @@ class StreamWriter:
         self._pinger = self._loop.create_task(self._pings())
 
     async def write(self, data: bytes, *, final: bool = False) -> None:
+        await self._watched(self._write(data, final))
+
+    async def _write(self, data: bytes, final: bool) -> None:
         async with self._lock:
             if self._done:
                 return
@@ -286,6 +299,13 @@ class StreamWriter:
             self._last = self._loop.time()
             self._done = final
 
+    async def _watched(self, sending: Awaitable[None]) -> None:
+        watch = CURRENT_WATCH.get()
+        if watch is None:
+            await sending
+        else:
+            await watch.write(sending)
+
     async def _pings(self) -> None:
         while True:
             await asyncio.sleep(self._last + self._interval - self._loop.time())
@@ -294,8 +314,18 @@ class StreamWriter:
 
     def close(self) -> None:
         self._pinger.cancel()
+        watch = CURRENT_WATCH.get()
+        if watch is not None and watch.stalled:
+            # The client's socket stayed full: not even the answer's end can be
+            # written (the error boundary would wait on it forever). uvicorn
+            # closes the connection; its word on it is not an error here.
+            self._done = self._exchange.ended = True
+            STALLED_ANSWER.set(True)
 
     async def end(self) -> None:
+        await self._watched(self._end())
+
+    async def _end(self) -> None:
         async with self._lock:
             if not self._exchange.started:
                 await self._exchange.start(200, SSE_HEADERS)
