@@ -346,3 +346,43 @@ def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize("proxied", [False, True], ids=["direct", "via a proxy"])
+async def test_aiohttp_connections_keep_alive_and_read_little_ahead(
+    proxied: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TCP keepalive as the SDK's httpx transport sets it, and bounded read-ahead."""
+    import socket
+
+    from server.providers._transport import READ_BUFSIZE, RECEIVE_BUFFER
+
+    async with raw_server(json_answer(ANTHROPIC_MESSAGE)) as server:
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        if proxied:
+            monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.port}")
+        base = "http://upstream.invalid" if proxied else f"http://127.0.0.1:{server.port}"
+        p = provider("anthropic", base)
+        try:
+            await generate(p, "anthropic")
+            client = p._sdk._base._client
+            transports = [client._transport, *(t for t in client._mounts.values() if t)]
+            sessions = [t.client for t in transports if isinstance(t.client, aiohttp.ClientSession)]
+            assert len(sessions) == 1  # the route the call took
+            session = sessions[0]
+            assert session._read_bufsize == READ_BUFSIZE
+            connector = session.connector
+            assert connector is not None and connector.limit == 1000
+            (held,) = [c for conns in connector._conns.values() for c, _ in conns]
+            assert held.transport is not None
+            sock = held.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            # Linux doubles what it is given, for its own bookkeeping.
+            assert (
+                RECEIVE_BUFFER
+                <= sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+                <= 2 * RECEIVE_BUFFER
+            )
+        finally:
+            await p.aclose()

@@ -29,8 +29,10 @@ providers catch `aiohttp.ClientError` beside httpx2's errors.
 from __future__ import annotations
 
 import asyncio
+import functools
+import socket
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
 import httpx2
@@ -53,7 +55,75 @@ def http_client(
         max_keepalive_connections=max_connections,
         keepalive_expiry=keepalive_s,
     )
-    return clients[transport](limits=limits, timeout=timeout_s)
+    client_class = clients[transport]
+    if transport == "aiohttp":
+        client_class = _tuned(client_class)
+    return client_class(limits=limits, timeout=timeout_s)
+
+
+# What a connection to an upstream reads ahead of the gateway. aiohttp reads
+# until twice `read_bufsize` waits unread, and one socket read takes whatever
+# the kernel holds (uvloop reads up to 256 KiB), whose receive buffer grows by
+# autotuning: bounded, a stream nobody reads costs the gateway about 200 KiB,
+# not 550 (tests/test_slow_readers.py). A 64 KiB window still carries a model's
+# stream many times over; a large unary answer takes a round trip per 64 KiB.
+READ_BUFSIZE = 16 * 1024
+RECEIVE_BUFFER = 64 * 1024
+# TCP keepalive probes, as the SDKs' own httpx transport sends them: a long
+# silent stream (a model thinking) is not dropped by a NAT or load balancer.
+_KEEPALIVE = [
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    *[
+        (socket.IPPROTO_TCP, option, value)
+        for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 60), ("TCP_KEEPCNT", 5))
+        if (option := getattr(socket, name, None)) is not None
+    ],
+]
+
+
+def _tuned(client_class: Callable[..., httpx2.AsyncClient]) -> Callable[..., httpx2.AsyncClient]:
+    """The SDK's aiohttp client class, its connections' sockets and read-ahead tuned.
+
+    httpx-aiohttp builds one AiohttpTransport per proxy route (httpx2 reads the
+    proxies from the environment); each takes a factory for its aiohttp
+    session (its documented `client` argument), called on first use.
+    """
+
+    class TunedAioHttpClient(client_class):  # type: ignore[misc,valid-type]
+        def _init_transport(self, *args: Any, **kwargs: Any) -> Any:
+            return _with_tuned_session(super()._init_transport(*args, **kwargs))
+
+        def _init_proxy_transport(self, *args: Any, **kwargs: Any) -> Any:
+            return _with_tuned_session(super()._init_proxy_transport(*args, **kwargs))
+
+    return TunedAioHttpClient
+
+
+def _with_tuned_session(transport: Any) -> Any:
+    if getattr(transport, "client", False) is None:  # not one given by its caller
+        transport.client = functools.partial(_session, transport)
+    return transport
+
+
+def _session(transport: Any) -> aiohttp.ClientSession:
+    """What AiohttpTransport.get_client builds, with tuned sockets and read-ahead."""
+    limits: httpx2.Limits = transport.limits
+    connector = aiohttp.TCPConnector(
+        limit=limits.max_connections or 0,
+        keepalive_timeout=limits.keepalive_expiry,
+        ssl=transport.ssl_context,
+        socket_factory=_socket,
+    )
+    return aiohttp.ClientSession(connector=connector, read_bufsize=READ_BUFSIZE)
+
+
+def _socket(address: tuple[Any, ...]) -> socket.socket:
+    family, kind, protocol = address[0], address[1], address[2]
+    sock = socket.socket(family=family, type=kind, proto=protocol)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+    for level, option, value in _KEEPALIVE:
+        sock.setsockopt(level, option, value)
+    return sock
 
 
 FailureOfTransport = Literal["timeout", "connection"]
