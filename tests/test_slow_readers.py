@@ -192,13 +192,6 @@ async def test_an_unread_http_stream_stops_its_upstream_then_times_out_recorded(
     assert errors(caplog) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the upstream HTTP client reads ahead of the gateway: aiohttp buffers up to"
-    " twice its read_bufsize (64 KiB) plus one socket read (uvloop: 256 KiB), and the"
-    " socket's receive buffer grows by autotuning; server/providers/_transport.py must"
-    " bound both (read_bufsize 16 KiB and SO_RCVBUF 64 KiB measured 197 KiB a stream)",
-)
 async def test_unread_grpc_streams_cost_the_gateway_at_most_256_kib_each() -> None:
     # A gateway process of its own, so its resident memory is only its own.
     result = await probe(100)
