@@ -125,9 +125,11 @@ def answered(result: CodexResult) -> str:
     return result.answer
 
 
-async def rows_since(ledger: Path, since: float, model: str) -> list[dict[str, Any]]:
+async def rows_since(
+    ledger: Path, since: float, model: str, count: int = 1
+) -> list[dict[str, Any]]:
     """The ledger rows of calls for `model` that started after `since`, in call
-    order, once the last one succeeded."""
+    order, once there are `count` of them and the last one succeeded."""
     rows: list[dict[str, Any]] = []
     for _ in range(100):
         rows = [
@@ -136,7 +138,7 @@ async def rows_since(ledger: Path, since: float, model: str) -> list[dict[str, A
             if r["time"] >= since and r["model_requested"] == model
         ]
         rows.sort(key=lambda r: r["time"])
-        if rows and rows[-1]["status"] == "OK":
+        if len(rows) >= count and rows[-1]["status"] == "OK":
             return rows
         await asyncio.sleep(0.05)  # the ledger flushes every 0.05 s
     raise AssertionError(f"no successful call for {model} in the ledger since {since}: {rows}")
@@ -315,7 +317,7 @@ async def test_a_tool_call_round_trip_translated_to_an_anthropic_model(
     if commands[0]["exit_code"] == 0:
         assert "periwinkle" in json.dumps(tool_result["content"])
 
-    rows = await rows_since(door.ledger, since, "claude-test")
+    rows = await rows_since(door.ledger, since, "claude-test", count=2)
     assert [(r["method"], r["status"]) for r in rows] == [("openai.responses", "OK")] * 2
 
 
