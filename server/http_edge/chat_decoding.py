@@ -46,12 +46,12 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any
 
 from server.errors import FieldViolation, InvalidArgumentError
+from server.http_edge.body_fields import FieldCollector, compact, is_int, is_number
 from server.http_edge.json_decoding import refuse_lone_surrogates
 from server.schema import (
     CacheControl,
@@ -196,7 +196,7 @@ def decode_chat(body: object, *, request_id: str, deadline: float | None) -> Dec
     n = body.get("n")
     choices = 1
     if n is not None:
-        if not _is_int(n) or n < 1:
+        if not is_int(n) or n < 1:
             d.bad("n", "must be a positive integer")
         elif n > 1:
             # An OpenAI deployment gives n choices (relayed, reserved n times);
@@ -254,42 +254,15 @@ def _fit_budget(budget: int, max_tokens: int) -> int | None:
     return fitted if fitted >= MIN_THINKING_BUDGET else None
 
 
-class _BodyDecoder:
+class _BodyDecoder(FieldCollector):
     """Builds internal values while collecting every violation it meets."""
 
-    __slots__ = ("dropped", "untranslatable", "violations")
+    __slots__ = ()
+
+    UNTRANSLATABLE = UNTRANSLATABLE
 
     def __init__(self) -> None:
-        self.violations: list[FieldViolation] = []
-        self.untranslatable: list[FieldViolation] = []
-        self.dropped: list[str] = []
-
-    def bad(self, path: str, description: str) -> None:
-        self.violations.append(FieldViolation(path, description))
-
-    def unsupported(self, path: str, description: str = UNTRANSLATABLE) -> None:
-        self.untranslatable.append(FieldViolation(path, description))
-
-    def raise_if_invalid(self) -> None:
-        if self.violations:
-            raise InvalidArgumentError(self.violations)
-
-    def extras(
-        self,
-        raw: dict[str, Any],
-        known: frozenset[str],
-        path: str,
-        droppable: frozenset[str] = frozenset(),
-    ) -> None:
-        """Lists the keys of `raw` outside `known` that carry a value: as dropped when
-        they are only hints (`droppable`), as untranslatable otherwise."""
-        for key, value in raw.items():
-            if key not in known and not _empty(value):
-                where = f"{path}.{key}" if path else key
-                if key in droppable:
-                    self.dropped.append(where)
-                else:
-                    self.unsupported(where)
+        super().__init__()
 
     # -- the request ---------------------------------------------------------
 
@@ -313,7 +286,7 @@ class _BodyDecoder:
             value = body.get(key)
             if value is None:
                 continue
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 self.bad(key, "must be a positive integer")
             else:
                 chosen = value
@@ -323,7 +296,7 @@ class _BodyDecoder:
         value = body.get(key)
         if value is None:
             return None
-        if not _is_number(value) or not low <= value <= high:
+        if not is_number(value) or not low <= value <= high:
             self.bad(key, f"must be a number from {low:g} to {high:g}")
             return None
         return float(value)
@@ -340,7 +313,7 @@ class _BodyDecoder:
             self.unsupported("logprobs")
         top_logprobs = body.get("top_logprobs")
         if top_logprobs is not None:
-            if not _is_int(top_logprobs) or not 0 <= top_logprobs <= 20:
+            if not is_int(top_logprobs) or not 0 <= top_logprobs <= 20:
                 self.bad("top_logprobs", "must be an integer from 0 to 20")
             elif top_logprobs:
                 self.unsupported("top_logprobs")
@@ -445,7 +418,7 @@ class _BodyDecoder:
                 # Legacy function results: their calls were `function_call`s, which
                 # carry no id to pair them with. Kept as text for the estimate.
                 self.unsupported(path, f"legacy function messages {UNTRANSLATABLE}")
-                _append(out, Role.USER, [TextBlock(_compact(raw))])
+                _append(out, Role.USER, [TextBlock(compact(raw))])
             else:
                 self.bad(f"{path}.role", f"must be {_ROLES}")
         if not out and not self.violations:
@@ -636,7 +609,7 @@ class _BodyDecoder:
                 self.bad(f"{path}.type", 'must be "function" or "custom"')
                 return None
             self.unsupported(path, f"{kind!r} tool calls {UNTRANSLATABLE}")
-            return TextBlock(_compact(call))
+            return TextBlock(compact(call))
         self.extras(call, _TOOL_CALL_KEYS, path)
         function = call.get("function")
         if not isinstance(function, dict):
@@ -700,7 +673,7 @@ class _BodyDecoder:
                 name = inner.get("name") if isinstance(inner, dict) else None
                 label = name if isinstance(name, str) and name else kind
                 names.add(label)
-                decoded.append(Tool(label, _compact(tool)))
+                decoded.append(Tool(label, compact(tool)))
                 continue
             self.extras(tool, _TOOL_KEYS, path)
             function = tool.get("function")
@@ -781,31 +754,9 @@ def _stand_in(part: dict[str, Any], kind: str) -> list[ContentBlock]:
         # A base64 payload counts as an image: a floor rather than an estimate
         # of a token per four characters (the upstream's usage corrects it).
         elided = part | {where[0]: inner | {where[1]: ""}}
-        return [TextBlock(_compact(elided)), ImageBlock()]
-    return [TextBlock(_compact(part))]
+        return [TextBlock(compact(elided)), ImageBlock()]
+    return [TextBlock(compact(part))]
 
 
 def _empty_schema() -> dict[str, Any]:
     return {"type": "object", "properties": {}}
-
-
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return _is_int(value)
-
-
-def _empty(value: Any) -> bool:
-    """None, [] and {}: what OpenAI treats as a field left out."""
-    return value is None or (isinstance(value, list | dict) and not value)
-
-
-def _compact(value: Any) -> str:
-    try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    except (ValueError, TypeError, RecursionError):  # digits past the int limit, deep nesting
-        return ""

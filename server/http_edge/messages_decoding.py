@@ -35,13 +35,12 @@ images are decoded to bytes.
 from __future__ import annotations
 
 import base64
-import json
-import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any
 
 from server.errors import FieldViolation, InvalidArgumentError
+from server.http_edge.body_fields import FieldCollector, compact, is_int, is_number
 from server.http_edge.json_decoding import refuse_lone_surrogates
 from server.schema import (
     CacheControl,
@@ -147,7 +146,7 @@ def decode_messages(body: object, *, request_id: str, deadline: float | None) ->
     temperature = d.unit_interval(body, "temperature", MAX_TEMPERATURE)
     top_p = d.unit_interval(body, "top_p", 1.0)
     top_k = body.get("top_k")
-    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
         d.bad("top_k", "must be an integer of at least 1")
         top_k = None
     stop_sequences = d.stop_sequences(body.get("stop_sequences"))
@@ -195,45 +194,18 @@ def decode_count_tokens(body: object, *, deadline: float | None) -> TokenCountRe
     return TokenCountRequest(model, messages, system, tools, deadline)
 
 
-class _BodyDecoder:
+class _BodyDecoder(FieldCollector):
     """Builds internal values while collecting every violation it meets."""
 
-    __slots__ = ("dropped", "moved_system", "tool_use_ids", "untranslatable", "violations")
+    __slots__ = ("moved_system", "tool_use_ids")
+
+    UNTRANSLATABLE = UNTRANSLATABLE
 
     def __init__(self) -> None:
-        self.violations: list[FieldViolation] = []
-        self.untranslatable: list[FieldViolation] = []
-        self.dropped: list[str] = []
+        super().__init__()
         # System messages met among the messages, for the system instructions.
         self.moved_system: list[TextBlock] = []
         self.tool_use_ids: set[str] = set()
-
-    def bad(self, field: str, description: str) -> None:
-        self.violations.append(FieldViolation(field, description))
-
-    def unsupported(self, field: str, description: str = UNTRANSLATABLE) -> None:
-        self.untranslatable.append(FieldViolation(field, description))
-
-    def raise_if_invalid(self) -> None:
-        if self.violations:
-            raise InvalidArgumentError(self.violations)
-
-    def extras(
-        self,
-        raw: dict[str, Any],
-        known: frozenset[str],
-        path: str,
-        droppable: frozenset[str] = frozenset(),
-    ) -> None:
-        """Lists the keys of `raw` outside `known` that carry a value: as dropped when
-        they are only hints (`droppable`), as untranslatable otherwise."""
-        for key, value in raw.items():
-            if key not in known and not _empty(value):
-                field = f"{path}.{key}" if path else key
-                if key in droppable:
-                    self.dropped.append(field)
-                else:
-                    self.unsupported(field)
 
     # -- the request ---------------------------------------------------------
 
@@ -273,7 +245,7 @@ class _BodyDecoder:
     def max_tokens(self, value: Any) -> int:
         if value is None:
             self.bad("max_tokens", "is required")
-        elif not _is_int(value) or value < 0:
+        elif not is_int(value) or value < 0:
             self.bad("max_tokens", "must be a non-negative integer")
         elif value == 0:
             # Valid for Anthropic (it warms the prompt cache), meaningless elsewhere.
@@ -287,7 +259,7 @@ class _BodyDecoder:
         value = body.get(key)
         if value is None:
             return None
-        if not _is_number(value) or not 0 <= value <= top:
+        if not is_number(value) or not 0 <= value <= top:
             self.bad(key, f"must be a number from 0 to {top:g}")
             return None
         return float(value)
@@ -320,7 +292,7 @@ class _BodyDecoder:
             return None
         if kind == "enabled":
             budget = value.get("budget_tokens")
-            if not _is_int(budget) or budget < MIN_THINKING_BUDGET:
+            if not is_int(budget) or budget < MIN_THINKING_BUDGET:
                 self.bad(
                     "thinking.budget_tokens",
                     f"must be an integer of at least {MIN_THINKING_BUDGET}",
@@ -420,8 +392,8 @@ class _BodyDecoder:
             # million for 5 MB, which no context window takes. It counts as an
             # image instead: a floor rather than an estimate (the upstream's
             # usage corrects the accounting).
-            return [TextBlock(_compact(raw | {"source": source | {"data": ""}})), ImageBlock()]
-        return [TextBlock(_compact(raw))]
+            return [TextBlock(compact(raw | {"source": source | {"data": ""}})), ImageBlock()]
+        return [TextBlock(compact(raw))]
 
     def block(self, raw: dict[str, Any], kind: str, path: str) -> ContentBlock | None:
         """A block of a kind in _BLOCK_KEYS."""
@@ -599,7 +571,7 @@ class _BodyDecoder:
                 self.unsupported(path, f"{kind!r} tools {UNTRANSLATABLE}")
                 label = name if isinstance(name, str) and name else kind
                 names.add(label)
-                decoded.append(Tool(label, _compact(tool)))
+                decoded.append(Tool(label, compact(tool)))
                 continue
             self.extras(tool, _TOOL_KEYS, path, _DROPPABLE_TOOL_KEYS)
             self.cache_control(tool, path)
@@ -647,25 +619,3 @@ class _BodyDecoder:
         if disable_parallel is not None and not isinstance(disable_parallel, bool):
             self.bad("tool_choice.disable_parallel_tool_use", "must be a boolean")
         return ToolChoice(mode, name or "", bool(disable_parallel))
-
-
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return _is_int(value)
-
-
-def _empty(value: Any) -> bool:
-    """None, [] and {}: what Anthropic treats as a field left out."""
-    return value is None or (isinstance(value, list | dict) and not value)
-
-
-def _compact(value: Any) -> str:
-    try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    except (ValueError, TypeError, RecursionError):  # digits past the int limit, deep nesting
-        return ""

@@ -53,11 +53,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any
 
 from server.errors import FieldViolation, InvalidArgumentError
+from server.http_edge.body_fields import FieldCollector, compact, is_int, is_number
 from server.http_edge.json_decoding import refuse_lone_surrogates
 from server.http_edge.responses_encoding import open_thinking
 from server.schema import (
@@ -216,7 +216,7 @@ def decode_responses(body: object, *, request_id: str, deadline: float | None) -
         model = ""
     stream = d.boolean(body, "stream")
     max_tokens = body.get("max_output_tokens")
-    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
+    if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 1):
         d.bad("max_output_tokens", "must be a positive integer")
         max_tokens = None
     instructions = body.get("instructions")
@@ -293,45 +293,23 @@ def _echo(body: dict[str, Any]) -> dict[str, Any]:
     return echo
 
 
-class _BodyDecoder:
+class _BodyDecoder(FieldCollector):
     """Builds internal values while collecting every violation it meets."""
 
-    __slots__ = ("call_ids", "dropped", "messages", "system", "untranslatable", "violations")
+    __slots__ = ("call_ids", "messages", "system")
+
+    UNTRANSLATABLE = UNTRANSLATABLE
+
+    @staticmethod
+    def empty(value: Any) -> bool:
+        """None, false, [] and {}: a field left out, or a flag left off."""
+        return _empty(value)
 
     def __init__(self) -> None:
-        self.violations: list[FieldViolation] = []
-        self.untranslatable: list[FieldViolation] = []
-        self.dropped: list[str] = []
+        super().__init__()
         self.system: list[TextBlock] = []  # system and developer messages, in order
         self.messages: list[Message] = []
         self.call_ids: set[str] = set()
-
-    def bad(self, field: str, description: str) -> None:
-        self.violations.append(FieldViolation(field, description))
-
-    def unsupported(self, field: str, description: str = UNTRANSLATABLE) -> None:
-        self.untranslatable.append(FieldViolation(field, description))
-
-    def raise_if_invalid(self) -> None:
-        if self.violations:
-            raise InvalidArgumentError(self.violations)
-
-    def extras(
-        self,
-        raw: dict[str, Any],
-        known: frozenset[str],
-        path: str,
-        droppable: frozenset[str] = frozenset(),
-    ) -> None:
-        """Lists the keys of `raw` outside `known` that carry a value: as dropped when
-        they are only hints (`droppable`), as untranslatable otherwise."""
-        for key, value in raw.items():
-            if key not in known and not _empty(value):
-                name = f"{path}.{key}" if path else key
-                if key in droppable:
-                    self.dropped.append(name)
-                else:
-                    self.unsupported(name)
 
     # -- the request ---------------------------------------------------------
 
@@ -363,7 +341,7 @@ class _BodyDecoder:
         value = body.get(key)
         if value is None:
             return None
-        if not _is_number(value) or not 0 <= value <= top:
+        if not is_number(value) or not 0 <= value <= top:
             self.bad(key, f"must be a number from 0 to {top:g}")
             return None
         return float(value)
@@ -435,7 +413,7 @@ class _BodyDecoder:
             self.bad("truncation", 'must be "auto" or "disabled"')
         top_logprobs = body.get("top_logprobs")
         if top_logprobs is not None:
-            if not _is_int(top_logprobs) or top_logprobs < 0:
+            if not is_int(top_logprobs) or top_logprobs < 0:
                 self.bad("top_logprobs", "must be a non-negative integer")
             elif top_logprobs:
                 self.unsupported("top_logprobs")
@@ -514,7 +492,7 @@ class _BodyDecoder:
             # compactions: kept as their JSON so that the estimate counts them.
             self.unsupported(path, f"{kind!r} items {UNTRANSLATABLE}")
             role = Role.USER if kind.endswith("_output") else Role.ASSISTANT
-            self.add(role, [TextBlock(_compact(item))])
+            self.add(role, [TextBlock(compact(item))])
 
     def message(self, item: dict[str, Any], path: str) -> None:
         self.extras(item, _MESSAGE_KEYS, path, frozenset({"phase"}))
@@ -554,7 +532,7 @@ class _BodyDecoder:
             if kind not in _PART_KEYS:
                 # Files and audio: counted as their JSON, a base64 payload left out.
                 self.unsupported(part_path, f"{kind!r} parts {UNTRANSLATABLE}")
-                blocks.append(TextBlock(_compact(_without_payload(part))))
+                blocks.append(TextBlock(compact(_without_payload(part))))
                 continue
             self.extras(part, _PART_KEYS[kind], part_path, _DROPPABLE_PART_KEYS)
             cache = self.breakpoint(part, part_path)
@@ -726,7 +704,7 @@ class _BodyDecoder:
                 self.unsupported(path, f"{kind!r} tools {UNTRANSLATABLE}")
                 label = tool.get("name")
                 decoded.append(
-                    Tool(label if isinstance(label, str) and label else kind, _compact(tool))
+                    Tool(label if isinstance(label, str) and label else kind, compact(tool))
                 )
                 continue
             self.extras(tool, _FUNCTION_TOOL_KEYS, path, _DROPPABLE_TOOL_KEYS)
@@ -807,23 +785,6 @@ def _without_payload(part: dict[str, Any]) -> dict[str, Any]:
     return {k: ("" if k in ("file_data", "data", "input_audio") else v) for k, v in part.items()}
 
 
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return _is_int(value)
-
-
 def _empty(value: Any) -> bool:
     """None, false, [] and {}: a field left out, or a flag left off."""
     return value is None or value is False or (isinstance(value, list | dict) and not value)
-
-
-def _compact(value: Any) -> str:
-    try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    except (ValueError, TypeError, RecursionError):
-        return ""
