@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from server.accounting.overload_gate import OverloadGate
-from server.errors import GatewayError
+from server.errors import GatewayError, set_call_status
 
 Context = grpc.aio.ServicerContext[Any, Any]
 # grpc's stubs type method handlers for the sync server (see malformed_request.py).
@@ -66,18 +66,19 @@ class OverloadInterceptor(grpc.aio.ServerInterceptor):
         """`behavior` behind the gate, in the same shape (see auth.py)."""
         gate = self._gate
 
-        async def refuse(error: GatewayError, request: Any, context: Context) -> None:
+        def refuse(error: GatewayError, request: Any, context: Context) -> None:
+            """Records the refusal and sets its status; the caller returns at once."""
             for hook in self.refusal_hooks:
                 hook(error, method, request, context)
-            status = error.to_status()
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            set_call_status(context, error.to_status())
 
         if inspect.isasyncgenfunction(behavior):
 
             async def streaming(request: Any, context: Context) -> Any:
                 error = await gate.enter()
                 if error is not None:
-                    await refuse(error, request, context)
+                    refuse(error, request, context)
+                    return
                 try:
                     async for response in behavior(request, context):
                         yield response
@@ -89,7 +90,8 @@ class OverloadInterceptor(grpc.aio.ServerInterceptor):
         async def unary(request: Any, context: Context) -> Any:
             error = await gate.enter()
             if error is not None:
-                await refuse(error, request, context)
+                refuse(error, request, context)
+                return None
             try:
                 return await behavior(request, context)
             finally:

@@ -24,7 +24,7 @@ import grpc
 
 from server.accounting.call_gate import CallGate
 from server.accounting.quotas import EffectiveLimits
-from server.errors import GatewayError
+from server.errors import GatewayError, set_call_status
 from server.identity import current_identity
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -69,11 +69,11 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         """`behavior` behind the key's limits, in the same shape (see auth.py)."""
         has_slot = limits.max_concurrent is not None
 
-        async def refuse(error: GatewayError, request: Any, context: Context) -> None:
+        def refuse(error: GatewayError, request: Any, context: Context) -> None:
+            """Records the refusal and sets its status; the caller returns at once."""
             for hook in self.refusal_hooks:
                 hook(error, method, request, context)
-            status = error.to_status()
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            set_call_status(context, error.to_status())
 
         if inspect.isasyncgenfunction(behavior):
 
@@ -81,7 +81,8 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
                 holder = uuid.uuid4().hex
                 error = await self._gate.admit(key_id, limits, holder)
                 if error is not None:
-                    await refuse(error, request, context)
+                    refuse(error, request, context)
+                    return
                 try:
                     async for response in behavior(request, context):
                         yield response
@@ -95,7 +96,8 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
             holder = uuid.uuid4().hex
             error = await self._gate.admit(key_id, limits, holder)
             if error is not None:
-                await refuse(error, request, context)
+                refuse(error, request, context)
+                return None
             try:
                 return await behavior(request, context)
             finally:

@@ -561,3 +561,22 @@ class _Status(
     grpc.Status,
 ):
     """A grpc.Status with extra trailers (grpc_status's own type is private)."""
+
+
+def set_call_status(
+    context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    status: grpc.Status,
+    trailers: Sequence[tuple[str, str | bytes]] = (),
+) -> None:
+    """Sets a failed call's status on its context; grpc sends it when the handler
+    returns (a unary handler's response is discarded under a non-OK status).
+
+    Handlers and interceptors fail calls this way, not with `context.abort`:
+    its AbortError ends in a reference cycle with grpc's frames that keeps the
+    handler's frames, and with them the request and all that was decoded from
+    it (native memory the garbage collector does not count), until a full
+    collection happens to run (tests/test_refused_call_memory.py).
+    """
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata((*status.trailing_metadata, *trailers))

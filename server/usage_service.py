@@ -71,23 +71,24 @@ class UsageServicer(pb_grpc.UsageServiceServicer):
                 )
             await ledger.flush()
             totals = await ledger.totals(start, end, grouping, request.key_id)
-        return pb.GetUsageResponse(
-            totals=[
-                pb.UsageTotals(
-                    group=t.group,
-                    requests=t.requests,
-                    errors=t.errors,
-                    input_tokens=t.input_tokens,
-                    output_tokens=t.output_tokens,
-                    cache_read_input_tokens=t.cache_read_tokens,
-                    cache_creation_input_tokens=t.cache_write_tokens,
-                    cost_nanos=t.cost_nanos,
-                )
-                for t in totals
-            ],
-            start_time=_timestamp(start),
-            end_time=_timestamp(end),
-        )
+            return pb.GetUsageResponse(
+                totals=[
+                    pb.UsageTotals(
+                        group=t.group,
+                        requests=t.requests,
+                        errors=t.errors,
+                        input_tokens=t.input_tokens,
+                        output_tokens=t.output_tokens,
+                        cache_read_input_tokens=t.cache_read_tokens,
+                        cache_creation_input_tokens=t.cache_write_tokens,
+                        cost_nanos=t.cost_nanos,
+                    )
+                    for t in totals
+                ],
+                start_time=_timestamp(start),
+                end_time=_timestamp(end),
+            )
+        return pb.GetUsageResponse()  # error_boundary has set the failure's status
 
     async def GetBudget(
         self, request: pb.GetBudgetRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -99,17 +100,18 @@ class UsageServicer(pb_grpc.UsageServiceServicer):
                 stored = record.limits if record is not None else None
             limits = self._accounting.policy.limits_for_key(request.key_id, stored)
             states = await self._accounting.admission.budget_state(request.key_id, limits)
-        return pb.GetBudgetResponse(
-            key_id=request.key_id,
-            budgets=[
-                pb.BudgetState(
-                    period=period.kind,
-                    period_label=period.label,
-                    limit_nanos=period.counter.limit_nanos,
-                    spent_nanos=spent,
-                    reserved_nanos=reserved,
-                    end_time=_timestamp(period.ends.timestamp()),
-                )
-                for period, spent, reserved in states
-            ],
-        )
+            return pb.GetBudgetResponse(
+                key_id=request.key_id,
+                budgets=[
+                    pb.BudgetState(
+                        period=period.kind,
+                        period_label=period.label,
+                        limit_nanos=period.counter.limit_nanos,
+                        spent_nanos=spent,
+                        reserved_nanos=reserved,
+                        end_time=_timestamp(period.ends.timestamp()),
+                    )
+                    for period, spent, reserved in states
+                ],
+            )
+        return pb.GetBudgetResponse()  # error_boundary has set the failure's status

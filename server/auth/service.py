@@ -64,10 +64,11 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
                 lifetime_s=round(issued.expires_at - issued.issued_at, 3),
                 peer=peer_of(context),
             )
-        expire_time = timestamp_pb2.Timestamp()
-        expire_time.FromSeconds(int(issued.expires_at))
-        remaining = duration_pb2.Duration()
-        remaining.FromNanoseconds(int((issued.expires_at - issued.issued_at) * 1e9))
-        return pb.IssueTokenResponse(
-            token=issued.token, expire_time=expire_time, lifetime=remaining
-        )
+            expire_time = timestamp_pb2.Timestamp()
+            expire_time.FromSeconds(int(issued.expires_at))
+            remaining = duration_pb2.Duration()
+            remaining.FromNanoseconds(int((issued.expires_at - issued.issued_at) * 1e9))
+            return pb.IssueTokenResponse(
+                token=issued.token, expire_time=expire_time, lifetime=remaining
+            )
+        return pb.IssueTokenResponse()  # error_boundary has set the failure's status

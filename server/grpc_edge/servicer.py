@@ -31,7 +31,13 @@ from server.calls import (
     close_record,
     open_record,
 )
-from server.errors import FieldViolation, GatewayError, InternalError, InvalidArgumentError
+from server.errors import (
+    FieldViolation,
+    GatewayError,
+    InternalError,
+    InvalidArgumentError,
+    set_call_status,
+)
 from server.events import MessageStart, ResponseAccumulator
 from server.grpc_edge.coalescing import coalesce
 from server.grpc_edge.decoding import decode_count_tokens, decode_generate
@@ -83,13 +89,14 @@ def _trailers(request_id: str, upstream_request_id: str = "") -> tuple[tuple[str
     return ((REQUEST_ID_HEADER, request_id),)
 
 
-async def _abort(
+def _fail(
     context: grpc.aio.ServicerContext[Any, Any], error: GatewayError, request_id: str
 ) -> None:
-    status = error.to_status(request_id)
+    """Sets `error` as the call's status; grpc sends it when the handler returns."""
     upstream_request_id = error.metadata.get("upstream_request_id", "")
-    trailers = (*status.trailing_metadata, *_trailers(request_id, upstream_request_id))
-    await context.abort(status.code, status.details, trailers)
+    set_call_status(
+        context, error.to_status(request_id), _trailers(request_id, upstream_request_id)
+    )
 
 
 class _SendFailed(asyncio.CancelledError):
@@ -113,6 +120,12 @@ async def error_boundary(
 ) -> AsyncIterator[None]:
     """Turns any failure inside into a gRPC status: never UNKNOWN, never a traceback.
 
+    The status is set on the context and the failure is suppressed: the
+    handler goes on after the block and returns (a unary handler an empty
+    response, which grpc discards under a non-OK status). Not
+    `context.abort`, which would keep the request alive (server/errors.py
+    `set_call_status`).
+
     The request id for the status details is read from `record` when the
     failure happens (it is known only once the request has been read).
     """
@@ -123,13 +136,11 @@ async def error_boundary(
     except _SendFailed as failed:
         raise failed.error from None
     except GatewayError as err:
-        await _abort(context, err, record.request_id if record else "")
+        _fail(context, err, record.request_id if record else "")
     except Exception:
         request_id = record.request_id if record else ""
         log.exception("unhandled error serving request %s", request_id)
-        await _abort(
-            context, InternalError(f"internal error (request id {request_id})"), request_id
-        )
+        _fail(context, InternalError(f"internal error (request id {request_id})"), request_id)
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
@@ -198,8 +209,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     record.observe(event)
                     accumulator.add(event)
                 response = accumulator.result()
-        context.set_trailing_metadata(_trailers(request_id, response.upstream_request_id))
-        return encode_response(response)
+                context.set_trailing_metadata(_trailers(request_id, response.upstream_request_id))
+                return encode_response(response)
+        return pb.GenerateResponse()  # error_boundary has set the failure's status
 
     async def StreamGenerate(  # type: ignore[override]  # writes with context.write
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -273,7 +285,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             internal, route = decode_count_tokens(request, self._router, deadline_of(context))
             require_model_access(request.model, route.model.id)
             count = await self._router.count_tokens(internal, route)
-        return pb.CountTokensResponse(input_tokens=count.input_tokens, estimated=count.estimated)
+            return pb.CountTokensResponse(
+                input_tokens=count.input_tokens, estimated=count.estimated
+            )
+        return pb.CountTokensResponse()  # error_boundary has set the failure's status
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -284,4 +299,5 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             if identity is not None:
                 # A key sees only the models it may call (by id or alias).
                 models = [m for m in models if identity.may_use((m.id, *m.aliases))]
-        return encode_models(models)
+            return encode_models(models)
+        return pb.ListModelsResponse()  # error_boundary has set the failure's status
