@@ -6,7 +6,7 @@ given concurrency and prints the same JSON summary as bench/loadgen, so the
 gateway's added latency is gateway-path minus this. (The gateway
 makes one non-streaming call for Generate, like `unary` here.)
 
-Usage: python -m bench.direct_sdk [--post] anthropic|openai BASE_URL unary|stream C N
+Usage: python -m bench.direct_sdk [--post] [--aiohttp] anthropic|openai BASE_URL unary|stream C N
                                   [MODEL [API_KEY]]
 
 --post calls the SDK the way the gateway's providers do: its generic
@@ -15,6 +15,10 @@ Usage: python -m bench.direct_sdk [--post] anthropic|openai BASE_URL unary|strea
 gateway's added latency is its own cost alone; against the typed methods
 (the default, what a service without the gateway would write) it is net of
 what the gateway saves on the SDK's side.
+
+--aiohttp gives the SDK its documented aiohttp transport
+(`DefaultAioHttpClient`, the SDKs' `aiohttp` extra), the transport the
+gateway's providers use by default; without it the SDK's default (httpx).
 
 MODEL and API_KEY serve `make bench-peer`, where BASE_URL is a peer gateway
 (LiteLLM's proxy) speaking the same API in front of the same fake upstream.
@@ -61,15 +65,13 @@ async def run(
     api_key: str = "bench",
     *,
     post: bool = False,
+    aiohttp: bool = False,
 ) -> dict[str, Any]:
     call: Callable[[], Awaitable[float | None]]
-    client: Any
+    client: Any = _client(provider, base_url, api_key, aiohttp)
     if post:
-        client, call = _post_call(provider, base_url, method, model, api_key)
+        call = _post_call(client, provider, method, model)
     elif provider == "anthropic":
-        import anthropic
-
-        client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0)
 
         async def typed_anthropic() -> float | None:
             first = None
@@ -95,9 +97,6 @@ async def run(
 
         call = typed_anthropic
     else:
-        import openai
-
-        client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0)
 
         async def typed_openai() -> float | None:
             first = None
@@ -167,17 +166,36 @@ async def run(
     return result
 
 
+def _client(provider: str, base_url: str, api_key: str, aiohttp: bool) -> Any:
+    """The SDK's async client, on its default transport or its aiohttp one."""
+    if provider == "anthropic":
+        import anthropic
+
+        return anthropic.AsyncAnthropic(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,
+            **({"http_client": anthropic.DefaultAioHttpClient()} if aiohttp else {}),
+        )
+    import openai
+
+    return openai.AsyncOpenAI(
+        api_key=api_key,
+        base_url=base_url,
+        max_retries=0,
+        **({"http_client": openai.DefaultAioHttpClient()} if aiohttp else {}),
+    )
+
+
 def _post_call(
-    provider: str, base_url: str, method: str, model: str, api_key: str
-) -> tuple[Any, Callable[[], Awaitable[float | None]]]:
-    """The client, and one call through its `client.post` as the gateway makes it."""
+    client: Any, provider: str, method: str, model: str
+) -> Callable[[], Awaitable[float | None]]:
+    """One call through the client's `client.post`, as the gateway makes it."""
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "Hello"}]}
-    client: Any
     stream_cls: Any
     if provider == "anthropic":
         import anthropic
 
-        client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0)
         path, stream_cls = "/v1/messages", anthropic.AsyncStream[object]
         body["max_tokens"] = MAX_TOKENS
 
@@ -186,7 +204,6 @@ def _post_call(
     else:
         import openai
 
-        client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0)
         path, stream_cls = "/chat/completions", openai.AsyncStream[object]
         body["max_completion_tokens"] = MAX_TOKENS
 
@@ -212,17 +229,26 @@ def _post_call(
                     first = time.perf_counter() - start
         return first
 
-    return client, call
+    return call
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    post = args[:1] == ["--post"]
-    if post:
-        args = args[1:]
+    flags = {a for a in sys.argv[1:] if a.startswith("--")}
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if flags - {"--post", "--aiohttp"}:
+        sys.exit(__doc__)
     provider, base_url, method, concurrency, total = args[:5]
     extra = args[5:7]
     result = asyncio.run(
-        run(provider, base_url, method, int(concurrency), int(total), *extra, post=post)
+        run(
+            provider,
+            base_url,
+            method,
+            int(concurrency),
+            int(total),
+            *extra,
+            post="--post" in flags,
+            aiohttp="--aiohttp" in flags,
+        )
     )
     print(json.dumps(result))

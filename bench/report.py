@@ -159,15 +159,27 @@ def headline(rows: list[Row]) -> tuple[str, dict[str, Any]]:
         # bench/direct_sdk.py --post): the gateway's own cost alone.
         for suffix, baseline, label in (
             ("", f"direct {provider} SDK", "added latency at concurrency 1"),
+            (
+                "_vs_aiohttp",
+                f"direct {provider} SDK aiohttp",
+                "added latency over the typed SDK on its aiohttp transport",
+            ),
             ("_vs_post", f"direct {provider} SDK post", "of which the gateway's own hop"),
+            (
+                "_vs_post_aiohttp",
+                f"direct {provider} SDK post aiohttp",
+                "of which the gateway's own hop over its own transport (aiohttp)",
+            ),
         ):
             added = _added(rows, f"gateway -> {provider}", baseline)
             if added is None:
                 continue
             numbers[f"added_ms_{provider}{suffix}"] = added
-            target = (
-                " (target p50 <= 1 ms, p99 <= 3 ms)" if not suffix else " (client.post baseline)"
-            )
+            target = {
+                "": " (target p50 <= 1 ms, p99 <= 3 ms)",
+                "_vs_post": " (client.post baseline)",
+                "_vs_post_aiohttp": " (client.post baseline)",
+            }.get(suffix, "")
             lines.append(
                 f"- {provider}: {label}{target}:"
                 f" unary p50 {added['unary_p50']:+.2f} ms, p99 {added['unary_p99']:+.2f} ms;"
@@ -181,11 +193,17 @@ def headline(rows: list[Row]) -> tuple[str, dict[str, Any]]:
                 if g and d:
                     ratio = g["calls_per_s"] / d["calls_per_s"]
                     numbers[f"throughput_ratio_{provider}_{method}_c{c}"] = ratio
-                    lines.append(
+                    line = (
                         f"- {provider} {method} at concurrency {c}:"
                         f" gateway {g['calls_per_s']:.0f}/s,"
                         f" direct SDK {d['calls_per_s']:.0f}/s (ratio {ratio:.2f})"
                     )
+                    a = _find(rows, "providers", f"direct {provider} SDK aiohttp", method, c)
+                    if a:
+                        aio = g["calls_per_s"] / a["calls_per_s"]
+                        numbers[f"throughput_ratio_{provider}_{method}_c{c}_vs_aiohttp"] = aio
+                        line += f"; on aiohttp {a['calls_per_s']:.0f}/s (ratio {aio:.2f})"
+                    lines.append(line)
     for method in ("unary", "stream"):
         best = {
             scenario: max(

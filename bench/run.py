@@ -4,7 +4,8 @@ Scenarios (each reported as p50 / p90 / p99 latency and throughput):
   1. ceiling    a bare grpc.aio server with canned answers (bench/ceiling_server.py)
   2. offline    the gateway serving the offline provider
   3. providers  gateway -> Anthropic/OpenAI SDK -> fake upstream, versus the same
-                SDK -> fake upstream directly (bench/direct_sdk.py)
+                SDK -> fake upstream directly (bench/direct_sdk.py: typed methods
+                and `client.post`, each on the SDK's httpx and aiohttp transports)
   4. held       many streams held open, a chunk every 50 ms: RSS, CPU, added delay
   5. workers    scenario 2 with 1 and 2 server processes (SO_REUSEPORT)
   6. http       the HTTP front door (Anthropic's Messages API): pass-through and
@@ -20,6 +21,7 @@ Results go to bench/results/<date>-<host>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -56,6 +58,11 @@ LOADGEN = ROOT / "bench" / ".bin" / "loadgen"
 CHUNKS = 20
 # The SDK providers measured: (provider, the gateway's model id); upstream, "bench-model".
 SDK_MODELS = (("anthropic", "bench-claude"), ("openai", "bench-gpt"))
+
+
+def direct_target(provider: str, *, post: bool = False, aiohttp: bool = False) -> str:
+    """The direct path's row name: "direct anthropic SDK", "... SDK post aiohttp"."""
+    return f"direct {provider} SDK" + (" post" if post else "") + (" aiohttp" if aiohttp else "")
 
 
 def sdk_url(provider: str, base: str) -> str:
@@ -155,11 +162,19 @@ class Bench:
         return _run_loadgen(argv, core)
 
     def direct(
-        self, provider: str, url: str, method: str, concurrency: int, *, post: bool = False
+        self,
+        provider: str,
+        url: str,
+        method: str,
+        concurrency: int,
+        *,
+        post: bool = False,
+        aiohttp: bool = False,
     ) -> dict[str, Any]:
         calls = max(200, self.calls(method, concurrency) // 3)
         argv = [*pinned(SERVER_CORE), python(), "-m", "bench.direct_sdk"]
         argv += ["--post"] if post else []
+        argv += ["--aiohttp"] if aiohttp else []
         argv += [provider, url, method, str(concurrency), str(calls)]
         out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT)
         return dict(json.loads(out.stdout))
@@ -251,14 +266,16 @@ class Bench:
                         self.record(
                             "providers", f"gateway -> {provider}", result, provider=provider
                         )
-                        result = self.direct(provider, url, method, concurrency)
-                        self.record(
-                            "providers", f"direct {provider} SDK", result, provider=provider
-                        )
-                        # The SDK used as the gateway's providers use it: the gateway's own cost.
-                        result = self.direct(provider, url, method, concurrency, post=True)
-                        target = f"direct {provider} SDK post"
-                        self.record("providers", target, result, provider=provider)
+                        # The SDK as a service would call it (its typed methods), and
+                        # as the gateway's providers do (`client.post`: the gateway's
+                        # own cost alone), each on the SDK's default transport (httpx)
+                        # and on its aiohttp one (the gateway's default).
+                        for post, aiohttp in itertools.product((False, True), repeat=2):
+                            result = self.direct(
+                                provider, url, method, concurrency, post=post, aiohttp=aiohttp
+                            )
+                            target = direct_target(provider, post=post, aiohttp=aiohttp)
+                            self.record("providers", target, result, provider=provider)
 
     def held_streams(self, streams: int, seconds: int, *, target: str, workers: int = 1) -> None:
         """`streams` streams open at once, a chunk every 50 ms each, for `seconds`.

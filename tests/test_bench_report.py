@@ -60,6 +60,24 @@ def test_headline_numbers() -> None:
     assert "added_ms_openai" not in numbers  # no rows, no number
 
 
+def test_the_direct_path_on_aiohttp_is_a_baseline_of_its_own() -> None:
+    rows = [
+        *ROWS,
+        row("providers", "direct anthropic SDK aiohttp", "unary", 1, 600, 1.1, 2.0),
+        row("providers", "direct anthropic SDK aiohttp", "stream", 1, 300, 2, 3, first=(1, 2)),
+        row("providers", "direct anthropic SDK post aiohttp", "unary", 1, 700, 0.9, 1.8),
+        row("providers", "direct anthropic SDK post aiohttp", "stream", 1, 4, 2, 3, first=(1, 2)),
+        row("providers", "direct anthropic SDK aiohttp", "unary", 32, 500, 50, 60),
+    ]
+    text, numbers = headline(rows)
+    assert numbers["added_ms_anthropic_vs_aiohttp"]["unary_p50"] == pytest.approx(1.4)
+    assert numbers["added_ms_anthropic_vs_post_aiohttp"]["unary_p99"] == pytest.approx(2.2)
+    assert numbers["throughput_ratio_anthropic_unary_c32_vs_aiohttp"] == pytest.approx(0.76)
+    assert "on aiohttp 500/s (ratio 0.76)" in text
+    # The first baseline stays the typed SDK on its default transport.
+    assert numbers["added_ms_anthropic"]["unary_p50"] == pytest.approx(0.8)
+
+
 def test_medians_over_repetitions() -> None:
     runs = [{"a": 1.0, "b": {"c": 10}}, {"a": 3.0, "b": {"c": 30}}, {"a": 2.0, "b": {"c": 20}}]
     assert medians(runs) == {"a": 2.0, "b.c": 20.0}
