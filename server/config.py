@@ -2,8 +2,10 @@
 
 Environment variables override file keys with the prefix LLMGW_ and `__`
 between nesting levels: LLMGW_SERVER__PORT=50052 sets `server.port`. Values
-are read as YAML scalars, so numbers and booleans work. Every problem stops
-start-up with a message naming the key (`server.port: ...`).
+are read as YAML scalars, so numbers and booleans work. The clients'
+variables (CLIENT_ENV: LLMGW_ADDRESS, LLMGW_API_KEY, ...) are not keys and
+are passed over. Every problem stops start-up with a message naming the
+key (`server.port: ...`).
 
 This is a small loader over pydantic rather than pydantic-settings: we want
 one strict precedence order and unknown keys, including misspelt
@@ -29,6 +31,12 @@ from pydantic import (
 
 ENV_PREFIX = "LLMGW_"
 CONFIG_PATH_ENV = "LLMGW_CONFIG"
+# The variables the gateway's own clients read (clients/: the Python client
+# and CLI, the Node client). A shell set up to call the gateway exports them
+# beside the gateway's variables, so they are not configuration keys: the
+# loader passes over them instead of refusing them as unknown.
+# tests/test_config.py pins this list to the names clients/ reads.
+CLIENT_ENV = frozenset({"LLMGW_ADDRESS", "LLMGW_API_KEY", "LLMGW_MODEL", "LLMGW_PROTO_ROOT"})
 
 
 class _Strict(BaseModel):
@@ -542,7 +550,7 @@ def load_config(
         data = loaded or {}
 
     for name, raw in environ.items():
-        if name.startswith(ENV_PREFIX) and name != CONFIG_PATH_ENV:
+        if name.startswith(ENV_PREFIX) and name != CONFIG_PATH_ENV and name not in CLIENT_ENV:
             keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
             _set(data, keys, yaml.safe_load(raw) if raw else raw, origin=name)
     for dotted, value in (overrides or {}).items():

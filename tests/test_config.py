@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 from server.app import loop_factory
-from server.config import ConfigError, load_config
+from server.config import CLIENT_ENV, ConfigError, load_config
 from server.routing import Router, build_providers
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, start_server_process
+
+# What a shell set up for the client exports (README, clients/).
+CLIENT_VARIABLES = {
+    "LLMGW_ADDRESS": "gateway.internal:50051",
+    "LLMGW_API_KEY": "llmgw_not-a-real-key",
+    "LLMGW_MODEL": "echo",
+}
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -125,3 +135,58 @@ def test_event_loop_auto_takes_uvloop_when_installed_and_asyncio_otherwise(
     assert loop_factory("auto") is None
     with pytest.raises(ConfigError, match=r"server\.event_loop is uvloop"):
         loop_factory("uvloop")
+
+
+def test_client_variables_are_not_configuration_keys() -> None:
+    config = load_config(environ={**CLIENT_VARIABLES, "LLMGW_PROTO_ROOT": "/srv/proto"})
+    assert config == load_config(environ={})
+    with pytest.raises(ConfigError, match=r"server\.portt"):
+        load_config(environ={**CLIENT_VARIABLES, "LLMGW_SERVER__PORTT": "1"})
+
+
+def test_client_variables_are_the_ones_the_clients_read() -> None:
+    # A variable a client starts reading must be passed over by the server too.
+    sources = [
+        path for pattern in ("*.py", "node/*.js") for path in (REPO_ROOT / "clients").glob(pattern)
+    ]
+    read = {
+        name
+        for path in sources
+        for name in re.findall(r"\bLLMGW_[A-Z0-9_]+", path.read_text(encoding="utf-8"))
+    }
+    assert read == CLIENT_ENV
+
+
+async def test_server_starts_with_the_client_variables_set() -> None:
+    server = await start_server_process(env=CLIENT_VARIABLES)
+    server.process.terminate()
+    assert await asyncio.wait_for(server.process.wait(), 30) == 0
+
+
+async def run_server_command(*args: str, env: dict[str, str]) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        *args,
+        cwd=REPO_ROOT,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    return await process.wait(), output.decode()
+
+
+async def test_keys_cli_runs_with_the_client_variables_set(tmp_path: Path) -> None:
+    store = {"LLMGW_AUTH__KEY_STORE": str(tmp_path / "keys.sqlite3")}
+    code, output = await run_server_command("keys", "list", env={**CLIENT_VARIABLES, **store})
+    assert code == 0, output
+
+
+@pytest.mark.parametrize("command", [(), ("keys", "list")], ids=["server", "keys-cli"])
+async def test_a_misspelt_variable_is_still_refused(command: tuple[str, ...]) -> None:
+    env = {**CLIENT_VARIABLES, "LLMGW_SERVER__PORTT": "50052", "LLMGW_HTTP__PORT": "0"}
+    code, output = await run_server_command("--port", "0", *command, env=env)
+    assert code != 0
+    assert "server.portt" in output
