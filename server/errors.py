@@ -273,9 +273,16 @@ class GatewayOverloadedError(UnavailableError):
 
 
 class CircuitOpenError(UnavailableError):
-    """Every deployment that could serve the call is skipped by its circuit breaker."""
+    """Every deployment that could serve the call is skipped by its circuit breaker.
+
+    `retry_after` is the time until the first of their breakers lets a probe
+    through (RetryInfo, and a `retry-after` trailer as other refusals carry).
+    """
 
     reason = "CIRCUIT_OPEN"
+
+    def to_status(self, request_id: str = "") -> grpc.Status:
+        return _with_retry_after(super().to_status(request_id), self.retry_after)
 
 
 class ContextWindowExceededError(InvalidArgumentError):
@@ -292,7 +299,9 @@ class InternalError(GatewayError):
 
 
 class UpstreamProtocolError(InternalError):
-    """An upstream answered with something the gateway cannot interpret."""
+    """An event sequence the gateway cannot interpret, found past the providers (the
+    events' fold, an edge's encoder). An upstream answer that cannot be read at
+    all is an UpstreamMalformedError, which a retry or a fallback may cure."""
 
     reason = "UPSTREAM_PROTOCOL_ERROR"
 
@@ -356,6 +365,18 @@ class UpstreamOverloadedError(UpstreamUnavailableError):
     """The provider is overloaded (HTTP 529, or an `overloaded_error` event)."""
 
     reason = "UPSTREAM_OVERLOADED"
+
+
+class UpstreamMalformedError(UpstreamUnavailableError):
+    """The upstream answered, but with something the gateway cannot read: a cut or
+    non-JSON body, an event that is not JSON (a proxy's HTML page with status 200).
+
+    A broken deployment, not a bug of the gateway's: retried, fallen back from
+    and counted by the circuit breaker like a 5xx. Its reason is the one an
+    unreadable answer always had; metadata `protocol_error` says what was wrong.
+    """
+
+    reason = "UPSTREAM_PROTOCOL_ERROR"
 
 
 class UpstreamStreamInterruptedError(UpstreamUnavailableError):

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 
+import grpc
 import pytest
+from google.rpc import error_details_pb2
 
 from server.routing import BreakerState, CircuitBreaker
+from server.routing.breaker import HALF_OPEN_RETRY_S
+from tests.conftest import detail, rich_status
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.upstream_fixtures import ManualClock, RoutedGatewayFactory, ask, generate
 
@@ -114,3 +118,62 @@ async def test_every_deployment_open_is_unavailable_circuit_open(
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "is failing" in (caught.value.details() or "")
     assert fake.requests == []
+
+
+def test_next_probe_in_counts_down_the_open_time() -> None:
+    clock = ManualClock()
+    breaker = CircuitBreaker("p/m", failure_threshold=1, recovery_s=30, clock=clock)
+    assert breaker.next_probe_in() is None  # closed: no wait
+    assert breaker.allow()
+    breaker.record_failure()
+    assert breaker.next_probe_in() == 30
+    clock.advance(20)
+    assert breaker.next_probe_in() == 10
+    clock.advance(10)
+    assert breaker.allow()  # the probe
+    assert breaker.next_probe_in() == HALF_OPEN_RETRY_S  # its outcome decides
+
+
+async def test_circuit_open_says_when_the_next_probe_is(
+    make_routed_gateway: RoutedGatewayFactory, fake: FakeUpstream
+) -> None:
+    clock = ManualClock()
+    routing = {
+        "retry": {"max_attempts": 1},
+        "breaker": {"failure_threshold": 1, "recovery_s": 30},
+        "routes": {
+            "resilient": [
+                {"provider": "anthropic", "model": "claude-test"},
+                {"provider": "openai", "model": "gpt-test"},
+            ]
+        },
+    }
+    gw = await make_routed_gateway(routing, clock=clock)
+    fake.enqueue(Reply(status=500), Reply(status=503))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gw.stub.Generate(ask("resilient", "Hi"))
+    clock.advance(12)
+    fake.reset()
+    for call in (gw.stub.Generate, gw.stub.StreamGenerate):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _drain(call(ask("resilient", "Hi")))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        status = rich_status(caught.value)
+        info = detail(status, error_details_pb2.ErrorInfo)
+        assert isinstance(info, error_details_pb2.ErrorInfo)
+        assert info.reason == "CIRCUIT_OPEN"
+        retry = detail(status, error_details_pb2.RetryInfo)
+        assert isinstance(retry, error_details_pb2.RetryInfo)
+        delay = retry.retry_delay.ToTimedelta().total_seconds()
+        assert 0 < delay <= 30
+        assert delay == pytest.approx(18)  # both opened at the same time, 12 s ago
+        trailers = dict(caught.value.trailing_metadata() or ())
+        assert trailers["retry-after"] == "18"
+    assert fake.requests == []
+
+
+async def _drain(call: object) -> None:
+    if hasattr(call, "__aiter__"):
+        _ = [event async for event in call]  # type: ignore[attr-defined]
+    else:
+        await call  # type: ignore[misc]

@@ -19,6 +19,9 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+# What a caller refused while a half-open circuit's probes are under way is told
+# to wait: the probes' outcome decides, and it is usually known within a second.
+HALF_OPEN_RETRY_S = 1.0
 
 
 class BreakerState(enum.Enum):
@@ -74,6 +77,16 @@ class CircuitBreaker:
             return False
         self._probes += 1
         return True
+
+    def next_probe_in(self) -> float | None:
+        """Seconds until a call may go to the deployment again: until the open circuit's
+        first probe, or, half-open with every probe under way, a short wait for their
+        outcome (HALF_OPEN_RETRY_S); None when a call may go now."""
+        if self.state is BreakerState.OPEN:
+            return max(0.0, self._opened_at + self.recovery_s - self._clock())
+        if self.state is BreakerState.HALF_OPEN and self._probes >= self.half_open_probes:
+            return min(HALF_OPEN_RETRY_S, self.recovery_s)
+        return None
 
     def record_success(self) -> None:
         self._failures = 0

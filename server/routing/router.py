@@ -560,9 +560,11 @@ class Router:
                 if meaningfulness(failure) >= meaningfulness(chosen):
                     chosen = failure
         elif any(a.outcome == SKIPPED_CIRCUIT_OPEN for a in call.attempts):
+            skipped = {a.deployment for a in call.attempts if a.outcome == SKIPPED_CIRCUIT_OPEN}
             chosen = CircuitOpenError(
                 f"every deployment of model {call.model!r} is failing; retry later",
                 metadata={"model": call.model},
+                retry_after=self._next_probe_in(skipped),
             )
         else:
             chosen = DeadlineExceededError("the deadline ran out before an upstream call")
@@ -585,7 +587,20 @@ class Router:
                 failures.append(err)
         if failures:
             raise max(reversed(failures), key=meaningfulness)
-        raise CircuitOpenError(f"every deployment of model {route.model.id!r} is failing")
+        raise CircuitOpenError(
+            f"every deployment of model {route.model.id!r} is failing",
+            retry_after=self._next_probe_in(d.name for d in route.deployments),
+        )
+
+    def _next_probe_in(self, deployments: Iterable[str]) -> float | None:
+        """The soonest any of these deployments' open circuits lets a call through."""
+        waits = [
+            wait
+            for name in deployments
+            if (breaker := self._breakers.get(name)) is not None
+            and (wait := breaker.next_probe_in()) is not None
+        ]
+        return min(waits, default=None)
 
     async def aclose(self) -> None:
         for provider in self._providers:
