@@ -26,6 +26,7 @@ from server.errors import (
     OverLimitError,
     QuotaExhaustedError,
     RequestTooLargeError,
+    UpstreamMalformedError,
     UpstreamOverloadedError,
 )
 from server.schema import ANTHROPIC_MESSAGES
@@ -67,6 +68,9 @@ def status_of(error: GatewayError) -> tuple[int, str]:
         return 429, "rate_limit_error"
     if isinstance(error, UpstreamOverloadedError):
         return 529, "overloaded_error"
+    if isinstance(error, UpstreamMalformedError):
+        # A bad gateway in HTTP's own words: the upstream's answer could not be read.
+        return 502, "api_error"
     return _BY_CODE.get(error.code, (500, "api_error"))
 
 

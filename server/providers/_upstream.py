@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import inspect
+import json
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ from server.errors import (
     RequestTooLargeError,
     UpstreamAuthError,
     UpstreamInvalidRequestError,
+    UpstreamMalformedError,
     UpstreamModelNotFoundError,
     UpstreamOverloadedError,
     UpstreamRejectedError,
@@ -629,6 +631,37 @@ def upstream_failure(
         )
     return UpstreamRejectedError(
         f"provider {provider} refused the request{said}", metadata=metadata
+    )
+
+
+class UnreadableAnswerError(ValueError):
+    """An upstream answer that parses but is not what the API sends (JSON that is not
+    an object); mapped like an answer that does not parse."""
+
+
+def json_object(value: Any, what: str) -> dict[str, Any]:
+    """`value` (parsed JSON of an upstream answer or event) if it is an object;
+    else raises UnreadableAnswerError naming `what` it was."""
+    if not isinstance(value, dict):
+        raise UnreadableAnswerError(f"{what} is a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def malformed_answer(
+    provider: str, err: BaseException, metadata: Mapping[str, str], redact: Redactor
+) -> GatewayError:
+    """An answer of `provider` the gateway cannot read (`err` says why): UNAVAILABLE,
+    retried and fallen back from like a 5xx, what was wrong in `protocol_error`."""
+    if isinstance(err, json.JSONDecodeError):
+        problem = f"not JSON: {err.msg} at line {err.lineno} column {err.colno}"
+    elif isinstance(err, UnreadableAnswerError):
+        problem = str(err)
+    else:
+        said = redact(str(err))
+        problem = f"{type(err).__name__}: {said}" if said else type(err).__name__
+    return UpstreamMalformedError(
+        f"provider {provider} answered with something the gateway cannot read ({problem})",
+        metadata={"provider": provider, **metadata, "protocol_error": problem},
     )
 
 

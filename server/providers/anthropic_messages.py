@@ -37,7 +37,6 @@ from server.errors import (
     DeadlineExceededError,
     FieldViolation,
     GatewayError,
-    UpstreamProtocolError,
     UpstreamReply,
     UpstreamStreamInterruptedError,
 )
@@ -49,9 +48,12 @@ from server.providers._sse import SseBatch, SseSplitter
 from server.providers._transport import transport_failure
 from server.providers._upstream import (
     FailureKind,
+    UnreadableAnswerError,
     UpstreamModel,
     UpstreamSettings,
+    json_object,
     kind_of_status,
+    malformed_answer,
     merge_provider_options,
     post_arguments,
     refuse,
@@ -109,8 +111,14 @@ _ERROR_TYPES: dict[str, FailureKind] = {
 }
 # What an upstream call may raise: the SDK's errors, its transport's (httpx2's,
 # and the few of aiohttp's the aiohttp transport passes on as they are), and an
-# answer that is not JSON. Mapped in `_map_error`.
-_FAILURES = (anthropic.AnthropicError, httpx2.HTTPError, aiohttp.ClientError, json.JSONDecodeError)
+# answer that is not JSON, or JSON that is not an object. Mapped in `_map_error`.
+_FAILURES = (
+    anthropic.AnthropicError,
+    httpx2.HTTPError,
+    aiohttp.ClientError,
+    json.JSONDecodeError,
+    UnreadableAnswerError,
+)
 
 
 class AnthropicModel(UpstreamModel):
@@ -196,7 +204,8 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
                     MESSAGES_PATH, body=body, options=options, cast_to=httpx2.Response
                 )
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
-                raw_events = replay(codec.message_as_raw_events(response.json()))
+                message = json_object(response.json(), "the body")
+                raw_events = replay(codec.message_as_raw_events(message))
             decoder = codec.MessagesStreamDecoder(
                 provider=self.name,
                 model=request.model,
@@ -204,7 +213,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
                 upstream_request_id=upstream_request_id,
             )
             async for raw in raw_events:
-                event = decoder.feed(raw)
+                event = decoder.feed(json_object(raw, "an event"))
                 if event is not None:
                     yield event
             decoder.finish()
@@ -245,7 +254,8 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
                 decoder = self._decoder(request, upstream_request_id)
                 raw_body = response.content
-                for raw in codec.message_as_raw_events(json.loads(raw_body)):
+                message = json_object(json.loads(raw_body), "the body")
+                for raw in codec.message_as_raw_events(message):
                     event = decoder.feed(raw)
                     if event is not None:
                         yield event
@@ -317,7 +327,11 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
             if run is not None:
                 _decode_run(decoder, run, payloads, events)
                 run = None
-            raw = _MESSAGE_STOP if name == "message_stop" else json.loads(sse.data)
+            raw = (
+                _MESSAGE_STOP
+                if name == "message_stop"
+                else json_object(json.loads(sse.data), f"event {name or '(unnamed)'}")
+            )
             if name == "error" or raw.get("type") == "error":
                 return (
                     sse.start,
@@ -396,7 +410,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
             )
             counted = json.loads(response.content)["input_tokens"]
             if not isinstance(counted, int):
-                raise UpstreamProtocolError(f"provider {self.name} counted no input_tokens")
+                raise UnreadableAnswerError("the answer has no input_tokens count")
         except (
             anthropic.AnthropicError,
             httpx2.HTTPError,
@@ -455,10 +469,9 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
                 metadata=metadata,
                 retry_after=retry_after_seconds(err.response.headers),
             )
-        return UpstreamProtocolError(
-            f"provider {self.name} answered with something the gateway cannot read",
-            metadata={"provider": self.name, **_present(metadata)},
-        )
+        # Anything else is an answer the gateway cannot read (a cut body, an
+        # event that is not JSON): the deployment's failure, retried like a 5xx.
+        return malformed_answer(self.name, err, _present(metadata), self._sdk.redact)
 
 
 def _merge_options(kwargs: dict[str, Any], options: dict[str, Any]) -> list[FieldViolation]:

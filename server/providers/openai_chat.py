@@ -48,7 +48,6 @@ from server.catalog import OPENAI_MODELS, OPENAI_PREFIXES
 from server.errors import (
     DeadlineExceededError,
     GatewayError,
-    UpstreamProtocolError,
     UpstreamReply,
     UpstreamStreamInterruptedError,
 )
@@ -68,9 +67,12 @@ from server.providers._transport import transport_failure
 from server.providers._upstream import (
     FailureKind,
     SamplingParameter,
+    UnreadableAnswerError,
     UpstreamModel,
     UpstreamSettings,
+    json_object,
     kind_of_status,
+    malformed_answer,
     merge_provider_options,
     post_arguments,
     refuse,
@@ -110,8 +112,14 @@ _ERROR_TYPES: dict[str, FailureKind] = {
 }
 # What an upstream call may raise: the SDK's errors, its transport's (httpx2's,
 # and the few of aiohttp's the aiohttp transport passes on as they are), and an
-# answer that is not JSON. Mapped in `_map_error`.
-_FAILURES = (openai.OpenAIError, httpx2.HTTPError, aiohttp.ClientError, json.JSONDecodeError)
+# answer that is not JSON, or JSON that is not an object. Mapped in `_map_error`.
+_FAILURES = (
+    openai.OpenAIError,
+    httpx2.HTTPError,
+    aiohttp.ClientError,
+    json.JSONDecodeError,
+    UnreadableAnswerError,
+)
 
 
 class OpenAIModel(UpstreamModel):
@@ -231,7 +239,8 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
                     COMPLETIONS_PATH, body=body, options=options, cast_to=httpx2.Response
                 )
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
-                chunks = replay(codec.completion_as_chunks(response.json()))
+                completion = json_object(response.json(), "the body")
+                chunks = replay(codec.completion_as_chunks(completion))
             decoder = codec.ChatStreamDecoder(
                 provider=self.name,
                 model=request.model,
@@ -239,7 +248,7 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
                 upstream_request_id=upstream_request_id,
             )
             async for chunk in chunks:
-                for event in decoder.feed(chunk):
+                for event in decoder.feed(json_object(chunk, "a chunk")):
                     yield event
             for event in decoder.finish():
                 yield event
@@ -291,7 +300,8 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
                 )
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
                 decoder = self._decoder(request, upstream_request_id)
-                for chunk in codec.completion_as_chunks(json.loads(response.content)):
+                completion = json_object(json.loads(response.content), "the body")
+                for chunk in codec.completion_as_chunks(completion):
                     for event in decoder.feed(chunk):
                         yield event
                 for event in decoder.finish():
@@ -344,7 +354,8 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
                 )
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
                 decoder = self._responses_decoder(request, upstream_request_id)
-                for data in responses_codec.response_as_events(json.loads(response.content)):
+                document = json_object(json.loads(response.content), "the body")
+                for data in responses_codec.response_as_events(document):
                     for event in decoder.feed(data):
                         yield event
                 yield RawChunk(response.content)
@@ -394,7 +405,7 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
             data = sse.data
             if not data or data == b"[DONE]":
                 continue
-            chunk = json.loads(data)
+            chunk = json_object(json.loads(data), "a chunk")
             if "error" in chunk:
                 error = self._stream_error(chunk["error"], batch, sse, OPENAI_CHAT, request)
                 return relayed_bytes(batch, left_out, sse.start), merged_deltas(events), error
@@ -417,7 +428,7 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         for sse in batch.events:
             if not sse.data or sse.name in _RESPONSES_UNREAD:
                 continue
-            data = json.loads(sse.data)
+            data = json_object(json.loads(sse.data), f"event {sse.name or '(unnamed)'}")
             kind = data.get("type")
             failure: Any = None
             if kind == "error":
@@ -551,9 +562,9 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
                 metadata={**base, "upstream_error_type": error_type},
                 param=err.param,
             )
-        return UpstreamProtocolError(
-            f"provider {self.name} answered with something the gateway cannot read", metadata=base
-        )
+        # Anything else is an answer the gateway cannot read (a cut body, an
+        # event that is not JSON): the deployment's failure, retried like a 5xx.
+        return malformed_answer(self.name, err, base, self._sdk.redact)
 
 
 # Responses stream events the relay's accounting has no use for, by name: not

@@ -93,4 +93,7 @@ class Reply:
     reset_after: int | None = None  # the connection is cut after this many events
     # Sent as the whole 200 body instead of the reply (SSE when the call streams)
     raw_body: bytes | None = None
+    # The raw body's content type (e.g. a proxy's "text/html" page); None: what
+    # the API would send (SSE or JSON).
+    raw_content_type: str | None = None
     count_tokens: int = 42  # what count_tokens answers

@@ -189,7 +189,9 @@ class FakeUpstream:
             streaming = isinstance(recorded.body, dict) and recorded.body.get("stream") is True
             if reply.raw_body is not None:
                 completed = True
-                kind = "text/event-stream" if streaming else "application/json"
+                kind = reply.raw_content_type or (
+                    "text/event-stream" if streaming else "application/json"
+                )
                 return web.Response(body=reply.raw_body, content_type=kind, headers=headers)
             if events is None or not streaming:
                 completed = True
