@@ -919,6 +919,57 @@ async def test_claudes_signed_thinking_goes_back_before_its_tool_use(
     }
 
 
+async def test_claudes_sealed_thinking_is_left_out_of_a_pass_through_to_openai(
+    url: str, fake: FakeUpstream
+) -> None:
+    # A conversation begun on a Claude model and carried on on an OpenAI one
+    # (Codex switching models): OpenAI cannot read the reasoning the gateway
+    # sealed, and refuses a request carrying it, so the relayed body goes
+    # without it. OpenAI's own reasoning items pass untouched.
+    fake.enqueue(
+        Reply(
+            blocks=[
+                Thinking("The user wants Oslo's weather.", signature="sig-Oslo-42"),
+                ToolCall("toolu_07", "get_weather", {"city": "Oslo"}),
+            ]
+        )
+    )
+    client = openai_client(url)
+    question = [{"role": "user", "content": "Weather in Oslo?"}]
+    fields: dict[str, Any] = {
+        "tools": [WEATHER_TOOL],
+        "reasoning": {"effort": "low"},
+        "include": ["reasoning.encrypted_content"],
+        "store": False,
+    }
+    first = await client.responses.create(model="claude-test", input=question, **fields)
+    assert first.output[0].type == "reasoning"
+    openais_own = {
+        "type": "reasoning",
+        "id": "rs_1",
+        "summary": [],
+        "encrypted_content": "gAAAAB-openai-own",
+    }
+    later = [
+        *question,
+        *as_input(first.output),
+        {"type": "function_call_output", "call_id": "toolu_07", "output": "5 C"},
+        openais_own,
+    ]
+    fake.enqueue(Reply(blocks=[Text("5 C.")]))
+    second = await client.responses.create(model=SAME_NAME, input=later, **fields)
+    assert second.output_text == "5 C."
+    relayed = fake.last(RESPONSES_PATH).body["input"]
+    assert [item.get("type") for item in relayed] == [
+        None,  # the user's message (an easy input message: no type)
+        "function_call",
+        "function_call_output",
+        "reasoning",
+    ]
+    assert relayed[-1] == openais_own
+    assert not any(SEALED_PREFIX in json.dumps(item) for item in relayed)
+
+
 # -- translated calls in the ledger -------------------------------------------------------
 
 

@@ -66,6 +66,9 @@ class ChatDialect(errors.OpenAIErrors):
         chat: DecodedChat = decoded.options["chat"]
         fill_max_tokens(chat, route.model.default_max_tokens)
 
+    def relayed(self, document: dict[str, Any]) -> dict[str, Any] | None:
+        return None
+
     def forwarded_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         return openai_headers(headers)
 

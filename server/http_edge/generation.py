@@ -94,6 +94,11 @@ class Dialect(ErrorDialect, Protocol):
 
     def forwarded_headers(self, headers: Mapping[str, str]) -> dict[str, str]: ...
 
+    def relayed(self, document: dict[str, Any]) -> dict[str, Any] | None:
+        """What a provider of this format is sent in place of the client's body,
+        when it must differ (None, nearly always: the client's bytes as they came)."""
+        ...
+
     def encoder(self, decoded: Decoded, request_id: str) -> Encoder: ...
 
     def whole(self, response: GenerationResponse, decoded: Decoded, request_id: str) -> bytes: ...
@@ -181,6 +186,10 @@ class GenerationEndpoint:
             request = decoded.request
             route = resolve(self._router, request.model)
             dialect.routed(decoded, route)
+            relayed = dialect.relayed(document)
+            if relayed is not None:
+                document = relayed
+                body = json.dumps(relayed, ensure_ascii=False, separators=(",", ":")).encode()
             request.passthrough = Passthrough(
                 dialect.protocol,
                 body,

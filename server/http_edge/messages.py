@@ -56,6 +56,9 @@ class MessagesDialect:
     def routed(self, decoded: Decoded, route: Route) -> None:
         """Nothing to add: a Messages request always names its max_tokens."""
 
+    def relayed(self, document: dict[str, Any]) -> dict[str, Any] | None:
+        return None
+
     def forwarded_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         return anthropic_headers(headers)
 

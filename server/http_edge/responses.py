@@ -30,6 +30,7 @@ from server.http_edge.responses_decoding import (
     fit_max_tokens,
 )
 from server.http_edge.responses_encoding import (
+    SEALED_PREFIX,
     ResponsesStreamEncoder,
     encode_response,
     failure_code,
@@ -68,6 +69,17 @@ class ResponsesDialect(errors.OpenAIErrors):
             # Codex always asks for an effort; a model that does not think ignores it.
             request.thinking_budget_tokens = None
 
+    def relayed(self, document: dict[str, Any]) -> dict[str, Any] | None:
+        """Without the reasoning items the gateway sealed (a Claude model's
+        thinking, server/http_edge/responses_encoding.py): a conversation begun
+        on Claude and carried on on an OpenAI model would otherwise be refused
+        there, as OpenAI cannot read them. OpenAI's own reasoning items stay."""
+        items = document.get("input")
+        if not isinstance(items, list):
+            return None
+        kept = [item for item in items if not _sealed_reasoning(item)]
+        return None if len(kept) == len(items) else {**document, "input": kept}
+
     def forwarded_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         return openai_headers(headers)
 
@@ -105,3 +117,12 @@ class ResponsesDialect(errors.OpenAIErrors):
             "param": None,
         }
         return b"event: error\ndata: " + json.dumps(data).encode() + b"\n\n"
+
+
+def _sealed_reasoning(item: object) -> bool:
+    return (
+        isinstance(item, dict)
+        and item.get("type") == "reasoning"
+        and isinstance(content := item.get("encrypted_content"), str)
+        and content.startswith(SEALED_PREFIX)
+    )
