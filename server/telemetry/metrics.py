@@ -194,7 +194,7 @@ class GatewayMetrics:
         )
         self.refusals = Counter(
             "llmgw_refusals",
-            "Calls refused by rate limits, quotas and budgets, by reason.",
+            "Calls refused by rate limits, quotas, budgets and the overload gate, by reason.",
             ["reason"],
             registry=r,
         )
@@ -217,7 +217,9 @@ class GatewayMetrics:
             registry=r,
         )
         in_flight_gauge = Gauge(
-            "llmgw_calls_in_flight", "Generation calls being served.", registry=r
+            "llmgw_calls_in_flight",
+            "Generation calls being served, on both edges.",
+            registry=r,
         )
         in_flight_gauge.set_function(in_flight)
         self._counts = _CountsCollector(
@@ -266,9 +268,10 @@ class GatewayMetrics:
                     self.tokens.labels(model, provider, kind).inc(count)
             if record.cost.total_nanos:
                 self.cost.labels(model, provider).inc(record.cost.total_nanos / 1e9)
-        if record.status.name == "RESOURCE_EXHAUSTED" and not record.error_reason.startswith(
-            "UPSTREAM_"
-        ):
+        if (
+            record.status.name == "RESOURCE_EXHAUSTED"
+            and not record.error_reason.startswith("UPSTREAM_")
+        ) or record.error_reason == "GATEWAY_OVERLOADED":  # shed at the overload gate
             self.record_refusal(record.error_reason or "RESOURCE_EXHAUSTED")
 
     def observe_routed(self, call: RoutedCall) -> None:

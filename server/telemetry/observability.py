@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
@@ -35,6 +36,7 @@ class Telemetry:
         router: Router,
         *,
         tracer_provider: TracerProvider | None = None,
+        in_flight: Callable[[], float] | None = None,
     ) -> None:
         self.interceptors: list[grpc.aio.ServerInterceptor] = []
         self._owned_provider = None
@@ -54,7 +56,8 @@ class Telemetry:
         if config.metrics.enabled:
             models, deployments = served_names(router)
             self.metrics = GatewayMetrics(
-                in_flight=lambda: servicer.in_flight,
+                # Both edges' calls (the gateway's count), else the servicer's.
+                in_flight=in_flight or (lambda: servicer.in_flight),
                 breaker_state=router.breaker_state,
                 known_models=models,
                 known_deployments=deployments,
