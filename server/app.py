@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
 from interceptors.auth import AuthInterceptor
@@ -47,6 +46,7 @@ from server.health import SERVING, HealthService
 from server.http_edge import FrontDoor, GenerationEndpoint, HttpCalls, HttpServer
 from server.http_edge.unfinished_answers import install_unfinished_answer_filter
 from server.identity import SCOPE_GENERATE
+from server.reflection import enable_server_reflection
 from server.routing import Router
 from server.telemetry.observability import Telemetry
 from server.telemetry.tracing import TRACER_NAME
@@ -193,16 +193,9 @@ class Gateway:
             UsageServicer(self.accounting, self.auth.store if self.auth else None), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        if config.server.reflection:
-            reflection.enable_server_reflection(
-                (
-                    GENERATION_SERVICE,
-                    TOKEN_SERVICE,
-                    USAGE_SERVICE,
-                    HEALTH_SERVICE,
-                    reflection.SERVICE_NAME,
-                ),
-                self._server,
+        if config.server.reflection:  # v1 and v1alpha (server/reflection.py)
+            enable_server_reflection(
+                (GENERATION_SERVICE, TOKEN_SERVICE, USAGE_SERVICE, HEALTH_SERVICE), self._server
             )
         self.port = 0
         self._stopping: asyncio.Task[None] | None = None

@@ -5,8 +5,9 @@ server cancels it, so one watching sidecar would hold each shutdown for the
 whole grace period. Here a Watch sends the final NOT_SERVING and then ends
 once the gateway drains, so shutdown waits only for generation calls.
 Everything else follows the protocol in grpc/health/v1/health.proto:
-Check answers NOT_FOUND for an unknown service, Watch answers
-SERVICE_UNKNOWN and waits for it to appear.
+Check answers NOT_FOUND for an unknown service, List the status of every
+service registered (grpcio-health-checking's servicer has no List), Watch
+answers SERVICE_UNKNOWN and waits for it to appear.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ import asyncio
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# List's response; grpcio-health-checking's health_pb2 has it, the typeshed
+# stubs (types-grpcio-health-checking) do not yet.
+HealthListResponse: type[Message] = health_pb2.HealthListResponse  # type: ignore[attr-defined]
 
 
 class HealthService(health_pb2_grpc.HealthServicer):
@@ -56,6 +61,16 @@ class HealthService(health_pb2_grpc.HealthServicer):
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=status)
+
+    async def List(self, request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        # A handful of services: far from the size where the protocol lets a
+        # server answer RESOURCE_EXHAUSTED instead.
+        return HealthListResponse(
+            statuses={
+                service: health_pb2.HealthCheckResponse(status=status)
+                for service, status in self._status.items()
+            }
+        )
 
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
