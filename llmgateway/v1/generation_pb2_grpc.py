@@ -96,7 +96,8 @@ class GenerationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Lists the models this gateway serves.
+        """Lists the models this gateway serves (those the caller's key may use),
+        a page at a time (AIP-158): see ListModelsRequest.page_size.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

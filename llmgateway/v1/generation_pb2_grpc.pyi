@@ -62,7 +62,9 @@ class GenerationServiceStub:
     CountTokens: _grpc.UnaryUnaryMultiCallable[_generation_pb2.CountTokensRequest, _generation_pb2.CountTokensResponse]
     """Counts the input tokens a request would use with a model."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]
-    """Lists the models this gateway serves."""
+    """Lists the models this gateway serves (those the caller's key may use),
+    a page at a time (AIP-158): see ListModelsRequest.page_size.
+    """
 
 @_typing.type_check_only
 class GenerationServiceAsyncStub(GenerationServiceStub):
@@ -91,7 +93,9 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     CountTokens: _aio.UnaryUnaryMultiCallable[_generation_pb2.CountTokensRequest, _generation_pb2.CountTokensResponse]  # type: ignore[assignment]
     """Counts the input tokens a request would use with a model."""
     ListModels: _aio.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """Lists the models this gateway serves."""
+    """Lists the models this gateway serves (those the caller's key may use),
+    a page at a time (AIP-158): see ListModelsRequest.page_size.
+    """
 
 class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
     """Generates model output from a conversation."""
@@ -141,6 +145,8 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _generation_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_generation_pb2.ListModelsResponse, _abc.Awaitable[_generation_pb2.ListModelsResponse]]:
-        """Lists the models this gateway serves."""
+        """Lists the models this gateway serves (those the caller's key may use),
+        a page at a time (AIP-158): see ListModelsRequest.page_size.
+        """
 
 def add_GenerationServiceServicer_to_server(servicer: GenerationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

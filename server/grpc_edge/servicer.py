@@ -43,6 +43,7 @@ from server.grpc_edge.coalescing import coalesce
 from server.grpc_edge.decoding import decode_count_tokens, decode_generate
 from server.grpc_edge.encoding import encode_event, encode_models, encode_response
 from server.grpc_edge.expired_calls import SERVED_CALL
+from server.grpc_edge.pages import page_of
 from server.identity import current_identity, require_model_access
 from server.routing import Route, Router
 from server.schema import GenerationRequest
@@ -299,5 +300,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             if identity is not None:
                 # A key sees only the models it may call (by id or alias).
                 models = [m for m in models if identity.may_use((m.id, *m.aliases))]
-            return encode_models(models)
+            page = page_of(
+                len(models),
+                page_size=request.page_size,
+                page_token=request.page_token,
+                filters=(request.provider,),
+            )
+            response = encode_models(models[page.start : page.end])
+            response.next_page_token = page.next_token
+            return response
         return pb.ListModelsResponse()  # error_boundary has set the failure's status
