@@ -14,8 +14,11 @@ Each event is one `write()` on a file opened with O_APPEND, so several
 processes may append to one file without interleaving lines. With no path
 configured, `audit_event` does nothing.
 
-Events (the `event` field): key.created, key.revoked, token.issued,
-auth.failed, permission.denied, signing_key.created, signing_keys.changed
+Events (the `event` field): key.created, key.revoked, key.rotated,
+key.expiring (a key within 14 days of its expiry, at most once a day per
+process), token.issued, auth.failed, permission.denied, provider_key.set,
+provider_keys.reencrypted (`keys provider rotate-kek`),
+signing_key.created, signing_keys.changed
 (keys appearing or going in the signing-keys folder, read at start-up and
 every 10 s: the one configuration the gateway re-reads), budget.alert (for the
 budgets code: call `audit_event("budget.alert", key_id=..., ...)`).
@@ -44,6 +47,10 @@ AuditValue = str | int | float | bool | None | list[str]
 
 KEY_CREATED = "key.created"
 KEY_REVOKED = "key.revoked"
+KEY_ROTATED = "key.rotated"
+KEY_EXPIRING = "key.expiring"
+PROVIDER_KEY_SET = "provider_key.set"
+PROVIDER_KEYS_REENCRYPTED = "provider_keys.reencrypted"
 TOKEN_ISSUED = "token.issued"
 AUTH_FAILED = "auth.failed"
 PERMISSION_DENIED = "permission.denied"
