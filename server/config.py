@@ -24,6 +24,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -37,6 +38,10 @@ CONFIG_PATH_ENV = "LLMGW_CONFIG"
 # loader passes over them instead of refusing them as unknown.
 # tests/test_config.py pins this list to the names clients/ reads.
 CLIENT_ENV = frozenset({"LLMGW_ADDRESS", "LLMGW_API_KEY", "LLMGW_MODEL", "LLMGW_PROTO_ROOT"})
+# Secrets read straight from the environment where they are used, never
+# copied into the configuration (so no dump or error message can show them):
+# the key-encryption keys (server/auth/envelope.py).
+SECRET_ENV = frozenset({"LLMGW_ENCRYPTION_KEYS"})
 
 
 class _Strict(BaseModel):
@@ -172,9 +177,16 @@ class ProviderConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
     type: str
+    # Where `api_key_stored: NAME` is read: the key store and its key-encryption
+    # keys, filled in by GatewayConfig from auth.key_store and secrets.
+    _stored_key_location: dict[str, str | None] = PrivateAttr(default_factory=dict)
 
     def settings(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+        settings = dict(self.model_extra or {})
+        stored = settings.get("api_key_stored")
+        if isinstance(stored, str) and self._stored_key_location:
+            settings["api_key_stored"] = {"name": stored, **self._stored_key_location}
+        return settings
 
 
 def _default_providers() -> dict[str, ProviderConfig]:
@@ -245,6 +257,11 @@ class AuthConfig(_Strict):
     leeway_s: float = Field(30.0, ge=0, le=60)
     # How long a key's record (and so its revocation) may be served from memory.
     cache_ttl_s: float = Field(5.0, ge=0, le=300)
+    # Every API key expires: `keys create` and `keys rotate` give it this many
+    # days unless --expires-in says otherwise.
+    key_ttl_days: float = Field(90.0, gt=0, le=3650)
+    # Whether `keys create --expires-in never` may make a key that never expires.
+    allow_keys_without_expiry: bool = False
     # Services callable without credentials.
     public_services: tuple[str, ...] = DEFAULT_PUBLIC_SERVICES
 
@@ -252,6 +269,20 @@ class AuthConfig(_Strict):
     @classmethod
     def _expand_home(cls, path: Path) -> Path:
         return path.expanduser()
+
+
+class SecretsConfig(_Strict):
+    """The key-encryption keys of secrets kept in the key store (server/auth/envelope.py)."""
+
+    # A file holding the ring, `id:base64key` entries separated by commas or
+    # newlines: the first encrypts, all decrypt. Unset: the LLMGW_ENCRYPTION_KEYS
+    # variable. Keep it apart from the key store and use these keys for nothing else.
+    encryption_keys_file: Path | None = None
+
+    @field_validator("encryption_keys_file")
+    @classmethod
+    def _expand_home(cls, path: Path | None) -> Path | None:
+        return None if path is None else path.expanduser()
 
 
 class RetryConfig(_Strict):
@@ -455,6 +486,8 @@ class GatewayConfig(_Strict):
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    # Key-encryption keys for the provider API keys kept in the key store.
+    secrets: SecretsConfig = SecretsConfig()
     # Instance name -> provider. The offline provider serves when none is configured.
     providers: dict[str, ProviderConfig] = Field(default_factory=_default_providers)
     routing: RoutingConfig = RoutingConfig()
@@ -490,6 +523,16 @@ class GatewayConfig(_Strict):
                 " times its limits; set limits.backend: redis (shared by all workers)"
                 " or server.workers: 1"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _locate_stored_provider_keys(self) -> Self:
+        keys_file = self.secrets.encryption_keys_file
+        for section in self.providers.values():
+            section._stored_key_location = {
+                "key_store": str(self.auth.key_store),
+                "encryption_keys_file": None if keys_file is None else str(keys_file),
+            }
         return self
 
     @property
@@ -550,7 +593,12 @@ def load_config(
         data = loaded or {}
 
     for name, raw in environ.items():
-        if name.startswith(ENV_PREFIX) and name != CONFIG_PATH_ENV and name not in CLIENT_ENV:
+        if (
+            name.startswith(ENV_PREFIX)
+            and name != CONFIG_PATH_ENV
+            and name not in CLIENT_ENV
+            and name not in SECRET_ENV
+        ):
             keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
             _set(data, keys, yaml.safe_load(raw) if raw else raw, origin=name)
     for dotted, value in (overrides or {}).items():
