@@ -14,6 +14,7 @@ from google.protobuf import duration_pb2, json_format
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from tests.conftest import field_violations
+from tests.event_grammar import check_event_stream
 from tests.fake_upstream import (
     FakeUpstream,
     RedactedThinking,
@@ -143,6 +144,7 @@ async def test_every_field_round_trips_streaming(
 ) -> None:
     fake.enqueue(Reply(blocks=[Text("The big dog.")], request_id="req_s1"))
     events, trailers = await stream_all(upstream_stub, everything_request("rt-a-2"))
+    check_event_stream(events)
 
     assert fake.last(MESSAGES).body == EXPECTED_BODY
     assert kinds(events) == [
@@ -196,6 +198,7 @@ async def test_tool_use_conversation_over_two_turns(
         "claude-test", "Weather and time in Paris?", tools=tools, tool_choice=choice
     )
     events, _ = await stream_all(upstream_stub, first_request)
+    check_event_stream(events)
     first = fold_stream(events)
     body = fake.last(MESSAGES).body
     assert body["tools"] == [
@@ -320,6 +323,7 @@ async def test_thinking_streams_and_goes_back_upstream(
         "claude-test", "Answer?", max_tokens=4096, thinking=pb.ThinkingConfig(budget_tokens=2048)
     )
     events, _ = await stream_all(upstream_stub, req)
+    check_event_stream(events)
     assert fake.last(MESSAGES).body["thinking"] == {"type": "enabled", "budget_tokens": 2048}
     deltas = [
         e.content_block_delta.WhichOneof("delta")
@@ -390,6 +394,7 @@ async def test_usage_with_cache_tokens_is_replaced_not_added(
     )
     fake.enqueue(Reply(usage=usage))
     events, _ = await stream_all(upstream_stub, ask("claude-test", "Hi"))
+    check_event_stream(events)
     start = events[0].message_start.usage
     final = events[-2].message_delta
     assert (start.input_tokens, start.output_tokens) == (100, 1)

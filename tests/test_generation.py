@@ -15,13 +15,16 @@ from google.protobuf import json_format
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from tests.conftest import request, user
+from tests.event_grammar import check_event_stream
 from tests.upstream_fixtures import fold_stream
 
 
 async def stream_events(
     stub: pb_grpc.GenerationServiceStub, req: pb.GenerateRequest
 ) -> list[pb.StreamGenerateResponse]:
-    return [event async for event in stub.StreamGenerate(req)]
+    events = [event async for event in stub.StreamGenerate(req)]
+    check_event_stream(events)
+    return events
 
 
 def without_ids(response: pb.GenerateResponse) -> pb.GenerateResponse:

@@ -21,6 +21,7 @@ from google.rpc import error_details_pb2
 from llmgateway.v1 import generation_pb2 as pb
 from server.routing import BreakerState
 from tests.conftest import RunningGateway, detail, rich_status
+from tests.event_grammar import check_event_stream
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.http_fixtures import base_url
 from tests.upstream_fixtures import RoutedGatewayFactory, ask, generate, kinds, stream_all
@@ -106,6 +107,7 @@ async def test_a_junk_first_event_is_retried_then_served_by_the_fallback(
     junk = Reply(raw_body=JUNK_FIRST_EVENT["anthropic"])
     fake.enqueue(junk, junk)
     events, _ = await stream_all(gw.stub, ask("resilient", "Hi"))
+    check_event_stream(events)
     assert events[0].message_start.provider == "openai"
     assert kinds(events).count("message_start") == 1
     assert kinds(events)[-1] == "message_stop"

@@ -15,7 +15,9 @@ from google.protobuf import duration_pb2, json_format
 
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
+from server.providers._openai_codec import ChatStreamDecoder
 from tests.conftest import field_violations
+from tests.event_grammar import check_event_stream
 from tests.fake_upstream import FakeUpstream, Reply, Text, Thinking, ToolCall, Usage
 from tests.upstream_fixtures import (
     OPENAI_KEY,
@@ -129,6 +131,7 @@ async def test_every_field_round_trips_unary_and_streaming(
 
     fake.enqueue(Reply(blocks=[Text("The dog.")], message_id="chatcmpl-1", request_id="req_o1"))
     events, trailers = await stream_all(upstream_stub, everything_request("rt-o-1"))
+    check_event_stream(events)
     assert fake.last(CHAT).body == EXPECTED_BODY
     assert kinds(events) == [
         "message_start",
@@ -158,6 +161,7 @@ async def test_parallel_tool_calls_stream_by_index(
     tools = [pb.Tool(name="get_weather", description="Weather by city")]
     req = ask("gpt-test", "Paris and Oslo?", tools=tools)
     events, _ = await stream_all(upstream_stub, req)
+    check_event_stream(events)
     body = fake.last(CHAT).body
     assert body["tools"] == [
         {
@@ -191,6 +195,72 @@ async def test_parallel_tool_calls_stream_by_index(
         {"city": "Paris"},
         {"city": "Oslo", "days": 2},
     ]
+
+
+def _tool_chunk(position: int, arguments: str, call_id: str = "") -> dict[str, object]:
+    call: dict[str, object] = {"index": position, "function": {"arguments": arguments}}
+    if call_id:
+        call["id"] = call_id
+        call["function"] = {"name": "get_weather", "arguments": arguments}
+    return {"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]}
+
+
+def test_two_tool_calls_each_stop_before_the_next_starts() -> None:
+    # Was start(0) d d start(1) d stop(0) stop(1): block 0 still open when 1 began.
+    decoder = ChatStreamDecoder(
+        provider="openai", model="m", request_id="r", upstream_request_id=""
+    )
+    chunks = [
+        _tool_chunk(0, "", "call_a"),
+        _tool_chunk(0, '{"city":'),
+        _tool_chunk(0, '"Paris"}'),
+        _tool_chunk(1, "", "call_b"),
+        _tool_chunk(1, '{"city":"Oslo"}'),
+        {"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+        {"id": "c1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}},
+    ]
+    events = [event for chunk in chunks for event in decoder.feed(chunk)] + decoder.finish()
+    check_event_stream(events)
+    steps = [type(e).__name__ + str(getattr(e, "index", "")) for e in events]
+    assert steps == [
+        "MessageStart",
+        "ContentBlockStart0",
+        "ToolInputDelta0",
+        "ToolInputDelta0",
+        "ContentBlockStop0",
+        "ContentBlockStart1",
+        "ToolInputDelta1",
+        "ContentBlockStop1",
+        "MessageDelta",
+        "MessageStop",
+    ]
+
+
+def test_text_after_a_tool_call_is_a_new_block() -> None:
+    decoder = ChatStreamDecoder(
+        provider="openai", model="m", request_id="r", upstream_request_id=""
+    )
+    text_chunk = {"id": "c1", "choices": [{"index": 0, "delta": {"content": "Hi"}}]}
+    chunks = [
+        text_chunk,
+        _tool_chunk(0, "{}", "call_a"),
+        text_chunk,
+        {"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    ]
+    events = [event for chunk in chunks for event in decoder.feed(chunk)] + decoder.finish()
+    check_event_stream(events)
+    starts = [e.index for e in events if type(e).__name__ == "ContentBlockStart"]
+    assert starts == [0, 1, 2]
+
+
+def test_a_tool_call_continued_after_the_next_began_is_unreadable() -> None:
+    decoder = ChatStreamDecoder(
+        provider="openai", model="m", request_id="r", upstream_request_id=""
+    )
+    decoder.feed(_tool_chunk(0, "{", "call_a"))
+    decoder.feed(_tool_chunk(1, "{}", "call_b"))
+    with pytest.raises(ValueError, match="continued after another block began"):
+        decoder.feed(_tool_chunk(0, "}"))
 
 
 async def test_tool_use_conversation_over_two_turns(
@@ -309,6 +379,7 @@ async def test_cached_tokens_are_taken_out_of_prompt_tokens(
         )
     )
     events, _ = await stream_all(upstream_stub, ask("gpt-test", "Hi"))
+    check_event_stream(events)
     final = events[-2].message_delta
     # The fake sent prompt_tokens 1300, of which 1000 cached and 200 cache writes.
     assert final.usage == pb.Usage(
@@ -397,6 +468,7 @@ async def test_openai_compatible_server(
     fake.enqueue(Reply(blocks=[Thinking("First, the sum."), Text("4")]))
     req = ask("llama-local", "2+2?", max_tokens=64, top_k=40, temperature=0.2)
     events, _ = await stream_all(upstream_stub, req)
+    check_event_stream(events)
     body = fake.last(CHAT).body
     assert body["top_k"] == 40
     assert body["max_tokens"] == 64

@@ -50,6 +50,7 @@ from server.events import (
     ThinkingDelta,
     ToolInputDelta,
 )
+from server.providers._upstream import UnreadableAnswerError
 from server.schema import (
     CacheControl,
     GenerationRequest,
@@ -262,15 +263,19 @@ def usage_of(raw: Mapping[str, Any]) -> Usage:
 class ChatStreamDecoder:
     """Turns Chat Completions chunks into gateway events.
 
-    Blocks stay open until the finish reason, since tool calls may
-    interleave; they close in order then. The final MessageDelta waits for
-    the usage-only chunk that follows the finish reason.
+    One block is open at a time, as the event contract says: a block of
+    another kind, or the next tool call, stops the open block before it
+    starts (text after a tool call opens a new text block); the finish
+    reason stops the last one. A tool call's arguments continuing after the
+    next call began cannot be told in order: an unreadable answer. The final
+    MessageDelta waits for the usage-only chunk that follows the finish reason.
     """
 
     __slots__ = (
         "_finish",
         "_model",
         "_next",
+        "_open_block",
         "_provider",
         "_refused",
         "_request_id",
@@ -294,6 +299,7 @@ class ChatStreamDecoder:
         self._text: int | None = None
         self._thinking: int | None = None
         self._tool_blocks: dict[int, int] = {}  # tool call index -> block index
+        self._open_block: int | None = None  # the one block started and not stopped
         self._finish: str | None = None
         self._refused = False
         self._usage: Usage | None = None
@@ -340,6 +346,10 @@ class ChatStreamDecoder:
                 position = call.get("index", 0)
                 index = self._tool_blocks.get(position)
                 function = call.get("function") or {}
+                if index is not None and index != self._open_block:
+                    raise UnreadableAnswerError(
+                        f"tool call {position}'s arguments continued after another block began"
+                    )
                 if index is None:
                     block = ToolUseBlock(
                         id=call.get("id") or f"call_{position}", name=function.get("name") or ""
@@ -351,15 +361,27 @@ class ChatStreamDecoder:
         finish_reason = choice.get("finish_reason")
         if finish_reason and self._finish is None:
             self._finish = finish_reason
-            events.extend(ContentBlockStop(i) for i in range(self._next))
+            self._stop_open(events)
 
     def _open(
         self, block: TextBlock | ThinkingBlock | ToolUseBlock, events: list[StreamEvent]
     ) -> int:
-        index = self._next
+        self._stop_open(events)
+        index = self._open_block = self._next
         self._next += 1
         events.append(ContentBlockStart(index, block))
         return index
+
+    def _stop_open(self, events: list[StreamEvent]) -> None:
+        """Stops the open block, if any; text or thinking after it opens a new block."""
+        if self._open_block is None:
+            return
+        events.append(ContentBlockStop(self._open_block))
+        if self._open_block == self._text:
+            self._text = None
+        elif self._open_block == self._thinking:
+            self._thinking = None
+        self._open_block = None
 
     def finish(self) -> list[StreamEvent]:
         """The closing events, once the upstream stream has ended."""
