@@ -9,10 +9,10 @@ Other languages live beside it (clients/node/). Names not listed in
 `__all__` (modules starting with `_`) are internal.
 """
 
-from clients.accumulator import StreamAccumulator
-from clients.aio import GatewayClient, ResponseStream
-from clients.credentials import TokenSource
-from clients.errors import (
+from .accumulator import StreamAccumulator
+from .aio import GatewayClient, ResponseStream
+from .credentials import TokenSource
+from .errors import (
     DeadlineExceededError,
     FieldViolation,
     GatewayError,
@@ -24,7 +24,7 @@ from clients.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from clients.messages import (
+from .messages import (
     Prompt,
     RequestOptions,
     assistant,
@@ -39,7 +39,7 @@ from clients.messages import (
     tool_result,
     user,
 )
-from clients.sync import GatewayClientSync, ResponseStreamSync
+from .sync import GatewayClientSync, ResponseStreamSync
 
 __all__ = [
     "DeadlineExceededError",

@@ -8,6 +8,8 @@ event loop there is no background refresh, so the caller that finds the
 token due fetches the new one while the others wait for it. After IssueToken
 fails it is not asked again before the same backoff has passed
 (clients/_token_backoff.py); a token still valid is used meanwhile.
+Against a gateway run with `--no-auth` (IssueToken says AUTH_DISABLED) the
+token is "": calls go without credentials until one is refused.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from collections.abc import Callable
 
 import grpc
 
-from clients._token_backoff import IssueTokenBackoff
 from llmgateway.v1 import token_pb2, token_pb2_grpc
+
+from ._token_backoff import IssueTokenBackoff, auth_disabled
 
 __all__ = ["SyncTokenSource"]
 
@@ -55,14 +58,21 @@ class SyncTokenSource:
         self._refresh_at = 0.0
         self._expires_at = 0.0
         self._backoff = backoff or IssueTokenBackoff(clock=clock)
+        # The gateway said AUTH_DISABLED: call without credentials.
+        self.auth_disabled = False
         self.issued = 0  # tokens obtained so far (for tests and metrics)
 
     def __repr__(self) -> str:  # never shows the key or the token
         return "SyncTokenSource()"
 
     def token(self) -> str:
-        """A token to call with: the current one while fresh, else a new one."""
+        """A token to call with: the current one while fresh, else a new one.
+
+        "" when the gateway runs without authentication: send no credentials.
+        """
         with self._lock:
+            if self.auth_disabled:
+                return ""
             now = self._clock()
             if self._token is not None and now < self._refresh_at:
                 return self._token
@@ -78,6 +88,7 @@ class SyncTokenSource:
     def refresh(self, refused: str) -> str:
         """A new token after the gateway refused `refused` (shared by every refused call)."""
         with self._lock:
+            self.auth_disabled = False  # refused without credentials: authentication is back on
             if self._token is not None and self._token != refused:
                 return self._token
             return self._fetch()
@@ -94,6 +105,10 @@ class SyncTokenSource:
                 timeout=self._timeout,
             )
         except grpc.RpcError as error:
+            if auth_disabled(error):
+                self._backoff.succeeded()
+                self.auth_disabled, self._token = True, None
+                return ""
             failure = self._backoff.failed(error)
             if self._backoff.refused:
                 self._token = None  # the key's tokens are refused with it

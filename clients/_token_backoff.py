@@ -9,6 +9,12 @@ unknown; PERMISSION_DENIED: it may not have tokens) does not go away by
 asking again: the source waits 5 minutes before it sends the key again.
 Meanwhile every call that needs a new token fails at once with the
 refusal, and the gateway sees nothing.
+
+A gateway run with `--no-auth` issues no tokens: IssueToken answers
+FAILED_PRECONDITION with reason AUTH_DISABLED (`auth_disabled`). That is
+no failure: the token sources then call without credentials, and ask
+IssueToken again only when a call is refused (the gateway restarted with
+authentication on).
 """
 
 from __future__ import annotations
@@ -18,10 +24,20 @@ from collections.abc import Callable
 
 import grpc
 
-__all__ = ["IssueTokenBackoff"]
+from .errors import from_rpc_error
+
+__all__ = ["IssueTokenBackoff", "auth_disabled"]
 
 # IssueToken's answers that say the key will not get a token, however often asked.
 REFUSALS = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+
+
+def auth_disabled(error: grpc.RpcError) -> bool:
+    """Whether IssueToken's failure says the gateway runs without authentication."""
+    call: grpc.Call = error  # type: ignore[assignment]  # RPC errors are calls too
+    if call.code() != grpc.StatusCode.FAILED_PRECONDITION:
+        return False
+    return from_rpc_error(error).reason == "AUTH_DISABLED"
 
 
 class IssueTokenBackoff:

@@ -20,13 +20,14 @@ from typing import Any, Literal, Unpack
 
 import grpc
 
-from clients._channel import DEFAULT_TIMEOUT_S, channel_options, default_address, default_api_key
-from clients.accumulator import StreamAccumulator
-from clients.credentials import TokenSource
-from clients.errors import from_rpc_error
-from clients.messages import Prompt, RequestOptions, build_request, user
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
+
+from ._channel import DEFAULT_TIMEOUT_S, channel_options, default_address, default_api_key
+from .accumulator import StreamAccumulator
+from .credentials import TokenSource
+from .errors import from_rpc_error
+from .messages import Prompt, RequestOptions, build_request, user
 
 __all__ = ["GatewayClient", "ResponseStream"]
 

@@ -19,11 +19,12 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from clients._channel import ADDRESS_ENV, API_KEY_ENV, DEFAULT_ADDRESS, DEFAULT_TIMEOUT_S
-from clients.errors import GatewayError
-from clients.messages import RequestOptions, response_message, to_json, user
-from clients.sync import GatewayClientSync
 from llmgateway.v1 import generation_pb2 as pb
+
+from ._channel import ADDRESS_ENV, API_KEY_ENV, DEFAULT_ADDRESS, DEFAULT_TIMEOUT_S
+from .errors import GatewayError
+from .messages import RequestOptions, response_message, to_json, user
+from .sync import GatewayClientSync
 
 __all__ = ["main"]
 

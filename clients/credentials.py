@@ -18,6 +18,10 @@ gets one new token and is retried once, never more; a server stream only
 when nothing was received yet, so no response is ever duplicated. The token
 is checked when a call starts, so a stream that outlives it runs on.
 
+A gateway run with `--no-auth` refuses IssueToken with AUTH_DISABLED: the
+calls then go without credentials (the token is "", and no `authorization`
+header is sent) until one is refused, which asks IssueToken again.
+
 When IssueToken fails the source backs off (clients/_token_backoff.py):
 exponentially with jitter after a transient failure, for minutes after a
 refusal of the key (revoked, unknown). Until then a call that needs a new
@@ -41,8 +45,9 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2
 
-from clients._token_backoff import IssueTokenBackoff
 from llmgateway.v1 import token_pb2, token_pb2_grpc
+
+from ._token_backoff import IssueTokenBackoff, auth_disabled
 
 __all__ = [
     "IssueTokenBackoff",
@@ -97,6 +102,8 @@ class TokenSource:
         self._expires_at = 0.0
         self._refreshing: asyncio.Task[str] | None = None
         self._backoff = backoff or IssueTokenBackoff(clock=clock)
+        # The gateway said AUTH_DISABLED: call without credentials.
+        self.auth_disabled = False
         self.issued = 0  # tokens obtained so far (for tests and metrics)
 
     def __repr__(self) -> str:  # never shows the key or the token
@@ -107,7 +114,12 @@ class TokenSource:
         return [UnaryUnaryTokenInterceptor(self), UnaryStreamTokenInterceptor(self)]
 
     async def token(self) -> str:
-        """A token to call with: the current one while fresh, else a new one."""
+        """A token to call with: the current one while fresh, else a new one.
+
+        "" when the gateway runs without authentication: send no credentials.
+        """
+        if self.auth_disabled:
+            return ""
         now = self._clock()
         if self._token is not None and now < self._refresh_at:
             return self._token
@@ -129,6 +141,7 @@ class TokenSource:
         Every call refused with the same token shares one refresh; a call
         whose token was already replaced gets the replacement.
         """
+        self.auth_disabled = False  # refused without credentials: authentication is back on
         if self._token is not None and self._token != refused:
             return self._token
         if self._backoff.wait() > 0:
@@ -161,6 +174,12 @@ class TokenSource:
                 timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as error:
+            if auth_disabled(error):
+                self._backoff.succeeded()
+                if not self.auth_disabled:
+                    log.info("the gateway runs without authentication: calling without the key")
+                self.auth_disabled, self._token = True, None
+                return ""
             failure = self._backoff.failed(error)
             if self._backoff.refused:
                 self._token = None  # the key's tokens are refused with it
@@ -214,7 +233,8 @@ def _with_token(
     metadata = grpc.aio.Metadata(
         *((key, value) for key, value in (details.metadata or ()) if key.lower() != AUTHORIZATION)
     )
-    metadata.add(AUTHORIZATION, f"Bearer {token}")
+    if token:  # "": the gateway runs without authentication
+        metadata.add(AUTHORIZATION, f"Bearer {token}")
     return grpc.aio.ClientCallDetails(
         details.method, timeout, metadata, details.credentials, details.wait_for_ready
     )

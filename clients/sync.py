@@ -21,14 +21,15 @@ from typing import Any, Unpack
 
 import grpc
 
-from clients._channel import DEFAULT_TIMEOUT_S, channel_options, default_address, default_api_key
-from clients._sync_tokens import SyncTokenSource
-from clients.accumulator import StreamAccumulator
-from clients.aio import Credentials, Metadata
-from clients.errors import from_rpc_error
-from clients.messages import Prompt, RequestOptions, build_request, user
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
+
+from ._channel import DEFAULT_TIMEOUT_S, channel_options, default_address, default_api_key
+from ._sync_tokens import SyncTokenSource
+from .accumulator import StreamAccumulator
+from .aio import Credentials, Metadata
+from .errors import from_rpc_error
+from .messages import Prompt, RequestOptions, build_request, user
 
 __all__ = ["GatewayClientSync", "ResponseStreamSync"]
 
@@ -264,4 +265,6 @@ class GatewayClientSync:
 
 def _bearer(metadata: tuple[tuple[str, str], ...], token: str) -> tuple[tuple[str, str], ...]:
     kept = tuple((key, value) for key, value in metadata if key.lower() != "authorization")
+    if not token:  # "": the gateway runs without authentication
+        return kept
     return (*kept, ("authorization", f"Bearer {token}"))

@@ -332,3 +332,23 @@ async def test_rate_limit_exposes_retry_delay(flaky: tuple[FlakyGeneration, str]
         "flaky-1",
     )
     assert "UPSTREAM_RATE_LIMITED" in str(error)
+
+
+# -- a gateway without authentication, with a key set ------------------------------
+
+
+async def test_a_key_against_a_no_auth_gateway_calls_without_credentials(
+    running: RunningGateway,
+) -> None:
+    # IssueToken answers AUTH_DISABLED there: not an error, just no token to send.
+    async with GatewayClient(running.address, "any value", timeout=10) as client:
+        assert response_text(await client.generate("echo", "no auth")) == "no auth"
+        assert response_text(await client.stream("echo", "streamed").final_response()) == "streamed"
+        assert client._tokens is not None and client._tokens.auth_disabled
+
+    def sync_calls() -> tuple[str, str]:
+        with GatewayClientSync(running.address, "any value", timeout=10) as client:
+            unary = response_text(client.generate("echo", "no auth"))
+            return unary, response_text(client.stream("echo", "streamed").final_response())
+
+    assert await asyncio.to_thread(sync_calls) == ("no auth", "streamed")
