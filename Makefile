@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The last released contract, as a buf image: `buf breaking` compares proto/ with it.
 RELEASED_CONTRACT := proto/released/contract.binpb
 
-.PHONY: run test check lint typecheck pytest claude-code codex proto proto-lint proto-release bench bench-peer clean
+.PHONY: run test check lint typecheck pytest claude-code codex proto proto-lint proto-release bench bench-peer reliability clean
 
 ## run: install the gateway and serve it: gRPC on 127.0.0.1:50051, HTTP on 127.0.0.1:8080 (offline provider, no keys)
 run: $(STAMP)
@@ -99,6 +99,10 @@ bench: $(STAMP) $(VENV)/.bench-installed bench/.bin/loadgen
 ## bench-peer: the SDK and HTTP (Messages, Chat Completions) scenarios through LiteLLM's proxy (own venv), side by side (about 6 minutes; BENCH_ARGS=--repeat 3, about 17)
 bench-peer: $(STAMP) $(VENV)/.bench-installed bench/.bin/loadgen
 	$(BIN)/python -m bench.peer $(BENCH_ARGS)
+
+## reliability: the long robustness checks, not in `make test`: the long contract fuzz, a 5-minute mixed soak (RSS, fds, ledger rows), the stall and unread-stream probes, kill -9 ledger counts; one table, exit 1 on a missed target (about 13 minutes; RELIABILITY_ARGS=--soak-seconds 60)
+reliability: $(STAMP)
+	$(BIN)/python -m bench.reliability $(RELIABILITY_ARGS)
 
 bench/.bin/loadgen: $(wildcard bench/loadgen/*.go) bench/build-loadgen.sh
 	bench/build-loadgen.sh
