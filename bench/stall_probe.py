@@ -121,11 +121,18 @@ class GatewayProcess:
 
 
 @contextlib.asynccontextmanager
-async def gateway(tmp: Path, limit: int | None = None) -> AsyncIterator[GatewayProcess]:
-    """`python -m server` on ports 0, serving CONFIG (both request size limits
-    `limit` bytes, when given), until the block ends."""
+async def gateway(
+    tmp: Path,
+    limit: int | None = None,
+    *,
+    config_text: str = CONFIG,
+    extra_env: dict[str, str] | None = None,
+) -> AsyncIterator[GatewayProcess]:
+    """`python -m server` on ports 0, serving `config_text` (both request size
+    limits `limit` bytes, when given; `extra_env` added to its environment), until
+    the block ends. The ledger is `tmp`/usage.sqlite3."""
     config = tmp / "gateway.yaml"
-    config.write_text(CONFIG)
+    config.write_text(config_text)
     env = {
         **os.environ,
         "LLMGW_CONFIG": str(config),
@@ -138,6 +145,7 @@ async def gateway(tmp: Path, limit: int | None = None) -> AsyncIterator[GatewayP
     if limit is not None:
         env["LLMGW_SERVER__MAX_RECEIVE_MESSAGE_BYTES"] = str(limit)
         env["LLMGW_HTTP__MAX_BODY_BYTES"] = str(limit)
+    env.update(extra_env or {})
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
