@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if refusal:
             print(f"llm-gateway keys: {refusal}", file=sys.stderr)
             return 2
-        return run_keys_command(args, config.auth)
+        return run_keys_command(args, config)
     try:
         if config.server.workers > 1:
             return run_workers(config)

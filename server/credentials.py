@@ -2,11 +2,12 @@
 
 A provider backend asks a CredentialSource for its API key on each request
 (`await source.get()`) instead of reading it once at start-up, so a rotated
-key is picked up without a restart. Three kinds of source:
+key is picked up without a restart. Four kinds of source:
 
     env_credential("ANTHROPIC_API_KEY")                 # the environment
     file_credential("/run/secrets/openai", ttl=60)      # a mounted secret
     command_credential(["vault", "read", ...], ttl=300) # any command's stdout
+    stored_credential(StoredKeyReference(name="openai-prod"))  # the key store, encrypted
 
 or, from provider settings, `credential_source(env=..., file=..., command=...,
 ttl_s=...)` with exactly one of the three. The interface is two methods:
@@ -18,6 +19,15 @@ A refresh that fails while an earlier value is held keeps serving that value
 (and logs why, never the value); with no value at all, `get()` raises
 CredentialUnavailableError, which callers see as INTERNAL. Values are never
 logged, not even in part.
+
+A stored key (`api_key_stored: NAME`, server/auth/provider_keys.py) is
+decrypted once when its provider is built, at start-up: one that cannot be
+(no such key, a missing or wrong key-encryption key, a tampered envelope) is
+logged as an ERROR naming it and why, and the gateway starts all the same;
+that provider's calls then fail with FAILED_PRECONDITION, reason
+STORED_PROVIDER_KEY_UNAVAILABLE, naming the stored key (the router falls back
+to another deployment where a route has one). It is read again every TTL, so
+a fixed or replaced key is taken up without a restart.
 """
 
 from __future__ import annotations
@@ -26,11 +36,18 @@ import asyncio
 import logging
 import math
 import os
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import grpc
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from server.auth.envelope import KekRingError
+from server.auth.provider_keys import ProviderKeyStore, StoredKeyError
+from server.config import AuthConfig
 from server.errors import CredentialUnavailableError
 
 log = logging.getLogger(__name__)
@@ -181,3 +198,129 @@ def credential_source(
         return file_credential(file) if ttl_s is None else file_credential(file, ttl=ttl_s)
     assert command is not None
     return command_credential(command) if ttl_s is None else command_credential(command, ttl=ttl_s)
+
+
+# -- Keys stored encrypted in the key store ------------------------------------
+
+STORED_KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class StoredKeyUnavailableError(CredentialUnavailableError):
+    """A provider's stored key cannot be decrypted: the operator must fix the key or KEKs."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "STORED_PROVIDER_KEY_UNAVAILABLE"
+
+
+class StoredKeyReference(BaseModel):
+    """`api_key_stored: NAME`, with where the key store and its KEKs are.
+
+    A provider section gives the name; the gateway's configuration fills in
+    auth.key_store and secrets.encryption_keys_file (server/config.py).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=STORED_KEY_NAME_PATTERN)
+    key_store: Path = Field(default_factory=lambda: AuthConfig().key_store)
+    encryption_keys_file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_a_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
+class StoredCredential:
+    """A provider key from the key store, decrypted now and then every `ttl` seconds."""
+
+    def __init__(
+        self,
+        reference: StoredKeyReference,
+        *,
+        ttl: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.reference = reference
+        self.description = f"stored provider key {reference.name!r}"
+        self._ttl = ttl
+        self._clock = clock
+        self._value: str | None = None
+        self._problem: str | None = None
+        self._read_at = -math.inf
+        self._reading: asyncio.Task[str] | None = None
+        # The start-up check: once, now, so a key that cannot be read is
+        # reported when the gateway starts, not at its first call.
+        try:
+            self._value = self._decrypt()
+        except _ReadError as err:
+            self._problem = str(err)
+            log.error(
+                "cannot use the %s: %s; calls to its provider fail with"
+                " FAILED_PRECONDITION until it is fixed",
+                self.description,
+                err,
+            )
+        self._read_at = self._clock()
+
+    @property
+    def available(self) -> bool:
+        return self._value is not None
+
+    def _decrypt(self) -> str:
+        reference = self.reference
+        try:
+            store = ProviderKeyStore.at(reference.key_store, reference.encryption_keys_file)
+            value = store.get(reference.name).strip()
+        except (KekRingError, StoredKeyError) as err:
+            raise _ReadError(str(err)) from None
+        except sqlite3.Error as err:
+            raise _ReadError(f"cannot read {reference.key_store}: {type(err).__name__}") from None
+        if not value:
+            raise _ReadError("it is empty")
+        return value
+
+    def _unavailable(self) -> StoredKeyUnavailableError:
+        name = self.reference.name
+        return StoredKeyUnavailableError(
+            f"the gateway cannot decrypt its stored provider key {name!r}"
+            " (see its log; `python -m server keys provider list`)",
+            metadata={"stored_key": name},
+        )
+
+    async def get(self) -> str:
+        fresh = self._clock() - self._read_at < self._ttl
+        if fresh:
+            if self._value is None:
+                raise self._unavailable()  # failed within the TTL: not retried per call
+            return self._value
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.get_running_loop().create_task(self._refresh())
+        return await asyncio.shield(self._reading)
+
+    def invalidate(self) -> None:
+        self._read_at = -math.inf
+
+    async def _refresh(self) -> str:
+        try:
+            value = await asyncio.to_thread(self._decrypt)
+        except _ReadError as err:
+            self._read_at = self._clock()
+            if self._value is not None:
+                log.warning("keeping the %s: re-reading it failed: %s", self.description, err)
+                return self._value
+            if str(err) != self._problem:
+                log.error("cannot use the %s: %s", self.description, err)
+                self._problem = str(err)
+            raise self._unavailable() from None
+        if self._value is None:
+            log.info("the %s can be used now", self.description)
+        self._value, self._problem, self._read_at = value, None, self._clock()
+        return value
+
+
+def stored_credential(
+    reference: StoredKeyReference, *, ttl: float | None = None
+) -> StoredCredential:
+    """The provider key `reference` names, from the key store (ttl default 60 s)."""
+    return StoredCredential(reference, ttl=60.0 if ttl is None else ttl)

@@ -1,9 +1,11 @@
 """Authentication: API keys, the short-lived tokens traded for them, and their checks.
 
-`keys.py` holds the key format, the keyed hash and the SQLite store;
+`keys.py` holds the key format, the keyed hash and the SQLite store (with
+expiry and rotation); `expiry.py` reports keys close to their expiry;
 `tokens.py` the signing keys and the JWTs; `authenticator.py` turns a call's
 metadata into an Identity; `service.py` serves TokenService; `cli.py` is
-`python -m server keys ...`. The interceptor that applies all this to every
+`python -m server keys ...`. `envelope.py` and `provider_keys.py` keep
+providers' API keys encrypted in the same store. The interceptor that applies all this to every
 call is interceptors/auth.py. `GatewayAuth` assembles them from `auth:` config.
 """
 
@@ -13,6 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from server.auth.authenticator import Authenticator
+from server.auth.expiry import ExpiryWatch
 from server.auth.keys import KeyStore, SecretFile
 from server.auth.tokens import SigningKeyRing, TokenIssuer, TokenVerifier
 from server.config import AuthConfig
@@ -32,6 +35,7 @@ class GatewayAuth:
     issuer: TokenIssuer
     verifier: TokenVerifier
     authenticator: Authenticator
+    expiry: ExpiryWatch
 
     @classmethod
     def from_config(cls, config: AuthConfig) -> GatewayAuth:
@@ -40,7 +44,9 @@ class GatewayAuth:
         Keys, the secret and the first signing key are made by `python -m
         server keys create`; until then every credential is refused.
         """
-        store = KeyStore(config.key_store, cache_ttl=config.cache_ttl_s)
+        store = KeyStore(
+            config.key_store, cache_ttl=config.cache_ttl_s, key_ttl_days=config.key_ttl_days
+        )
         ring = SigningKeyRing(config.signing_keys_dir, pinned_kid=config.signing_key_id)
         ring.load()
         if not config.key_store.exists():
@@ -55,7 +61,19 @@ class GatewayAuth:
             ring, issuer=config.issuer, audience=config.audience, leeway=config.leeway_s
         )
         issuer = TokenIssuer(
-            ring, issuer=config.issuer, audience=config.audience, ttl=config.token_ttl_s
+            ring,
+            issuer=config.issuer,
+            audience=config.audience,
+            ttl=config.token_ttl_s,
+            key_valid_until=store.valid_until,
         )
-        authenticator = Authenticator(store, SecretFile(config.secret_file), verifier)
-        return cls(config, store, ring, issuer, verifier, authenticator)
+        expiry = ExpiryWatch(store)
+        if config.key_store.exists():
+            expiry.check()  # then once a day, on an authenticated call
+        authenticator = Authenticator(
+            store,
+            SecretFile(config.secret_file),
+            verifier,
+            on_authenticated=expiry.check_if_due,
+        )
+        return cls(config, store, ring, issuer, verifier, authenticator, expiry)

@@ -7,6 +7,13 @@ the key prefix. A token is checked by signature and claims, then against
 its key's record for revocation; the record comes from the store's
 few-second cache, so a valid token usually costs no database round trip.
 
+A key past its expiry is refused like an unknown one, and so are its
+tokens. After a rotation the previous secret is accepted until the grace
+ends, and so are the tokens issued before the rotation (a token carries no
+trace of the secret it was issued for, so its issue time decides: one issued
+in the rotation's second counts as issued before it); tokens issued during
+the grace never outlive it (TokenIssuer bounds them).
+
 Every refusal raises UnauthenticatedError, identical whatever the cause; the
 cause is logged as a fixed label (`expired`, `unknown_kid`, ...), never with
 the credential or anything derived from it.
@@ -15,7 +22,8 @@ the credential or anything derived from it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 from server.auth.keys import (
     KeyRecord,
@@ -66,10 +74,22 @@ def credential_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
 class Authenticator:
     """Checks API keys and tokens; the result is the caller's Identity."""
 
-    def __init__(self, store: KeyStore, secret: SecretFile, verifier: TokenVerifier) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        secret: SecretFile,
+        verifier: TokenVerifier,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_authenticated: Callable[[], None] | None = None,
+    ) -> None:
         self._store = store
         self._secret = secret
         self._verifier = verifier
+        # Wall-clock time, for expiries and grace periods (tests move it).
+        self.clock = clock
+        # Called on every accepted credential: the expiry watch's daily check.
+        self._on_authenticated = on_authenticated
 
     async def authenticate(
         self, metadata: Iterable[tuple[str, str | bytes]] | None, method: str = ""
@@ -78,8 +98,12 @@ class Authenticator:
         try:
             credential = credential_of(metadata)
             if looks_like_api_key(credential):
-                return await self._api_key(credential)
-            return await self._token(credential)
+                identity = await self._api_key(credential)
+            else:
+                identity = await self._token(credential)
+            if self._on_authenticated is not None:
+                self._on_authenticated()
+            return identity
         except _RefusedError as rejected:
             log.info("refused credentials for %s: %s", method or "a call", rejected.reason)
         except TokenRejectedError as rejected:
@@ -92,6 +116,8 @@ class Authenticator:
             raise _RefusedError("unknown_key")
         if record.revoked:
             raise _RefusedError("revoked_key")
+        if record.expired(self.clock()):
+            raise _RefusedError("expired_key")
         return record
 
     async def _api_key(self, key: str) -> Identity:
@@ -104,7 +130,11 @@ class Authenticator:
         except SecretUnavailableError as err:
             log.error("cannot check API keys: %s", err)
             raise _RefusedError("no_secret") from None
-        if not hasher.matches(key, record.key_hash):
+        if not hasher.matches(key, record.key_hash) and not (
+            record.previous_key_hash is not None
+            and record.in_grace(self.clock())
+            and hasher.matches(key, record.previous_key_hash)
+        ):
             raise _RefusedError("wrong_key")
         return Identity(
             key_id=record.id,
@@ -120,6 +150,12 @@ class Authenticator:
         # Revoking a key rejects its tokens too: the record says so within the
         # cache TTL (at once in this process).
         record = await self._record(claims.key_id)
+        if (
+            record.rotated_at is not None
+            and claims.issued_at < record.rotated_at
+            and not record.in_grace(self.clock())
+        ):
+            raise _RefusedError("rotated_out_token")
         return Identity(
             key_id=claims.key_id,
             scopes=claims.scopes,

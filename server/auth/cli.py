@@ -1,25 +1,56 @@
-"""`python -m server keys ...`: create, list and revoke API keys; rotate the signing key.
+"""`python -m server keys ...`: create, list, rotate and revoke API keys; rotate the signing key.
 
 These act on the files named by the `auth:` configuration (the same config
 the gateway reads), so run them with the gateway's --config or LLMGW_*
 environment. A created key is printed once, alone on stdout, so that
 `KEY=$(python -m server keys create --name svc)` captures exactly the key;
-everything else goes to stderr. No command ever prints a key hash.
+everything else goes to stderr; `keys rotate` prints the new key the same
+way. No command ever prints a key hash. `keys provider ...` (stored provider
+keys) is in provider_cli.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 
-from server.auth.keys import KeyHasher, KeyRecord, KeyStore, ensure_secret
+from server.auth.keys import (
+    DAY_S,
+    DEFAULT_TTL,
+    EXPIRY_WARNING_DAYS,
+    DefaultTtl,
+    KeyHasher,
+    KeyRecord,
+    KeyStore,
+    ensure_secret,
+)
+from server.auth.provider_cli import add_provider_parser, run_provider_command
 from server.auth.tokens import create_signing_key, load_signing_keys
-from server.config import AuthConfig
+from server.config import AuthConfig, GatewayConfig
 from server.identity import ALL_MODELS, KNOWN_SCOPES, SCOPE_GENERATE, KeyLimits
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY_S}
+DEFAULT_GRACE = "24h"
+
+
+def parse_duration(text: str, *, allow_never: bool = False) -> float | None:
+    """Seconds in `30d`, `12h`, `15m`, `45s` or `0`; None for `never` (when allowed)."""
+    text = text.strip().lower()
+    if allow_never and text == "never":
+        return None
+    if text == "0":
+        return 0.0
+    match = _DURATION.match(text)
+    if match is None:
+        never = ", or never" if allow_never else ""
+        raise ValueError(f"{text!r} is not a duration like 30d, 12h, 15m or 45s{never}")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
 
 
 def add_keys_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -52,6 +83,12 @@ def add_keys_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     create.add_argument("--rpm", type=int, help="requests per minute (for the rate limiter)")
     create.add_argument("--tpm", type=int, help="tokens per minute (for the rate limiter)")
     create.add_argument("--budget-usd", help="spending cap in US dollars")
+    create.add_argument(
+        "--expires-in",
+        metavar="DURATION",
+        help="lifetime, e.g. 30d or 12h (default: auth.key_ttl_days); `never` only with"
+        " auth.allow_keys_without_expiry",
+    )
 
     listing = commands.add_parser("list", parents=[common], help="list keys (never the secret)")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -60,6 +97,27 @@ def add_keys_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         "revoke", parents=[common], help="revoke a key and every token issued for it"
     )
     revoke.add_argument("id", help="the key id, as `keys list` shows it")
+
+    rotate = commands.add_parser(
+        "rotate",
+        parents=[common],
+        help="give a key a new secret (printed once); the old one works for a grace period",
+    )
+    rotate.add_argument("id", help="the key id, as `keys list` shows it")
+    rotate.add_argument(
+        "--grace",
+        default=DEFAULT_GRACE,
+        metavar="DURATION",
+        help=f"how long the old secret still works, e.g. 1h (default {DEFAULT_GRACE});"
+        " 0 ends it now",
+    )
+    rotate.add_argument(
+        "--expires-in",
+        metavar="DURATION",
+        help="the new secret's lifetime (default: auth.key_ttl_days)",
+    )
+
+    add_provider_parser(commands, common)
 
     commands.add_parser(
         "rotate-signing-key",
@@ -88,6 +146,9 @@ def _describe(record: KeyRecord) -> dict[str, object]:
         "budget_nanos": limits.budget_nanos,
         "created": when(record.created_at),
         "revoked": when(record.revoked_at),
+        "expires": when(record.expires_at),
+        "rotated": when(record.rotated_at),
+        "previous_secret_until": when(record.previous_valid_until),
     }
 
 
@@ -96,12 +157,17 @@ def _fail(message: str) -> int:
     return 2
 
 
-def run_keys_command(args: argparse.Namespace, config: AuthConfig) -> int:
+def run_keys_command(args: argparse.Namespace, gateway_config: GatewayConfig) -> int:
     """Runs one `keys` subcommand; returns the exit status."""
-    store = KeyStore(config.key_store)
+    config = gateway_config.auth
+    store = KeyStore(config.key_store, key_ttl_days=config.key_ttl_days)
     command = args.keys_command
     if command == "create":
         return _create(args, config)
+    if command == "rotate":
+        return _rotate(args, config)
+    if command == "provider":
+        return run_provider_command(args, gateway_config)
     if command == "list":
         records = store.list()
         if args.json:
@@ -136,17 +202,68 @@ def create_key(
     scopes: Iterable[str] = (SCOPE_GENERATE,),
     models: Iterable[str] = ALL_MODELS,
     limits: KeyLimits | None = None,
+    expires_in_s: float | DefaultTtl | None = DEFAULT_TTL,
 ) -> tuple[KeyRecord, str]:
     """Creates an API key; returns its record and the key, which is kept nowhere.
 
     The first key also makes what the gateway needs to check it and to sign
-    tokens for it: the hashing secret and a signing key.
+    tokens for it: the hashing secret and a signing key. `expires_in_s`
+    defaults to auth.key_ttl_days; None (never) needs auth.allow_keys_without_expiry.
     """
+    if expires_in_s is None and not config.allow_keys_without_expiry:
+        raise ValueError("a key that never expires needs auth.allow_keys_without_expiry: true")
     hasher = KeyHasher(ensure_secret(config.secret_file))
     if not any(key.private_key for key in load_signing_keys(config.signing_keys_dir).values()):
         create_signing_key(config.signing_keys_dir)
-    store = KeyStore(config.key_store)
-    return store.create(hasher, name=name, scopes=scopes, models=models, limits=limits)
+    store = KeyStore(config.key_store, key_ttl_days=config.key_ttl_days)
+    return store.create(
+        hasher, name=name, scopes=scopes, models=models, limits=limits, expires_in_s=expires_in_s
+    )
+
+
+def _lifetime(text: str | None, config: AuthConfig) -> float | DefaultTtl | None:
+    """--expires-in as create_key takes it; raises ValueError with what is wrong."""
+    if text is None:
+        return DEFAULT_TTL
+    lifetime = parse_duration(text, allow_never=True)
+    if lifetime is None and not config.allow_keys_without_expiry:
+        raise ValueError("`never` needs auth.allow_keys_without_expiry: true in the configuration")
+    if lifetime is not None and lifetime <= 0:
+        raise ValueError("a key must live longer than 0")
+    return lifetime
+
+
+def _rotate(args: argparse.Namespace, config: AuthConfig) -> int:
+    try:
+        grace = parse_duration(args.grace)
+        lifetime = _lifetime(args.expires_in, config)
+    except ValueError as err:
+        return _fail(str(err))
+    assert grace is not None
+    store = KeyStore(config.key_store, key_ttl_days=config.key_ttl_days)
+    rotated = store.rotate(
+        KeyHasher(ensure_secret(config.secret_file)),
+        args.id,
+        grace_s=grace,
+        expires_in_s=lifetime,
+    )
+    if rotated is None:
+        return _fail(f"no active key with id {args.id!r}")
+    record, key = rotated
+    print(key)
+    described = _describe(record)
+    old = (
+        f"the old secret works until {described['previous_secret_until']}"
+        if record.previous_valid_until is not None
+        else "the old secret no longer works"
+    )
+    print(
+        f"rotated key {record.id} ({record.name}): store the new key now, it is not shown"
+        f" again; {old} (gateways see the change within auth.cache_ttl_s); the new one"
+        f" expires {described['expires'] or 'never'}",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _create(args: argparse.Namespace, config: AuthConfig) -> int:
@@ -160,23 +277,44 @@ def _create(args: argparse.Namespace, config: AuthConfig) -> int:
             budget_nanos = int(Decimal(args.budget_usd) * 1_000_000_000)
         except InvalidOperation:
             return _fail(f"--budget-usd: not a number: {args.budget_usd!r}")
+    try:
+        lifetime = _lifetime(args.expires_in, config)
+    except ValueError as err:
+        return _fail(f"--expires-in: {err}")
     record, key = create_key(
         config,
         name=args.name,
         scopes=scopes,
         models=_split(args.models) or ALL_MODELS,
         limits=KeyLimits(args.rpm, args.tpm, budget_nanos),
+        expires_in_s=lifetime,
     )
     print(key)
+    expires = _describe(record)["expires"] or "never"
     print(
-        f"created key {record.id} ({record.name}): store it now, it is not shown again",
+        f"created key {record.id} ({record.name}), expiring {expires}: store it now,"
+        " it is not shown again",
         file=sys.stderr,
     )
     return 0
 
 
+def _expiry_cell(record: KeyRecord, now: float) -> str:
+    """EXPIRES: the date, marked when it is past or within the warning window."""
+    if record.expires_at is None:
+        return "never"
+    shown = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.expires_at))
+    days = (record.expires_at - now) / DAY_S
+    if days <= 0:
+        return f"{shown} (expired)"
+    if days < EXPIRY_WARNING_DAYS and not record.revoked:
+        return f"{shown} (in {days:.1f} d: rotate)"
+    return shown
+
+
 def _print_table(records: list[KeyRecord]) -> None:
-    rows = [("ID", "NAME", "SCOPES", "MODELS", "CREATED", "REVOKED")]
+    now = time.time()
+    rows = [("ID", "NAME", "SCOPES", "MODELS", "CREATED", "EXPIRES", "REVOKED")]
     for record in records:
         described = _describe(record)
         rows.append(
@@ -186,6 +324,7 @@ def _print_table(records: list[KeyRecord]) -> None:
                 ",".join(sorted(record.scopes)),
                 ",".join(record.models),
                 str(described["created"]),
+                _expiry_cell(record, now),
                 str(described["revoked"] or "-"),
             )
         )

@@ -10,6 +10,15 @@ The store is read on the serving path through `asyncio.to_thread` (sqlite3
 blocks), and records are cached for a few seconds so that a valid token
 costs no database round trip; `revoke` in the same process drops its cache
 entry at once, another process's revocation is seen within the cache TTL.
+
+Every key expires (`expires_at`; None only where `auth.allow_keys_without_expiry`
+let `keys create --expires-in never` make it). `rotate` gives a key a new
+secret under the same id, so its scopes, limits, budgets and usage stay
+with it; the previous secret's hash is kept beside the new one and accepted
+until `previous_valid_until` (the grace period). A store made before keys
+expired is migrated when first opened (`_migrate`): its keys are given
+`created_at + key_ttl_days`, but never less than EXPIRY_WARNING_DAYS from the
+migration, so no key stops working unannounced (README, Authentication).
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
+import math
 import os
 import re
 import secrets
@@ -30,12 +41,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.identity import ALL_MODELS, KeyLimits
-from server.telemetry.audit import KEY_CREATED, KEY_REVOKED, audit_event
+from server.telemetry.audit import KEY_CREATED, KEY_REVOKED, KEY_ROTATED, audit_event
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "llmgw_"
 _KEY = re.compile(r"^llmgw_([0-9a-f]{12})_([0-9a-f]{48})$")
 SECRET_BYTES = 32
 _CACHE_MAX_ENTRIES = 10_000
+DAY_S = 86_400.0
+# Keys this close to their expiry are reported (server/auth/expiry.py), and a
+# migrated store's keys get at least this long.
+EXPIRY_WARNING_DAYS = 14
+DEFAULT_KEY_TTL_DAYS = 90.0
 
 
 class SecretUnavailableError(Exception):
@@ -54,16 +72,46 @@ class KeyRecord:
     limits: KeyLimits
     created_at: float
     revoked_at: float | None = None
+    # None: never (only where auth.allow_keys_without_expiry allows it).
+    expires_at: float | None = None
+    # The secret before the last rotation, accepted until previous_valid_until.
+    previous_key_hash: str | None = field(default=None, repr=False)
+    previous_valid_until: float | None = None
+    rotated_at: float | None = None
 
     @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
 
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def in_grace(self, now: float) -> bool:
+        """Whether the secret before the last rotation is still accepted."""
+        return self.previous_valid_until is not None and now < self.previous_valid_until
+
+    def valid_until(self, now: float) -> float:
+        """The last moment anything issued now may be valid (inf: never expires).
+
+        During a rotation's grace the caller may hold either secret, so a
+        token issued then lives no longer than the grace.
+        """
+        end = math.inf if self.expires_at is None else self.expires_at
+        if self.in_grace(now):
+            assert self.previous_valid_until is not None
+            end = min(end, self.previous_valid_until)
+        return end
+
 
 def new_api_key() -> tuple[str, str]:
     """A fresh (key id, key) pair."""
     key_id = secrets.token_hex(6)
-    return key_id, f"{KEY_PREFIX}{key_id}_{secrets.token_hex(24)}"
+    return key_id, new_secret_for(key_id)
+
+
+def new_secret_for(key_id: str) -> str:
+    """A fresh key for an existing id (a rotation)."""
+    return f"{KEY_PREFIX}{key_id}_{secrets.token_hex(24)}"
 
 
 def looks_like_api_key(credential: str) -> bool:
@@ -114,6 +162,13 @@ def ensure_secret(path: Path) -> bytes:
     return read_secret(path)
 
 
+class DefaultTtl:
+    """The type of DEFAULT_TTL: a key's lifetime as the store's key_ttl_days says."""
+
+
+DEFAULT_TTL = DefaultTtl()
+
+
 class SecretFile:
     """The key secret, read lazily and then kept: the serving side creates nothing.
 
@@ -142,17 +197,46 @@ CREATE TABLE IF NOT EXISTS api_keys (
     tokens_per_minute INTEGER,
     budget_nanos INTEGER,
     created_at REAL NOT NULL,
-    revoked_at REAL
+    revoked_at REAL,
+    expires_at REAL,
+    previous_key_hash TEXT,
+    previous_valid_until REAL,
+    rotated_at REAL
 )
 """
+# The columns added since the first schema, in the order of _COLUMNS.
+# Tables beside api_keys that share its file: the encrypted provider keys
+# (server/auth/provider_keys.py).
+_SIDE_TABLES = (
+    """
+CREATE TABLE IF NOT EXISTS provider_keys (
+    name TEXT PRIMARY KEY,
+    envelope TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+)
+""",
+)
+_ADDED_COLUMNS = (
+    ("expires_at", "REAL"),
+    ("previous_key_hash", "TEXT"),
+    ("previous_valid_until", "REAL"),
+    ("rotated_at", "REAL"),
+)
 _COLUMNS = (
     "id, name, key_hash, scopes, models, requests_per_minute, tokens_per_minute,"
-    " budget_nanos, created_at, revoked_at"
+    " budget_nanos, created_at, revoked_at, expires_at, previous_key_hash,"
+    " previous_valid_until, rotated_at"
 )
+
+
+def _optional(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
 
 
 def _record(row: Sequence[object]) -> KeyRecord:
-    (key_id, name, key_hash, scopes, models, rpm, tpm, budget, created, revoked) = row
+    (key_id, name, key_hash, scopes, models, rpm, tpm, budget, created, revoked) = row[:10]
+    expires, previous_hash, previous_until, rotated = row[10:]
     return KeyRecord(
         id=str(key_id),
         name=str(name),
@@ -161,8 +245,49 @@ def _record(row: Sequence[object]) -> KeyRecord:
         models=tuple(json.loads(str(models))),
         limits=KeyLimits(rpm, tpm, budget),  # type: ignore[arg-type]
         created_at=float(created),  # type: ignore[arg-type]
-        revoked_at=None if revoked is None else float(revoked),  # type: ignore[arg-type]
+        revoked_at=_optional(revoked),
+        expires_at=_optional(expires),
+        previous_key_hash=None if previous_hash is None else str(previous_hash),
+        previous_valid_until=_optional(previous_until),
+        rotated_at=_optional(rotated),
     )
+
+
+def _migrate(db: sqlite3.Connection, *, key_ttl_days: float, now: float) -> None:
+    """Brings a store made by an earlier version up to this schema (idempotent).
+
+    Keys of a store without expiries get `created_at + key_ttl_days`, but at
+    least EXPIRY_WARNING_DAYS from now: old keys come under the policy, and
+    none expires before it has been reported as expiring for that long.
+    """
+    present = {str(row[1]) for row in db.execute("PRAGMA table_info(api_keys)")}
+    missing = [(name, kind) for name, kind in _ADDED_COLUMNS if name not in present]
+    if not present or not missing:
+        return  # no api_keys table at all (nothing to migrate), or already current
+    db.execute("BEGIN IMMEDIATE")  # one migrating process; others wait, then see it done
+    try:
+        present = {str(row[1]) for row in db.execute("PRAGMA table_info(api_keys)")}
+        missing = [(name, kind) for name, kind in _ADDED_COLUMNS if name not in present]
+        for name, kind in missing:
+            db.execute(f"ALTER TABLE api_keys ADD COLUMN {name} {kind}")
+        if ("expires_at", "REAL") in missing:
+            floor = now + EXPIRY_WARNING_DAYS * DAY_S
+            cursor = db.execute(
+                "UPDATE api_keys SET expires_at = MAX(created_at + ?, ?)",
+                (key_ttl_days * DAY_S, floor),
+            )
+            log.warning(
+                "key store migrated: %d existing key(s) now expire %g days after their"
+                " creation, at the earliest %d days from now; rotate them before then"
+                " (`python -m server keys list` shows when)",
+                cursor.rowcount,
+                key_ttl_days,
+                EXPIRY_WARNING_DAYS,
+            )
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 class KeyStore:
@@ -178,22 +303,38 @@ class KeyStore:
         *,
         cache_ttl: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        key_ttl_days: float = DEFAULT_KEY_TTL_DAYS,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
+        self.key_ttl_days = key_ttl_days
         self._cache_ttl = cache_ttl
         self._clock = clock
+        self._wall_clock = wall_clock
         self._cache: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
+        self._migrated = False
 
     @contextmanager
-    def _connect(self, *, create: bool = False) -> Iterator[sqlite3.Connection]:
+    def connect(self, *, create: bool = False) -> Iterator[sqlite3.Connection]:
+        """A connection in one transaction, committed on success (the schema made current).
+
+        Without `create` the store must exist: the serving side never creates
+        an empty store by accident.
+        """
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # mode=rw: the serving side never creates an empty store by accident.
         uri = f"{self.path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
         with closing(sqlite3.connect(uri, uri=True, timeout=5)) as connection:
             if create:
                 connection.execute(_SCHEMA)
+                for statement in _SIDE_TABLES:
+                    connection.execute(statement)
                 os.chmod(self.path, 0o600)
+            if not self._migrated:
+                _migrate(connection, key_ttl_days=self.key_ttl_days, now=self._wall_clock())
+                for statement in _SIDE_TABLES:
+                    connection.execute(statement)
+                self._migrated = True
             with connection:  # one transaction, committed on success
                 yield connection
 
@@ -207,10 +348,17 @@ class KeyStore:
         scopes: Iterable[str],
         models: Iterable[str] = ALL_MODELS,
         limits: KeyLimits | None = None,
+        expires_in_s: float | DefaultTtl | None = DEFAULT_TTL,
     ) -> tuple[KeyRecord, str]:
-        """Stores a new key; returns its record and the key, which nothing keeps."""
+        """Stores a new key; returns its record and the key, which nothing keeps.
+
+        `expires_in_s`: the key's lifetime; by default the store's
+        key_ttl_days, None for a key that never expires (the caller checks
+        that the configuration allows it).
+        """
         key_id, key = new_api_key()
         limits = limits or KeyLimits()
+        now = self._wall_clock()
         record = KeyRecord(
             id=key_id,
             name=name,
@@ -218,11 +366,13 @@ class KeyStore:
             scopes=frozenset(scopes),
             models=tuple(models) or ALL_MODELS,
             limits=limits,
-            created_at=time.time(),
+            created_at=now,
+            expires_at=self._expiry(now, expires_in_s),
         )
-        with self._connect(create=True) as db:
+        with self.connect(create=True) as db:
             db.execute(
-                f"INSERT INTO api_keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                f"INSERT INTO api_keys ({_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, NULL, NULL, NULL)",
                 (
                     record.id,
                     record.name,
@@ -233,6 +383,7 @@ class KeyStore:
                     limits.tokens_per_minute,
                     limits.budget_nanos,
                     record.created_at,
+                    record.expires_at,
                 ),
             )
         audit_event(
@@ -241,13 +392,77 @@ class KeyStore:
             name=record.name,
             scopes=sorted(record.scopes),
             models=list(record.models),
+            expires_at=record.expires_at,
+        )
+        return record, key
+
+    def _expiry(self, now: float, expires_in_s: float | DefaultTtl | None) -> float | None:
+        if isinstance(expires_in_s, DefaultTtl):
+            return now + self.key_ttl_days * DAY_S
+        return None if expires_in_s is None else now + expires_in_s
+
+    def rotate(
+        self,
+        hasher: KeyHasher,
+        key_id: str,
+        *,
+        grace_s: float,
+        expires_in_s: float | DefaultTtl | None = DEFAULT_TTL,
+    ) -> tuple[KeyRecord, str] | None:
+        """Gives an active key a new secret; None when there is no such key.
+
+        The id, and so the scopes, limits, budgets and usage, stay. The old
+        secret is accepted for `grace_s` more seconds (never past its own
+        expiry), and so are the tokens issued before now; 0 ends it at once.
+        The new secret gets a full lifetime (`expires_in_s`, as for create).
+        A second rotation within the grace drops the first secret at once.
+        """
+        if not self.path.exists():
+            return None
+        key = new_secret_for(key_id)
+        now = self._wall_clock()
+        expires_at = self._expiry(now, expires_in_s)
+        with self.connect() as db:
+            row = db.execute(
+                f"SELECT {_COLUMNS} FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            old = _record(row)
+            grace_end: float | None = None
+            if grace_s > 0:
+                grace_end = min(
+                    now + grace_s, math.inf if old.expires_at is None else old.expires_at
+                )
+            db.execute(
+                "UPDATE api_keys SET key_hash = ?, previous_key_hash = ?,"
+                " previous_valid_until = ?, rotated_at = ?, expires_at = ? WHERE id = ?",
+                (
+                    hasher.hash(key),
+                    old.key_hash if grace_end is not None else None,
+                    grace_end,
+                    now,
+                    expires_at,
+                    key_id,
+                ),
+            )
+            row = db.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        self._cache.pop(key_id, None)
+        record = _record(row)
+        audit_event(
+            KEY_ROTATED,
+            key_id=key_id,
+            name=record.name,
+            grace_s=grace_s,
+            previous_valid_until=grace_end,
+            expires_at=record.expires_at,
         )
         return record, key
 
     def list(self) -> list[KeyRecord]:
         if not self.path.exists():
             return []
-        with self._connect() as db:
+        with self.connect() as db:
             rows = db.execute(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at").fetchall()
         return [_record(row) for row in rows]
 
@@ -262,17 +477,17 @@ class KeyStore:
     def _revoke_row(self, key_id: str) -> bool:
         if not self.path.exists():
             return False
-        with self._connect() as db:
+        with self.connect() as db:
             cursor = db.execute(
                 "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                (time.time(), key_id),
+                (self._wall_clock(), key_id),
             )
         return cursor.rowcount > 0
 
     def lookup(self, key_id: str) -> KeyRecord | None:
         """The stored record, uncached and blocking (None when absent)."""
         try:
-            with self._connect() as db:
+            with self.connect() as db:
                 row = db.execute(
                     f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)
                 ).fetchone()
@@ -298,6 +513,11 @@ class KeyStore:
         while len(self._cache) > _CACHE_MAX_ENTRIES:
             self._cache.popitem(last=False)
         return record
+
+    async def valid_until(self, key_id: str, now: float) -> float:
+        """When anything issued now for the key must end (TokenIssuer's bound)."""
+        record = await self.get(key_id)
+        return math.inf if record is None else record.valid_until(now)
 
     async def revoke_async(self, key_id: str) -> bool:
         """Revokes a key; this process stops accepting it (and its tokens) at once."""

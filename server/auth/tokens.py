@@ -28,7 +28,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,10 +226,15 @@ class TokenClaims:
     models: tuple[str, ...]
     expires_at: float
     token_id: str
+    issued_at: float
 
 
 class TokenIssuer:
-    """Signs tokens for authenticated API keys."""
+    """Signs tokens for authenticated API keys.
+
+    `key_valid_until(key_id, now)` (the key store's) bounds each token: none
+    outlives its key's expiry, nor a rotation's grace it was issued in.
+    """
 
     def __init__(
         self,
@@ -239,12 +244,14 @@ class TokenIssuer:
         audience: str,
         ttl: float,
         clock: Callable[[], float] = time.time,
+        key_valid_until: Callable[[str, float], Awaitable[float]] | None = None,
     ) -> None:
         self._ring = ring
         self._issuer = issuer
         self._audience = audience
         self._ttl = ttl
         self._clock = clock
+        self._key_valid_until = key_valid_until
 
     async def issue(self, identity: Identity, lifetime: float | None = None) -> IssuedToken:
         """A token for `identity`, living `lifetime` seconds (the default TTL at most)."""
@@ -257,8 +264,13 @@ class TokenIssuer:
         ttl = min(lifetime, self._ttl) if lifetime and lifetime > 0 else self._ttl
         now = self._clock()
         issued_at = math.floor(now)  # JWT times are whole seconds, and iat may not be ahead
-        # Rounded up, so a token never lives shorter than asked.
+        # Rounded up, so a token never lives shorter than asked...
         expires_at = math.ceil(now + ttl)
+        if self._key_valid_until is not None:
+            # ...but down to its key's end: never a second past it.
+            key_end = await self._key_valid_until(identity.key_id, now)
+            if key_end < expires_at:
+                expires_at = max(issued_at + 1, math.floor(key_end))
         claims: dict[str, Any] = {
             "iss": self._issuer,
             "aud": self._audience,
@@ -355,4 +367,5 @@ def _claims(claims: dict[str, Any]) -> TokenClaims:
         models=tuple(models),
         expires_at=float(claims["exp"]),
         token_id=str(claims["jti"]),
+        issued_at=float(claims["iat"]),
     )
