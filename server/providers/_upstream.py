@@ -26,7 +26,12 @@ from typing import Any, ClassVar, Generic, Literal, Protocol, Self, TypeVar
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
-from server.credentials import CredentialSource, credential_source
+from server.credentials import (
+    CredentialSource,
+    StoredKeyReference,
+    credential_source,
+    stored_credential,
+)
 from server.errors import (
     DeadlineExceededError,
     FieldViolation,
@@ -131,11 +136,13 @@ class UpstreamSettings(ProviderSettings):
 
     The API key comes from at most one of `api_key` (in the configuration,
     fixed until a restart), `api_key_env` (an environment variable),
-    `api_key_file` (a file, e.g. a mounted secret) and `api_key_command` (a
-    command's standard output, run without a shell); with none, from the
-    provider's usual environment variable (such as ANTHROPIC_API_KEY). The
-    last three are re-read every `api_key_ttl_s` seconds and right after the
-    provider refuses the key (server/credentials.py), so a rotated key is
+    `api_key_file` (a file, e.g. a mounted secret), `api_key_command` (a
+    command's standard output, run without a shell) and `api_key_stored` (a
+    key kept encrypted in the key store, `keys provider set NAME`); with none,
+    from the provider's usual environment variable (such as
+    ANTHROPIC_API_KEY). The last four are re-read every `api_key_ttl_s`
+    seconds and right after the provider refuses the key
+    (server/credentials.py), so a rotated key is
     picked up without a restart. Only where the key lives is configuration:
     the key itself never shows in a repr, a log line or an error.
     """
@@ -147,6 +154,8 @@ class UpstreamSettings(ProviderSettings):
     api_key_env: str | None = Field(None, min_length=1)
     api_key_file: Path | None = None
     api_key_command: list[str] | None = Field(None, min_length=1)
+    # A name given to `python -m server keys provider set`.
+    api_key_stored: StoredKeyReference | None = None
     # None: 60 s, or 300 s for a command.
     api_key_ttl_s: float | None = Field(None, gt=0)
     api_key: SecretStr | None = Field(None, validate_default=True)
@@ -195,6 +204,17 @@ class UpstreamSettings(ProviderSettings):
                 raise ValueError(f"{argv[0]!r} is not an executable file or on PATH")
         return argv
 
+    @field_validator("api_key_stored")
+    @classmethod
+    def _stored_is_alone(
+        cls, stored: StoredKeyReference | None, info: ValidationInfo
+    ) -> StoredKeyReference | None:
+        if stored is not None:
+            _only_source("api_key_stored", info)
+            # Not read here: a key that cannot be decrypted must not stop the
+            # gateway (server/credentials.py reports it and fails its calls).
+        return stored
+
     @field_validator("api_key")
     @classmethod
     def _key_is_available(cls, key: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
@@ -203,12 +223,12 @@ class UpstreamSettings(ProviderSettings):
             return key
         if any(name not in info.data for name in _KEY_SOURCES):
             return key  # a source was given but is invalid: that error is enough
-        if info.data["api_key_file"] is None and info.data["api_key_command"] is None:
+        if all(info.data[name] is None for name in _KEY_SOURCES[1:]):
             name = info.data["api_key_env"] or cls.default_key_env
             if not os.environ.get(name):
                 raise ValueError(
                     f"no API key: set api_key, or the environment variable {name}"
-                    " (or give api_key_file or api_key_command)"
+                    " (or give api_key_file, api_key_command or api_key_stored)"
                 )
         return key
 
@@ -216,6 +236,8 @@ class UpstreamSettings(ProviderSettings):
         """Where the provider reads its API key on each call."""
         if self.api_key is not None:
             return _ConfiguredKey(self.api_key)
+        if self.api_key_stored is not None:
+            return stored_credential(self.api_key_stored, ttl=self.api_key_ttl_s)
         if self.api_key_file is not None or self.api_key_command is not None:
             return credential_source(
                 file=self.api_key_file, command=self.api_key_command, ttl_s=self.api_key_ttl_s
@@ -225,7 +247,7 @@ class UpstreamSettings(ProviderSettings):
         )
 
 
-_KEY_SOURCES = ("api_key_env", "api_key_file", "api_key_command")
+_KEY_SOURCES = ("api_key_env", "api_key_file", "api_key_command", "api_key_stored")
 
 
 def _only_source(name: str, info: ValidationInfo) -> None:
