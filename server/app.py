@@ -146,7 +146,11 @@ class Gateway:
         # Observability: call/router observers, the metrics endpoint, and
         # the tracing interceptor, last in the chain and only when tracing is on.
         self.telemetry = Telemetry(
-            config, self.servicer, self.router, tracer_provider=tracer_provider
+            config,
+            self.servicer,
+            self.router,
+            tracer_provider=tracer_provider,
+            in_flight=lambda: self.in_flight,
         )
         self.gate = CallGate(
             self.accounting.policy, self.accounting.backend, self.accounting.background

@@ -157,6 +157,29 @@ async def test_a_stream_in_flight_is_counted(metered: RunningGateway, fake: Fake
     call.cancel()
 
 
+async def test_an_http_stream_in_flight_is_counted(
+    metered: RunningGateway, fake: FakeUpstream
+) -> None:
+    gw = metered
+    fake.enqueue(Reply(event_delay_s=0.3))
+    body = (
+        b'{"model": "claude-test", "max_tokens": 64, "stream": true,'
+        b' "messages": [{"role": "user", "content": "Hi"}]}'
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.http_port)
+    writer.write(
+        b"POST /v1/messages HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    try:
+        await reader.readuntil(b"event: message_start")  # being served
+        found = samples(await scrape(gw.gateway.telemetry.metrics_port))
+        assert value(found, "llmgw_calls_in_flight") == 1
+    finally:
+        writer.close()
+
+
 async def test_ledger_failures_and_dropped_rows_are_read_at_each_scrape(
     metered: RunningGateway,
 ) -> None:
@@ -211,6 +234,11 @@ def test_label_values_are_bounded_and_refusals_counted() -> None:
     metrics.observe_call(record)
     record.error_reason = "UPSTREAM_RATE_LIMITED"  # the upstream's limit: not a refusal of ours
     metrics.observe_call(record)
+    record.status = grpc.StatusCode.UNAVAILABLE  # shed at the overload gate: a refusal
+    record.error_reason = "GATEWAY_OVERLOADED"
+    metrics.observe_call(record)
+    record.error_reason = "UPSTREAM_UNAVAILABLE"  # an upstream's failure: not one
+    metrics.observe_call(record)
     metrics.record_refusal("BUDGET_EXCEEDED")
     metrics.observe_routed(
         RoutedCall("r1", "m", [Attempt("p/m", "OK"), Attempt("p/m", "SKIPPED_CIRCUIT_OPEN")])
@@ -220,6 +248,8 @@ def test_label_values_are_bounded_and_refusals_counted() -> None:
     assert get("llmgw_refusals_total", {"reason": "RATE_LIMIT_EXCEEDED"}) == 1
     assert get("llmgw_refusals_total", {"reason": "BUDGET_EXCEEDED"}) == 1
     assert get("llmgw_refusals_total", {"reason": "UPSTREAM_RATE_LIMITED"}) is None
+    assert get("llmgw_refusals_total", {"reason": "GATEWAY_OVERLOADED"}) == 1
+    assert get("llmgw_refusals_total", {"reason": "UPSTREAM_UNAVAILABLE"}) is None
     errors = {"provider": "p", "model": "m", "reason": "SKIPPED_CIRCUIT_OPEN"}
     assert get("llmgw_upstream_errors_total", errors) is None
     skipped = {"provider": "p", "model": "m", "outcome": "SKIPPED_CIRCUIT_OPEN"}
