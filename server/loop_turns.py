@@ -19,9 +19,15 @@ import asyncio
 import contextlib
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 
 # The turns the loop has to itself after each step.
 TURNS_BETWEEN_STEPS = 4
+
+# Whether the current call's request is large (set by the gRPC edge when it
+# parses one in a step, interceptors/malformed_request.py): its decoding then
+# takes a step of its own as well.
+LARGE_REQUEST: ContextVar[bool] = ContextVar("large_request", default=False)
 
 _LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
     weakref.WeakKeyDictionary()

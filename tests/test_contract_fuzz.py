@@ -27,11 +27,13 @@ import grpc
 import httpx2
 import pytest
 from google.protobuf import duration_pb2, struct_pb2
+from google.rpc import error_details_pb2
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from interceptors.malformed_request import PARSE_AT_ONCE_BYTES
 from llmgateway.v1 import generation_pb2 as pb
-from tests.conftest import RunningGateway, request
+from tests.conftest import RunningGateway, detail, request, rich_status, user
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
 LONG_EXAMPLES = 4000
@@ -609,6 +611,40 @@ async def test_any_bytes_get_a_definite_answer(
     code = await _answer(running, method, payload)
     event(f"{method}: {code.name}")
     await _still_serving(running)
+
+
+@pytest.mark.parametrize("method", ["Generate", "StreamGenerate", "CountTokens"])
+async def test_large_requests_are_parsed_by_the_handler_with_the_same_answers(
+    running: RunningGateway, method: str
+) -> None:
+    # Past PARSE_AT_ONCE_BYTES a request is parsed in a step of its own
+    # (interceptors/malformed_request.py): garbage is still refused as
+    # malformed, a sound request is still read (this one is longer than the
+    # model's window: refused by its length, which only a parsed request has).
+    size = PARSE_AT_ONCE_BYTES + 1
+    assert await _reason(running, method, b"\xff" * size) == "MALFORMED_REQUEST"
+    text = "word " * (size // 5 + 1)
+    if method == "CountTokens":
+        sound = pb.CountTokensRequest(model="tiny", messages=[user(text)]).SerializeToString()
+        assert await _answer(running, method, sound) == grpc.StatusCode.OK
+    else:
+        sound = request(text).SerializeToString()
+        assert await _reason(running, method, sound) == "CONTEXT_WINDOW_EXCEEDED"
+    assert len(sound) > PARSE_AT_ONCE_BYTES
+
+
+async def _reason(running: RunningGateway, method: str, payload: bytes) -> str:
+    """The ErrorInfo reason of a call that fails."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        call = _raw(running, method)
+        if method == "StreamGenerate":
+            async for _ in call(payload, timeout=TIMEOUT_S):
+                pass
+        else:
+            await call(payload, timeout=TIMEOUT_S)
+    info = detail(rich_status(caught.value), error_details_pb2.ErrorInfo)
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    return info.reason
 
 
 # -- The HTTP front door ------------------------------------------------------------------

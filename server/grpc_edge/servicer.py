@@ -45,6 +45,7 @@ from server.grpc_edge.encoding import encode_event, encode_models, encode_respon
 from server.grpc_edge.expired_calls import SERVED_CALL
 from server.grpc_edge.pages import page_of
 from server.identity import current_identity, require_model_access
+from server.loop_turns import LARGE_REQUEST, taking_turns
 from server.routing import Route, Router
 from server.schema import GenerationRequest
 from server.stall_watch import watching
@@ -266,7 +267,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         id, the decoded request and its route, the model check, and the quotas that
         need the decoded request."""
         request_id = record.request_id = request_id_of(request, context)
-        internal, route = decode_generate(request, self._router, request_id, deadline_of(context))
+        if LARGE_REQUEST.get():  # decoded in a step of its own (server/loop_turns.py)
+            async with taking_turns():
+                internal, route = decode_generate(
+                    request, self._router, request_id, deadline_of(context)
+                )
+        else:
+            internal, route = decode_generate(
+                request, self._router, request_id, deadline_of(context)
+            )
         # Here, not in the auth interceptor: the model is known only once
         # the request is decoded and its alias resolved.
         require_model_access(request.model, route.model.id)
@@ -283,7 +292,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CountTokensResponse:
         async with error_boundary(context):
-            internal, route = decode_count_tokens(request, self._router, deadline_of(context))
+            if LARGE_REQUEST.get():
+                async with taking_turns():
+                    internal, route = decode_count_tokens(
+                        request, self._router, deadline_of(context)
+                    )
+            else:
+                internal, route = decode_count_tokens(request, self._router, deadline_of(context))
             require_model_access(request.model, route.model.id)
             count = await self._router.count_tokens(internal, route)
             return pb.CountTokensResponse(
