@@ -1,0 +1,255 @@
+"""Providers' API keys stored encrypted in the key store (issue 21, item 2).
+
+The envelope round trip, and each way it must fail loudly (a tampered byte,
+a ciphertext moved to another row, a KEK id the ring does not hold, no KEK
+at all); `keys provider set` reading the key from standard input and
+`rotate-kek` leaving no row on the old KEK; the start-up check (a provider
+whose stored key cannot be decrypted is reported by name and fails closed,
+the others serve); and no plaintext key in the database file or the logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import secrets
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+
+from server.app import Gateway
+from server.auth.envelope import (
+    EnvelopeError,
+    KekRing,
+    KekRingError,
+    SecretPlace,
+    load_ring,
+    parse_ring,
+)
+from server.auth.keys import KeyStore
+from server.auth.provider_keys import ProviderKeyStore, StoredKeyError
+from server.config import ConfigError, load_config
+from server.routing import Router
+from tests.conftest import REPO_ROOT, RunningGateway, detail, rich_status, started
+from tests.fake_upstream import FakeUpstream
+from tests.upstream_fixtures import ask
+
+SECRET = "sk-stored-Zq81-plaintext-never-seen"
+OTHER_SECRET = "sk-stored-Wp27-also-never-seen"
+PLACE = SecretPlace("provider_keys", "openai-prod", "api_key")
+
+
+def kek() -> bytes:
+    return secrets.token_bytes(32)
+
+
+def ring_text(*ids: str, keys: dict[str, bytes] | None = None) -> str:
+    keys = keys if keys is not None else {}
+    return ",".join(f"{i}:{base64.b64encode(keys.setdefault(i, kek())).decode()}" for i in ids)
+
+
+def test_an_envelope_round_trips_and_names_its_kek() -> None:
+    ring = KekRing({"k1": kek(), "k0": kek()})
+    first, second = ring.seal(SECRET, PLACE), ring.seal(SECRET, PLACE)
+    assert re.fullmatch(r"v1:k1:[A-Za-z0-9+/]+=*", first)
+    assert first != second  # a fresh nonce each time
+    assert ring.open(first, PLACE) == ring.open(second, PLACE) == SECRET
+    assert SECRET not in first and base64.b64encode(SECRET.encode()).decode() not in first
+
+
+def test_a_tampered_byte_a_moved_row_a_wrong_or_missing_kek_each_fail_loudly() -> None:
+    keys = {"k1": kek()}
+    ring = KekRing(keys)
+    envelope = ring.seal(SECRET, PLACE)
+    version, kek_id, body = envelope.split(":")
+    raw = bytearray(base64.b64decode(body))
+    for index in (0, 12, len(raw) - 1):  # the nonce, the ciphertext, the tag
+        tampered = bytearray(raw)
+        tampered[index] ^= 0x01
+        with pytest.raises(EnvelopeError, match="does not authenticate"):
+            ring.open(f"{version}:{kek_id}:{base64.b64encode(tampered).decode()}", PLACE)
+    moved = SecretPlace("provider_keys", "anthropic-prod", "api_key")
+    with pytest.raises(EnvelopeError, match="moved from another record"):
+        ring.open(envelope, moved)
+    with pytest.raises(EnvelopeError, match="'k9', which is not in the ring"):
+        ring.open(envelope.replace("v1:k1:", "v1:k9:"), PLACE)
+    with pytest.raises(EnvelopeError, match="does not authenticate"):
+        KekRing({"k1": kek()}).open(envelope, PLACE)  # another key under the same id
+    with pytest.raises(EnvelopeError, match="not in the ring"):
+        KekRing({"k2": keys["k1"]}).open(envelope, PLACE)  # the KEK id is bound in too
+    with pytest.raises(EnvelopeError, match="version"):
+        ring.open(envelope.replace("v1:", "v2:", 1), PLACE)
+    with pytest.raises(KekRingError, match="no key-encryption key"):
+        load_ring(None, environ={})
+    with pytest.raises(KekRingError, match="shorter than 32 bytes"):
+        KekRing(parse_ring("k1:" + base64.b64encode(b"short").decode(), origin="test"))
+
+
+def test_a_row_copied_to_another_name_does_not_decrypt(tmp_path: Path) -> None:
+    store = ProviderKeyStore(KeyStore(tmp_path / "keys.sqlite3"), KekRing({"k1": kek()}))
+    store.set("openai-prod", SECRET)
+    store.set("anthropic-prod", OTHER_SECRET)
+    with sqlite3.connect(tmp_path / "keys.sqlite3") as db:
+        db.execute(
+            "UPDATE provider_keys SET envelope ="
+            " (SELECT envelope FROM provider_keys WHERE name = 'openai-prod')"
+            " WHERE name = 'anthropic-prod'"
+        )
+    assert store.get("openai-prod") == SECRET
+    with pytest.raises(StoredKeyError, match="'anthropic-prod' cannot be decrypted"):
+        store.get("anthropic-prod")
+
+
+def test_rotate_kek_leaves_no_row_on_the_old_kek(tmp_path: Path) -> None:
+    keys = {"old": kek(), "new": kek()}
+    path = tmp_path / "keys.sqlite3"
+    before = ProviderKeyStore(KeyStore(path), KekRing({"old": keys["old"]}))
+    before.set("a", SECRET)
+    before.set("b", OTHER_SECRET)
+    ring = KekRing({"new": keys["new"], "old": keys["old"]})
+    report = ProviderKeyStore(KeyStore(path), ring).rotate_kek()
+    assert (report.reencrypted, report.already_current, report.failed) == (2, 0, [])
+    with sqlite3.connect(path) as db:
+        envelopes = [row[0] for row in db.execute("SELECT envelope FROM provider_keys")]
+    assert len(envelopes) == 2 and all(e.startswith("v1:new:") for e in envelopes)
+    after = ProviderKeyStore(KeyStore(path), KekRing({"new": keys["new"]}))  # old KEK gone
+    assert (after.get("a"), after.get("b")) == (SECRET, OTHER_SECRET)
+    assert ProviderKeyStore(KeyStore(path), ring).rotate_kek().already_current == 2
+
+
+async def keys_cli(env: dict[str, str], *args: str, stdin: bytes = b"") -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "keys",
+        "provider",
+        *args,
+        cwd=REPO_ROOT,
+        env={**env, "PATH": ""},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(stdin), 30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def database_bytes(path: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+
+
+async def test_the_cli_reads_the_key_from_stdin_and_rotates_the_kek(tmp_path: Path) -> None:
+    keys: dict[str, bytes] = {}
+    env = {
+        "LLMGW_AUTH__KEY_STORE": str(tmp_path / "keys.sqlite3"),
+        "LLMGW_ENCRYPTION_KEYS": ring_text("k1", keys=keys),
+    }
+    code, out, err = await keys_cli(env, "set", "openai-prod", stdin=SECRET.encode() + b"\n")
+    assert code == 0, err
+    assert SECRET not in out + err and "k1" in err
+    code, listed, err = await keys_cli(env, "list")
+    assert code == 0 and "openai-prod" in listed and "k1" in listed and SECRET not in listed
+    assert SECRET.encode() not in database_bytes(tmp_path / "keys.sqlite3")
+
+    env["LLMGW_ENCRYPTION_KEYS"] = ring_text("k2", "k1", keys=keys)
+    code, _, err = await keys_cli(env, "rotate-kek")
+    assert code == 0, err
+    assert "re-encrypted 1" in err and "0 could not be decrypted" in err
+    ring = KekRing({"k2": keys["k2"]})
+    assert ProviderKeyStore(KeyStore(tmp_path / "keys.sqlite3"), ring).get("openai-prod") == SECRET
+    code, _, err = await keys_cli({**env, "LLMGW_ENCRYPTION_KEYS": ""}, "set", "x", stdin=b"k")
+    assert code == 2 and "LLMGW_ENCRYPTION_KEYS" in err
+
+
+def test_api_key_stored_is_one_source_among_the_others() -> None:
+    section = {"type": "openai", "api_key_stored": "openai-prod", "api_key_env": "X"}
+    config = load_config(environ={}, overrides={"providers": {"p": section}})
+    with pytest.raises(ConfigError, match="one source for the API key"):
+        Router.from_config(config)
+    bad = {"type": "openai", "api_key_stored": "no spaces allowed"}
+    with pytest.raises(ConfigError, match="api_key_stored"):
+        Router.from_config(load_config(environ={}, overrides={"providers": {"p": bad}}))
+
+
+@pytest.fixture
+async def two_providers(
+    fake: FakeUpstream,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> AsyncIterator[RunningGateway]:
+    """`good` reads a key that decrypts; `broken` one sealed under a KEK no longer held."""
+    caplog.set_level(logging.DEBUG)
+    path = tmp_path / "keys.sqlite3"
+    keys = {"current": kek(), "lost": kek()}
+    ProviderKeyStore(KeyStore(path), KekRing({"current": keys["current"]})).set("good", SECRET)
+    ProviderKeyStore(KeyStore(path), KekRing({"lost": keys["lost"]})).set("broken", OTHER_SECRET)
+    keys_file = tmp_path / "keks"
+    keys_file.write_text(ring_text("current", keys=keys) + "\n")
+    monkeypatch.delenv("LLMGW_ENCRYPTION_KEYS", raising=False)
+
+    def provider(model: str, stored: str) -> dict[str, object]:
+        return {
+            "type": "openai",
+            "base_url": fake.openai_url,
+            "models": [{"id": model}],
+            "api_key_stored": stored,
+        }
+
+    config = load_config(
+        environ={},
+        overrides={
+            "server.host": "127.0.0.1",
+            "server.port": 0,
+            "http.port": 0,
+            "auth.enabled": False,
+            "auth.key_store": str(path),
+            "secrets.encryption_keys_file": str(keys_file),
+            "providers": {
+                "good": provider("gpt-good", "good"),
+                "broken": provider("gpt-broken", "broken"),
+            },
+            "routing": {"retry": {"max_attempts": 1}, "breaker": {"enabled": False}},
+        },
+    )
+    running = await started(Gateway(config, router=Router.from_config(config)))
+    yield running
+    await running.aclose()
+
+
+async def test_a_stored_key_that_cannot_be_decrypted_fails_its_provider_closed(
+    two_providers: RunningGateway, fake: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Reported at start-up, by name and why, never with the key.
+    logged = caplog.get_records("setup") + caplog.records
+    errors = [r for r in logged if r.levelno == logging.ERROR]
+    assert any("'broken'" in r.getMessage() and "'lost'" in r.getMessage() for r in errors)
+    assert not any("'good'" in r.getMessage() for r in errors)
+
+    await two_providers.stub.Generate(ask("gpt-good", "Hi"), timeout=10)
+    assert fake.last().headers["authorization"] == f"Bearer {SECRET}"
+    sent = len(fake.requests)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await two_providers.stub.Generate(ask("gpt-broken", "Hi"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'broken'" in (caught.value.details() or "")
+    info = detail(rich_status(caught.value), error_details_pb2.ErrorInfo)
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert info.reason == "STORED_PROVIDER_KEY_UNAVAILABLE"
+    assert len(fake.requests) == sent  # nothing went upstream without a key
+
+    # No plaintext key in the logs, nor in the database file.
+    text = "\n".join(r.getMessage() for r in logged) + caplog.text
+    assert SECRET not in text and OTHER_SECRET not in text
+    stored = database_bytes(two_providers.gateway.config.auth.key_store)
+    assert SECRET.encode() not in stored and OTHER_SECRET.encode() not in stored
