@@ -178,6 +178,8 @@ class Gateway:
                 lambda: float(ledger.failures), lambda: float(ledger.rows_dropped)
             )
         self.accounting.admission.alert_hooks.append(self.telemetry.on_budget_alert)
+        if self.telemetry.metrics is not None and self.auth is not None:
+            self.telemetry.metrics.watch_key_expiry(self.auth.expiry.counts)
         self._server = grpc.aio.server(
             interceptors=[
                 *auth_interceptors,

@@ -313,3 +313,20 @@ async def test_a_store_from_before_expiry_is_migrated_and_its_keys_keep_working(
     authenticator = Authenticator(store, SecretFile(tmp_path / "secret"), verifier)
     assert await accepted(authenticator, f"llmgw_bbbbbbbbbbbb_{'1' * 48}")
     assert KeyStore(path).lookup("bbbbbbbbbbbb") == old  # migrated once, not again
+
+
+def test_the_metric_counts_keys_by_days_left(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from server.telemetry.metrics import GatewayMetrics
+
+    store = KeyStore(tmp_path / "keys.sqlite3")
+    hasher = KeyHasher(ensure_secret(tmp_path / "secret"))
+    store.create(hasher, name="soon", scopes=["generate"], expires_in_s=0.5 * DAY_S)
+    store.create(hasher, name="default", scopes=["generate"])
+    metrics = GatewayMetrics(process_metrics=False)
+    metrics.watch_key_expiry(ExpiryWatch(store).counts)
+    scraped = generate_latest(metrics.registry).decode()
+    assert 'llmgw_api_keys{days_left="lt_1"} 1.0' in scraped
+    assert 'llmgw_api_keys{days_left="lt_90"} 1.0' in scraped
+    assert 'llmgw_api_keys{days_left="expired"} 0.0' in scraped

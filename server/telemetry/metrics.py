@@ -128,6 +128,24 @@ class _CountsCollector(Collector):
             yield CounterMetricFamily(name, documentation, value=read() if read else 0.0)
 
 
+class _KeyExpiryCollector(Collector):
+    """Active API keys by days left to their expiry (server/auth/expiry.py), read at scrape time."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "llmgw_api_keys",
+            "Active API keys by days left to their expiry: expired, lt_1, lt_7, lt_14"
+            " (reported as expiring), lt_30, lt_90, later, never.",
+            labels=["days_left"],
+        )
+        for bucket, count in self._counts().items():
+            family.add_metric([bucket], float(count))
+        yield family
+
+
 QUOTA_BACKEND_FAILURES = "llmgw_quota_backend_failures"
 LEDGER_WRITE_FAILURES = "llmgw_ledger_write_failures"
 LEDGER_ROWS_DROPPED = "llmgw_ledger_rows_dropped"
@@ -300,6 +318,10 @@ class GatewayMetrics:
         """Reads the ledger's failed writes and dropped rows (never decreasing) at each scrape."""
         self._counts.watch(LEDGER_WRITE_FAILURES, failures)
         self._counts.watch(LEDGER_ROWS_DROPPED, dropped)
+
+    def watch_key_expiry(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Reads active API keys by days-left bucket at each scrape (blocking is fine there)."""
+        self.registry.register(_KeyExpiryCollector(counts))
 
     def record_budget_alert(self, period: str, threshold: float) -> None:
         """A key's spend crossed `threshold` (0.5, 0.8, ...) of its `period` budget."""
