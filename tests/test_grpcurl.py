@@ -113,6 +113,26 @@ async def test_readme_other_calls_work(running: RunningGateway, index: int) -> N
     assert output.strip()
 
 
+def _one_line_calls() -> list[str]:
+    """The README's one-line grpcurl calls that a gateway without auth answers."""
+    return [
+        c
+        for c in readme_commands()
+        if "localhost:50051" in c
+        and not c.endswith("\\")
+        and "$ADMIN_KEY" not in c
+        and "$TOKEN" not in c
+    ]
+
+
+@pytest.mark.parametrize("command", _one_line_calls())
+async def test_every_one_line_readme_call_works(running: RunningGateway, command: str) -> None:
+    # The gateway under test runs without auth: the key is not read.
+    command = command.replace("$KEY", "unused").replace("localhost:50051", running.address)
+    output = await grpcurl(*shlex.split(command)[1:])
+    assert output.strip()
+
+
 async def test_generate_through_grpcurl_with_metadata(running: RunningGateway) -> None:
     body = {
         "model": "echo",
