@@ -16,7 +16,7 @@ from server.app import GENERATION_SERVICE
 from server.config import load_config
 from tests.conftest import REPO_ROOT
 
-KUBERNETES = REPO_ROOT / "deploy" / "kubernetes"
+KUBERNETES = REPO_ROOT / "deploy" / "kubernetes" / "base"
 ENVOY = REPO_ROOT / "deploy" / "envoy"
 
 
