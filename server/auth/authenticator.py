@@ -9,10 +9,13 @@ few-second cache, so a valid token usually costs no database round trip.
 
 A key past its expiry is refused like an unknown one, and so are its
 tokens. After a rotation the previous secret is accepted until the grace
-ends, and so are the tokens issued before the rotation (a token carries no
-trace of the secret it was issued for, so its issue time decides: one issued
-in the rotation's second counts as issued before it); tokens issued during
-the grace never outlive it (TokenIssuer bounds them).
+ends, and so are the tokens issued before the rotation; tokens issued
+during the grace never outlive it (TokenIssuer bounds them). A token carries
+no trace of the secret it was issued for, so its issue time decides, in
+whole seconds: one issued in the rotation's own second counts as issued
+after it, and so does one issued from the old secret by a process that
+still held the key's cached record (auth.cache_ttl_s); such a token lives
+to its own expiry (auth.token_ttl_s at most). Revoke a leaked key.
 
 Every refusal raises UnauthenticatedError, identical whatever the cause; the
 cause is logged as a fixed label (`expired`, `unknown_kid`, ...), never with
@@ -22,6 +25,7 @@ the credential or anything derived from it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 
@@ -152,7 +156,7 @@ class Authenticator:
         record = await self._record(claims.key_id)
         if (
             record.rotated_at is not None
-            and claims.issued_at < record.rotated_at
+            and claims.issued_at < math.floor(record.rotated_at)
             and not record.in_grace(self.clock())
         ):
             raise _RefusedError("rotated_out_token")
