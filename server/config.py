@@ -297,7 +297,28 @@ class RetryConfig(_Strict):
     multiplier: float = Field(2.0, ge=1)
     # A retry-after longer than this is not waited for: the next deployment is tried.
     max_retry_after_s: float = Field(30.0, ge=0)
-    # Bounds each attempt (within the caller's deadline); None: only the deadline.
+    # How long one attempt may wait for its answer before the router gives up on
+    # it and tries the next deployment (routing/attempt_timeouts.py). Each bound
+    # lies within the caller's deadline; the first two end an attempt that has
+    # sent no content yet, which then falls back (UNAVAILABLE, UPSTREAM_TIMEOUT,
+    # counted by the breaker). A stream: until its first content (text, thinking
+    # or a tool call). Generous, since real models take this long: Claude reads a
+    # prompt near 1M tokens for a minute or two, and OpenAI reasoning models send
+    # nothing over Chat Completions until they have finished reasoning.
+    first_token_timeout_s: float | None = Field(180.0, gt=0)
+    # A unary call (Generate): the whole answer. The SDKs' own default, past
+    # which Anthropic's refuses a non-streaming call.
+    unary_timeout_s: float | None = Field(600.0, gt=0)
+    # A stream after its first content: the longest silence between two events.
+    # It ends the stream (no fallback once content has reached the caller).
+    stream_idle_timeout_s: float | None = Field(120.0, gt=0)
+    # With a caller deadline, the share of the time left that an attempt leaves
+    # for the deployments after it: a deployment (its retries included) that
+    # another may follow gets at most (1 - fallback_reserve) of what is left
+    # before its content starts. 0: the first deployment may take it all.
+    fallback_reserve: float = Field(0.5, ge=0, lt=1)
+    # Deprecated (first_token_timeout_s, unary_timeout_s and stream_idle_timeout_s
+    # replace it): still bounds each whole attempt, within the caller's deadline.
     attempt_timeout_s: float | None = Field(None, gt=0)
 
 
