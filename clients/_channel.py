@@ -1,19 +1,14 @@
 """Channel defaults shared by the async and the sync client.
 
-Retries: grpc itself retries a call that failed UNAVAILABLE before any
-response arrived (the gateway draining, a connection refused during a
-rolling update), per the service config below. grpc commits a call once
-a response or its headers arrive, so a stream is never replayed after its
-first event. Those retries happen inside grpc core, under the Python
-interceptors: the token interceptors (clients/credentials.py) see one call,
-and their own once-only UNAUTHENTICATED retry is separate. The gateway
-retries upstream providers itself (server/routing/), so nothing here
-retries RESOURCE_EXHAUSTED or INTERNAL.
+Retries are the client's own (clients/_retries.py, `max_retries`), around
+each call and above the token interceptors, so grpc's retry policy is off
+here: with both, attempts would multiply. The gateway retries upstream
+providers itself (server/routing/); the client retries what reaches it as
+UNAVAILABLE, or RESOURCE_EXHAUSTED with RetryInfo.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 __all__ = ["DEFAULT_ADDRESS", "DEFAULT_TIMEOUT_S", "channel_options", "default_address"]
@@ -25,30 +20,12 @@ ADDRESS_ENV = "LLMGW_ADDRESS"
 API_KEY_ENV = "LLMGW_API_KEY"
 USER_AGENT = "llm-gateway-python/0.1"
 
-SERVICE_CONFIG = {
-    "methodConfig": [
-        {
-            "name": [
-                {"service": "llmgateway.v1.GenerationService"},
-                {"service": "llmgateway.v1.TokenService"},
-            ],
-            "retryPolicy": {
-                "maxAttempts": 4,
-                "initialBackoff": "0.2s",
-                "maxBackoff": "3s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }
-    ]
-}
-
 
 def channel_options() -> list[tuple[str, str | int]]:
-    """grpc channel arguments: keepalive, retries, message sizes, user agent."""
+    """grpc channel arguments: keepalive, message sizes, user agent; no grpc retries."""
     return [
-        ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
-        ("grpc.enable_retries", 1),
+        # The client retries (clients/_retries.py); grpc's own would multiply its attempts.
+        ("grpc.enable_retries", 0),
         # Ping a connection every 30 s while calls run, so a peer or proxy that
         # vanished fails the call in ~40 s instead of hanging to the deadline.
         # The gateway accepts pings every 10 s (server.min_client_ping_interval_s).

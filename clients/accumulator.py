@@ -4,15 +4,20 @@ The gateway builds its Generate response by folding the same events on the
 server (server/events.py, over its internal types); this is the client's
 fold over the protobuf events, so a caller that streams for latency still
 ends up with one complete GenerateResponse. It depends on the contract only.
+`result()` is that response as the client returns it (clients/response.py),
+with each tool call's input read from its JSON, integers intact.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from google.protobuf import struct_pb2
 
 from llmgateway.v1 import generation_pb2 as pb
+
+from .response import Response
 
 __all__ = ["StreamAccumulator"]
 
@@ -30,6 +35,7 @@ class StreamAccumulator:
         self._response = pb.GenerateResponse()
         self._blocks: dict[int, pb.ContentBlock] = {}
         self._tool_json: dict[int, list[str]] = {}
+        self._tool_inputs: dict[int, dict[str, Any]] = {}
         self._text: list[str] = []
         self.finished = False  # True once MessageStop arrived
 
@@ -95,8 +101,10 @@ class StreamAccumulator:
         block = self._blocks.get(index)
         if fragments and block is not None and block.HasField("tool_use"):
             # The fragments of a block form one JSON object (the contract's promise).
+            value = json.loads("".join(fragments))
+            self._tool_inputs[index] = value
             struct = struct_pb2.Struct()
-            struct.update(json.loads("".join(fragments)))
+            struct.update(value)
             block.tool_use.input.CopyFrom(struct)
 
     def response(self) -> pb.GenerateResponse:
@@ -106,3 +114,12 @@ class StreamAccumulator:
         for index in sorted(self._blocks):
             response.content.append(self._blocks[index])
         return response
+
+    def result(self) -> Response:
+        """`response()` as the client returns it: stop reason by name, tool inputs as sent."""
+        inputs = {
+            position: self._tool_inputs[index]
+            for position, index in enumerate(sorted(self._blocks))
+            if index in self._tool_inputs
+        }
+        return Response(self.response(), inputs)

@@ -3,19 +3,23 @@
     async with GatewayClient("localhost:50051", api_key=key) as client:
         response = await client.generate("echo", "Hello")
         async with client.stream("echo", "Hello") as stream:
-            async for text in stream.text_stream():
+            async for text in stream.text_stream:
                 print(text, end="")
-        print(stream.response().usage)
+        print(stream.response().usage, stream.response().stop_reason)  # "end_turn"
 
 With an API key the client trades it for short-lived tokens and keeps one
 fresh (clients/credentials.py, `credentials="token"`, the default), or sends
-the key on every call (`credentials="key"`). Every failure is raised as a
-clients.errors.GatewayError subclass.
+the key on every call (`credentials="key"`). A call that fails UNAVAILABLE,
+or RESOURCE_EXHAUSTED with RetryInfo, is retried up to `max_retries` times
+(clients/_retries.py). Every failure is raised as a clients.errors.GatewayError
+subclass; responses are clients.response.Response.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal, Unpack
 
 import grpc
@@ -24,27 +28,62 @@ from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 
 from ._channel import DEFAULT_TIMEOUT_S, channel_options, default_address, default_api_key
+from ._retries import DEFAULT_MAX_RETRIES, retry_delay
 from .accumulator import StreamAccumulator
 from .credentials import TokenSource
-from .errors import from_rpc_error
+from .errors import GatewayError, from_rpc_error
 from .messages import Prompt, RequestOptions, build_request, user
+from .response import Response
 
-__all__ = ["GatewayClient", "ResponseStream"]
+__all__ = ["GatewayClient", "ResponseStream", "TextStream"]
 
 Metadata = Sequence[tuple[str, str]]
 Credentials = Literal["token", "key"]
+# How long to wait before retry number `retries` + 1 after a failure; None: raise it.
+RetryDelay = Callable[[GatewayError, int], float | None]
+
+
+def _no_retries(error: GatewayError, retries: int) -> float | None:
+    return None
+
+
+class TextStream:
+    """`stream.text_stream`: the text deltas, as they arrive (the anthropic SDK's name).
+
+    Calling it returns itself, so `stream.text_stream()`, the old spelling, still works.
+    """
+
+    def __init__(self, events: AsyncIterator[pb.StreamGenerateResponse]) -> None:
+        self._events = events
+
+    def __aiter__(self) -> TextStream:
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            event = await anext(self._events)  # StopAsyncIteration ends this too
+            if event.HasField("content_block_delta") and event.content_block_delta.HasField("text"):
+                return event.content_block_delta.text
+
+    def __call__(self) -> TextStream:
+        return self
 
 
 class ResponseStream:
     """A StreamGenerate call: iterate it for typed events, or use the helpers.
 
-    `text_stream()` yields only the text as it arrives; `final_response()`
-    reads to the end and returns the folded GenerateResponse; `response()`
-    is what was folded so far. Leaving `async with` cancels an unfinished call.
+    `text_stream` yields only the text as it arrives; `final_response()`
+    reads to the end and returns the folded Response; `response()` is what
+    was folded so far. A retryable failure before the first event starts
+    the call again (see GatewayClient's `max_retries`); after it, never.
+    Leaving `async with` cancels an unfinished call.
     """
 
-    def __init__(self, call: Any) -> None:
-        self._call = call
+    def __init__(self, start: Callable[[], Any], retry: RetryDelay = _no_retries) -> None:
+        # start() begins the call, with what is left of its deadline.
+        self._start = start
+        self._retry = retry
+        self._call = start()
         self.accumulator = StreamAccumulator()
         # One iterator for the call's life, so the helpers resume where a loop stopped.
         self._iterator = self._events()
@@ -53,28 +92,37 @@ class ResponseStream:
         return self._iterator
 
     async def _events(self) -> AsyncIterator[pb.StreamGenerateResponse]:
-        try:
-            async for event in self._call:
-                self.accumulator.add(event)
-                yield event
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from error
+        received, retries = False, 0
+        while True:
+            try:
+                async for event in self._call:
+                    received = True
+                    self.accumulator.add(event)
+                    yield event
+                return
+            except grpc.aio.AioRpcError as error:
+                failure = from_rpc_error(error)
+                delay = None if received else self._retry(failure, retries)
+                if delay is None:
+                    raise failure from error
+            retries += 1
+            await asyncio.sleep(delay)
+            self._call = self._start()
 
-    async def text_stream(self) -> AsyncIterator[str]:
-        """The text deltas, as they arrive."""
-        async for event in self:
-            if event.HasField("content_block_delta") and event.content_block_delta.HasField("text"):
-                yield event.content_block_delta.text
+    @property
+    def text_stream(self) -> TextStream:
+        """The text deltas, as they arrive: `async for text in stream.text_stream`."""
+        return TextStream(self._iterator)
 
-    async def final_response(self) -> pb.GenerateResponse:
+    async def final_response(self) -> Response:
         """Reads the rest of the stream and returns the complete response."""
         async for _ in self:
             pass
-        return self.accumulator.response()
+        return self.accumulator.result()
 
-    def response(self) -> pb.GenerateResponse:
+    def response(self) -> Response:
         """The response folded from the events read so far."""
-        return self.accumulator.response()
+        return self.accumulator.result()
 
     def cancel(self) -> None:
         """Cancels the call (the gateway stops the upstream request)."""
@@ -96,7 +144,10 @@ class GatewayClient:
     `--no-auth`). `channel_credentials` (for example
     `grpc.ssl_channel_credentials()`) makes the channel a TLS one. `timeout`
     is the default deadline of every call, in seconds; `metadata` is sent
-    with every call. Create it inside a running event loop.
+    with every call. `max_retries` (2, as in the official SDKs) is how often
+    a call that failed UNAVAILABLE, or RESOURCE_EXHAUSTED with RetryInfo, is
+    made again, within its deadline (clients/_retries.py). Create it inside
+    a running event loop.
 
     Methods take `timeout` (hence the ASYNC109 waivers) because it is the
     gRPC deadline: it travels to the gateway, which gives its upstream calls
@@ -112,10 +163,12 @@ class GatewayClient:
         channel_credentials: grpc.ChannelCredentials | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         metadata: Metadata = (),
+        max_retries: int = DEFAULT_MAX_RETRIES,
     ) -> None:
         self.address = address or default_address()
         api_key = api_key or default_api_key()
         self.timeout = timeout
+        self.max_retries = max_retries
         self._metadata = tuple(metadata)
         self._tokens: TokenSource | None = None
         interceptors: list[grpc.aio.ClientInterceptor] = []
@@ -140,11 +193,39 @@ class GatewayClient:
     def __repr__(self) -> str:  # never shows the key
         return f"GatewayClient({self.address!r})"
 
-    def _call_options(self, timeout: float | None, metadata: Metadata) -> dict[str, Any]:
-        return {
-            "timeout": self.timeout if timeout is None else timeout,
-            "metadata": self._metadata + tuple(metadata),
-        }
+    def _deadline(self, timeout: float | None) -> float:
+        return time.monotonic() + (self.timeout if timeout is None else timeout)
+
+    def _retry_delay(self, deadline: float) -> RetryDelay:
+        def delay(error: GatewayError, retries: int) -> float | None:
+            remaining = deadline - time.monotonic()
+            return retry_delay(error, retries, self.max_retries, remaining)
+
+        return delay
+
+    async def _unary(
+        self,
+        method: Any,
+        request: Any,
+        timeout: float | None,  # noqa: ASYNC109
+        metadata: Metadata,
+    ) -> Any:
+        """A unary call, retried as `max_retries` allows; failures as GatewayError."""
+        deadline = self._deadline(timeout)
+        delay_for = self._retry_delay(deadline)
+        metadata = self._metadata + tuple(metadata)
+        retries = 0
+        while True:
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                return await method(request, timeout=remaining, metadata=metadata)
+            except grpc.aio.AioRpcError as error:
+                failure = from_rpc_error(error)
+                delay = delay_for(failure, retries)
+                if delay is None:
+                    raise failure from error
+            retries += 1
+            await asyncio.sleep(delay)
 
     async def generate(
         self,
@@ -154,8 +235,11 @@ class GatewayClient:
         timeout: float | None = None,  # noqa: ASYNC109
         metadata: Metadata = (),
         **options: Unpack[RequestOptions],
-    ) -> pb.GenerateResponse:
-        """Generates a complete response; `prompt` is a string or the conversation."""
+    ) -> Response:
+        """Generates a complete response; `prompt` is a string or the conversation.
+
+        An option RequestOptions does not name raises TypeError.
+        """
         return await self.send(build_request(model, prompt, **options), timeout, metadata)
 
     async def send(
@@ -163,15 +247,12 @@ class GatewayClient:
         request: pb.GenerateRequest,
         timeout: float | None = None,  # noqa: ASYNC109
         metadata: Metadata = (),
-    ) -> pb.GenerateResponse:
+    ) -> Response:
         """Calls Generate with a request built by hand."""
-        try:
-            response: pb.GenerateResponse = await self._stub.Generate(
-                request, **self._call_options(timeout, metadata)
-            )
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from error
-        return response
+        response: pb.GenerateResponse = await self._unary(
+            self._stub.Generate, request, timeout, metadata
+        )
+        return Response(response)
 
     def stream(
         self,
@@ -189,8 +270,14 @@ class GatewayClient:
         self, request: pb.GenerateRequest, timeout: float | None = None, metadata: Metadata = ()
     ) -> ResponseStream:
         """Starts StreamGenerate with a request built by hand."""
-        call = self._stub.StreamGenerate(request, **self._call_options(timeout, metadata))
-        return ResponseStream(call)
+        deadline = self._deadline(timeout)
+        metadata = self._metadata + tuple(metadata)
+
+        def start() -> Any:
+            remaining = max(0.0, deadline - time.monotonic())
+            return self._stub.StreamGenerate(request, timeout=remaining, metadata=metadata)
+
+        return ResponseStream(start, self._retry_delay(deadline))
 
     async def count_tokens(
         self,
@@ -208,12 +295,9 @@ class GatewayClient:
             messages=[user(prompt)] if isinstance(prompt, str) else list(prompt),
             tools=tools,
         )
-        try:
-            response: pb.CountTokensResponse = await self._stub.CountTokens(
-                request, **self._call_options(timeout, ())
-            )
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from error
+        response: pb.CountTokensResponse = await self._unary(
+            self._stub.CountTokens, request, timeout, ()
+        )
         return response
 
     async def list_models(
@@ -223,12 +307,9 @@ class GatewayClient:
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> list[pb.Model]:
         """The models the gateway serves (of one provider, if given)."""
-        try:
-            response: pb.ListModelsResponse = await self._stub.ListModels(
-                pb.ListModelsRequest(provider=provider), **self._call_options(timeout, ())
-            )
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from error
+        response: pb.ListModelsResponse = await self._unary(
+            self._stub.ListModels, pb.ListModelsRequest(provider=provider), timeout, ()
+        )
         return list(response.models)
 
     async def close(self) -> None:

@@ -24,6 +24,7 @@ from llmgateway.v1 import generation_pb2 as pb
 from ._channel import ADDRESS_ENV, API_KEY_ENV, DEFAULT_ADDRESS, DEFAULT_TIMEOUT_S
 from .errors import GatewayError
 from .messages import RequestOptions, response_message, to_json, user
+from .response import Response
 from .sync import GatewayClientSync
 
 __all__ = ["main"]
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _usage_line(response: pb.GenerateResponse) -> str:
+def _usage_line(response: Response) -> str:
     usage, parts = response.usage, [f"{response.model} ({response.provider})"]
     tokens = f"{usage.input_tokens} in, {usage.output_tokens} out"
     cached = usage.cache_read_input_tokens + usage.cache_creation_input_tokens
@@ -73,7 +74,7 @@ def _usage_line(response: pb.GenerateResponse) -> str:
         tokens += f", {cached} cached"
     parts.append(tokens + " tokens")
     parts.append(f"${response.cost.total_nanos / 1e9:.6f}")
-    parts.append(pb.StopReason.Name(response.stop_reason).removeprefix("STOP_REASON_").lower())
+    parts.append(response.stop_reason or "unknown")
     parts.append(f"request {response.request_id}")
     return "[" + " · ".join(parts) + "]"
 
@@ -86,13 +87,13 @@ def _turn(
     as_json: bool,
     out: TextIO,
     err: TextIO,
-) -> pb.GenerateResponse:
+) -> Response:
     if as_json:
         response = client.generate(model, conversation, **options)
         print(to_json(response, indent=None), file=out, flush=True)
         return response
     with client.stream(model, conversation, **options) as stream:
-        for text in stream.text_stream():
+        for text in stream.text_stream:
             out.write(text)
             out.flush()
         response = stream.final_response()

@@ -7,6 +7,8 @@
 
 Everything returns the generated protobuf types (llmgateway.v1.generation_pb2),
 so anything the contract can say can still be said by building them directly.
+The helpers that read a response take the client's Response (clients/response.py)
+or the bare GenerateResponse alike.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any, TypeAlias, TypedDict, Unpack
 from google.protobuf import json_format, struct_pb2
 
 from llmgateway.v1 import generation_pb2 as pb
+
+from .response import Response, ResponseBlock
 
 __all__ = [
     "Prompt",
@@ -36,7 +40,8 @@ __all__ = [
 
 # A prompt string (one user message) or a whole conversation.
 Prompt: TypeAlias = str | Sequence[pb.Message]
-Content: TypeAlias = str | pb.ContentBlock | pb.ImageBlock
+Content: TypeAlias = str | pb.ContentBlock | pb.ImageBlock | ResponseBlock
+AnyResponse: TypeAlias = Response | pb.GenerateResponse
 
 
 def _block(part: Content) -> pb.ContentBlock:
@@ -44,7 +49,13 @@ def _block(part: Content) -> pb.ContentBlock:
         return pb.ContentBlock(text=part)
     if isinstance(part, pb.ImageBlock):
         return pb.ContentBlock(image=part)
+    if isinstance(part, ResponseBlock):
+        return part.proto
     return part
+
+
+def _proto(response: AnyResponse) -> pb.GenerateResponse:
+    return response.proto if isinstance(response, Response) else response
 
 
 def user(*content: Content) -> pb.Message:
@@ -100,14 +111,15 @@ def tool_result(
     )
 
 
-def response_text(response: pb.GenerateResponse) -> str:
+def response_text(response: AnyResponse) -> str:
     """The text blocks of a response, joined."""
-    return "".join(block.text for block in response.content if block.HasField("text"))
+    blocks = _proto(response).content
+    return "".join(block.text for block in blocks if block.HasField("text"))
 
 
-def response_message(response: pb.GenerateResponse) -> pb.Message:
+def response_message(response: AnyResponse) -> pb.Message:
     """A response as the assistant turn of the conversation that continues it."""
-    return pb.Message(role=pb.ROLE_ASSISTANT, content=response.content)
+    return pb.Message(role=pb.ROLE_ASSISTANT, content=_proto(response).content)
 
 
 class RequestOptions(TypedDict, total=False):
@@ -134,7 +146,14 @@ class RequestOptions(TypedDict, total=False):
 def build_request(
     model: str, prompt: Prompt, **options: Unpack[RequestOptions]
 ) -> pb.GenerateRequest:
-    """The GenerateRequest for these arguments (options left out stay unset)."""
+    """The GenerateRequest for these arguments (options left out stay unset).
+
+    An argument RequestOptions does not name raises TypeError, as a misspelt
+    keyword does in the SDKs, instead of being dropped unseen.
+    """
+    unknown = sorted(options.keys() - RequestOptions.__optional_keys__)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
     messages = [user(prompt)] if isinstance(prompt, str) else list(prompt)
     request = pb.GenerateRequest(
         model=model,
@@ -170,4 +189,6 @@ def build_request(
 
 def to_json(message: Any, indent: int | None = 2) -> str:
     """A message as the contract's JSON (proto field names), as grpcurl prints it."""
+    if isinstance(message, Response | ResponseBlock):
+        message = message.proto
     return json_format.MessageToJson(message, preserving_proto_field_name=True, indent=indent)

@@ -35,6 +35,7 @@ from clients import (
     tool_result,
     user,
 )
+from clients.response import Response
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from server import errors as server_errors
@@ -61,7 +62,7 @@ async def client(running: RunningGateway) -> AsyncIterator[GatewayClient]:
 async def test_generate_with_a_prompt_string(client: GatewayClient) -> None:
     response = await client.generate("echo", "Hello there", max_tokens=50, request_id="py-1")
     assert response_text(response) == "Hello there"
-    assert response.stop_reason == pb.STOP_REASON_END_TURN
+    assert response.stop_reason == "end_turn"
     assert response.request_id == "py-1"
     assert response.usage.output_tokens > 0
 
@@ -81,7 +82,7 @@ async def test_folded_stream_equals_generate_with_tool_calls(client: GatewayClie
     options: dict[str, Any] = {"tools": [WEATHER_TOOL], "request_id": "fold-1"}
     unary = await client.generate("echo", "weather please", **options)
     streamed = await client.stream("echo", "weather please", **options).final_response()
-    assert unary.stop_reason == pb.STOP_REASON_TOOL_USE
+    assert unary.stop_reason == "tool_use"
     assert [b.WhichOneof("block") for b in unary.content] == ["text", "tool_use", "tool_use"]
     unary.ClearField("id")
     streamed.ClearField("id")
@@ -162,7 +163,7 @@ def test_accumulator_overwrites_cumulative_usage() -> None:
 # -- sync client ----------------------------------------------------------------
 
 
-def _sync_round_trip(address: str) -> tuple[str, list[str], pb.GenerateResponse]:
+def _sync_round_trip(address: str) -> tuple[str, list[str], Response]:
     with GatewayClientSync(address, timeout=10) as client:
         text = response_text(client.generate("echo", "sync hello"))
         with client.stream("echo", "sync stream here") as stream:
@@ -174,7 +175,7 @@ async def test_sync_client_generate_and_stream(running: RunningGateway) -> None:
     text, deltas, response = await asyncio.to_thread(_sync_round_trip, running.address)
     assert text == "sync hello"
     assert "".join(deltas) == response_text(response) == "sync stream here"
-    assert response.stop_reason == pb.STOP_REASON_END_TURN
+    assert response.stop_reason == "end_turn"
 
 
 async def test_sync_client_raises_typed_errors(running: RunningGateway) -> None:
@@ -320,10 +321,10 @@ async def test_rate_limit_exposes_retry_delay(flaky: tuple[FlakyGeneration, str]
     servicer, address = flaky
     servicer.failures = 1
     servicer.error = server_errors.RateLimitedError("slow down", retry_after=2.5)
-    async with GatewayClient(address, timeout=10) as client:
+    async with GatewayClient(address, timeout=10, max_retries=0) as client:
         with pytest.raises(RateLimitedError) as caught:
             await client.generate("echo", "hi")
-    assert servicer.calls == 1  # RESOURCE_EXHAUSTED is the caller's call to retry
+    assert servicer.calls == 1  # max_retries=0: the caller's call to retry
     error = caught.value
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert (error.reason, error.retry_delay, error.request_id) == (

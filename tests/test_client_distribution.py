@@ -48,14 +48,14 @@ async def main():
     async with GatewayClient(timeout=30) as client:
         response = await client.generate("echo", "Hello from the wheel", max_tokens=50)
         async with client.stream("echo", "Hello stream") as stream:
-            deltas = [text async for text in stream.text_stream()]
+            deltas = [text async for text in stream.text_stream]
         return response_text(response), deltas, (await stream.final_response()).stop_reason
 
 text, deltas, stop_reason = asyncio.run(main())
 with GatewayClientSync(timeout=30) as client:
     sync_text = response_text(client.generate("echo", "Hello sync"))
     with client.stream("echo", "Hello sync stream") as stream:
-        sync_deltas = list(stream.text_stream())
+        sync_deltas = list(stream.text_stream)
 print(json.dumps({
     "found": found,
     "leaked": sorted(m for m in sys.modules if m.split(".")[0] in TOPS),
@@ -165,7 +165,7 @@ async def test_the_installed_client_calls_a_no_auth_gateway_with_a_key_set(
     assert Path(result["client_file"]).is_relative_to(client_venv.python.parent.parent)
     assert result["text"] == "Hello from the wheel"
     assert "".join(result["deltas"]) == "Hello stream" and len(result["deltas"]) > 1
-    assert result["stop_reason"] == 1  # STOP_REASON_END_TURN
+    assert result["stop_reason"] == "end_turn"
     assert result["sync_text"] == "Hello sync"
     assert "".join(result["sync_deltas"]) == "Hello sync stream"
     assert set(result["distributions"]) <= ALLOWED_DISTRIBUTIONS, result["distributions"]

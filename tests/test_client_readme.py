@@ -2,7 +2,10 @@
 
 Every command and program there (grpcurl, buf curl, the Python client, the
 CLI, Node.js) is read from the README and run with only the address and
-`$KEY` filled in, so the copy-paste promise cannot drift from what works.
+`$KEY` (or `$LLMGW_API_KEY`) filled in, so the copy-paste promise cannot
+drift from what works. Python programs that import `llmgateway.client` run
+in the client distribution's own virtual environment
+(tests/test_client_distribution.py), as an adopter would run them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.test_auth import AuthedGateway, start_authed_gateway
+from tests.test_client_distribution import ClientVenv, client_venv  # noqa: F401 (a fixture)
 from tests.test_node_client import node_client  # noqa: F401 (a fixture)
 
 BIN = Path(sys.executable).parent
@@ -67,12 +71,13 @@ async def run(
 
 
 def filled(command: str, gateway: AuthedGateway, key: str) -> list[str]:
-    return shlex.split(command.replace("localhost:50051", gateway.address).replace("$KEY", key))
+    command = command.replace("localhost:50051", gateway.address)
+    return shlex.split(command.replace("$LLMGW_API_KEY", key).replace("$KEY", key))
 
 
 async def test_grpcurl_commands(gateway: AuthedGateway, key: str) -> None:
     found = commands("grpcurl ")
-    assert len(found) == 4
+    assert len(found) >= 4  # and any later ones (Health/List, ListModels pages) must succeed
     outputs = [(await run([str(BIN / "grpcurl"), *filled(c, gateway, key)[1:]]))[0] for c in found]
     assert "model" in outputs[0]
     assert "Hello from grpcurl" in outputs[1]
@@ -89,20 +94,31 @@ async def test_buf_curl_commands(gateway: AuthedGateway, key: str) -> None:
     assert "SERVING" in outputs[2]
 
 
-async def test_python_examples(gateway: AuthedGateway, key: str) -> None:
+async def test_python_examples(
+    gateway: AuthedGateway,
+    key: str,
+    client_venv: ClientVenv,  # noqa: F811 (the fixture imported above)
+) -> None:
     programs = blocks("python")
     assert len(programs) == 2
     env = {"LLMGW_ADDRESS": gateway.address, "LLMGW_API_KEY": key}
-    out, _ = await run([sys.executable, "-c", programs[0]], env)
-    assert out.splitlines()[:3] == ["Hello from Python 3", "Hello stream", "1"]
-    out, _ = await run([sys.executable, "-c", programs[1]], env)
+
+    async def run_program(program: str) -> str:
+        if "llmgateway.client" in program:  # the client distribution, outside the repository
+            argv = [str(client_venv.python), "-c", program]
+            return (await run(argv, env, cwd=client_venv.workdir))[0]
+        return (await run([sys.executable, "-c", program], env))[0]
+
+    out = await run_program(programs[0])
+    assert out.splitlines()[:3] == ["Hello from Python 3", "Hello stream", "end_turn"]
+    out = await run_program(programs[1])
     assert out.startswith("text ") and "StatusCode.NOT_FOUND MODEL_NOT_FOUND" in out
 
 
 async def test_cli_commands(gateway: AuthedGateway, key: str) -> None:
     found = commands(".venv/bin/python -m clients ")
     assert len(found) == 3
-    env = {"LLMGW_ADDRESS": gateway.address}
+    env = {"LLMGW_ADDRESS": gateway.address, "LLMGW_API_KEY": key}
     outputs = [await run([sys.executable, *filled(c, gateway, key)[1:]], env) for c in found]
     assert outputs[0][0] == "Hello from the command line\n"
     assert "5 out tokens" in outputs[0][1] and "end_turn" in outputs[0][1]
@@ -116,8 +132,8 @@ async def test_node_examples(
     node_client: Path,  # noqa: F811 (the fixture imported above)
 ) -> None:
     (command,) = commands("cd clients/node ")
-    env = {"LLMGW_ADDRESS": gateway.address}
-    shell = command.replace("$KEY", key)
+    env = {"LLMGW_ADDRESS": gateway.address, "LLMGW_API_KEY": key}
+    shell = command.replace("$LLMGW_API_KEY", key).replace("$KEY", key)
     out, _ = await run(["bash", "-c", shell], env)
     assert '"text":"Hello from Node"' in out
     (program,) = blocks("js")
