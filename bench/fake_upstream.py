@@ -1,4 +1,5 @@
-"""A fast fake upstream for the benchmark: Anthropic and OpenAI, canned, no delay.
+"""A fast fake upstream for the benchmark: Anthropic and OpenAI (Chat Completions and
+Responses), canned, no delay.
 
 It renders each response once at start-up with the test suite's wire-format
 builders (tests/fake_upstream/*_wire.py, the one place that knows those
@@ -16,7 +17,7 @@ import sys
 
 from aiohttp import web
 
-from tests.fake_upstream import anthropic_wire, openai_wire
+from tests.fake_upstream import anthropic_wire, openai_wire, responses_wire
 from tests.fake_upstream.script import Reply, Text, Usage
 
 MODEL = "bench-model"
@@ -34,6 +35,11 @@ def build_app(chunks: int) -> web.Application:
     openai_json = json.dumps(openai_wire.completion_body(reply, MODEL)).encode()
     openai_sse = b"".join(openai_wire.stream_events(reply, MODEL, include_usage=True))
     openai_headers = openai_wire.response_headers(reply)
+    # The Responses API's answer echoes its request's settings: rendered for the
+    # request the benchmark sends (bench/front_door.py).
+    asked = {"model": MODEL, "input": "Hello", "max_output_tokens": 256}
+    responses_json = json.dumps(responses_wire.response_body(reply, asked)).encode()
+    responses_sse = b"".join(responses_wire.stream_events(reply, {**asked, "stream": True}))
 
     async def messages(request: web.Request) -> web.Response:
         body = await request.json()
@@ -55,9 +61,20 @@ def build_app(chunks: int) -> web.Application:
             body=openai_json, content_type="application/json", headers=openai_headers
         )
 
+    async def responses(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body.get("stream"):
+            return web.Response(
+                body=responses_sse, content_type="text/event-stream", headers=openai_headers
+            )
+        return web.Response(
+            body=responses_json, content_type="application/json", headers=openai_headers
+        )
+
     app = web.Application()
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_post("/v1/responses", responses)
     return app
 
 

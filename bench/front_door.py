@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 MESSAGES = "/v1/messages"
 CHAT_COMPLETIONS = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
 # What the anthropic SDK sends besides its key; the gateway forwards it as it came.
 ANTHROPIC_HEADERS = ("anthropic-version: 2023-06-01",)
 UPSTREAM_KEY_HEADER = "x-api-key: bench"
@@ -67,28 +68,33 @@ def providers(sdk_providers: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def body(model: str, stream: bool, *, chat: bool = False, chunks: int = 20) -> bytes:
-    """A Messages (or, `chat`, Chat Completions) request body: "Hello" for the upstream
-    models; for `echo`, `chunks` words, so it streams as many text deltas as the fake
-    upstream does."""
+def body(model: str, stream: bool, *, api: str = MESSAGES, chunks: int = 20) -> bytes:
+    """A request body for `api` (Messages, Chat Completions or Responses): "Hello" for
+    the upstream models; for `echo`, `chunks` words, so it streams as many text deltas
+    as the fake upstream does."""
     text = " ".join(f"w{i}" for i in range(chunks)) if model == ECHO_MODEL else "Hello"
-    document: dict[str, Any] = {
-        "model": model,
-        "max_tokens": 64 if model == ECHO_MODEL else MAX_TOKENS,
-        "messages": [{"role": "user", "content": text}],
-    }
+    max_tokens = 64 if model == ECHO_MODEL else MAX_TOKENS
+    document: dict[str, Any]
+    if api == RESPONSES:
+        document = {"model": model, "input": text, "max_output_tokens": max_tokens}
+    else:
+        document = {
+            "model": model,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": text}],
+        }
     if stream:
         document["stream"] = True
-        if chat:
+        if api == CHAT_COMPLETIONS:
             document["stream_options"] = {"include_usage": True}
     return json.dumps(document).encode()
 
 
-def body_file(bench: Bench, model: str, method: str, *, chat: bool = False) -> Path:
-    """The body of a `method` call to `model`, written once per run."""
-    path = bench.work / f"http-{'chat' if chat else 'messages'}-{model}-{method}.json"
+def body_file(bench: Bench, model: str, method: str, *, api: str = MESSAGES) -> Path:
+    """The body of a `method` call to `model` on `api`, written once per run."""
+    path = bench.work / f"http-{api.rsplit('/', 1)[-1]}-{model}-{method}.json"
     if not path.exists():
-        path.write_bytes(body(model, method == "stream", chat=chat))
+        path.write_bytes(body(model, method == "stream", api=api))
     return path
 
 

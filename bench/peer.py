@@ -16,12 +16,15 @@ the direct path measured in the same repetition:
 
 `http`, Anthropic's Messages API over HTTP (bench/front_door.py), all driven
 by bench/loadgen in its HTTP mode:
-- direct: the fake upstream's /v1/messages and /v1/chat/completions;
+- direct: the fake upstream's /v1/messages, /v1/chat/completions and /v1/responses;
 - LiteLLM: its /v1/messages (to the Anthropic deployment, and translated to
-  the OpenAI one) and its /v1/chat/completions (to the OpenAI one);
+  the OpenAI one), its /v1/chat/completions (to the OpenAI one) and its
+  /v1/responses (to the OpenAI one's Responses API, and translated to the
+  Anthropic one);
 - llm-gateway: its front door's /v1/messages, pass-through to the Anthropic
-  deployment and translated to the OpenAI one, and its /v1/chat/completions
-  (relayed to the OpenAI one).
+  deployment and translated to the OpenAI one, its /v1/chat/completions
+  (relayed to the OpenAI one) and its /v1/responses (relayed to the OpenAI
+  one's Responses API, and translated to the Anthropic one).
 
 Each gateway is reported as added latency over the direct path (concurrency
 1; unary, and the first chunk of a stream) and as throughput at concurrency
@@ -54,6 +57,7 @@ from bench.front_door import (
     MESSAGES,
     OPENAI_MODEL,
     PASSTHROUGH_MODEL,
+    RESPONSES,
     UPSTREAM_KEY_HEADER,
     body_file,
     settled_rss,
@@ -118,19 +122,25 @@ def sdk_call(core: int, provider: str, url: str, method: str, concurrency: int, 
 
 # The HTTP targets: (path as reported, upstream provider, API path, model). The
 # direct path is the fake upstream's own API; the models are the gateways'.
+# "openai responses" is the OpenAI upstream's Responses API (its own direct path).
 DIRECT_HTTP = (
     ("direct HTTP", "anthropic", MESSAGES, PASSTHROUGH_MODEL),
     ("direct HTTP", "openai", CHAT_COMPLETIONS, PASSTHROUGH_MODEL),
+    ("direct HTTP", "openai responses", RESPONSES, PASSTHROUGH_MODEL),
 )
 LITELLM_HTTP = (
     ("LiteLLM /v1/messages", "anthropic", MESSAGES, PASSTHROUGH_MODEL),
     ("LiteLLM /v1/messages", "openai", MESSAGES, OPENAI_MODEL),
     ("LiteLLM /v1/chat/completions", "openai", CHAT_COMPLETIONS, OPENAI_MODEL),
+    ("LiteLLM /v1/responses", "openai responses", RESPONSES, OPENAI_MODEL),
+    ("LiteLLM /v1/responses", "anthropic", RESPONSES, PASSTHROUGH_MODEL),
 )
 GATEWAY_HTTP = (
     ("llm-gateway /v1/messages", "anthropic", MESSAGES, PASSTHROUGH_MODEL),
     ("llm-gateway /v1/messages", "openai", MESSAGES, OPENAI_MODEL),
     ("llm-gateway /v1/chat/completions", "openai", CHAT_COMPLETIONS, OPENAI_MODEL),
+    ("llm-gateway /v1/responses", "openai responses", RESPONSES, OPENAI_MODEL),
+    ("llm-gateway /v1/responses", "anthropic", RESPONSES, PASSTHROUGH_MODEL),
 )
 METHODS, CONCURRENCIES = ("unary", "stream"), (1, 32)
 
@@ -231,7 +241,7 @@ class Comparison:
                 for base, (path, provider, api, model), headers in loads:
                     slow = base == litellm
                     result = bench.http_load(
-                        base + api, body_file(bench, model, method, chat=api == CHAT_COMPLETIONS),
+                        base + api, body_file(bench, model, method, api=api),
                         method, c, headers=headers, seconds=60,
                         calls=self.calls if slow else front_door.calls(bench, c),
                     )  # fmt: skip
@@ -403,6 +413,10 @@ HTTP_RATIOS = (
      ("LiteLLM /v1/chat/completions", "openai")),
     ("chat_vs_litellm_chat", ("llm-gateway /v1/chat/completions", "openai"),
      ("LiteLLM /v1/chat/completions", "openai")),
+    ("responses_vs_litellm_responses", ("llm-gateway /v1/responses", "openai responses"),
+     ("LiteLLM /v1/responses", "openai responses")),
+    ("responses_translated_vs_litellm", ("llm-gateway /v1/responses", "anthropic"),
+     ("LiteLLM /v1/responses", "anthropic")),
 )  # fmt: skip
 PASSTHROUGH_TARGET = " (target >= 10x)"
 

@@ -78,6 +78,8 @@ def sdk_providers(base: str) -> dict[str, Any]:
             "api_key": "bench",
             "base_url": sdk_url(provider, base),
             "models": [{"id": model, "upstream_id": "bench-model"}],
+            # The fake upstream speaks the Responses API too: /v1/responses is relayed.
+            **({"responses_api": True} if provider == "openai" else {}),
         }
         for provider, model in SDK_MODELS
     }

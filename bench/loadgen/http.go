@@ -2,11 +2,13 @@
 // (one per call in flight, as SDK clients do), the answer read whole or as
 // server-sent events.
 //
-// A stream ends at Anthropic's `event: message_stop` or OpenAI's
-// `data: [DONE]`, and is read to its end so the connection is reused; one
-// that closes before its end is an error ("incomplete stream"). Content
-// chunks are Anthropic's `content_block_delta` events and OpenAI's chunks
-// with non-empty `content`. The time to first byte is the time to the
+// A stream ends at Anthropic's `event: message_stop`, OpenAI's
+// `data: [DONE]` or the Responses API's `event: response.completed`, and is
+// read to its end so the connection is reused; one that closes before its end
+// is an error ("incomplete stream"). Content chunks are Anthropic's
+// `content_block_delta` events, the Responses API's
+// `response.output_text.delta` events and OpenAI's chunks with non-empty
+// `content`. The time to first byte is the time to the
 // response's status line (net/http/httptrace's GotFirstResponseByte).
 package main
 
@@ -28,6 +30,8 @@ import (
 var (
 	anthropicDelta = []byte("event: content_block_delta")
 	anthropicStop  = []byte("event: message_stop")
+	responsesDelta = []byte("event: response.output_text.delta")
+	responsesDone  = []byte("event: response.completed")
 	openaiDone     = []byte("data: [DONE]")
 	dataPrefix     = []byte("data:")
 	eventPrefix    = []byte("event:")
@@ -110,9 +114,9 @@ func httpCaller(url string, headerLines []string, method string, body []byte, co
 				case bytes.HasPrefix(line, eventPrefix):
 					events = true
 					messages++
-					if bytes.HasPrefix(line, anthropicDelta) {
+					if bytes.HasPrefix(line, anthropicDelta) || bytes.HasPrefix(line, responsesDelta) {
 						t.content()
-					} else if bytes.HasPrefix(line, anthropicStop) {
+					} else if bytes.HasPrefix(line, anthropicStop) || bytes.HasPrefix(line, responsesDone) {
 						ended = true
 					}
 				case bytes.HasPrefix(line, openaiDone):
