@@ -502,6 +502,62 @@ class LedgerConfig(_Strict):
         return self
 
 
+# -- Response cache (server/cache/) -----------------------------------
+
+
+class CacheModelConfig(_Strict):
+    """The cache settings of one model, alias or route; unset fields: the `cache` section's."""
+
+    enabled: bool | None = None
+    ttl_s: float | None = Field(None, gt=0)
+    max_entry_bytes: int | None = Field(None, gt=0)
+    backend: Literal["memory", "redis"] | None = None
+    namespace: str | None = None
+    store_max_tokens: bool | None = None
+    store_tool_calls: bool | None = None
+
+
+class CacheConfig(_Strict):
+    """The exact-match response cache in front of the router (off unless enabled)."""
+
+    # Every model's default; `models` turns it on or off per model, alias or route.
+    enabled: bool = False
+    # How long an answer is served from the cache (a caller's x-llmgw-cache-ttl
+    # may shorten it for the answer its call stores).
+    ttl_s: float = Field(3600.0, gt=0)
+    # Larger answers are not stored (measured encoded, before compression).
+    max_entry_bytes: int = Field(1024 * 1024, gt=0)
+    # memory: this process's LRU; redis: shared by replicas (the `redis` section's server).
+    backend: Literal["memory", "redis"] = "memory"
+    # The memory backend's bound: the least recently used answers go beyond it.
+    max_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    # Who shares answers: "" gives each API key its own; a name here shares
+    # them between every key whose calls use this setting.
+    namespace: str = ""
+    # Answers cut at max_tokens, and answers that call tools, are not stored
+    # unless these say so.
+    store_max_tokens: bool = False
+    store_tool_calls: bool = False
+    # Identical calls arriving while the first one's answer is being made wait
+    # for it this long at most (single flight), then call the upstream themselves.
+    lock_timeout_s: float = Field(30.0, gt=0, le=600)
+    # Model id, alias or route name -> its own settings.
+    models: dict[str, CacheModelConfig] = {}
+
+    @property
+    def used(self) -> bool:
+        """Whether any model may be cached."""
+        return self.enabled or any(m.enabled for m in self.models.values())
+
+    def backends(self) -> set[str]:
+        """The backends some model's settings name."""
+        names = {self.backend} if self.enabled else set()
+        for model in self.models.values():
+            if model.enabled or (model.enabled is None and self.enabled):
+                names.add(model.backend or self.backend)
+        return names
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = ServerConfig()
     http: HttpConfig = HttpConfig()
@@ -517,6 +573,8 @@ class GatewayConfig(_Strict):
     budgets: BudgetsConfig = BudgetsConfig()
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     redis: RedisConfig = RedisConfig()
+    # The response cache, in front of the router.
+    cache: CacheConfig = CacheConfig()
     # Observability.
     tracing: TracingConfig = TracingConfig()
     metrics: MetricsConfig = MetricsConfig()
