@@ -11,6 +11,7 @@ store from before expiries existed is migrated with its keys still working.
 from __future__ import annotations
 
 import asyncio
+import calendar
 import json
 import logging
 import sqlite3
@@ -273,8 +274,8 @@ async def test_keys_list_shows_expiry_and_never_needs_the_config(tmp_path: Path)
     code, listed, _ = await keys_cli(None, "list", "--json", env=env)
     described = {row["name"]: row for row in map(json.loads, listed.splitlines())}
     assert described["forever"]["expires"] is None
-    expires = time.mktime(time.strptime(described["default"]["expires"], "%Y-%m-%dT%H:%M:%SZ"))
-    assert abs(expires - time.timezone - (time.time() + 90 * DAY_S)) < 120
+    expires = calendar.timegm(time.strptime(described["default"]["expires"], "%Y-%m-%dT%H:%M:%SZ"))
+    assert abs(expires - (time.time() + 90 * DAY_S)) < 120
 
 
 LEGACY_SCHEMA = """
