@@ -39,6 +39,7 @@ from .messages import (
     tool_result,
     user,
 )
+from .response import Response, ResponseBlock
 from .sync import GatewayClientSync, ResponseStreamSync
 
 __all__ = [
@@ -54,6 +55,8 @@ __all__ = [
     "Prompt",
     "RateLimitedError",
     "RequestOptions",
+    "Response",
+    "ResponseBlock",
     "ResponseStream",
     "ResponseStreamSync",
     "StreamAccumulator",

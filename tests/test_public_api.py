@@ -50,6 +50,8 @@ def test_client_exports() -> None:
         "Prompt",
         "RateLimitedError",
         "RequestOptions",
+        "Response",
+        "ResponseBlock",
         "ResponseStream",
         "ResponseStreamSync",
         "StreamAccumulator",
