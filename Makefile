@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The last released contract, as a buf image: `buf breaking` compares proto/ with it.
 RELEASED_CONTRACT := proto/released/contract.binpb
 
-.PHONY: run test check lint typecheck pytest claude-code codex proto proto-lint proto-release bench bench-peer reliability clean
+.PHONY: run test check lint typecheck pytest claude-code codex proto proto-lint proto-release bench bench-peer reliability lock clean
 
 ## run: install the gateway and serve it: gRPC on 127.0.0.1:50051, HTTP on 127.0.0.1:8080 (offline provider, no keys)
 run: $(STAMP)
@@ -116,6 +116,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+## lock: regenerate requirements.lock, the runtime dependencies pinned with their hashes (the Docker image installs it), with uv in a throwaway venv
+LOCK_TOOL := uv==0.13.9
+lock:
+	@LOCK_VENV=$$(mktemp -d) && trap 'rm -rf "$$LOCK_VENV"' EXIT && \
+		$(PYTHON) -m venv "$$LOCK_VENV" && \
+		"$$LOCK_VENV/bin/pip" install --quiet $(LOCK_TOOL) && \
+		"$$LOCK_VENV/bin/uv" pip compile pyproject.toml --universal --python-version 3.11 \
+			--generate-hashes --custom-compile-command "make lock" --quiet -o requirements.lock
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
