@@ -128,7 +128,9 @@ def _one_line_calls() -> list[str]:
 @pytest.mark.parametrize("command", _one_line_calls())
 async def test_every_one_line_readme_call_works(running: RunningGateway, command: str) -> None:
     # The gateway under test runs without auth: the key is not read.
-    command = command.replace("$KEY", "unused").replace("localhost:50051", running.address)
+    command = command.replace("$LLMGW_API_KEY", "unused").replace(
+        "localhost:50051", running.address
+    )
     output = await grpcurl(*shlex.split(command)[1:])
     assert output.strip()
 
