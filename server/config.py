@@ -551,7 +551,7 @@ class CacheConfig(_Strict):
 
     def backends(self) -> set[str]:
         """The backends some model's settings name."""
-        names = {self.backend} if self.enabled else set()
+        names: set[str] = {self.backend} if self.enabled else set()
         for model in self.models.values():
             if model.enabled or (model.enabled is None and self.enabled):
                 names.add(model.backend or self.backend)
