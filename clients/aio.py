@@ -306,11 +306,18 @@ class GatewayClient:
         *,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> list[pb.Model]:
-        """The models the gateway serves (of one provider, if given)."""
-        response: pb.ListModelsResponse = await self._unary(
-            self._stub.ListModels, pb.ListModelsRequest(provider=provider), timeout, ()
-        )
-        return list(response.models)
+        """The models the gateway serves (of one provider, if given): every page."""
+        models: list[pb.Model] = []
+        token = ""
+        while True:
+            request = pb.ListModelsRequest(provider=provider, page_token=token)
+            response: pb.ListModelsResponse = await self._unary(
+                self._stub.ListModels, request, timeout, ()
+            )
+            models.extend(response.models)
+            token = response.next_page_token
+            if not token:
+                return models
 
     async def close(self) -> None:
         """Closes the channel (and the token channel); calls in flight are cancelled."""

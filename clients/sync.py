@@ -319,11 +319,18 @@ class GatewayClientSync:
         return response
 
     def list_models(self, provider: str = "", *, timeout: float | None = None) -> list[pb.Model]:
-        """The models the gateway serves (of one provider, if given)."""
-        response: pb.ListModelsResponse = self._invoke(
-            self._stub.ListModels, pb.ListModelsRequest(provider=provider), timeout, ()
-        )
-        return list(response.models)
+        """The models the gateway serves (of one provider, if given): every page."""
+        models: list[pb.Model] = []
+        token = ""
+        while True:
+            request = pb.ListModelsRequest(provider=provider, page_token=token)
+            response: pb.ListModelsResponse = self._invoke(
+                self._stub.ListModels, request, timeout, ()
+            )
+            models.extend(response.models)
+            token = response.next_page_token
+            if not token:
+                return models
 
     def close(self) -> None:
         """Closes the channel (and the token channel)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2 as alpha
 
+from clients import GatewayClient, GatewayClientSync
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from server.app import Gateway
@@ -45,15 +47,33 @@ MANY = {"a": [f"a-{i:04}" for i in range(5)], "b": [f"b-{i:04}" for i in range(M
 
 
 @pytest.fixture(scope="module")
-async def many() -> AsyncIterator[pb_grpc.GenerationServiceStub]:
+async def many_models() -> AsyncIterator[RunningGateway]:
     providers = {
         name: {"type": "offline", "models": [{"id": model} for model in models]}
         for name, models in MANY.items()
     }
     config = load_config(environ={}, overrides={**TEST_CONFIG, "providers": providers})
     gateway = await started(Gateway(config))
-    yield gateway.stub
+    yield gateway
     await gateway.aclose()
+
+
+@pytest.fixture
+def many(many_models: RunningGateway) -> pb_grpc.GenerationServiceStub:
+    return many_models.stub
+
+
+async def test_the_clients_list_every_page(many_models: RunningGateway) -> None:
+    every = [m for models in MANY.values() for m in models]
+    async with GatewayClient(many_models.address) as client:
+        assert sorted(m.id for m in await client.list_models()) == sorted(every)
+        assert [m.id for m in await client.list_models("a")] == MANY["a"]
+
+    def blocking() -> list[str]:
+        with GatewayClientSync(many_models.address) as client:
+            return [m.id for m in client.list_models()]
+
+    assert sorted(await asyncio.to_thread(blocking)) == sorted(every)
 
 
 # -- reflection v1 (grpcurl asks for it first) -------------------------------

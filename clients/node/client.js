@@ -83,13 +83,23 @@ class GatewayClient {
     return this.stub.StreamGenerate(request, this.metadata(), this.options());
   }
 
-  /** ListModels: resolves to the list of models. */
-  listModels(provider = '') {
-    return new Promise((resolve, reject) => {
-      this.stub.ListModels({ provider }, this.metadata(), this.options(), (error, response) =>
-        error ? reject(error) : resolve(response.models),
-      );
-    });
+  /** ListModels: resolves to every page of the models (of one provider, if given). */
+  async listModels(provider = '') {
+    const models = [];
+    let pageToken = '';
+    do {
+      const response = await new Promise((resolve, reject) => {
+        this.stub.ListModels(
+          { provider, page_token: pageToken },
+          this.metadata(),
+          this.options(),
+          (error, page) => (error ? reject(error) : resolve(page)),
+        );
+      });
+      models.push(...response.models);
+      pageToken = response.next_page_token;
+    } while (pageToken);
+    return models;
   }
 
   close() {
