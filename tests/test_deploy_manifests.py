@@ -283,6 +283,7 @@ def test_the_base_scales_out_without_an_outage(tmp_path: Path) -> None:
     config = gateway_config("base", tmp_path)
     assert config.limits.backend == "redis"
     assert secret_refs("base")["LLMGW_REDIS__URL"] == ("llm-gateway-backends", "redis-url")
+    assert config.cache.backend == "redis"  # once enabled: one cache for every replica
     assert config.ledger.backend == "postgres"
     assert conninfo_to_dict(config.ledger.dsn)["dbname"]
     assert secret_refs("base")["PGPASSWORD"] == ("llm-gateway-backends", "postgres-password")
