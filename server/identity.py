@@ -47,6 +47,10 @@ class Identity:
     credential: Literal["api_key", "token"] = "api_key"
     name: str = ""
     limits: KeyLimits = field(default_factory=KeyLimits)
+    # Which of the key's secrets authenticated the call (server/auth/keys.py
+    # secret_fingerprint): a token issued for it carries it, so that a rotation
+    # ends the old secret's tokens with its grace. "" when unknown.
+    secret: str = ""
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes

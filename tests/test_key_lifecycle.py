@@ -169,6 +169,40 @@ async def test_rotation_keeps_the_old_secret_for_the_grace_only(
     assert await accepted(authenticator, new)
 
 
+async def test_a_token_names_its_secret_so_a_rotation_ends_it_however_late_it_was_issued(
+    parts: tuple[KeyStore, Authenticator, TokenIssuer, KeyHasher, Clock],
+) -> None:
+    # A process that still holds the key's record from before the rotation
+    # (auth.cache_ttl_s) accepts the old secret and issues a token after the
+    # rotation's second: its issue time says nothing, the secret it names does.
+    store, authenticator, issuer, hasher, _ = parts
+    record, old = store.create(hasher, name="svc", scopes=["generate"])
+    stale = await authenticator.authenticate(bearer(old))
+    rotated = store.rotate(hasher, record.id, grace_s=0)
+    assert rotated is not None
+    new = rotated[1]
+    # Issued in the rotation's own second (the verifier checks iat against the
+    # real clock, so the test's clock stays put): its time cannot tell.
+    late_token = (await issuer.issue(stale)).token
+    assert not await accepted(authenticator, late_token)
+    fresh = await authenticator.authenticate(bearer(new))
+    assert fresh.secret and fresh.secret != stale.secret
+    assert await accepted(authenticator, (await issuer.issue(fresh)).token)
+
+
+async def test_a_token_for_the_old_secret_lives_through_the_grace_and_not_after(
+    parts: tuple[KeyStore, Authenticator, TokenIssuer, KeyHasher, Clock],
+) -> None:
+    store, authenticator, issuer, hasher, clock = parts
+    record, old = store.create(hasher, name="svc", scopes=["generate"])
+    token = (await issuer.issue(await authenticator.authenticate(bearer(old)))).token
+    assert store.rotate(hasher, record.id, grace_s=60) is not None
+    clock.now += 59
+    assert await accepted(authenticator, token)
+    clock.now += 2
+    assert not await accepted(authenticator, token)
+
+
 async def test_an_expired_key_and_its_token_are_refused_by_the_clock(
     parts: tuple[KeyStore, Authenticator, TokenIssuer, KeyHasher, Clock],
 ) -> None:

@@ -9,13 +9,12 @@ few-second cache, so a valid token usually costs no database round trip.
 
 A key past its expiry is refused like an unknown one, and so are its
 tokens. After a rotation the previous secret is accepted until the grace
-ends, and so are the tokens issued before the rotation; tokens issued
-during the grace never outlive it (TokenIssuer bounds them). A token carries
-no trace of the secret it was issued for, so its issue time decides, in
-whole seconds: one issued in the rotation's own second counts as issued
-after it, and so does one issued from the old secret by a process that
-still held the key's cached record (auth.cache_ttl_s); such a token lives
-to its own expiry (auth.token_ttl_s at most). Revoke a leaked key.
+ends, and so are the tokens issued for it; tokens issued during the grace
+never outlive it (TokenIssuer bounds them). A token names the secret it was
+issued for (its `sec` claim, a fingerprint of the secret's stored hash), so
+that the old secret's tokens end with the grace however recently they were
+issued, even by a process that still held the key's cached record. A token
+from before the claim existed is judged by its issue time, in whole seconds.
 
 Every refusal raises UnauthenticatedError, identical whatever the cause; the
 cause is logged as a fixed label (`expired`, `unknown_kid`, ...), never with
@@ -36,6 +35,7 @@ from server.auth.keys import (
     SecretUnavailableError,
     key_id_of,
     looks_like_api_key,
+    secret_fingerprint,
 )
 from server.auth.tokens import TokenRejectedError, TokenVerifier
 from server.errors import UnauthenticatedError
@@ -134,11 +134,15 @@ class Authenticator:
         except SecretUnavailableError as err:
             log.error("cannot check API keys: %s", err)
             raise _RefusedError("no_secret") from None
-        if not hasher.matches(key, record.key_hash) and not (
+        if hasher.matches(key, record.key_hash):
+            secret = secret_fingerprint(record.key_hash)
+        elif (
             record.previous_key_hash is not None
             and record.in_grace(self.clock())
             and hasher.matches(key, record.previous_key_hash)
         ):
+            secret = secret_fingerprint(record.previous_key_hash)
+        else:
             raise _RefusedError("wrong_key")
         return Identity(
             key_id=record.id,
@@ -147,6 +151,7 @@ class Authenticator:
             credential="api_key",
             name=record.name,
             limits=record.limits,
+            secret=secret,
         )
 
     async def _token(self, token: str) -> Identity:
@@ -154,7 +159,14 @@ class Authenticator:
         # Revoking a key rejects its tokens too: the record says so within the
         # cache TTL (at once in this process).
         record = await self._record(claims.key_id)
-        if (
+        if claims.secret:
+            if claims.secret != secret_fingerprint(record.key_hash) and not (
+                record.previous_key_hash is not None
+                and claims.secret == secret_fingerprint(record.previous_key_hash)
+                and record.in_grace(self.clock())
+            ):
+                raise _RefusedError("rotated_out_token")
+        elif (
             record.rotated_at is not None
             and claims.issued_at < math.floor(record.rotated_at)
             and not record.in_grace(self.clock())

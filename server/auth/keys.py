@@ -139,6 +139,12 @@ class KeyHasher:
         return hmac.compare_digest(self.hash(key), key_hash)
 
 
+def secret_fingerprint(key_hash: str) -> str:
+    """Which of a key's secrets a token was issued for (its `sec` claim): a digest
+    of the secret's stored hash, which says nothing of either."""
+    return hashlib.sha256(key_hash.encode()).hexdigest()[:16]
+
+
 def read_secret(path: Path) -> bytes:
     """The secret in `path` (raises SecretUnavailableError when missing or short)."""
     try:

@@ -227,6 +227,8 @@ class TokenClaims:
     expires_at: float
     token_id: str
     issued_at: float
+    # The secret it was issued for (Identity.secret); "" for a token from before.
+    secret: str = ""
 
 
 class TokenIssuer:
@@ -282,6 +284,8 @@ class TokenIssuer:
             "scope": " ".join(sorted(identity.scopes)),
             "models": list(identity.models),
         }
+        if identity.secret:
+            claims["sec"] = identity.secret
         token = jwt.encode(
             claims,
             signer.private_key,
@@ -361,6 +365,9 @@ def _claims(claims: dict[str, Any]) -> TokenClaims:
         raise TokenRejectedError("bad_claims")
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise TokenRejectedError("bad_claims")
+    secret = claims.get("sec", "")
+    if not isinstance(secret, str):
+        raise TokenRejectedError("bad_claims")
     return TokenClaims(
         key_id=sub,
         scopes=frozenset(scope.split()),
@@ -368,4 +375,5 @@ def _claims(claims: dict[str, Any]) -> TokenClaims:
         expires_at=float(claims["exp"]),
         token_id=str(claims["jti"]),
         issued_at=float(claims["iat"]),
+        secret=secret,
     )
