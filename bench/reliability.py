@@ -13,7 +13,7 @@ Runs, each in its own process with a timeout, and prints as it goes:
 
 Then one table (item, measured, target, result), in Markdown, and exits 1
 if any target was missed. None of this is in `make test`: it takes about
-12 minutes on two cores.
+14 minutes on two shared cores (bench/results/2026-12-02-vm-reliability.md).
 
     .venv/bin/python -m bench.reliability [--soak-seconds 300] [--streams 300] [--only soak ...]
 """
