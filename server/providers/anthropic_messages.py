@@ -37,6 +37,7 @@ from server.errors import (
     DeadlineExceededError,
     FieldViolation,
     GatewayError,
+    InvalidArgumentError,
     UpstreamReply,
     UpstreamStreamInterruptedError,
 )
@@ -161,6 +162,20 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
     def create_arguments(self, request: GenerationRequest) -> dict[str, Any]:
         """The `messages.create` keyword arguments for `request` (stream and timeout
         aside); raises InvalidArgumentError with every violation."""
+        kwargs, violations = self._arguments(request)
+        refuse(violations)
+        return kwargs
+
+    def refusal(self, request: GenerationRequest) -> InvalidArgumentError | None:
+        passthrough = request.passthrough
+        if passthrough is not None and passthrough.protocol in self.relays:
+            return None  # sent as it came: the upstream judges it
+        violations = self._arguments(request)[1]
+        return InvalidArgumentError(violations) if violations else None
+
+    def _arguments(self, request: GenerationRequest) -> tuple[dict[str, Any], list[FieldViolation]]:
+        """The call's keyword arguments and what in `request` they cannot carry: the
+        one function both `create_arguments` and `refusal` use."""
         model = self._model(request.model)
         kwargs, violations = codec.request_arguments(request, model.upstream_name, model.thinking)
         sampling, refused = sampling_arguments(
@@ -171,8 +186,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
             kwargs["extra_body"] = sampling
         kwargs["extra_headers"] = {"x-request-id": request.request_id}
         violations += _merge_options(kwargs, request.provider_options)
-        refuse(violations)
-        return kwargs
+        return kwargs, violations
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         passthrough = request.passthrough

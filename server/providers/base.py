@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from server.errors import InvalidArgumentError
 from server.events import StreamEvent
 from server.schema import GenerationRequest, ModelInfo, TokenCount, TokenCountRequest
 
@@ -70,6 +71,16 @@ class Provider(abc.ABC):
         iterator must release upstream resources when closed early (the
         caller cancelled), so implementations close them in `finally`.
         """
+
+    def refusal(self, request: GenerationRequest) -> InvalidArgumentError | None:
+        """What `stream` would refuse in `request` before any upstream call (a
+        parameter its model does not take, an option it will not send), found
+        without side effects by the code `stream` builds its call with; None
+        when it can take the request. The router asks every deployment a call
+        may reach before the first attempt, so that a fallback that cannot take
+        the request is skipped instead of hiding the primary's failure.
+        """
+        return None
 
     @abc.abstractmethod
     async def count_tokens(self, request: TokenCountRequest) -> TokenCount:

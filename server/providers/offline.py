@@ -168,6 +168,13 @@ class OfflineProvider(Provider):
         )
         return TokenCount(input_tokens=count, estimated=False)
 
+    def refusal(self, request: GenerationRequest) -> InvalidArgumentError | None:
+        try:
+            _chunk_delay_seconds(request.provider_options, self._settings.chunk_delay_ms)
+        except InvalidArgumentError as err:
+            return err
+        return None
+
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         plan = self._plan(request)
         input_tokens = token_estimate.count_request(

@@ -47,7 +47,9 @@ from server import openai_tokenizer, token_estimate
 from server.catalog import OPENAI_MODELS, OPENAI_PREFIXES
 from server.errors import (
     DeadlineExceededError,
+    FieldViolation,
     GatewayError,
+    InvalidArgumentError,
     UpstreamReply,
     UpstreamStreamInterruptedError,
 )
@@ -177,6 +179,20 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
     def create_arguments(self, request: GenerationRequest) -> dict[str, Any]:
         """The `chat.completions.create` keyword arguments for `request` (stream and
         timeout aside); raises InvalidArgumentError with every violation."""
+        kwargs, violations = self._arguments(request)
+        refuse(violations)
+        return kwargs
+
+    def refusal(self, request: GenerationRequest) -> InvalidArgumentError | None:
+        passthrough = request.passthrough
+        if passthrough is not None and passthrough.protocol in self.relays:
+            return None  # sent as it came: the upstream judges it
+        violations = self._arguments(request)[1]
+        return InvalidArgumentError(violations) if violations else None
+
+    def _arguments(self, request: GenerationRequest) -> tuple[dict[str, Any], list[FieldViolation]]:
+        """The call's keyword arguments and what in `request` they cannot carry: the
+        one function both `create_arguments` and `refusal` use."""
         model = self._model(request.model)
         kwargs, violations = codec.request_arguments(
             request,
@@ -200,8 +216,7 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
             "x-client-request-id": request.request_id,
         }
         violations += merge_provider_options(kwargs, request.provider_options, _CREATE_ARGUMENTS)
-        refuse(violations)
-        return kwargs
+        return kwargs, violations
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         passthrough = request.passthrough
