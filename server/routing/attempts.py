@@ -15,11 +15,15 @@ CANCELLED = "CANCELLED"  # the caller went away (or the stream was closed) mid-a
 SKIPPED_CIRCUIT_OPEN = "SKIPPED_CIRCUIT_OPEN"
 # At the rate limit the provider gives the deployment (deployment_limits.py).
 SKIPPED_RATE_LIMITED = "SKIPPED_RATE_LIMITED"
+# Cannot take the request's parameters (a sampling parameter the model does not
+# accept, an option its provider refuses): checked before the first attempt, so
+# that a fallback that could never serve the call does not hide the primary's error.
+SKIPPED_INVALID_PARAMETERS = "SKIPPED_INVALID_PARAMETERS"
 
 
 @dataclass(slots=True)
 class Attempt:
-    """One try of one deployment (or one skipped by its circuit breaker or rate limit)."""
+    """One try of one deployment (or one skipped: circuit open, rate limit, parameters)."""
 
     deployment: str  # "provider/model"
     outcome: str  # OK, CANCELLED, SKIPPED_*, or the error's reason

@@ -21,6 +21,7 @@ from server.errors import (
     UpstreamAuthError,
     UpstreamUnavailableError,
 )
+from server.routing.attempt_timeouts import AttemptTimeoutError
 
 
 class Remedy(enum.Enum):
@@ -37,6 +38,10 @@ def remedy_for(error: BaseException, *, deadline_passed: bool) -> Remedy:
         # The caller's budget is spent: nothing may follow. Otherwise only
         # this attempt's own timeout ran out.
         return Remedy.NONE if deadline_passed else Remedy.RETRY
+    if isinstance(error, AttemptTimeoutError):
+        # Silent past its bound: asking the same deployment again would spend
+        # the fallback's time on it.
+        return Remedy.FALLBACK
     if isinstance(error, RateLimitedError | UpstreamUnavailableError):
         return Remedy.RETRY
     # The deployment's credentials or quota: another deployment may have its own.

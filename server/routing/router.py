@@ -7,7 +7,15 @@ a priority (balancer.py), each behind a circuit breaker (breaker.py) and
 the rate limits its provider gives us (deployment_limits.py), retried with
 backoff on failures a retry may cure and abandoned for the next deployment
 when it cannot (retry.py). Every wait stays within the
-caller's deadline, and every attempt gets only what is left of it.
+caller's deadline, and every attempt gets only what is left of it; an
+attempt that another deployment may follow leaves that one a share of it
+(attempt_timeouts.py).
+
+Before the first attempt, every deployment the call may reach is asked
+whether it can take the request (its context window, its parameters and
+options: context_window.py, Provider.refusal, provider_options.py); those
+that cannot are skipped, so a fallback that could never serve the call does
+not turn the primary's outage into the caller's INVALID_ARGUMENT.
 
 The streaming rule: nothing is retried once content has reached the
 caller. Events before the first content-bearing one (message start, empty
@@ -38,12 +46,19 @@ from server.errors import (
 )
 from server.events import ContentBlockStart, MessageDelta, MessageStart, RawChunk, StreamEvent
 from server.providers.base import Provider
-from server.providers.registry import UnknownProviderKindError, provider_class
+from server.providers.registry import UnknownProviderKindError, available_kinds, provider_class
 from server.routing import balancer, smart
+from server.routing.attempt_timeouts import (
+    AttemptTimeoutError,
+    UpstreamWatch,
+    content_bound,
+    deployment_budget_end,
+)
 from server.routing.attempts import (
     CANCELLED,
     OK,
     SKIPPED_CIRCUIT_OPEN,
+    SKIPPED_INVALID_PARAMETERS,
     SKIPPED_RATE_LIMITED,
     Attempt,
     RoutedCall,
@@ -51,6 +66,7 @@ from server.routing.attempts import (
 from server.routing.breaker import BreakerState, CircuitBreaker, Clock
 from server.routing.context_window import estimated_input_tokens, fitting
 from server.routing.deployment_limits import RateLimits, Refusal, limiters, model_limits
+from server.routing.provider_options import ProviderOptions
 from server.routing.retry import Backoff, Remedy, counts_against_deployment, meaningfulness
 from server.routing.retry import remedy_for as _remedy_for
 from server.routing.route import Deployment, Route
@@ -137,6 +153,20 @@ async def _until_content(upstream: AsyncIterator[StreamEvent]) -> list[StreamEve
     return held
 
 
+def _timed_out(
+    deployment: Deployment, committed: bool, incremental: bool, waited: float | None
+) -> AttemptTimeoutError:
+    """The failure of an attempt its UpstreamWatch ended."""
+    name = deployment.provider.name
+    if committed:
+        said = f"provider {name} sent nothing for {waited or 0:.1f}s in the middle of the stream"
+    elif incremental:
+        said = f"provider {name} sent no content within {waited or 0:.1f}s"
+    else:
+        said = f"provider {name} gave no answer within {waited or 0:.1f}s"
+    return AttemptTimeoutError(said, metadata={"provider": name})
+
+
 async def _close(upstream: AsyncIterator[StreamEvent]) -> None:
     # Closing an async generator runs the provider's `finally`, which closes
     # the upstream response: a cancelled call stops at once.
@@ -162,6 +192,14 @@ class Router:
         model_limits: Mapping[str, RateLimits] | None = None,
     ) -> None:
         self._providers = list(providers)
+        # What a per-provider `provider_options` may be keyed by (provider_options.py).
+        self._option_keys = frozenset(
+            {
+                *available_kinds(),
+                *(p.kind for p in self._providers),
+                *(p.name for p in self._providers),
+            }
+        )
         self._config = routing or RoutingConfig()
         self._clock = clock
         self._rng = rng or random.Random()
@@ -366,6 +404,46 @@ class Router:
             group = [d for d in deployments if d.priority == priority]
             yield from balancer.order(group, self._config.balancing, self._in_flight, self._rng)
 
+    def _able(
+        self,
+        deployments: Sequence[Deployment],
+        request: GenerationRequest,
+        options: ProviderOptions,
+        call: RoutedCall,
+        now: float,
+    ) -> Sequence[Deployment]:
+        """The deployments that can take the request, in order; the others are recorded
+        as skipped. Raises the first one's refusal when none can.
+
+        A lone deployment with flat options is not asked: building its call
+        refuses the same things, in the same words (Provider.refusal).
+        """
+        if len(deployments) == 1 and not options.per_provider:
+            return deployments
+        able: list[Deployment] = []
+        first: InvalidArgumentError | None = None
+        for deployment in deployments:
+            provider = deployment.provider
+            probe = dataclasses.replace(
+                request, model=deployment.model.id, provider_options=options.of(provider)
+            )
+            refusal = provider.refusal(probe)
+            if refusal is None:
+                able.append(deployment)
+                continue
+            first = first or options.located(refusal, provider)
+            call.attempts.append(Attempt(deployment.name, SKIPPED_INVALID_PARAMETERS, 0.0, now))
+            log.info(
+                "skipping %s, which cannot take the request: %s (request_id=%s)",
+                deployment.name,
+                refusal.message,
+                request.request_id,
+            )
+        if first is not None and not able:
+            first.attempts = call.describe_attempts()
+            raise first
+        return able
+
     # -- calls -------------------------------------------------------------------------
 
     async def stream(self, request: GenerationRequest, route: Route) -> AsyncIterator[StreamEvent]:
@@ -388,18 +466,30 @@ class Router:
                 # and own "prompt is too long" reach the client; the gateway's
                 # estimate errs high and would refuse some that fit.
                 deployments = fitting(deployments, request)
+            loop = asyncio.get_running_loop()
+            options = ProviderOptions(
+                request.provider_options, route.deployments[0].provider, self._option_keys
+            )
+            deployments = self._able(deployments, request, options, call, loop.time())
             # The attempts loop is inline, not a nested generator: it runs for
             # every event of every call.
-            loop = asyncio.get_running_loop()
             deadline = request.deadline
             retry = self._config.retry
             failures: list[GatewayError] = []
             refusals: list[Refusal] = []
             tokens: int | None = None  # estimated once, for the first token-limited deployment
+            watch = UpstreamWatch(loop)
+            idle = retry.stream_idle_timeout_s
+            left = list(deployments)  # not yet reached
             for deployment in self._plan(deployments):
                 breaker = self._breaker(deployment)
                 limiter = self._limiters.get(deployment.name)
+                left.remove(deployment)
+                further = any(self.breaker_state(d.name) is not BreakerState.OPEN for d in left)
+                budget_end = deployment_budget_end(retry, loop.time(), deadline, further)
                 for attempt_number in range(1, retry.max_attempts + 1):
+                    if attempt_number > 1 and budget_end is not None and loop.time() >= budget_end:
+                        break  # the rest of the time is the fallback's
                     if breaker is not None and not breaker.allow():
                         skipped = Attempt(deployment.name, SKIPPED_CIRCUIT_OPEN, 0.0, loop.time())
                         call.attempts.append(skipped)
@@ -427,6 +517,7 @@ class Router:
                             )
                             break
                     request.model = deployment.model.id
+                    request.provider_options = options.of(deployment.provider)
                     request.deadline = deadline
                     if retry.attempt_timeout_s is not None:
                         ends = loop.time() + retry.attempt_timeout_s
@@ -436,9 +527,13 @@ class Router:
                     name = deployment.name
                     self._in_flight[name] = self._in_flight.get(name, 0) + 1
                     started = attempt.started_at = loop.time()
+                    content_by = content_bound(retry, request.incremental, started, budget_end)
                     upstream = deployment.provider.stream(request)
                     try:
+                        if content_by is not None:
+                            watch.expect(content_by)
                         held = await _until_content(upstream)
+                        watch.got()
                         # Content is about to reach the caller: from here on, no retry.
                         attempt.committed = True
                         pricing = deployment.model.pricing
@@ -452,7 +547,14 @@ class Router:
                                         call.model, call.tier, call.tier_reason
                                     )
                             yield event
-                        async for event in upstream:
+                        while True:
+                            if idle is not None:
+                                watch.expect(loop.time() + idle)
+                            try:
+                                event = await upstream.__anext__()
+                            except StopAsyncIteration:
+                                break
+                            watch.got()
                             if isinstance(event, MessageDelta) and event.usage is not None:
                                 event.cost = compute_cost(event.usage, pricing)
                             yield event
@@ -461,6 +563,16 @@ class Router:
                         return
                     except GatewayError as err:
                         error = err
+                    except asyncio.CancelledError:
+                        if not watch.timed_out():
+                            attempt.outcome = CANCELLED
+                            if breaker is not None:
+                                breaker.release()
+                            raise
+                        waited = idle if attempt.committed else (content_by or started) - started
+                        error = _timed_out(
+                            deployment, attempt.committed, request.incremental, waited
+                        )
                     except BaseException as err:
                         # The caller went away (cancel, deadline, closed stream) or a
                         # provider has a bug: says nothing about the deployment's health.
@@ -471,13 +583,20 @@ class Router:
                             breaker.release()
                         raise
                     finally:
+                        watch.close()
                         attempt.duration_s = loop.time() - started
                         self._in_flight[name] -= 1
                         await _close(upstream)
 
                     failures.append(error)
                     delay = self._after_failure(
-                        call, failures, attempt_number, breaker, deadline, request.request_id
+                        call,
+                        failures,
+                        attempt_number,
+                        breaker,
+                        deadline if budget_end is None else budget_end,
+                        request.request_id,
+                        deadline_passed=deadline is not None and loop.time() >= deadline,
                     )
                     if delay is None:
                         break
@@ -495,13 +614,17 @@ class Router:
         failures: list[GatewayError],
         attempt_number: int,
         breaker: CircuitBreaker | None,
-        deadline: float | None,
+        until: float | None,
         request_id: str,
+        *,
+        deadline_passed: bool,
     ) -> float | None:
         """Records a failed attempt and decides what follows it.
 
         Returns how long to wait before retrying the same deployment, or None
         to go on to the next one; raises the final error when nothing may follow.
+        No retry starts at or after `until` (the caller's deadline, or where the
+        deployment's share of it ends).
         """
         error, attempt = failures[-1], call.attempts[-1]
         attempt.outcome = error.reason
@@ -511,14 +634,14 @@ class Router:
             else:
                 breaker.release()
         now = asyncio.get_running_loop().time()
-        remedy = _remedy_for(error, deadline_passed=deadline is not None and now >= deadline)
+        remedy = _remedy_for(error, deadline_passed=deadline_passed)
         if attempt.committed or remedy is Remedy.NONE:
             raise self._give_up(call, failures, error)
         delay = None
         if remedy is Remedy.RETRY and attempt_number < self._config.retry.max_attempts:
             delay = self._backoff.delay(attempt_number, error.retry_after)
-            if delay is not None and deadline is not None and now + delay >= deadline:
-                delay = None  # no sleeping past the caller's deadline
+            if delay is not None and until is not None and now + delay >= until:
+                delay = None  # no sleeping past the caller's deadline (or the share of it)
         log.warning(
             "attempt %d on %s failed: %s (request_id=%s); %s",
             attempt_number,

@@ -43,6 +43,7 @@ from server.routing.attempts import (
     CANCELLED,
     OK,
     SKIPPED_CIRCUIT_OPEN,
+    SKIPPED_INVALID_PARAMETERS,
     SKIPPED_RATE_LIMITED,
     RoutedCall,
 )
@@ -58,7 +59,9 @@ TTFT_BUCKETS += [7.5, 10.0]
 TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
 
 # Outcomes that are not failures of the upstream (skips never reached it).
-_NOT_UPSTREAM_ERRORS = frozenset({OK, CANCELLED, SKIPPED_CIRCUIT_OPEN, SKIPPED_RATE_LIMITED})
+_NOT_UPSTREAM_ERRORS = frozenset(
+    {OK, CANCELLED, SKIPPED_CIRCUIT_OPEN, SKIPPED_RATE_LIMITED, SKIPPED_INVALID_PARAMETERS}
+)
 
 
 class BoundedLabel:
