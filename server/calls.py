@@ -106,6 +106,13 @@ class CallRecord:
     # says it is for (CallerMetadata.end_user_id, or Claude Code's session id).
     edge: str = "grpc"
     end_user: str = ""
+    # The response cache's outcome (server/cache/): "hit", "miss", "bypass",
+    # "refresh", or "" when the cache is off for the call's model. A hit
+    # reached no upstream: it costs 0, and `cache_saved_nanos` is what the
+    # answer cost when it was made; `cache_lookup_s` is the lookup's time.
+    cache: str = ""
+    cache_saved_nanos: int = 0
+    cache_lookup_s: float | None = None
 
     def observe(self, event: StreamEvent) -> None:
         """Takes what matters for accounting from one event (cheap: runs per event)."""
@@ -150,8 +157,8 @@ class CallRecord:
         is estimated from the request once an upstream started answering (its
         MessageStart passed). The row is flagged `usage_estimated`.
         """
-        if self.final_usage:
-            return
+        if self.final_usage or self.cache == "hit":
+            return  # a hit is replayed, never estimated: it cost nothing
         usage = self.usage
         input_tokens = usage.input_tokens
         if not input_tokens and self.provider and self.request is not None:

@@ -68,6 +68,11 @@ COLUMNS = (
     "edge",
     # Who the caller says the call is for (an end user, or Claude Code's session).
     "end_user",
+    # The response cache's outcome: hit, miss, bypass, refresh, or '' (the cache
+    # is off for the model). A hit costs 0 (cost_nanos); its tokens are the
+    # answer's, and cache_saved_nanos what it cost when it was made.
+    "cache",
+    "cache_saved_nanos",
 )
 
 _SCHEMA = """
@@ -93,7 +98,9 @@ CREATE TABLE IF NOT EXISTS usage (
     error_reason TEXT NOT NULL,
     usage_estimated INTEGER NOT NULL DEFAULT 0,
     edge TEXT NOT NULL DEFAULT 'grpc',
-    end_user TEXT NOT NULL DEFAULT ''
+    end_user TEXT NOT NULL DEFAULT '',
+    cache TEXT NOT NULL DEFAULT '',
+    cache_saved_nanos INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS usage_by_time ON usage (time);
 CREATE INDEX IF NOT EXISTS usage_by_key_time ON usage (key_id, time);
@@ -133,6 +140,8 @@ def row_of(record: CallRecord) -> Row:
         int(record.usage_estimated),
         record.edge,
         record.end_user,
+        record.cache,
+        record.cache_saved_nanos,
     )
 
 
@@ -289,6 +298,12 @@ class SqliteLedger:
                     conn.execute("ALTER TABLE usage ADD COLUMN edge TEXT NOT NULL DEFAULT 'grpc'")
                 if "end_user" not in columns:
                     conn.execute("ALTER TABLE usage ADD COLUMN end_user TEXT NOT NULL DEFAULT ''")
+                if "cache" not in columns:
+                    conn.execute("ALTER TABLE usage ADD COLUMN cache TEXT NOT NULL DEFAULT ''")
+                if "cache_saved_nanos" not in columns:
+                    conn.execute(
+                        "ALTER TABLE usage ADD COLUMN cache_saved_nanos INTEGER NOT NULL DEFAULT 0"
+                    )
                 conn.execute(_CALL_ID_INDEX)
             conn.close()
 

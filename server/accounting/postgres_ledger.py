@@ -75,6 +75,8 @@ _SCHEMA = (
     "ALTER TABLE usage ADD COLUMN IF NOT EXISTS usage_estimated SMALLINT NOT NULL DEFAULT 0",
     "ALTER TABLE usage ADD COLUMN IF NOT EXISTS edge TEXT NOT NULL DEFAULT 'grpc'",
     "ALTER TABLE usage ADD COLUMN IF NOT EXISTS end_user TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE usage ADD COLUMN IF NOT EXISTS cache TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE usage ADD COLUMN IF NOT EXISTS cache_saved_nanos BIGINT NOT NULL DEFAULT 0",
     "CREATE UNIQUE INDEX IF NOT EXISTS usage_by_call ON usage (call_id)",
     'CREATE INDEX IF NOT EXISTS usage_by_time ON usage ("time")',
     'CREATE INDEX IF NOT EXISTS usage_by_key_time ON usage (key_id, "time")',
