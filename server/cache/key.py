@@ -1,0 +1,114 @@
+"""The cache key: SHA-256 of a canonical encoding of everything that shapes an answer.
+
+The whole decoded GenerationRequest is encoded generically, field by field
+(dataclasses, lists, dicts with sorted keys, enums, bytes, numbers), less an
+explicit list of fields that cannot change the answer. A field added to the
+request later is therefore in the key by default: leaving it out takes a
+line in EXCLUDED, never forgetting one in an allow-list (the bug of caches
+that served one request another's answer). An HTTP pass-through request
+brings its Passthrough: the body's bytes as relayed, the forwarded headers
+and the query string.
+
+Besides the request, the key holds the edge's protocol (gRPC, Messages, Chat
+Completions, Responses: one answer is not valid in another's format), the
+route and the deployments it may use, and the tenant scope (the API key's
+id, or the namespace the configuration shares). Every value is written with
+a type tag and, for strings and bytes, its length, so two different
+requests can never encode alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+from typing import Any
+
+from server.routing import Route
+from server.schema import GenerationRequest, Passthrough
+
+KEY_VERSION = b"llmgw-cache-key-v1"
+
+# The fields that cannot change the answer, by the class that holds them.
+EXCLUDED: dict[type, frozenset[str]] = {
+    GenerationRequest: frozenset(
+        {
+            "request_id",  # the caller's id for the call
+            "metadata",  # who the call is for (end user, tags): see smart routes below
+            "deadline",  # when the caller stops waiting
+            # Generate (False) and StreamGenerate (True) share their answers.
+            "incremental",
+        }
+    ),
+    # `body`, parsed: the body's bytes are in the key already.
+    Passthrough: frozenset({"document"}),
+}
+
+
+def cache_key(request: GenerationRequest, route: Route, *, protocol: str, scope: str) -> str:
+    """The hex SHA-256 key of `request` on `route`, asked over `protocol` by `scope`."""
+    parts: list[bytes] = [KEY_VERSION]
+    _encode(protocol, parts)
+    _encode(scope, parts)
+    _encode(route.model.id, parts)
+    _encode([d.name for d in route.deployments], parts)
+    if route.choose is not None:
+        # A smart alias picks its tier from the request, a hint tag included.
+        _encode(request.metadata.tags, parts)
+    _encode(request, parts)
+    return hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def _encode(value: Any, out: list[bytes]) -> None:
+    """Appends the canonical encoding of `value` (type-tagged, length-prefixed)."""
+    if value is None:
+        out.append(b"N")
+    elif value is True:
+        out.append(b"T")
+    elif value is False:
+        out.append(b"F")
+    elif isinstance(value, str):
+        data = value.encode("utf-8", "surrogatepass")
+        out.append(b"s%d:" % len(data))
+        out.append(data)
+    elif isinstance(value, enum.Enum):
+        out.append(b"e")
+        _encode(type(value).__name__, out)
+        _encode(value.value, out)
+    elif isinstance(value, int):
+        out.append(b"i%d;" % value)
+    elif isinstance(value, float):
+        out.append(b"f" + value.hex().encode() + b";")
+    elif isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+        out.append(b"b%d:" % len(data))
+        out.append(data)
+    elif isinstance(value, list | tuple):
+        out.append(b"[%d:" % len(value))
+        for item in value:
+            _encode(item, out)
+    elif isinstance(value, dict):
+        items = []
+        for key, item in value.items():
+            encoded: list[bytes] = []
+            _encode(key, encoded)
+            items.append((b"".join(encoded), item))
+        items.sort(key=lambda pair: pair[0])
+        out.append(b"{%d:" % len(items))
+        for key_bytes, item in items:
+            out.append(key_bytes)
+            _encode(item, out)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        kind = type(value)
+        excluded = EXCLUDED.get(kind, frozenset())
+        out.append(b"<")
+        _encode(kind.__name__, out)
+        for field in dataclasses.fields(value):
+            if field.name not in excluded:
+                _encode(field.name, out)
+                _encode(getattr(value, field.name), out)
+        out.append(b">")
+    else:
+        # A type the key does not know: refuse rather than guess (the caller
+        # skips the cache for this call).
+        raise TypeError(f"cannot put a {type(value).__name__} in a cache key")
