@@ -22,6 +22,7 @@ from grpc._cython.cygrpc import ExecuteBatchError  # type: ignore[import-not-fou
 
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
+from server.cache import CACHE_HEADER, CachedCall, ResponseCache, directives_from_metadata
 from server.calls import (
     CallObserver,
     CallRecord,
@@ -38,7 +39,7 @@ from server.errors import (
     InvalidArgumentError,
     set_call_status,
 )
-from server.events import MessageStart, ResponseAccumulator
+from server.events import MessageStart, ResponseAccumulator, StreamEvent
 from server.grpc_edge.coalescing import coalesce
 from server.grpc_edge.decoding import decode_count_tokens, decode_generate
 from server.grpc_edge.encoding import encode_event, encode_models, encode_response
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 # The provider's id for the call, for a caller who must quote it to the provider.
 UPSTREAM_REQUEST_ID_HEADER = "x-upstream-request-id"
+# The edge's protocol, in the response cache's keys (the HTTP edge's are its formats').
+EDGE_PROTOCOL = "grpc"
 # Request ids travel in metadata, so they must be printable ASCII.
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
@@ -85,10 +88,15 @@ def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     return asyncio.get_running_loop().time() + remaining
 
 
-def _trailers(request_id: str, upstream_request_id: str = "") -> tuple[tuple[str, str], ...]:
+def _trailers(
+    request_id: str, upstream_request_id: str = "", cache: str = ""
+) -> tuple[tuple[str, str], ...]:
+    trailers = [(REQUEST_ID_HEADER, request_id)]
     if upstream_request_id:
-        return ((REQUEST_ID_HEADER, request_id), (UPSTREAM_REQUEST_ID_HEADER, upstream_request_id))
-    return ((REQUEST_ID_HEADER, request_id),)
+        trailers.append((UPSTREAM_REQUEST_ID_HEADER, upstream_request_id))
+    if cache:  # the response cache's outcome (server/cache/), when it is on for the model
+        trailers.append((CACHE_HEADER, cache))
+    return tuple(trailers)
 
 
 def _fail(
@@ -169,6 +177,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.durable: Durability | None = None
         # The gateway's drain: calls it cuts are recorded UNAVAILABLE.
         self.drain: Drain | None = None
+        # The response cache (server/cache/), when the configuration enables it.
+        self.cache: ResponseCache | None = None
 
     @contextmanager
     def _tracked(self) -> Iterator[None]:
@@ -204,14 +214,20 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         with self._tracked():
             deadline = deadline_of(context)
             async with error_boundary(context, record), self._accounted(record, deadline):
-                request_id, internal, route = await self._admitted(record, request, context)
+                request_id, internal, route, cached = await self._admitted(record, request, context)
                 internal.incremental = False
-                accumulator = ResponseAccumulator()
-                async for event in self._router.stream(internal, route):
-                    record.observe(event)
-                    accumulator.add(event)
+                try:
+                    accumulator = ResponseAccumulator()
+                    async for event in self._events(internal, route, cached):
+                        record.observe(event)
+                        accumulator.add(event)
+                finally:
+                    if cached is not None:
+                        await cached.close()
                 response = accumulator.result()
-                context.set_trailing_metadata(_trailers(request_id, response.upstream_request_id))
+                context.set_trailing_metadata(
+                    _trailers(request_id, response.upstream_request_id, record.cache)
+                )
                 return encode_response(response)
         return pb.GenerateResponse()  # error_boundary has set the failure's status
 
@@ -226,17 +242,21 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         with self._tracked():
             deadline = deadline_of(context)
             async with error_boundary(context, record), self._accounted(record, deadline):
-                request_id, internal, route = await self._admitted(record, request, context)
-                context.set_trailing_metadata(_trailers(request_id))
-                events = self._router.stream(internal, route)
-                if self._coalesce and not route.provider.exact_chunks:
+                request_id, internal, route, cached = await self._admitted(record, request, context)
+                context.set_trailing_metadata(_trailers(request_id, cache=record.cache))
+                events = self._events(internal, route, cached)
+                # A hit replays the stored events one by one, as they first came.
+                hit = cached is not None and cached.hit
+                if self._coalesce and not route.provider.exact_chunks and not hit:
                     events = coalesce(events)
                 try:
                     async with watching(self.stalled_stream_timeout_s) as watch:
                         async for event in events:
                             record.observe(event)
                             if isinstance(event, MessageStart) and event.upstream_request_id:
-                                trailers = _trailers(request_id, event.upstream_request_id)
+                                trailers = _trailers(
+                                    request_id, event.upstream_request_id, record.cache
+                                )
                                 context.set_trailing_metadata(trailers)
                             if watch is None:
                                 await context.write(encode_event(event))
@@ -250,6 +270,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     aclose = getattr(events, "aclose", None)
                     if aclose is not None:
                         await aclose()
+                    if cached is not None:
+                        await cached.close()
 
     def _accounted(
         self, record: CallRecord, deadline: float | None
@@ -262,10 +284,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         record: CallRecord,
         request: pb.GenerateRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> tuple[str, GenerationRequest, Route]:
+    ) -> tuple[str, GenerationRequest, Route, CachedCall | None]:
         """Everything a generation call passes before any upstream call: its request
-        id, the decoded request and its route, the model check, and the quotas that
-        need the decoded request."""
+        id, the decoded request and its route, the model check, the response cache's
+        lookup, and the quotas that need the decoded request (not for a cache hit,
+        which costs no tokens: the request limits have counted it already)."""
         request_id = record.request_id = request_id_of(request, context)
         if LARGE_REQUEST.get():  # decoded in a step of its own (server/loop_turns.py)
             async with taking_turns():
@@ -284,9 +307,27 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         record.pricing = route.model.pricing
         record.request = internal
         record.end_user = internal.metadata.end_user_id
-        if self.admission is not None:
-            await self.admission.admit(record, internal, route)
-        return request_id, internal, route
+        cached = None
+        if self.cache is not None:
+            directives = directives_from_metadata(context.invocation_metadata())
+            cached = await self.cache.open(
+                record, internal, route, protocol=EDGE_PROTOCOL, directives=directives
+            )
+        if self.admission is not None and (cached is None or not cached.hit):
+            try:
+                await self.admission.admit(record, internal, route)
+            except BaseException:
+                if cached is not None:
+                    await cached.close()
+                raise
+        return request_id, internal, route, cached
+
+    def _events(
+        self, internal: GenerationRequest, route: Route, cached: CachedCall | None
+    ) -> AsyncIterator[StreamEvent]:
+        if cached is None:
+            return self._router.stream(internal, route)
+        return cached.events(internal, route, self._router.stream)
 
     async def CountTokens(
         self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -24,6 +24,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from server.cache import CACHE_HEADER, CachedCall, ResponseCache, directives_from_headers
+from server.calls import CallRecord
 from server.errors import (
     FieldViolation,
     GatewayError,
@@ -35,6 +37,7 @@ from server.events import RawChunk, ResponseAccumulator, StreamEvent
 from server.http_edge.calls import HttpCalls
 from server.http_edge.exchange import Exchange
 from server.http_edge.unfinished_answers import STALLED_ANSWER
+from server.identity import require_model_access
 from server.loop_turns import taking_turns
 from server.routing import Route, Router
 from server.schema import GenerationRequest, GenerationResponse, Passthrough
@@ -170,10 +173,19 @@ def resolve(router: Router, model: str) -> Route:
 class GenerationEndpoint:
     """Runs generation calls of any dialect on the core."""
 
-    def __init__(self, calls: HttpCalls, router: Router, ping_interval_s: float) -> None:
+    def __init__(
+        self,
+        calls: HttpCalls,
+        router: Router,
+        ping_interval_s: float,
+        *,
+        cache: ResponseCache | None = None,
+    ) -> None:
         self._calls = calls
         self._router = router
         self._ping_s = ping_interval_s
+        # The response cache (server/cache/), when the configuration enables it.
+        self.cache = cache
 
     async def run(self, dialect: Dialect, exchange: Exchange, body: bytes) -> None:
         async with self._calls.call(
@@ -198,13 +210,50 @@ class GenerationEndpoint:
                 exchange.query,
                 decoded.untranslatable,
             )
-            await self._calls.admit(record, request, route)
-            events = self._router.stream(request, route)
-            finished = functools.partial(self._calls.finished, record)
-            if decoded.stream:
-                await self._stream(dialect, decoded, exchange, events, record.observe, finished)
-            else:
-                await self._whole(dialect, decoded, exchange, events, record.observe, finished)
+            cached = await self._cached(record, request, route, dialect.protocol, exchange)
+            try:
+                if cached is None or not cached.hit:
+                    # A hit costs no tokens: the request limits have counted it already.
+                    await self._calls.admit(record, request, route)
+                else:
+                    record.model_requested = request.model
+                    record.request = request
+                    if not record.end_user:
+                        record.end_user = request.metadata.end_user_id
+                if cached is None:
+                    events = self._router.stream(request, route)
+                else:
+                    events = cached.events(request, route, self._router.stream)
+                finished = functools.partial(self._calls.finished, record)
+                headers = [(CACHE_HEADER, record.cache)] if record.cache else []
+                if decoded.stream:
+                    await self._stream(
+                        dialect, decoded, exchange, events, record.observe, finished, headers
+                    )
+                else:
+                    await self._whole(
+                        dialect, decoded, exchange, events, record.observe, finished, headers
+                    )
+            finally:
+                if cached is not None:
+                    await cached.close()
+
+    async def _cached(
+        self,
+        record: CallRecord,
+        request: GenerationRequest,
+        route: Route,
+        protocol: str,
+        exchange: Exchange,
+    ) -> CachedCall | None:
+        """The response cache's lookup, once the caller may use the model."""
+        if self.cache is None:
+            return None
+        require_model_access(request.model, route.model.id)
+        directives = directives_from_headers(exchange.headers)
+        return await self.cache.open(
+            record, request, route, protocol=protocol, directives=directives
+        )
 
     async def _whole(
         self,
@@ -214,6 +263,7 @@ class GenerationEndpoint:
         events: AsyncIterator[StreamEvent],
         observe: Any,
         finished: Callable[[], Awaitable[None]],
+        headers: list[tuple[str, str]],
     ) -> None:
         accumulator = ResponseAccumulator()
         raw: bytes | None = None
@@ -226,7 +276,7 @@ class GenerationEndpoint:
         if raw is None:
             raw = dialect.whole(accumulator.result(), decoded, exchange.request_id)
         await finished()
-        await exchange.respond(200, raw, [("content-type", JSON)])
+        await exchange.respond(200, raw, [("content-type", JSON), *headers])
 
     async def _stream(
         self,
@@ -236,8 +286,9 @@ class GenerationEndpoint:
         events: AsyncIterator[StreamEvent],
         observe: Any,
         finished: Callable[[], Awaitable[None]],
+        headers: list[tuple[str, str]],
     ) -> None:
-        writer = StreamWriter(exchange, self._ping_s, dialect.ping)
+        writer = StreamWriter(exchange, self._ping_s, dialect.ping, headers)
         encoder: Encoder | None = None
         relayed = False
         try:
@@ -283,10 +334,28 @@ class StreamWriter:
     to uvicorn to close, as nothing more can be written to it.
     """
 
-    __slots__ = ("_done", "_exchange", "_interval", "_last", "_lock", "_loop", "_ping", "_pinger")
+    __slots__ = (
+        "_done",
+        "_exchange",
+        "_headers",
+        "_interval",
+        "_last",
+        "_lock",
+        "_loop",
+        "_ping",
+        "_pinger",
+    )
 
-    def __init__(self, exchange: Exchange, interval: float, ping: bytes) -> None:
+    def __init__(
+        self,
+        exchange: Exchange,
+        interval: float,
+        ping: bytes,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None:
         self._exchange = exchange
+        # The stream's headers besides SSE_HEADERS (the cache's outcome).
+        self._headers = SSE_HEADERS + headers if headers else SSE_HEADERS
         self._interval = interval
         self._ping = ping
         self._loop = asyncio.get_running_loop()
@@ -303,7 +372,7 @@ class StreamWriter:
             if self._done:
                 return
             if not self._exchange.started:
-                await self._exchange.start(200, SSE_HEADERS)
+                await self._exchange.start(200, self._headers)
             await self._exchange.write(data)
             self._last = self._loop.time()
             self._done = final
@@ -337,5 +406,5 @@ class StreamWriter:
     async def _end(self) -> None:
         async with self._lock:
             if not self._exchange.started:
-                await self._exchange.start(200, SSE_HEADERS)
+                await self._exchange.start(200, self._headers)
             await self._exchange.end()
