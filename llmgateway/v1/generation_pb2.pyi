@@ -542,7 +542,20 @@ class GenerateRequest(_message.Message):
     def metadata(self) -> Global___CallerMetadata: ...
     @_builtins.property
     def provider_options(self) -> _struct_pb2.Struct:
-        """Passed to the provider untouched (for example Anthropic beta flags)."""
+        """Options for the provider, sent with its call (for example Anthropic beta
+        flags). Two forms. Flat, `{"betas": ["..."]}`: for one provider kind;
+        on a route that spans several kinds it reaches only the deployments of
+        the route's first kind. Per provider, keyed by provider kind or by the
+        name of a configured provider instance (whose section then replaces its
+        kind's): `{"anthropic": {"betas": ["..."]}, "openai": {"reasoning_effort":
+        "low"}}`; each section reaches only its own provider. The form is per
+        provider as soon as one top-level key names a provider kind or instance;
+        every top-level key must then name one, with an object as its value.
+        Options the gateway sets itself (model, messages, max_tokens, ...) are
+        refused. A fallback deployment that cannot take the request (an option
+        its provider refuses, a sampling parameter its model does not accept) is
+        skipped; the call is refused only when no deployment can take it.
+        """
 
     def __init__(
         self,
