@@ -152,6 +152,29 @@ class _KeyExpiryCollector(Collector):
 QUOTA_BACKEND_FAILURES = "llmgw_quota_backend_failures"
 LEDGER_WRITE_FAILURES = "llmgw_ledger_write_failures"
 LEDGER_ROWS_DROPPED = "llmgw_ledger_rows_dropped"
+CACHE_BACKEND_FAILURES = "llmgw_cache_backend_failures"
+CACHE_EVICTIONS = "llmgw_cache_evictions"
+CACHE_LOOKUP_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]
+
+
+class _CacheSizeCollector(Collector):
+    """The response cache's memory backend: bytes and entries stored, read at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        yield GaugeMetricFamily(
+            "llmgw_cache_bytes",
+            "Bytes of answers held by the response cache's memory backend (encoded size).",
+            value=stats.get("bytes", 0.0),
+        )
+        yield GaugeMetricFamily(
+            "llmgw_cache_entries",
+            "Answers held by the response cache's memory backend.",
+            value=stats.get("entries", 0.0),
+        )
 
 
 class GatewayMetrics:
@@ -237,6 +260,19 @@ class GatewayMetrics:
             ["provider", "model", "reason"],
             registry=r,
         )
+        self.cache_calls = Counter(
+            "llmgw_cache_calls",
+            "Generation calls by response-cache outcome (hit, miss, bypass, refresh) and edge.",
+            ["edge", "outcome"],
+            registry=r,
+        )
+        self.cache_lookup = Histogram(
+            "llmgw_cache_lookup_seconds",
+            "Time to look a call up in the response cache (the backend's get), by edge.",
+            ["edge"],
+            buckets=CACHE_LOOKUP_BUCKETS,
+            registry=r,
+        )
         in_flight_gauge = Gauge(
             "llmgw_calls_in_flight",
             "Generation calls being served, on both edges.",
@@ -251,6 +287,10 @@ class GatewayMetrics:
                 " is retried).",
                 LEDGER_ROWS_DROPPED: "Usage-ledger rows dropped: the ledger failed until"
                 " ledger.max_buffered rows were waiting.",
+                CACHE_EVICTIONS: "Answers the response cache's memory backend dropped to"
+                " stay within cache.max_bytes.",
+                CACHE_BACKEND_FAILURES: "Response-cache operations on Redis that failed;"
+                " each call went on without the cache.",
             }
         )
         r.register(self._counts)
@@ -289,6 +329,10 @@ class GatewayMetrics:
                     self.tokens.labels(model, provider, kind).inc(count)
             if record.cost.total_nanos:
                 self.cost.labels(model, provider).inc(record.cost.total_nanos / 1e9)
+        if record.cache:
+            self.cache_calls.labels(record.edge, record.cache).inc()
+            if record.cache_lookup_s is not None:
+                self.cache_lookup.labels(record.edge).observe(record.cache_lookup_s)
         if (
             record.status.name == "RESOURCE_EXHAUSTED"
             and not record.error_reason.startswith("UPSTREAM_")
@@ -321,6 +365,12 @@ class GatewayMetrics:
         """Reads the ledger's failed writes and dropped rows (never decreasing) at each scrape."""
         self._counts.watch(LEDGER_WRITE_FAILURES, failures)
         self._counts.watch(LEDGER_ROWS_DROPPED, dropped)
+
+    def watch_cache(self, stats: Callable[[], dict[str, float]]) -> None:
+        """Reads the response cache's size, evictions and backend failures at each scrape."""
+        self._counts.watch(CACHE_EVICTIONS, lambda: stats().get("evictions", 0.0))
+        self._counts.watch(CACHE_BACKEND_FAILURES, lambda: stats().get("backend_failures", 0.0))
+        self.registry.register(_CacheSizeCollector(stats))
 
     def watch_key_expiry(self, counts: Callable[[], dict[str, int]]) -> None:
         """Reads active API keys by days-left bucket at each scrape (blocking is fine there)."""
