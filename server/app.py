@@ -37,6 +37,7 @@ from server.accounting.overload_gate import OverloadGate
 from server.auth import GatewayAuth
 from server.auth.service import SERVICE_NAME as TOKEN_SERVICE
 from server.auth.service import TokenServicer
+from server.cache import ResponseCache
 from server.calls import Drain
 from server.config import ConfigError, GatewayConfig, ServerConfig
 from server.grpc_edge.expired_calls import install_expired_call_filter
@@ -129,6 +130,9 @@ class Gateway:
         self.servicer.durable = self.accounting.durable
         self.drain = Drain()
         self.servicer.drain = self.drain
+        # The response cache (server/cache/), in front of the router on both edges.
+        self.cache = ResponseCache(config.cache, config.redis) if config.cache.used else None
+        self.servicer.cache = self.cache
         install_expired_call_filter()
         install_unfinished_answer_filter()
         # Auth runs first: an unauthenticated call is refused before anything
@@ -180,6 +184,8 @@ class Gateway:
         self.accounting.admission.alert_hooks.append(self.telemetry.on_budget_alert)
         if self.telemetry.metrics is not None and self.auth is not None:
             self.telemetry.metrics.watch_key_expiry(self.auth.expiry.counts)
+        if self.telemetry.metrics is not None and self.cache is not None:
+            self.telemetry.metrics.watch_cache(self.cache.stats)
         self._server = grpc.aio.server(
             interceptors=[
                 *auth_interceptors,
@@ -226,7 +232,9 @@ class Gateway:
                 stalled_stream_timeout_s=config.server.stalled_stream_timeout_s,
             )
             front_door = FrontDoor(
-                GenerationEndpoint(self.http_calls, self.router, config.http.ping_interval_s),
+                GenerationEndpoint(
+                    self.http_calls, self.router, config.http.ping_interval_s, cache=self.cache
+                ),
                 self.router,
                 self.auth.authenticator if self.auth else None,
                 max_body_bytes=config.http.max_body_bytes,
@@ -322,6 +330,8 @@ class Gateway:
         finally:
             cutting.cancel()
         await self.router.aclose()
+        if self.cache is not None:
+            await self.cache.aclose()
         await self.accounting.aclose()  # settle what is pending, flush the ledger
         await self.telemetry.stop()  # metrics endpoint down, queued spans flushed
         log.info("stopped")
