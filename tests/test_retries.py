@@ -26,6 +26,7 @@ from server.errors import (
     UpstreamOverloadedError,
     UpstreamStreamInterruptedError,
 )
+from server.routing.attempt_timeouts import AttemptTimeoutError
 from server.routing.retry import Backoff, Remedy, meaningfulness, remedy_for
 from tests.conftest import detail, rich_status
 from tests.fake_upstream import FakeUpstream, Reply
@@ -197,6 +198,8 @@ def test_what_each_failure_may_cure() -> None:
     assert remedy_for(interrupted, deadline_passed=False) is Remedy.RETRY
     assert remedy_for(DeadlineExceededError("x"), deadline_passed=False) is Remedy.RETRY
     assert remedy_for(DeadlineExceededError("x"), deadline_passed=True) is Remedy.NONE
+    # Silent past its bound: the next deployment, not the same one again.
+    assert remedy_for(AttemptTimeoutError("x"), deadline_passed=False) is Remedy.FALLBACK
     assert remedy_for(UpstreamAuthError("x"), deadline_passed=False) is Remedy.FALLBACK
     assert remedy_for(QuotaExhaustedError("x"), deadline_passed=False) is Remedy.FALLBACK
     bad = InvalidArgumentError([FieldViolation("messages", "bad")])
