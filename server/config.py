@@ -558,6 +558,73 @@ class CacheConfig(_Strict):
         return names
 
 
+# -- Guardrails: PII and secrets (server/guardrails/) ----------------
+
+
+class PiiGuardConfig(_Strict):
+    """The PII and secrets guardrail of one scope; unset fields inherit.
+
+    `guardrails.pii` is every call's default; `guardrails.models.<name>.pii`
+    overrides it for a model, alias or route, and `guardrails.keys.<id>.pii`
+    for an API key (the key wins over the model). What is still unset after
+    that takes the defaults noted here.
+    """
+
+    # off (the default) | detect: count and log entity types | mask: replace each
+    # value with a placeholder stable within the conversation (<EMAIL_ADDRESS_1>)
+    # | redact: remove values | block: refuse with INVALID_ARGUMENT.
+    action: Literal["off", "detect", "mask", "redact", "block"] | None = None
+    # Presidio entity types (default: credit cards, IBAN, US SSN, e-mail, phone,
+    # IP address and the secrets: API keys, JWTs, PEM private keys, AWS keys).
+    entities: tuple[str, ...] | None = None
+    score_threshold: float | None = Field(None, ge=0, le=1)  # default 0.5
+    scope: Literal["input", "output", "both"] | None = None  # default both
+    # An analyzer error, time-out or spent scan budget: block (default) or allow.
+    on_error: Literal["block", "allow"] | None = None
+    # With mask: put the original values back into the answer (default false).
+    restore: bool | None = None
+
+
+class GuardrailScopeConfig(_Strict):
+    """The guardrails of one model, alias, route or API key."""
+
+    pii: PiiGuardConfig = PiiGuardConfig()
+
+
+class GuardrailsConfig(_Strict):
+    """Guardrails on what reaches a model and what comes back (off unless configured)."""
+
+    pii: PiiGuardConfig = PiiGuardConfig()
+    # Model id, alias or route name -> overrides; API key id -> overrides.
+    models: dict[str, GuardrailScopeConfig] = {}
+    keys: dict[str, GuardrailScopeConfig] = {}
+    # Analysis runs in this many threads; a call's analysis that takes longer
+    # than timeout_s follows on_error.
+    workers: int = Field(2, ge=1, le=64)
+    timeout_s: float = Field(1.0, gt=0, le=60)
+    # The most new (not cached) text one call may have scanned; the rest follows on_error.
+    max_scan_chars: int = Field(250_000, gt=0)
+    # Analysis results kept per content block (by hash), so a resent transcript
+    # is scanned only for its new blocks.
+    cache_entries: int = Field(50_000, ge=0)
+    # Streamed answers under mask, redact or block hold back this many characters,
+    # so a value split between two deltas is seen whole.
+    stream_window_chars: int = Field(128, ge=16, le=4096)
+    # Regions whose phone number formats are recognized (each one costs time).
+    phone_regions: tuple[str, ...] = ("US", "GB")
+    language: str = "en"
+    # An installed spaCy model package (e.g. en_core_web_sm) adds its named
+    # entities (PERSON, LOCATION, ...); none: a blank pipeline, nothing downloaded.
+    ner_model: str | None = None
+
+    @property
+    def used(self) -> bool:
+        """Whether any call may be guarded."""
+        scopes = [self.pii, *(s.pii for s in self.models.values())]
+        scopes += [s.pii for s in self.keys.values()]
+        return any(s.action not in (None, "off") for s in scopes)
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = ServerConfig()
     http: HttpConfig = HttpConfig()
@@ -575,6 +642,8 @@ class GatewayConfig(_Strict):
     redis: RedisConfig = RedisConfig()
     # The response cache, in front of the router.
     cache: CacheConfig = CacheConfig()
+    # PII and secrets in prompts and answers: detect, mask, redact or block.
+    guardrails: GuardrailsConfig = GuardrailsConfig()
     # Observability.
     tracing: TracingConfig = TracingConfig()
     metrics: MetricsConfig = MetricsConfig()
