@@ -114,7 +114,7 @@ $(VENV)/.bench-installed: $(STAMP)
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,pii]'
 	touch $(STAMP)
 
 ## lock: regenerate requirements.lock, the runtime dependencies pinned with their hashes (the Docker image installs it), with uv in a throwaway venv
