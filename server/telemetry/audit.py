@@ -22,6 +22,9 @@ signing_key.created, signing_keys.changed
 (keys appearing or going in the signing-keys folder, read at start-up and
 every 10 s: the one configuration the gateway re-reads), budget.alert (for the
 budgets code: call `audit_event("budget.alert", key_id=..., ...)`).
+guardrail.blocked and guardrail.masked (server/guardrails/: a request or an
+answer refused, or masked or redacted, by the PII guardrail: stage, action,
+entity types with counts, field paths, key id and request id; never values).
 Config reloads: the gateway has none yet (configuration is read once at
 start-up); when one exists it should emit `config.reloaded`.
 """
@@ -58,6 +61,8 @@ SIGNING_KEY_CREATED = "signing_key.created"
 SIGNING_KEYS_CHANGED = "signing_keys.changed"
 BUDGET_ALERT = "budget.alert"
 CONFIG_RELOADED = "config.reloaded"
+GUARDRAIL_BLOCKED = "guardrail.blocked"
+GUARDRAIL_MASKED = "guardrail.masked"
 
 
 class AuditSink:
