@@ -20,8 +20,11 @@ from server.schema import (
     TextBlock,
     Tool,
 )
-from tests.conftest import TEST_CONFIG
+from tests.conftest import TEST_CONFIG, user
+from tests.fake_upstream import FakeUpstream, Reply
 from tests.upstream_fixtures import RoutedGatewayFactory, ask, fold_stream, generate, stream_all
+
+COUNT_PATH = "/v1/messages/count_tokens"
 
 CONFIG = SmartRoutingConfig(
     tiers={"small": "tiny", "medium": "echo", "large": "echo"},
@@ -107,6 +110,34 @@ async def test_auto_routes_through_the_gateway_and_logs_why(
     assert not direct.HasField("routing")
     assert "auto -> large tier (hint tier=large), model echo" in caplog.text
     assert "auto" in [m.id for m in gw.gateway.router.models()]
+
+
+async def test_auto_is_listed_as_what_it_is_and_counts_with_the_tier_it_would_use(
+    make_routed_gateway: RoutedGatewayFactory, fake: FakeUpstream
+) -> None:
+    smart = {"tiers": {"small": "gpt-test", "large": "claude-test"}, "large_input_tokens": 500}
+    gw = await make_routed_gateway({"smart": smart})
+    listed = {m.id: m for m in (await gw.stub.ListModels(pb.ListModelsRequest())).models}
+    auto, small, large = listed["auto"], listed["gpt-test"], listed["claude-test"]
+    # Not an Anthropic model at the small tier's prices: no provider of its own,
+    # the tiers it goes to, and the dearest price of each kind.
+    assert auto.provider == ""
+    assert "small -> gpt-test" in auto.display_name
+    assert "large -> claude-test" in auto.display_name
+    for price in ("input_per_mtok", "output_per_mtok"):
+        dearest = max(getattr(small.pricing, price), getattr(large.pricing, price))
+        assert getattr(auto.pricing, price) == dearest
+    # CountTokens on auto counts with the tier the request would go to: a short
+    # text on the small tier (OpenAI, counted here), a long one on the large
+    # (Anthropic's counting endpoint).
+    fake.enqueue(Reply(count_tokens=1234))
+    short = pb.CountTokensRequest(model="auto", messages=[user("Hello there")])
+    counted = await gw.stub.CountTokens(short)
+    assert not [r for r in fake.requests if r.path == COUNT_PATH]
+    assert counted.input_tokens < 20
+    long = pb.CountTokensRequest(model="auto", messages=[user("word " * 1000)])
+    assert (await gw.stub.CountTokens(long)).input_tokens == 1234
+    assert fake.last(COUNT_PATH).body["model"] == "claude-upstream-1"
 
 
 def test_tiers_must_name_served_models() -> None:

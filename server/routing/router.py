@@ -74,6 +74,7 @@ from server.schema import (
     Capabilities,
     GenerationRequest,
     ModelInfo,
+    Pricing,
     RoutingDecision,
     TextBlock,
     ThinkingBlock,
@@ -287,18 +288,26 @@ class Router:
         return self._combined(alias, deployments)
 
     @staticmethod
-    def _combined(alias: str, deployments: Sequence[Deployment]) -> Route:
-        """A route over deployments, with the most generous limits among them."""
+    def _combined(
+        alias: str,
+        deployments: Sequence[Deployment],
+        *,
+        display_name: str = "",
+        pricing: Pricing | None = None,
+    ) -> Route:
+        """A route over deployments, with the most generous limits among them;
+        its provider is theirs when they share one, else none ("")."""
         models = [d.model for d in deployments]
         first = models[0]
+        providers = {d.provider.name for d in deployments}
         info = ModelInfo(
             id=alias,
-            provider=deployments[0].provider.name,
-            display_name=alias,
+            provider=providers.pop() if len(providers) == 1 else "",
+            display_name=display_name or alias,
             context_window=max(m.context_window for m in models),
             max_output_tokens=max(m.max_output_tokens for m in models),
             default_max_tokens=first.default_max_tokens,
-            pricing=first.pricing,
+            pricing=first.pricing if pricing is None else pricing,
             capabilities=Capabilities(
                 streaming=True,
                 tools=any(m.capabilities.tools for m in models),
@@ -323,7 +332,15 @@ class Router:
                 )
             tiers[tier] = route
         every = [d for route in tiers.values() for d in route.deployments]
-        combined = self._combined(config.alias, every)
+        # Listed as what it is: which model each tier goes to, priced at the
+        # dearest (a call is priced at the tier that serves it).
+        served = ", ".join(f"{tier} -> {route.model.id}" for tier, route in tiers.items())
+        combined = self._combined(
+            config.alias,
+            every,
+            display_name=f"Smart routing ({served})",
+            pricing=_dearest(d.model.pricing for d in every),
+        )
 
         def choose(request: GenerationRequest) -> tuple[Route, str, str]:
             tier, reason = smart.choose_tier(request, config, smart.caller_budget_nanos())
@@ -695,7 +712,19 @@ class Router:
         return chosen
 
     async def count_tokens(self, request: TokenCountRequest, route: Route) -> TokenCount:
-        """Counts on the first deployment whose circuit is not open, falling back on failures."""
+        """Counts on the first deployment whose circuit is not open, falling back on failures.
+
+        On the smart alias, with the tier the same request would be sent to."""
+        if route.choose is not None:
+            as_generation = GenerationRequest(
+                model=request.model,
+                messages=request.messages,
+                max_tokens=0,
+                request_id="",
+                system=request.system,
+                tools=request.tools,
+            )
+            route = route.choose(as_generation)[0]
         failures: list[GatewayError] = []
         for deployment in route.deployments:
             breaker = self._breakers.get(deployment.name)
@@ -728,3 +757,14 @@ class Router:
     async def aclose(self) -> None:
         for provider in self._providers:
             await provider.aclose()
+
+
+def _dearest(prices: Iterable[Pricing]) -> Pricing:
+    """Each price at its highest among `prices`."""
+    listed = list(prices)
+    return Pricing(
+        input_per_mtok=max(p.input_per_mtok for p in listed),
+        output_per_mtok=max(p.output_per_mtok for p in listed),
+        cache_read_per_mtok=max(p.cache_read_per_mtok for p in listed),
+        cache_creation_per_mtok=max(p.cache_creation_per_mtok for p in listed),
+    )
