@@ -1140,7 +1140,10 @@ class Model(_message.Message):
     id: _builtins.str
     """The id to put in `GenerateRequest.model`."""
     provider: _builtins.str
-    """The provider that serves it."""
+    """The provider that serves it; empty for a route or alias whose
+    deployments span several providers (the smart alias `auto`, whose
+    display_name says which model each tier goes to, priced at the dearest).
+    """
     display_name: _builtins.str
     context_window: _builtins.int
     """The most tokens of input and output together."""
