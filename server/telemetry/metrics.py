@@ -56,6 +56,7 @@ OTHER = "other"
 REQUEST_DURATION_BUCKETS = [0.01 * 2**i for i in range(14)]  # 10 ms .. 82 s
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0]
 TTFT_BUCKETS += [7.5, 10.0]
+GUARDRAIL_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
 
 # Outcomes that are not failures of the upstream (skips never reached it).
@@ -273,6 +274,28 @@ class GatewayMetrics:
             buckets=CACHE_LOOKUP_BUCKETS,
             registry=r,
         )
+        # Guardrails (server/guardrails/): entity types are a fixed set of names.
+        self.guardrail_findings = Counter(
+            "llmgw_guardrail_findings",
+            "PII and secrets the guardrail found, by entity type, action and stage"
+            " (input, output).",
+            ["entity", "action", "stage"],
+            registry=r,
+        )
+        self.guardrail_failures = Counter(
+            "llmgw_guardrail_failures",
+            "Guardrail analyses not done (timeout, error, budget), by stage; each one"
+            " blocked its call or let it through as on_error says.",
+            ["stage", "reason"],
+            registry=r,
+        )
+        self.guardrail_seconds = Histogram(
+            "llmgw_guardrail_analysis_seconds",
+            "Time one guarded stage of a call spent analysing its text, by stage.",
+            ["stage"],
+            buckets=GUARDRAIL_BUCKETS,
+            registry=r,
+        )
         in_flight_gauge = Gauge(
             "llmgw_calls_in_flight",
             "Generation calls being served, on both edges.",
@@ -375,6 +398,16 @@ class GatewayMetrics:
     def watch_key_expiry(self, counts: Callable[[], dict[str, int]]) -> None:
         """Reads active API keys by days-left bucket at each scrape (blocking is fine there)."""
         self.registry.register(_KeyExpiryCollector(counts))
+
+    def record_guardrail(
+        self, stage: str, action: str, counts: dict[str, int], seconds: float, failure: str | None
+    ) -> None:
+        """One guarded stage of a call: what it found, how long it took, what it missed."""
+        for entity, count in counts.items():
+            self.guardrail_findings.labels(self._reason(entity), action, stage).inc(count)
+        if failure is not None:
+            self.guardrail_failures.labels(stage, failure).inc()
+        self.guardrail_seconds.labels(stage).observe(seconds)
 
     def record_budget_alert(self, period: str, threshold: float) -> None:
         """A key's spend crossed `threshold` (0.5, 0.8, ...) of its `period` budget."""
