@@ -42,6 +42,7 @@ from server.calls import Drain
 from server.config import ConfigError, GatewayConfig, ServerConfig
 from server.grpc_edge.expired_calls import install_expired_call_filter
 from server.grpc_edge.servicer import GenerationServicer
+from server.guardrails import GuardedRouter, guarded
 from server.health import SERVICE_NAME as HEALTH_SERVICE
 from server.health import SERVING, HealthService
 from server.http_edge import FrontDoor, GenerationEndpoint, HttpCalls, HttpServer
@@ -116,7 +117,9 @@ class Gateway:
         tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.config = config
-        self.router = router or Router.from_config(config)
+        # The guardrail stage wraps the router for both edges (server/guardrails/);
+        # without a `guardrails` policy the router is used as it is.
+        self.router = guarded(router or Router.from_config(config), config.guardrails)
         self.servicer = GenerationServicer(
             self.router,
             coalesce_deltas=config.server.coalesce_stream_deltas,
@@ -186,6 +189,8 @@ class Gateway:
             self.telemetry.metrics.watch_key_expiry(self.auth.expiry.counts)
         if self.telemetry.metrics is not None and self.cache is not None:
             self.telemetry.metrics.watch_cache(self.cache.stats)
+        if self.telemetry.metrics is not None and isinstance(self.router, GuardedRouter):
+            self.router.reporters.append(self.telemetry.metrics.record_guardrail)
         self._server = grpc.aio.server(
             interceptors=[
                 *auth_interceptors,
