@@ -103,6 +103,8 @@ class OutputGuard:
             async for event in upstream:
                 for out in await self._on(event):
                     yield out
+            for out in await self._flush():
+                yield out
             if self._raw:
                 for raw in self._raw:
                     yield RawChunk(raw[0])
@@ -150,8 +152,21 @@ class OutputGuard:
                 out += await self._tool_input(event.index)
             return [*out, event, *self._released_raw()]
         if isinstance(event, MessageDelta | MessageStop):
-            return [event, *self._released_raw()]
+            # A relayed stream's typed events may have no ContentBlockStop.
+            return [*await self._flush(), event, *self._released_raw()]
         return [event]
+
+    async def _flush(self) -> list[StreamEvent]:
+        """Releases every block still held (the answer is ending)."""
+        out: list[StreamEvent] = []
+        if self._detect:
+            return out
+        for index in list(self._text):
+            out += await self._release(index, final=True)
+            del self._text[index]
+        for index in list(self._json):
+            out += await self._tool_input(index)
+        return out
 
     def _released_raw(self) -> list[StreamEvent]:
         out: list[StreamEvent] = []
