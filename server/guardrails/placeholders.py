@@ -10,9 +10,11 @@ state between calls for this: the numbering is a function of the request.
 With `restore: true` the answer's placeholders are replaced by the values
 they stand for (for the caller's eyes and for the tools it runs).
 
-Replacement goes through presidio-anonymizer's engine, with the overlaps
-resolved here first (the longer, then the higher-scoring finding wins) so
-that numbers are given in text order to the values that are replaced.
+Overlapping findings are resolved first (the longer, then the higher-scoring
+one wins), then values are replaced by their offsets, in text order. Not
+with presidio-anonymizer: its engine took 35 us per block with findings,
+7 ms of a 200-block transcript resent under `mask` (bench/guardrails.py),
+for what is a join of slices here.
 """
 
 from __future__ import annotations
@@ -91,31 +93,22 @@ def kept(findings: Iterable[Finding]) -> list[Finding]:
 class Rewriter:
     """Applies `mask` or `redact` to texts, with one conversation's placeholders."""
 
-    def __init__(self, action: str, pseudonyms: Pseudonyms) -> None:
-        from presidio_anonymizer import AnonymizerEngine
+    __slots__ = ("action", "pseudonyms")
 
+    def __init__(self, action: str, pseudonyms: Pseudonyms) -> None:
         self.action = action
         self.pseudonyms = pseudonyms
-        self._engine = AnonymizerEngine()  # type: ignore[no-untyped-call]
 
     def rewrite(self, text: str, findings: Iterable[Finding]) -> str:
-        from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
-
         chosen = kept(findings)
         if not chosen:
             return text
-        if self.action == REDACT:
-            operators = {"DEFAULT": OperatorConfig("redact")}
-        else:
-            # Numbers given here, in text order (the engine replaces from the end).
-            for f in chosen:
-                self.pseudonyms.placeholder(f.entity_type, text[f.start : f.end])
-            operators = {
-                kind: OperatorConfig("custom", {"lambda": self._masker(kind)})
-                for kind in {f.entity_type for f in chosen}
-            }
-        results = [RecognizerResult(f.entity_type, f.start, f.end, f.score) for f in chosen]
-        return str(self._engine.anonymize(text, results, operators).text)
-
-    def _masker(self, kind: str) -> object:
-        return lambda value: self.pseudonyms.placeholder(kind, value)
+        pieces: list[str] = []
+        at = 0
+        for f in chosen:  # in text order: numbers are given in reading order
+            pieces.append(text[at : f.start])
+            if self.action != REDACT:
+                pieces.append(self.pseudonyms.placeholder(f.entity_type, text[f.start : f.end]))
+            at = f.end
+        pieces.append(text[at:])
+        return "".join(pieces)

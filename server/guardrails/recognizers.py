@@ -94,8 +94,7 @@ def presidio_analyzer(config: GuardrailsConfig, entities: Iterable[str]) -> Anal
         raise missing_extra_error(err) from None
 
     # Presidio logs every pattern's match time at DEBUG: not for the gateway's log.
-    for name in ("presidio-analyzer", "presidio-anonymizer"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)
     wanted = set(entities)
     language = config.language
     # The bundled public-suffix snapshot, never a download.
