@@ -75,6 +75,8 @@ class GuardedRouter(Router):
         self.reporters: list[Reporter] = []
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_inner":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
         return getattr(self._inner, name)
 
     @property
