@@ -19,18 +19,26 @@ its own once-only UNAUTHENTICATED retry. A stream is retried only before
 its first event, so no event is delivered twice. grpc's own retry policy
 is off (clients/_channel.py): one layer retries, and `max_retries=0` means
 one attempt.
+
+A generation call that may be retried carries a request id (one of its own
+when the caller gave none): the gateway answers a retry of a call that did
+succeed, whose answer was lost on the way, with that answer, instead of
+running and billing it again (server/cache/idempotency.py).
 """
 
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import Callable
 
 import grpc
 
+from llmgateway.v1 import generation_pb2 as pb
+
 from .errors import GatewayError
 
-__all__ = ["DEFAULT_MAX_RETRIES", "retry_delay"]
+__all__ = ["DEFAULT_MAX_RETRIES", "retry_delay", "with_request_id"]
 
 DEFAULT_MAX_RETRIES = 2
 INITIAL_BACKOFF_S = 0.5
@@ -62,3 +70,14 @@ def retry_delay(
     if remaining is not None and delay >= remaining:
         return None
     return delay
+
+
+def with_request_id(request: pb.GenerateRequest, max_retries: int) -> pb.GenerateRequest:
+    """`request`, given a request id of its own when it may be retried and has
+    none (a copy: the caller's message is left as it is)."""
+    if max_retries <= 0 or request.request_id:
+        return request
+    named = pb.GenerateRequest()
+    named.CopyFrom(request)
+    named.request_id = uuid.uuid4().hex
+    return named

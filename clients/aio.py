@@ -28,7 +28,7 @@ from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 
 from ._channel import DEFAULT_TIMEOUT_S, channel_options, default_address, default_api_key
-from ._retries import DEFAULT_MAX_RETRIES, retry_delay
+from ._retries import DEFAULT_MAX_RETRIES, retry_delay, with_request_id
 from .accumulator import StreamAccumulator
 from .credentials import TokenSource
 from .errors import GatewayError, from_rpc_error
@@ -249,6 +249,7 @@ class GatewayClient:
         metadata: Metadata = (),
     ) -> Response:
         """Calls Generate with a request built by hand."""
+        request = with_request_id(request, self.max_retries)
         response: pb.GenerateResponse = await self._unary(
             self._stub.Generate, request, timeout, metadata
         )
@@ -270,6 +271,7 @@ class GatewayClient:
         self, request: pb.GenerateRequest, timeout: float | None = None, metadata: Metadata = ()
     ) -> ResponseStream:
         """Starts StreamGenerate with a request built by hand."""
+        request = with_request_id(request, self.max_retries)
         deadline = self._deadline(timeout)
         metadata = self._metadata + tuple(metadata)
 

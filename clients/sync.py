@@ -27,7 +27,7 @@ from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 
 from ._channel import DEFAULT_TIMEOUT_S, channel_options, default_address, default_api_key
-from ._retries import DEFAULT_MAX_RETRIES, retry_delay
+from ._retries import DEFAULT_MAX_RETRIES, retry_delay, with_request_id
 from ._sync_tokens import SyncTokenSource
 from .accumulator import StreamAccumulator
 from .aio import Credentials, Metadata, RetryDelay
@@ -257,6 +257,7 @@ class GatewayClientSync:
         self, request: pb.GenerateRequest, timeout: float | None = None, metadata: Metadata = ()
     ) -> Response:
         """Calls Generate with a request built by hand."""
+        request = with_request_id(request, self.max_retries)
         response: pb.GenerateResponse = self._invoke(
             self._stub.Generate, request, timeout, metadata
         )
@@ -278,6 +279,7 @@ class GatewayClientSync:
         self, request: pb.GenerateRequest, timeout: float | None = None, metadata: Metadata = ()
     ) -> ResponseStreamSync:
         """Starts StreamGenerate with a request built by hand."""
+        request = with_request_id(request, self.max_retries)
         end = time.monotonic() + (self.timeout if timeout is None else timeout)
         base = self._metadata + tuple(metadata)
         tokens, used = self._tokens, [""]

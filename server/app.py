@@ -38,6 +38,7 @@ from server.auth import GatewayAuth
 from server.auth.service import SERVICE_NAME as TOKEN_SERVICE
 from server.auth.service import TokenServicer
 from server.cache import ResponseCache
+from server.cache.idempotency import Idempotency
 from server.calls import Drain
 from server.config import ConfigError, GatewayConfig, ServerConfig
 from server.grpc_edge.expired_calls import install_expired_call_filter
@@ -136,6 +137,13 @@ class Gateway:
         # The response cache (server/cache/), in front of the router on both edges.
         self.cache = ResponseCache(config.cache, config.redis) if config.cache.used else None
         self.servicer.cache = self.cache
+        # A repeated request id gets its first call's answer (server/cache/idempotency.py).
+        self.idempotency = (
+            Idempotency(config.idempotency, config.redis)
+            if config.idempotency.window_s > 0
+            else None
+        )
+        self.servicer.idempotency = self.idempotency
         install_expired_call_filter()
         install_unfinished_answer_filter()
         # Auth runs first: an unauthenticated call is refused before anything
@@ -337,6 +345,8 @@ class Gateway:
         await self.router.aclose()
         if self.cache is not None:
             await self.cache.aclose()
+        if self.idempotency is not None:
+            await self.idempotency.aclose()
         await self.accounting.aclose()  # settle what is pending, flush the ledger
         await self.telemetry.stop()  # metrics endpoint down, queued spans flushed
         log.info("stopped")

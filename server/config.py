@@ -558,6 +558,22 @@ class CacheConfig(_Strict):
         return names
 
 
+class IdempotencyConfig(_Strict):
+    """A repeated GenerateRequest.request_id gets its first call's answer
+    (server/cache/idempotency.py)."""
+
+    # How long a request id's answer is kept for its repeats (0: off).
+    window_s: float = Field(600.0, ge=0)
+    # memory: this process; redis: shared by replicas (the `redis` section's server).
+    backend: Literal["memory", "redis"] = "memory"
+    # Larger answers are not kept (a repeat then calls the upstream again).
+    max_entry_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    # The memory backend's bound: the least recently used answers go beyond it.
+    max_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    # A repeat arriving while the first call runs waits this long at most.
+    wait_s: float = Field(60.0, gt=0, le=600)
+
+
 # -- Guardrails: PII and secrets (server/guardrails/) ----------------
 
 
@@ -583,6 +599,12 @@ class PiiGuardConfig(_Strict):
     on_error: Literal["block", "allow"] | None = None
     # With mask: put the original values back into the answer (default false).
     restore: bool | None = None
+
+    @field_validator("action", mode="before")
+    @classmethod
+    def _off(cls, value: object) -> object:
+        # YAML reads a bare `off` as false.
+        return "off" if value is False else value
 
 
 class GuardrailScopeConfig(_Strict):
@@ -642,6 +664,8 @@ class GatewayConfig(_Strict):
     redis: RedisConfig = RedisConfig()
     # The response cache, in front of the router.
     cache: CacheConfig = CacheConfig()
+    # Request ids that make a call idempotent.
+    idempotency: IdempotencyConfig = IdempotencyConfig()
     # PII and secrets in prompts and answers: detect, mask, redact or block.
     guardrails: GuardrailsConfig = GuardrailsConfig()
     # Observability.

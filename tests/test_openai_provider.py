@@ -130,7 +130,9 @@ async def test_every_field_round_trips_unary_and_streaming(
     assert trailers["x-upstream-request-id"] == "req_o1"
 
     fake.enqueue(Reply(blocks=[Text("The dog.")], message_id="chatcmpl-1", request_id="req_o1"))
-    events, trailers = await stream_all(upstream_stub, everything_request("rt-o-1"))
+    # Another request id: the same one would be a repeat, answered by the first
+    # call's answer (server/cache/idempotency.py), not by an upstream call.
+    events, trailers = await stream_all(upstream_stub, everything_request("rt-o-2"))
     check_event_stream(events)
     assert fake.last(CHAT).body == EXPECTED_BODY
     assert kinds(events) == [
@@ -142,7 +144,10 @@ async def test_every_field_round_trips_unary_and_streaming(
         "message_delta",
         "message_stop",
     ]
-    assert fold_stream(events) == response
+    folded = fold_stream(events)
+    assert folded.request_id == "rt-o-2"
+    folded.request_id = response.request_id
+    assert folded == response
     assert trailers["x-upstream-request-id"] == "req_o1"
 
 

@@ -515,8 +515,14 @@ class GenerateRequest(_message.Message):
     top_k: _builtins.int
     """Sample from the k most likely tokens; at least 1."""
     request_id: _builtins.str
-    """A caller-chosen id for this request (idempotency and correlation).
-    When empty, the `x-request-id` metadata or a generated id is used.
+    """A caller-chosen id for this request, for correlation (logs, the ledger,
+    the `x-request-id` trailer) and idempotency: a repeat of the same request
+    with this id, from the same key within `idempotency.window_s` (10 minutes
+    by default), gets the first call's answer, replayed at no cost
+    (`x-llmgw-cache: replay`), waiting for it while it runs; after a failure
+    a repeat runs again, and the same id with a different request is a new
+    call. When empty, the `x-request-id` metadata or a generated id is used,
+    for correlation only.
     """
     @_builtins.property
     def system(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentBlock]:

@@ -164,7 +164,7 @@ class ResponseCache:
             if directives.no_cache:
                 call.outcome = REFRESH
             else:
-                await self._look_up(call, request)
+                await self.look_up(call, request)
         except CacheUnavailableError:
             call.outcome = BYPASS
             await call.close()
@@ -173,7 +173,7 @@ class ResponseCache:
             record.cache_saved_nanos = call.entry.cost_nanos
         return call
 
-    async def _look_up(self, call: CachedCall, request: GenerationRequest) -> None:
+    async def look_up(self, call: CachedCall, request: GenerationRequest) -> None:
         backend = call.backend
         started = time.perf_counter()
         entry = await backend.get(call.key)
@@ -199,7 +199,7 @@ class ResponseCache:
         cost = _storable_cost(events, call.policy)
         if cost is None:
             return
-        entry = CacheEntry(events, cost, self._wall())
+        entry = CacheEntry(events, cost, self._wall(), call.fingerprint)
         encoded = entry.encode()
         if len(encoded) > call.policy.max_entry_bytes:
             return
@@ -231,6 +231,7 @@ class CachedCall:
         "_cache",
         "backend",
         "entry",
+        "fingerprint",
         "key",
         "outcome",
         "policy",
@@ -254,6 +255,8 @@ class CachedCall:
         self.outcome = outcome
         self.ttl_s = policy.ttl_s
         self.key = ""
+        # The request's own key, stored with its answer when `key` is another's.
+        self.fingerprint = ""
         self.entry: CacheEntry | None = None
         self.token: str | None = None  # the single-flight lock, while held
 

@@ -66,12 +66,16 @@ class CacheEntry:
     events: list[StreamEvent]
     cost_nanos: int = 0
     stored_at: float = 0.0  # Unix seconds
+    # The key of the request it answered, when stored under another key
+    # (a request id: server/cache/idempotency.py), so a repeat can be checked.
+    fingerprint: str = ""
 
     def encode(self) -> bytes:
         document = {
             "v": ENTRY_VERSION,
             "cost_nanos": self.cost_nanos,
             "stored_at": self.stored_at,
+            "fingerprint": self.fingerprint,
             "events": [_plain(event) for event in self.events],
         }
         return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
@@ -83,7 +87,12 @@ class CacheEntry:
             if document.get("v") != ENTRY_VERSION:
                 raise EntryDecodeError(f"entry version {document.get('v')!r}")
             decoded = [_built(item) for item in document["events"]]
-            return cls(decoded, int(document["cost_nanos"]), float(document["stored_at"]))
+            return cls(
+                decoded,
+                int(document["cost_nanos"]),
+                float(document["stored_at"]),
+                str(document.get("fingerprint", "")),
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise EntryDecodeError(f"unreadable cache entry: {err}") from err
 

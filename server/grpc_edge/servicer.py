@@ -10,6 +10,7 @@ exception) becomes a gRPC status with google.rpc details.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import uuid
@@ -23,6 +24,8 @@ from grpc._cython.cygrpc import ExecuteBatchError  # type: ignore[import-not-fou
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from server.cache import CACHE_HEADER, CachedCall, ResponseCache, directives_from_metadata
+from server.cache.cache import Upstream
+from server.cache.idempotency import Idempotency
 from server.calls import (
     CallObserver,
     CallRecord,
@@ -179,6 +182,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.drain: Drain | None = None
         # The response cache (server/cache/), when the configuration enables it.
         self.cache: ResponseCache | None = None
+        # The first answers of calls that named a request id (server/cache/idempotency.py).
+        self.idempotency: Idempotency | None = None
 
     @contextmanager
     def _tracked(self) -> Iterator[None]:
@@ -222,8 +227,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         record.observe(event)
                         accumulator.add(event)
                 finally:
-                    if cached is not None:
-                        await cached.close()
+                    for call in cached:
+                        await call.close()
                 response = accumulator.result()
                 context.set_trailing_metadata(
                     _trailers(request_id, response.upstream_request_id, record.cache)
@@ -246,7 +251,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 context.set_trailing_metadata(_trailers(request_id, cache=record.cache))
                 events = self._events(internal, route, cached)
                 # A hit replays the stored events one by one, as they first came.
-                hit = cached is not None and cached.hit
+                hit = any(call.hit for call in cached)
                 if self._coalesce and not route.provider.exact_chunks and not hit:
                     events = coalesce(events)
                 try:
@@ -270,8 +275,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     aclose = getattr(events, "aclose", None)
                     if aclose is not None:
                         await aclose()
-                    if cached is not None:
-                        await cached.close()
+                    for call in cached:
+                        await call.close()
 
     def _accounted(
         self, record: CallRecord, deadline: float | None
@@ -284,11 +289,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         record: CallRecord,
         request: pb.GenerateRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> tuple[str, GenerationRequest, Route, CachedCall | None]:
+    ) -> tuple[str, GenerationRequest, Route, tuple[CachedCall, ...]]:
         """Everything a generation call passes before any upstream call: its request
-        id, the decoded request and its route, the model check, the response cache's
-        lookup, and the quotas that need the decoded request (not for a cache hit,
-        which costs no tokens: the request limits have counted it already)."""
+        id, the decoded request and its route, the model check, the first answer of
+        its request id (server/cache/idempotency.py) and the response cache's lookup
+        (the calls they opened, to be closed when the call ends), and the quotas that
+        need the decoded request (not for a replay or a cache hit, which cost no
+        tokens: the request limits have counted them already)."""
         request_id = record.request_id = request_id_of(request, context)
         if LARGE_REQUEST.get():  # decoded in a step of its own (server/loop_turns.py)
             async with taking_turns():
@@ -307,27 +314,40 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         record.pricing = route.model.pricing
         record.request = internal
         record.end_user = internal.metadata.end_user_id
-        cached = None
-        if self.cache is not None:
-            directives = directives_from_metadata(context.invocation_metadata())
-            cached = await self.cache.open(
-                record, internal, route, protocol=EDGE_PROTOCOL, directives=directives
-            )
-        if self.admission is not None and (cached is None or not cached.hit):
-            try:
-                await self.admission.admit(record, internal, route)
-            except BaseException:
+        opened: list[CachedCall] = []
+        try:
+            # The request id in the field, not the x-request-id metadata that
+            # proxies set on every call: only the caller's own id is a promise.
+            if self.idempotency is not None and request.request_id:
+                first = await self.idempotency.open(record, internal, route, protocol=EDGE_PROTOCOL)
+                if first is not None:
+                    opened.append(first)
+                    if first.hit:
+                        return request_id, internal, route, (first,)
+            if self.cache is not None:
+                directives = directives_from_metadata(context.invocation_metadata())
+                cached = await self.cache.open(
+                    record, internal, route, protocol=EDGE_PROTOCOL, directives=directives
+                )
                 if cached is not None:
-                    await cached.close()
-                raise
-        return request_id, internal, route, cached
+                    opened.insert(0, cached)
+            if self.admission is not None and not any(call.hit for call in opened):
+                await self.admission.admit(record, internal, route)
+        except BaseException:
+            for call in opened:
+                await call.close()
+            raise
+        return request_id, internal, route, tuple(opened)
 
     def _events(
-        self, internal: GenerationRequest, route: Route, cached: CachedCall | None
+        self, internal: GenerationRequest, route: Route, opened: tuple[CachedCall, ...]
     ) -> AsyncIterator[StreamEvent]:
-        if cached is None:
-            return self._router.stream(internal, route)
-        return cached.events(internal, route, self._router.stream)
+        """The router's events, through the response cache and then the request
+        id's store (`opened`, in that order), each replaying on a hit."""
+        events: Upstream = self._router.stream
+        for call in opened:
+            events = functools.partial(call.events, upstream=events)
+        return events(internal, route)
 
     async def CountTokens(
         self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext[Any, Any]
