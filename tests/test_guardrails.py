@@ -558,3 +558,36 @@ def test_the_public_surface() -> None:
         "guarded",
     ]
     assert asyncio.iscoroutinefunction(GuardedRouter.count_tokens)
+
+
+WITHOUT_EXTRA = """
+import sys
+sys.modules["presidio_analyzer"] = None  # as if the pii extra were not installed
+sys.modules["spacy"] = None
+from server.app import Gateway
+from server.config import ConfigError, load_config
+from server.routing import Router
+
+off = load_config(environ={})
+assert not off.guardrails.used
+from server.guardrails import guarded
+router = Router.from_config(off)
+assert guarded(router, off.guardrails) is router
+on = load_config(environ={}, overrides={"guardrails": {"pii": {"action": "block"}}})
+try:
+    Gateway(on)
+except ConfigError as err:
+    print(err)
+"""
+
+
+def test_without_the_extra_the_gateway_starts_unless_guardrails_are_configured() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_EXTRA],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0, done.stderr
+    assert "pip install llm-gateway[pii]" in done.stdout
