@@ -182,8 +182,8 @@ class GuardedRouter(Router):
                 counts[f.entity_type] = counts.get(f.entity_type, 0) + 1
         if result.failure is not None:
             missed = [slots[i][0] for i in result.unanalysed if i < len(slots)]
-            self._report("input", policy, counts, result.seconds, result.failure, [], request_id)
             if policy.fails_closed:
+                self._report("input", policy, {}, result.seconds, result.failure, [], request_id)
                 if result.failure == BUDGET:
                     raise GuardrailScanBudgetError(
                         [
@@ -202,12 +202,10 @@ class GuardedRouter(Router):
                 request_id,
                 result.failure,
             )
+        places = list(by_path)
+        self._report("input", policy, counts, result.seconds, result.failure, places, request_id)
         if not by_path and not doc_by_path:
-            if result.failure is None:
-                self._report("input", policy, counts, result.seconds, None, [], request_id)
             return
-        if result.failure is None:
-            self._report("input", policy, counts, result.seconds, None, list(by_path), request_id)
         if policy.action == BLOCK:
             raise GuardrailBlockedError(
                 [FieldViolation(path, f"contains {_kinds(f)}") for path, f in by_path.items()]
