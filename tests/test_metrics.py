@@ -17,6 +17,7 @@ from server.app import Gateway
 from server.calls import CallRecord
 from server.config import ConfigError, load_config
 from server.routing.attempts import Attempt, RoutedCall
+from server.schema import Usage
 from server.telemetry.metrics import MAX_LABEL_VALUES, OTHER, BoundedLabel, GatewayMetrics
 from tests.conftest import RunningGateway, started
 from tests.fake_upstream import FakeUpstream, Reply
@@ -312,3 +313,20 @@ async def test_made_up_model_names_do_not_take_the_configured_models_labels(
     for metric in ("llmgw_request_duration_seconds_count", "llmgw_upstream_attempts_total"):
         labelled = {dict(labels).get("model") for (name, labels) in found if name == metric}
         assert len(labelled & {*served, *refused}) <= MAX_LABEL_VALUES, metric
+
+
+def test_a_replayed_answer_counts_no_upstream_tokens_or_model_timing() -> None:
+    metrics = GatewayMetrics(process_metrics=False)
+    for outcome in ("miss", "hit", "replay"):
+        record = CallRecord(method="Generate", request_id=outcome)
+        record.provider, record.model_served, record.cache = "anthropic", "claude-test", outcome
+        record.usage = Usage(input_tokens=10, output_tokens=5)
+        record.first_token_at = record.started_at + 0.2
+        record.ended_at = record.started_at + 0.5
+        metrics.observe_call(record)
+    get = metrics.registry.get_sample_value
+    tokens = {"model": "claude-test", "provider": "anthropic", "type": "input"}
+    assert get("llmgw_tokens_total", tokens) == 10  # the miss's alone
+    ttft = {"model": "claude-test", "provider": "anthropic"}
+    assert get("llmgw_time_to_first_token_seconds_count", ttft) == 1
+    assert get("llmgw_cache_calls_total", {"edge": "grpc", "outcome": "hit"}) == 1

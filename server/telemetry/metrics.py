@@ -178,6 +178,10 @@ class _CacheSizeCollector(Collector):
         )
 
 
+# CallRecord.cache outcomes whose answer was replayed, not made upstream.
+_REPLAYED = frozenset({"hit", "replay"})
+
+
 class GatewayMetrics:
     """The gateway's metrics in their own registry (so several gateways can coexist).
 
@@ -230,7 +234,8 @@ class GatewayMetrics:
         )
         self.tokens = Counter(
             "llmgw_tokens",
-            "Tokens by model, provider and type (input, output, cache_read, cache_creation).",
+            "Upstream tokens by model, provider and type (input, output, cache_read,"
+            " cache_creation); answers replayed from the cache count none.",
             ["model", "provider", "type"],
             registry=r,
         )
@@ -335,13 +340,16 @@ class GatewayMetrics:
         if latency is not None:
             self.duration.labels(record.edge, record.method, model, provider).observe(latency)
         usage = record.usage
+        # An answer replayed (a cache hit, a repeated request id) used no
+        # upstream tokens, and its timing is not the model's.
+        replayed = record.cache in _REPLAYED
         ttft = record.time_to_first_token_s
-        if ttft is not None:
+        if ttft is not None and not replayed:
             self.ttft.labels(model, provider).observe(ttft)
             if latency is not None and usage.output_tokens > 1:
                 per_token = (latency - ttft) / (usage.output_tokens - 1)
                 self.tpot.labels(model, provider).observe(per_token)
-        if provider:
+        if provider and not replayed:
             for kind, count in (
                 ("input", usage.input_tokens),
                 ("output", usage.output_tokens),
