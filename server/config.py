@@ -423,7 +423,10 @@ class LimitsConfig(_Strict):
 
 
 class RedisConfig(_Strict):
-    """The Redis holding shared counters when limits.backend is `redis`."""
+    """The Redis that replicas share: the limits' counters (limits.backend:
+    redis), and the response cache's and request ids' answers (cache.backend,
+    idempotency.backend: redis). `failure_mode` is the limits'; the cache and
+    the request ids go on without Redis when it cannot be reached."""
 
     url: str = "redis://127.0.0.1:6379/0"
     # Every Redis command is bounded by this: a call never hangs on Redis.
