@@ -591,3 +591,68 @@ def test_without_the_extra_the_gateway_starts_unless_guardrails_are_configured()
     )
     assert done.returncode == 0, done.stderr
     assert "pip install llm-gateway[pii]" in done.stdout
+
+
+def test_chat_and_responses_documents_are_covered() -> None:
+    from server.guardrails.request_text import document_texts, rewrite_document
+    from server.schema import OPENAI_CHAT, OPENAI_RESPONSES
+
+    email = SAMPLES["EMAIL_ADDRESS"]
+    chat = {
+        "messages": [
+            {"role": "system", "content": f"ops {email}"},
+            {"role": "user", "content": [{"type": "text", "text": f"to {email}"}]},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "id": "c",
+                        "function": {"name": "send", "arguments": json.dumps({"to": email})},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c", "content": f"sent {email}"},
+        ]
+    }
+    responses = {
+        "instructions": f"ops {email}",
+        "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": f"to {email}"}]},
+            {"type": "function_call", "call_id": "c", "name": "send", "arguments": "not json"},
+            {"type": "function_call_output", "call_id": "c", "output": f"sent {email}"},
+            {"type": "reasoning", "encrypted_content": email},
+        ],
+    }
+    for protocol, document, places in (
+        (
+            OPENAI_CHAT,
+            chat,
+            [
+                "messages[0].content",
+                "messages[1].content[0].text",
+                "messages[2].tool_calls[0].function.arguments.to",
+                "messages[3].content",
+            ],
+        ),
+        (
+            OPENAI_RESPONSES,
+            responses,
+            [
+                "instructions",
+                "input[0].content[0].text",
+                "input[1].arguments",
+                "input[2].output",
+            ],
+        ),
+    ):
+        passthrough = Passthrough(protocol, json.dumps(document).encode(), document)
+        assert [path for path, _ in document_texts(passthrough)] == places
+        masked = rewrite_document(passthrough, lambda _, text: text.replace(email, "<E_1>"))
+        assert masked.document is not document and json.loads(masked.body) == masked.document
+        assert masked.body.decode().count(email) == (1 if protocol == OPENAI_RESPONSES else 0)
+    arguments = json.loads(
+        rewrite_document(
+            Passthrough(OPENAI_CHAT, b"{}", chat), lambda _, t: t.replace(email, "<E_1>")
+        ).document["messages"][2]["tool_calls"][0]["function"]["arguments"]
+    )
+    assert arguments == {"to": "<E_1>"}
