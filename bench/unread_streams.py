@@ -225,6 +225,7 @@ async def probe(
     quiet_s: float = 2.0,
     model: str = "endless",
     shed: int = 0,
+    request_ids: bool = False,
 ) -> Result:
     """Opens `streams` unread streams on a fresh gateway and measures what they cost;
     with `shed`, the streams take every slot and `shed` more calls are made."""
@@ -241,7 +242,7 @@ async def probe(
             warm = len(upstream.written)
             async with contextlib.AsyncExitStack() as stack:
                 if edge == "grpc":
-                    await _open_grpc(stack, gateway, streams, max_tokens, model)
+                    await _open_grpc(stack, gateway, streams, max_tokens, model, request_ids)
                 else:
                     await _open_http(stack, gateway, streams, max_tokens)
                 settled = await settle(upstream, quiet_s, limit_s=120)
@@ -276,15 +277,28 @@ async def _shed(gateway: Gateway, calls: int, result: Result) -> None:
 
 
 async def _open_grpc(
-    stack: contextlib.AsyncExitStack, gateway: Gateway, streams: int, max_tokens: int, model: str
+    stack: contextlib.AsyncExitStack,
+    gateway: Gateway,
+    streams: int,
+    max_tokens: int,
+    model: str,
+    request_ids: bool = False,
 ) -> None:
     async def one(i: int) -> None:
         channel = await stack.enter_async_context(
             grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}", options=CLIENT_OPTIONS)
         )
-        call = pb_grpc.GenerationServiceStub(channel).StreamGenerate(
-            ask(max_tokens, f"unread{i}", model)
-        )
+        # The id as x-request-id metadata, which only correlates; in the
+        # request's field it makes the call idempotent, whose answer so far is
+        # then kept for its repeats (within idempotency.max_pending_bytes).
+        if request_ids:
+            call = pb_grpc.GenerationServiceStub(channel).StreamGenerate(
+                ask(max_tokens, f"unread{i}", model)
+            )
+        else:
+            call = pb_grpc.GenerationServiceStub(channel).StreamGenerate(
+                ask(max_tokens, model=model), metadata=(("x-request-id", f"unread{i}"),)
+            )
         stack.callback(call.cancel)
         await call.read()  # message_start: the stream is open; nothing more is read
 

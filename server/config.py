@@ -544,6 +544,9 @@ class CacheConfig(_Strict):
     # Identical calls arriving while the first one's answer is being made wait
     # for it this long at most (single flight), then call the upstream themselves.
     lock_timeout_s: float = Field(30.0, gt=0, le=600)
+    # The answers of calls in flight, kept until complete, hold this much at
+    # most all together; beyond it an answer is not kept (not stored).
+    max_pending_bytes: int = Field(32 * 1024 * 1024, gt=0)
     # Model id, alias or route name -> its own settings.
     models: dict[str, CacheModelConfig] = {}
 
@@ -575,6 +578,9 @@ class IdempotencyConfig(_Strict):
     max_bytes: int = Field(32 * 1024 * 1024, gt=0)
     # A repeat arriving while the first call runs waits this long at most.
     wait_s: float = Field(60.0, gt=0, le=600)
+    # The answers of calls in flight, kept until complete, hold this much at
+    # most all together; beyond it an answer is not kept (its repeat runs again).
+    max_pending_bytes: int = Field(16 * 1024 * 1024, gt=0)
 
 
 # -- Guardrails: PII and secrets (server/guardrails/) ----------------

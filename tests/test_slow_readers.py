@@ -28,7 +28,7 @@ from google.rpc import error_details_pb2
 from bench.unread_streams import CLIENT_OPTIONS, ask, probe
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from server.app import Gateway
-from server.config import load_config
+from server.config import IdempotencyConfig, load_config
 from tests.conftest import detail, rich_status
 from tests.fake_upstream.endless import EndlessUpstream, provider_config
 from tests.test_shutdown_recording import ledger_rows
@@ -208,3 +208,16 @@ async def test_unread_grpc_streams_cost_the_gateway_at_most_256_kib_each() -> No
     # Each stream stopped its upstream (no stream read its whole answer).
     assert max(result.upstream_bytes) < 64 * MiB
     assert result.per_stream <= 256 * 1024, result.lines()
+
+
+async def test_unread_idempotent_streams_keep_their_answers_within_one_budget() -> None:
+    # With a request id, a stream's answer so far is kept for its repeats
+    # (server/cache/idempotency.py): all of them together within
+    # idempotency.max_pending_bytes, however many streams read nothing.
+    streams = 100
+    result = await probe(streams, request_ids=True)
+    print("\n".join(result.lines()))
+    budget = IdempotencyConfig().max_pending_bytes
+    # Half again for what keeping events costs beyond their estimate (the
+    # allocator's pages); unbounded, each stream kept ~1.3 MiB more.
+    assert result.per_stream <= 256 * 1024 + 1.5 * budget / streams, result.lines()

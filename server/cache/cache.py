@@ -50,6 +50,7 @@ from server.events import (
     MessageDelta,
     MessageStart,
     MessageStop,
+    RawChunk,
     StreamEvent,
 )
 from server.routing import Route
@@ -98,6 +99,8 @@ class ResponseCache:
         self._config = config
         self._wall = wall
         self._policies: dict[tuple[str, str], CachePolicy | None] = {}
+        # The answers of calls in flight, kept until they can be stored.
+        self.pending = PendingBytes(config.max_pending_bytes)
         self.backends: dict[str, CacheBackend] = {}
         for name in sorted(config.backends()):
             if name == "redis":
@@ -275,18 +278,36 @@ class CachedCall:
         return self._storing(upstream(request, route))
 
     async def _storing(self, events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
-        collected: list[StreamEvent] = []
+        """The events, kept to be stored once the answer is complete. What is
+        kept is bounded: an answer past the entry's size is dropped (it would
+        not be stored), and so is every answer while all the answers being
+        kept exceed the cache's budget (`ResponseCache.pending`), so a caller
+        who reads nothing (its stream stalled, with the answer so far held)
+        cannot make the gateway keep more than that, however many streams."""
+        collected: list[StreamEvent] | None = []
+        pending = self._cache.pending
+        limit = self.policy.max_entry_bytes
+        size = 0
         stopped = False
         try:
             async for event in events:
-                collected.append(event)
+                if collected is not None:
+                    grown = _size(event)
+                    size += grown
+                    if size > limit or not pending.take(grown):
+                        pending.give(size - grown)
+                        collected = None
+                    else:
+                        collected.append(event)
                 stopped = stopped or isinstance(event, MessageStop)
                 yield event
             # The stream ended as it should: its final event passed (a relayed
             # whole answer's bytes come after it), and no error.
-            if stopped:
+            if stopped and collected is not None:
                 await self._cache.store(self, collected)
         finally:
+            if collected is not None:
+                pending.give(size)
             aclose = getattr(events, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -299,6 +320,37 @@ class CachedCall:
             # When the backend fails, the lock expires by itself.
             with contextlib.suppress(CacheUnavailableError):
                 await self.backend.release(self.key, token)
+
+
+class PendingBytes:
+    """What the answers being kept for storing hold, within a budget (bytes)."""
+
+    __slots__ = ("budget", "held")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.budget:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
+# What an event costs to keep besides its text or bytes (the object).
+_EVENT_OVERHEAD = 112  # measured: a TextDelta with a short text, ~111 bytes
+
+
+def _size(event: StreamEvent) -> int:
+    """About what keeping `event` costs, in bytes."""
+    if isinstance(event, RawChunk):
+        return len(event.data) + _EVENT_OVERHEAD
+    text = getattr(event, "text", None) or getattr(event, "partial_json", None)
+    return (len(text) if isinstance(text, str) else 0) + _EVENT_OVERHEAD
 
 
 async def _replay(entry: CacheEntry, request_id: str) -> AsyncIterator[StreamEvent]:

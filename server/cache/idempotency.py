@@ -68,6 +68,7 @@ class Idempotency:
                 store_max_tokens=True,
                 store_tool_calls=True,
                 lock_timeout_s=config.wait_s,
+                max_pending_bytes=config.max_pending_bytes,
             ),
             redis,
             clock=clock,
