@@ -96,7 +96,7 @@ proto-release: $(STAMP)
 bench: $(STAMP) $(VENV)/.bench-installed bench/.bin/loadgen
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
-## bench-peer: the SDK and HTTP (Messages, Chat Completions) scenarios through LiteLLM's proxy (own venv), side by side (about 6 minutes; BENCH_ARGS=--repeat 3, about 17)
+## bench-peer: the SDK and HTTP (Messages, Chat Completions, Responses) scenarios through LiteLLM's proxy (own venv), side by side (about 6 minutes; BENCH_ARGS=--repeat 3, about 17)
 bench-peer: $(STAMP) $(VENV)/.bench-installed bench/.bin/loadgen
 	$(BIN)/python -m bench.peer $(BENCH_ARGS)
 
