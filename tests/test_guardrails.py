@@ -328,6 +328,21 @@ async def test_output_mask_holds_back_a_value_split_between_deltas(analyze: Any)
     assert inputs == ['{"n": "<CREDIT_CARD_1>"}']
 
 
+async def test_output_mask_holds_back_a_jwt_longer_than_the_window(analyze: Any) -> None:
+    # Its payload runs past the 128-character window before its signature
+    # arrives: the value is held from its second part on, never half sent.
+    header = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
+    payload = "eyJ" + "c3ViIjoiMTIzNDU2Nzg5MCIsIm5hbWUiOiJKb2huIERvZSJ9" * 5
+    token = f"{header}.{payload}.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0"
+    pieces = [token[i : i + 16] for i in range(0, len(token), 16)]
+    events = answer("Your token: ", *pieces, " keep it safe.")
+    router, _ = gate(analyze, events, scope="output")
+    out = await collect(router, conversation("hello"))
+    text = text_of(out)
+    assert text == "Your token: <JWT_1> keep it safe."
+    assert payload[:20] not in text
+
+
 async def test_output_block_ends_the_stream_before_the_value(analyze: Any) -> None:
     filler = "Nothing to see in this part of the answer at all. " * 6
     events = answer(filler, "key AKIAIOSF", "ODNN7EXAMPLE and more text after it", filler)

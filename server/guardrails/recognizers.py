@@ -42,7 +42,8 @@ SECRET_PATTERNS: dict[str, list[tuple[str, str, float]]] = {
     "JWT": [
         (
             "jwt",
-            r"(?-i:\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*)",
+            # The signature optional: a payload still arriving is held back.
+            r"(?-i:\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}(?:\.[A-Za-z0-9_\-]*)?)",
             0.9,
         ),
     ],
