@@ -695,14 +695,14 @@ async def test_the_memory_backend_evicts_the_least_recently_used_beyond_its_byte
     backend = MemoryBackend(max_bytes=300)
     entry = CacheEntry(ANSWER)
     for key in ("a", "b", "c"):
-        await backend.put(key, entry, b"x" * 100, 60)
+        await backend.put(key, entry, 100, 60)
     assert backend.bytes == 300 and backend.evictions == 0
     assert await backend.get("a") is not None  # a is now the most recently used
-    await backend.put("d", entry, b"x" * 100, 60)
+    await backend.put("d", entry, 100, 60)
     assert backend.evictions == 1
     assert await backend.get("b") is None
     assert all([await backend.get(k) for k in ("a", "c", "d")])
-    await backend.put("big", entry, b"x" * 301, 60)  # over the whole bound: not kept
+    await backend.put("big", entry, 301, 60)  # over the whole bound: not kept
     assert await backend.get("big") is None and backend.bytes == 300
 
 

@@ -52,7 +52,10 @@ class CacheBackend(Protocol):
 
     async def get(self, key: str) -> CacheEntry | None: ...
 
-    async def put(self, key: str, entry: CacheEntry, encoded: bytes, ttl_s: float) -> None: ...
+    async def put(self, key: str, entry: CacheEntry, size: int, ttl_s: float) -> None:
+        """Keeps `entry` (about `size` bytes: its texts and bytes, and each event's
+        object) for `ttl_s`."""
+        ...
 
     async def acquire(self, key: str, ttl_s: float) -> str | None:
         """Takes the single-flight lock of `key`: a token to release it with, or None
@@ -76,7 +79,8 @@ class _Stored:
 
 
 class MemoryBackend:
-    """An LRU of entries in this process, bounded by the sum of their encoded sizes.
+    """An LRU of entries in this process, bounded by the sum of their sizes (each
+    answer's texts and bytes and its events' objects, as the cache counts them).
 
     `clock` (seconds, monotonic) decides expiry; tests inject one.
     """
@@ -105,8 +109,7 @@ class MemoryBackend:
         self._entries.move_to_end(key)
         return stored.entry
 
-    async def put(self, key: str, entry: CacheEntry, encoded: bytes, ttl_s: float) -> None:
-        size = len(encoded)
+    async def put(self, key: str, entry: CacheEntry, size: int, ttl_s: float) -> None:
         if size > self._max_bytes:
             return
         if key in self._entries:
@@ -207,8 +210,8 @@ class RedisCacheBackend:
             log.warning("response cache: an unreadable entry in Redis is ignored (%s)", err)
             return None
 
-    async def put(self, key: str, entry: CacheEntry, encoded: bytes, ttl_s: float) -> None:
-        data = compress(encoded)
+    async def put(self, key: str, entry: CacheEntry, size: int, ttl_s: float) -> None:
+        data = compress(entry.encode())
         milliseconds = max(1, round(ttl_s * 1000))
         await self._run("set", lambda: self._redis.set(self._prefix + key, data, px=milliseconds))
 

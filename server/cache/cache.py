@@ -197,17 +197,16 @@ class ResponseCache:
             call.outcome = HIT
             call.entry = entry
 
-    async def store(self, call: CachedCall, events: list[StreamEvent]) -> None:
-        """Stores a finished answer, if it may be (see the module's docstring)."""
+    async def store(self, call: CachedCall, events: list[StreamEvent], size: int) -> None:
+        """Stores a finished answer of about `size` bytes, if it may be (see the
+        module's docstring). Only Redis encodes it: the memory backend keeps
+        the events themselves."""
         cost = _storable_cost(events, call.policy)
-        if cost is None:
+        if cost is None or size > call.policy.max_entry_bytes:
             return
         entry = CacheEntry(events, cost, self._wall(), call.fingerprint)
-        encoded = entry.encode()
-        if len(encoded) > call.policy.max_entry_bytes:
-            return
         try:
-            await call.backend.put(call.key, entry, encoded, call.ttl_s)
+            await call.backend.put(call.key, entry, size, call.ttl_s)
         except CacheUnavailableError:
             return
 
@@ -304,7 +303,7 @@ class CachedCall:
             # The stream ended as it should: its final event passed (a relayed
             # whole answer's bytes come after it), and no error.
             if stopped and collected is not None:
-                await self._cache.store(self, collected)
+                await self._cache.store(self, collected, size)
         finally:
             if collected is not None:
                 pending.give(size)

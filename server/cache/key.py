@@ -61,16 +61,32 @@ def cache_key(request: GenerationRequest, route: Route, *, protocol: str, scope:
 
 def _encode(value: Any, out: list[bytes]) -> None:
     """Appends the canonical encoding of `value` (type-tagged, length-prefixed)."""
-    if value is None:
+    kind = type(value)
+    if kind is str:
+        data = value.encode("utf-8", "surrogatepass")
+        out.append(b"s%d:" % len(data))
+        out.append(data)
+    elif kind is list or kind is tuple:
+        out.append(b"[%d:" % len(value))
+        for item in value:
+            _encode(item, out)
+    elif kind in _DATACLASS_FIELDS or (
+        dataclasses.is_dataclass(value) and not isinstance(value, type)
+    ):
+        head, fields = _DATACLASS_FIELDS.get(kind) or _dataclass_fields(kind)
+        out.append(head)
+        for name, encoded_name in fields:
+            out.append(encoded_name)
+            _encode(getattr(value, name), out)
+        out.append(b">")
+    elif value is None:
         out.append(b"N")
     elif value is True:
         out.append(b"T")
     elif value is False:
         out.append(b"F")
-    elif isinstance(value, str):
-        data = value.encode("utf-8", "surrogatepass")
-        out.append(b"s%d:" % len(data))
-        out.append(data)
+    elif isinstance(value, str):  # a str subclass
+        _encode(str(value), out)
     elif isinstance(value, enum.Enum):
         out.append(b"e")
         _encode(type(value).__name__, out)
@@ -84,9 +100,7 @@ def _encode(value: Any, out: list[bytes]) -> None:
         out.append(b"b%d:" % len(data))
         out.append(data)
     elif isinstance(value, list | tuple):
-        out.append(b"[%d:" % len(value))
-        for item in value:
-            _encode(item, out)
+        _encode(list(value), out)
     elif isinstance(value, dict):
         items = []
         for key, item in value.items():
@@ -98,17 +112,26 @@ def _encode(value: Any, out: list[bytes]) -> None:
         for key_bytes, item in items:
             out.append(key_bytes)
             _encode(item, out)
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        kind = type(value)
-        excluded = EXCLUDED.get(kind, frozenset())
-        out.append(b"<")
-        _encode(kind.__name__, out)
-        for field in dataclasses.fields(value):
-            if field.name not in excluded:
-                _encode(field.name, out)
-                _encode(getattr(value, field.name), out)
-        out.append(b">")
     else:
         # A type the key does not know: refuse rather than guess (the caller
         # skips the cache for this call).
         raise TypeError(f"cannot put a {type(value).__name__} in a cache key")
+
+
+# A dataclass's encoding, once per class: "<" and its name, and each field's
+# name (less EXCLUDED's) encoded, in order.
+_DATACLASS_FIELDS: dict[type, tuple[bytes, tuple[tuple[str, bytes], ...]]] = {}
+
+
+def _dataclass_fields(kind: type) -> tuple[bytes, tuple[tuple[str, bytes], ...]]:
+    excluded = EXCLUDED.get(kind, frozenset())
+    head: list[bytes] = [b"<"]
+    _encode(kind.__name__, head)
+    fields = []
+    for field in dataclasses.fields(kind):
+        if field.name not in excluded:
+            name: list[bytes] = []
+            _encode(field.name, name)
+            fields.append((field.name, b"".join(name)))
+    found = _DATACLASS_FIELDS[kind] = (b"".join(head), tuple(fields))
+    return found
