@@ -32,10 +32,13 @@ var (
 	anthropicStop  = []byte("event: message_stop")
 	responsesDelta = []byte("event: response.output_text.delta")
 	responsesDone  = []byte("event: response.completed")
-	openaiDone     = []byte("data: [DONE]")
-	dataPrefix     = []byte("data:")
-	eventPrefix    = []byte("event:")
-	contentKey     = []byte(`"content":`)
+	// The same, as a data line's type.
+	responsesDeltaType = []byte(`"type":"response.output_text.delta"`)
+	responsesDoneType  = []byte(`"type":"response.completed"`)
+	openaiDone         = []byte("data: [DONE]")
+	dataPrefix         = []byte("data:")
+	eventPrefix        = []byte("event:")
+	contentKey         = []byte(`"content":`)
 )
 
 // openaiContent says whether an OpenAI chunk's line carries non-empty text content.
@@ -122,10 +125,13 @@ func httpCaller(url string, headerLines []string, method string, body []byte, co
 				case bytes.HasPrefix(line, openaiDone):
 					ended = true
 				case !events && bytes.HasPrefix(line, dataPrefix):
-					// OpenAI's chunks: data lines with no event line.
+					// OpenAI's chunks: data lines with no event line (some servers
+					// send the Responses API's events so too: their type says).
 					messages++
-					if openaiContent(line) {
+					if openaiContent(line) || bytes.Contains(line, responsesDeltaType) {
 						t.content()
+					} else if bytes.Contains(line, responsesDoneType) {
+						ended = true
 					}
 				}
 			}
