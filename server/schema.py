@@ -278,3 +278,13 @@ class GenerationResponse:
     usage: Usage = field(default_factory=Usage)
     cost: Cost = field(default_factory=Cost)
     routing: RoutingDecision | None = None
+
+
+# Service tiers billed at a price of their own, which the gateway does not
+# price (OpenAI's priority processing: about twice the standard rates): a call
+# asking for one would be reserved and charged at the standard price, so it is
+# refused, on every path (provider_options, a relayed body).
+UNPRICED_SERVICE_TIERS = frozenset({"priority"})
+UNPRICED_SERVICE_TIER = (
+    "{tier!r} is billed at a price this gateway does not charge; use 'auto' or 'default'"
+)

@@ -762,6 +762,25 @@ async def test_n_above_one_is_refused_by_translation(
     assert not fake.requests
 
 
+@pytest.mark.parametrize("model", [SAME_NAME, "claude-test"])
+async def test_priority_processing_is_refused_as_unpriced(
+    url: str, fake: FakeUpstream, model: str
+) -> None:
+    # OpenAI bills it at its own, higher price, which the gateway would not
+    # charge: relayed or translated, the call is refused before any upstream.
+    with pytest.raises(openai.BadRequestError) as refused:
+        await openai_client(url).chat.completions.create(
+            model=model, messages=HELLO, service_tier="priority"
+        )
+    assert refused.value.param == "service_tier"
+    assert not fake.requests
+    fake.enqueue(Reply(blocks=[Text("Fine.")]))
+    done = await openai_client(url).chat.completions.create(
+        model=model, messages=HELLO, service_tier="default"
+    )
+    assert done.choices[0].message.content == "Fine."
+
+
 @pytest.mark.parametrize(
     ("stop_reason", "blocks", "expected"),
     [

@@ -970,6 +970,15 @@ async def test_claudes_sealed_thinking_is_left_out_of_a_pass_through_to_openai(
     assert not any(SEALED_PREFIX in json.dumps(item) for item in relayed)
 
 
+async def test_priority_processing_is_refused_as_unpriced(url: str, fake: FakeUpstream) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        await openai_client(url).responses.create(
+            model=SAME_NAME, input="Hi", service_tier="priority"
+        )
+    assert refused.value.param == "service_tier"
+    assert not fake.requests
+
+
 # -- translated calls in the ledger -------------------------------------------------------
 
 

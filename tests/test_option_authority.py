@@ -65,6 +65,9 @@ PROBES: list[tuple[dict[str, Any], str]] = [
     ({"extra_headers": {"Host": "elsewhere"}}, "provider_options.extra_headers.Host"),
     ({"extra_query": {"model": "claude-opus-5-5"}}, "provider_options.extra_query.model"),
     ({"extra_query": {"api-key": "sk-other"}}, "provider_options.extra_query.api-key"),
+    # Billed at a price of its own, which the gateway does not charge.
+    ({"service_tier": "priority"}, "provider_options.service_tier"),
+    ({"extra_body": {"service_tier": "priority"}}, "provider_options.extra_body.service_tier"),
 ]
 
 

@@ -14,6 +14,7 @@ import math
 from typing import Any, ClassVar, TypeGuard
 
 from server.errors import FieldViolation, InvalidArgumentError
+from server.schema import UNPRICED_SERVICE_TIER, UNPRICED_SERVICE_TIERS
 
 
 def is_int(value: Any) -> TypeGuard[int]:
@@ -79,3 +80,10 @@ class FieldCollector:
                     self.dropped.append(field)
                 else:
                     self.unsupported(field)
+
+
+def refuse_unpriced_tier(d: FieldCollector, body: dict[str, Any]) -> None:
+    """A `service_tier` the gateway does not price (server/schema.py) is refused."""
+    tier = body.get("service_tier")
+    if isinstance(tier, str) and tier in UNPRICED_SERVICE_TIERS:
+        d.bad("service_tier", UNPRICED_SERVICE_TIER.format(tier=tier))

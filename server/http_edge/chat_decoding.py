@@ -51,7 +51,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.errors import FieldViolation, InvalidArgumentError
-from server.http_edge.body_fields import FieldCollector, compact, is_int, is_number
+from server.http_edge.body_fields import (
+    FieldCollector,
+    compact,
+    is_int,
+    is_number,
+    refuse_unpriced_tier,
+)
 from server.http_edge.json_decoding import refuse_lone_surrogates
 from server.schema import (
     CacheControl,
@@ -182,6 +188,7 @@ def decode_chat(body: object, *, request_id: str, deadline: float | None) -> Dec
     refuse_lone_surrogates(body)
     d = _BodyDecoder()
     d.extras(body, _REQUEST_KEYS, "", _DROPPABLE_REQUEST_KEYS)
+    refuse_unpriced_tier(d, body)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         d.bad("model", "must be a non-empty string naming a model")

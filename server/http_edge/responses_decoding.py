@@ -57,7 +57,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.errors import FieldViolation, InvalidArgumentError
-from server.http_edge.body_fields import FieldCollector, compact, is_int, is_number
+from server.http_edge.body_fields import (
+    FieldCollector,
+    compact,
+    is_int,
+    is_number,
+    refuse_unpriced_tier,
+)
 from server.http_edge.json_decoding import refuse_lone_surrogates
 from server.http_edge.responses_encoding import open_thinking
 from server.schema import (
@@ -209,6 +215,7 @@ def decode_responses(body: object, *, request_id: str, deadline: float | None) -
     refuse_lone_surrogates(body)
     d = _BodyDecoder()
     d.extras(body, _REQUEST_KEYS, "", _DROPPABLE_REQUEST_KEYS)
+    refuse_unpriced_tier(d, body)
     d.stateless(body)
     model = body.get("model")
     if not isinstance(model, str) or not model:

@@ -50,7 +50,13 @@ from server.errors import (
 )
 from server.providers._transport import HttpTransport
 from server.providers.base import ProviderSettings
-from server.schema import Capabilities, ModelInfo, Pricing
+from server.schema import (
+    UNPRICED_SERVICE_TIER,
+    UNPRICED_SERVICE_TIERS,
+    Capabilities,
+    ModelInfo,
+    Pricing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -416,6 +422,8 @@ def merge_provider_options(
         value = _integral_floats_as_ints(value)
         if key in GATEWAY_FIELDS:
             violations.append(FieldViolation(path, _SET_BY_GATEWAY))
+        elif key == "service_tier" and isinstance(value, str) and value in UNPRICED_SERVICE_TIERS:
+            violations.append(FieldViolation(path, UNPRICED_SERVICE_TIER.format(tier=value)))
         elif key in ("extra_headers", "extra_query", "extra_body"):
             if not isinstance(value, dict):
                 violations.append(FieldViolation(path, "must be an object"))
@@ -435,7 +443,11 @@ def merge_provider_options(
 def _refused_entries(where: str, entries: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The entries of extra_headers, extra_query or extra_body the caller may not set."""
     if where == "extra_body":
-        return [(name, _SET_BY_GATEWAY) for name in entries if name in GATEWAY_FIELDS]
+        refused = [(name, _SET_BY_GATEWAY) for name in entries if name in GATEWAY_FIELDS]
+        tier = entries.get("service_tier")
+        if isinstance(tier, str) and tier in UNPRICED_SERVICE_TIERS:
+            refused.append(("service_tier", UNPRICED_SERVICE_TIER.format(tier=tier)))
+        return refused
     if where == "extra_query":
         return [(name, _SET_BY_GATEWAY) for name in entries if name.lower() in GATEWAY_QUERY]
     refused = [(name, "must be a string") for name, v in entries.items() if not isinstance(v, str)]
