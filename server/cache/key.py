@@ -70,15 +70,8 @@ def _encode(value: Any, out: list[bytes]) -> None:
         out.append(b"[%d:" % len(value))
         for item in value:
             _encode(item, out)
-    elif kind in _DATACLASS_FIELDS or (
-        dataclasses.is_dataclass(value) and not isinstance(value, type)
-    ):
-        head, fields = _DATACLASS_FIELDS.get(kind) or _dataclass_fields(kind)
-        out.append(head)
-        for name, encoded_name in fields:
-            out.append(encoded_name)
-            _encode(getattr(value, name), out)
-        out.append(b">")
+    elif kind in _DATACLASS_FIELDS:
+        _encode_dataclass(value, _DATACLASS_FIELDS[kind], out)
     elif value is None:
         out.append(b"N")
     elif value is True:
@@ -112,10 +105,23 @@ def _encode(value: Any, out: list[bytes]) -> None:
         for key_bytes, item in items:
             out.append(key_bytes)
             _encode(item, out)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        _encode_dataclass(value, _dataclass_fields(kind), out)
     else:
         # A type the key does not know: refuse rather than guess (the caller
         # skips the cache for this call).
         raise TypeError(f"cannot put a {type(value).__name__} in a cache key")
+
+
+def _encode_dataclass(
+    value: Any, encoding: tuple[bytes, tuple[tuple[str, bytes], ...]], out: list[bytes]
+) -> None:
+    head, fields = encoding
+    out.append(head)
+    for name, encoded_name in fields:
+        out.append(encoded_name)
+        _encode(getattr(value, name), out)
+    out.append(b">")
 
 
 # A dataclass's encoding, once per class: "<" and its name, and each field's
