@@ -9,6 +9,7 @@ records the bytes it sent (`SentLog`), or with httpx2 for raw bytes.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,3 +110,14 @@ async def front_door(
 @pytest.fixture
 def url(front_door: RunningGateway) -> str:
     return base_url(front_door)
+
+
+# The keep-alives a stream may carry before or between the upstream's events
+# (http.ping_interval_s is 0.2 s in these tests: a loaded machine sends one):
+# the gateway's own, not the upstream's bytes.
+_KEEPALIVES = re.compile(rb": ping\n\n|: keep-alive\n\n|event: ping\ndata: \{[^\n]*\}\n\n")
+
+
+def without_pings(stream: bytes) -> bytes:
+    """A relayed stream's bytes less the gateway's keep-alives."""
+    return _KEEPALIVES.sub(b"", stream)

@@ -39,7 +39,7 @@ from tests.fake_upstream import (
     Usage,
     responses_wire,
 )
-from tests.http_fixtures import SentLog
+from tests.http_fixtures import SentLog, without_pings
 from tests.openai_responses_grammar import Event, check_responses_stream
 from tests.test_http_front_door import INPUT_NANOS, OUTPUT_NANOS, ledger_row, rid
 from tests.upstream_fixtures import OPENAI_KEY
@@ -266,7 +266,7 @@ async def test_pass_through_stream_is_relayed_event_by_event_byte_for_byte(
     response = await responses_post(url, body)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
-    assert response.content == b"".join(responses_wire.stream_events(reply, body))
+    assert without_pings(response.content) == b"".join(responses_wire.stream_events(reply, body))
     events = check_responses_stream(response.content)
     assert events[-1][0] == "response.completed"
 
@@ -331,7 +331,7 @@ async def test_pass_through_error_event_mid_stream_reaches_the_client(
     assert response.status_code == 200
     events = responses_wire.stream_events(reply, body)
     error_event = responses_wire.stream_error_event(reply, body)
-    assert response.content == b"".join(events[:5]) + error_event
+    assert without_pings(response.content) == b"".join(events[:5]) + error_event
     # The checker takes the SDK's ResponseErrorEvent (a top-level message); the
     # fake sends OpenAI's error envelope, which the SDK raises as an APIError.
     check_responses_stream(response.content[: -len(error_event)], partial=True)
@@ -384,7 +384,9 @@ async def test_pass_through_response_failed_reaches_the_client(
     response = await responses_post(url, body, **{"x-request-id": call_id})
     assert response.status_code == 200
     expected = b"".join(responses_wire.stream_events(reply, body)[:9])
-    assert response.content == expected + responses_wire.stream_error_event(reply, body)
+    assert without_pings(response.content) == expected + responses_wire.stream_error_event(
+        reply, body
+    )
     events = check_responses_stream(response.content)
     assert events[-1][0] == "response.failed"
     failed = last_response(events)
