@@ -102,7 +102,9 @@ async def outcome(call: object) -> grpc.StatusCode:
 
 async def test_concurrency_cap(tmp_path: Path) -> None:
     async with limited_gateway(tmp_path, **{"limits.default.max_concurrent": 2}) as gw:
-        slow = request("a b c d e f g h", provider_options={"chunk_delay_ms": 50})
+        # Streams slow enough (2 s) that both still hold their slots when the
+        # third call comes, however loaded the machine.
+        slow = request("a b c d e f g h", provider_options={"chunk_delay_ms": 250})
         first = gw.stub.StreamGenerate(slow)
         second = gw.stub.StreamGenerate(slow)
         await first.read()
