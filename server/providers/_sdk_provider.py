@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import httpx2
 
-from server.errors import GatewayError
+from server.errors import FieldViolation, GatewayError, InvalidArgumentError
 from server.providers._transport import HttpTransport, http_client
 from server.providers._upstream import (
     PLACEHOLDER_KEY,
@@ -24,9 +24,10 @@ from server.providers._upstream import (
     UpstreamModel,
     UpstreamSettings,
     log_upstream_failure,
+    refuse,
 )
 from server.providers.base import Provider
-from server.schema import ModelInfo, Pricing
+from server.schema import GenerationRequest, ModelInfo, Pricing, dearest_pricing
 
 ModelT = TypeVar("ModelT", bound=UpstreamModel)
 
@@ -87,6 +88,25 @@ class SdkProvider(Provider, Generic[ModelT]):
     def create(cls, name: str, settings: Any) -> SdkProvider[ModelT]:
         return cls(name, settings)
 
+    def create_arguments(self, request: GenerationRequest) -> dict[str, Any]:
+        """The SDK's `create` keyword arguments for `request` (stream and timeout
+        aside); raises InvalidArgumentError with every violation."""
+        kwargs, violations = self._arguments(request)
+        refuse(violations)
+        return kwargs
+
+    def refusal(self, request: GenerationRequest) -> InvalidArgumentError | None:
+        passthrough = request.passthrough
+        if passthrough is not None and passthrough.protocol in self.relays:
+            return None  # sent as it came: the upstream judges it
+        violations = self._arguments(request)[1]
+        return InvalidArgumentError(violations) if violations else None
+
+    def _arguments(self, request: GenerationRequest) -> tuple[dict[str, Any], list[FieldViolation]]:
+        """The call's keyword arguments and what in `request` they cannot carry: the
+        one function both `create_arguments` and `refusal` use."""
+        raise NotImplementedError
+
     def models(self) -> Sequence[ModelInfo]:
         return self._infos
 
@@ -110,12 +130,7 @@ class SdkProvider(Provider, Generic[ModelT]):
         shared = [_shared_prefix(name, model_id) for name, _ in listed]
         longest = max(shared, default=0)
         family = [price for (_, price), n in zip(listed, shared, strict=True) if n == longest]
-        return Pricing(
-            input_per_mtok=max((p.input_per_mtok for p in family), default=0.0),
-            output_per_mtok=max((p.output_per_mtok for p in family), default=0.0),
-            cache_read_per_mtok=max((p.cache_read_per_mtok for p in family), default=0.0),
-            cache_creation_per_mtok=max((p.cache_creation_per_mtok for p in family), default=0.0),
-        )
+        return dearest_pricing(family)
 
     def _map_error(self, err: Any, model: str, upstream_request_id: str) -> GatewayError:
         """The one place this provider's SDK failures become GatewayErrors."""

@@ -37,7 +37,6 @@ from server.errors import (
     DeadlineExceededError,
     FieldViolation,
     GatewayError,
-    InvalidArgumentError,
     UpstreamReply,
     UpstreamStreamInterruptedError,
 )
@@ -57,7 +56,6 @@ from server.providers._upstream import (
     malformed_answer,
     merge_provider_options,
     post_arguments,
-    refuse,
     replay,
     retry_after_seconds,
     sampling_arguments,
@@ -158,20 +156,6 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
     Model = AnthropicModel
     catalog = ANTHROPIC_MODELS
     default_prefixes = ANTHROPIC_PREFIXES
-
-    def create_arguments(self, request: GenerationRequest) -> dict[str, Any]:
-        """The `messages.create` keyword arguments for `request` (stream and timeout
-        aside); raises InvalidArgumentError with every violation."""
-        kwargs, violations = self._arguments(request)
-        refuse(violations)
-        return kwargs
-
-    def refusal(self, request: GenerationRequest) -> InvalidArgumentError | None:
-        passthrough = request.passthrough
-        if passthrough is not None and passthrough.protocol in self.relays:
-            return None  # sent as it came: the upstream judges it
-        violations = self._arguments(request)[1]
-        return InvalidArgumentError(violations) if violations else None
 
     def _arguments(self, request: GenerationRequest) -> tuple[dict[str, Any], list[FieldViolation]]:
         """The call's keyword arguments and what in `request` they cannot carry: the

@@ -49,7 +49,6 @@ from server.errors import (
     DeadlineExceededError,
     FieldViolation,
     GatewayError,
-    InvalidArgumentError,
     UpstreamReply,
     UpstreamStreamInterruptedError,
 )
@@ -77,7 +76,6 @@ from server.providers._upstream import (
     malformed_answer,
     merge_provider_options,
     post_arguments,
-    refuse,
     replay,
     retry_after_seconds,
     sampling_arguments,
@@ -175,20 +173,6 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         if responses is None:
             responses = settings.base_url is None
         self.relays = frozenset({OPENAI_CHAT, OPENAI_RESPONSES} if responses else {OPENAI_CHAT})
-
-    def create_arguments(self, request: GenerationRequest) -> dict[str, Any]:
-        """The `chat.completions.create` keyword arguments for `request` (stream and
-        timeout aside); raises InvalidArgumentError with every violation."""
-        kwargs, violations = self._arguments(request)
-        refuse(violations)
-        return kwargs
-
-    def refusal(self, request: GenerationRequest) -> InvalidArgumentError | None:
-        passthrough = request.passthrough
-        if passthrough is not None and passthrough.protocol in self.relays:
-            return None  # sent as it came: the upstream judges it
-        violations = self._arguments(request)[1]
-        return InvalidArgumentError(violations) if violations else None
 
     def _arguments(self, request: GenerationRequest) -> tuple[dict[str, Any], list[FieldViolation]]:
         """The call's keyword arguments and what in `request` they cannot carry: the
