@@ -9,6 +9,7 @@ the hot path of every call; pydantic is kept for configuration.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -212,6 +213,17 @@ class Pricing:
     output_per_mtok: float = 0.0
     cache_read_per_mtok: float = 0.0
     cache_creation_per_mtok: float = 0.0
+
+
+def dearest_pricing(prices: Iterable[Pricing]) -> Pricing:
+    """Each price at its highest among `prices` (all zero when there are none)."""
+    listed = list(prices)
+    return Pricing(
+        input_per_mtok=max((p.input_per_mtok for p in listed), default=0.0),
+        output_per_mtok=max((p.output_per_mtok for p in listed), default=0.0),
+        cache_read_per_mtok=max((p.cache_read_per_mtok for p in listed), default=0.0),
+        cache_creation_per_mtok=max((p.cache_creation_per_mtok for p in listed), default=0.0),
+    )
 
 
 @dataclass(slots=True, frozen=True)

@@ -80,6 +80,7 @@ from server.schema import (
     ThinkingBlock,
     TokenCount,
     TokenCountRequest,
+    dearest_pricing,
 )
 
 log = logging.getLogger(__name__)
@@ -339,7 +340,7 @@ class Router:
             config.alias,
             every,
             display_name=f"Smart routing ({served})",
-            pricing=_dearest(d.model.pricing for d in every),
+            pricing=dearest_pricing(d.model.pricing for d in every),
         )
 
         def choose(request: GenerationRequest) -> tuple[Route, str, str]:
@@ -757,14 +758,3 @@ class Router:
     async def aclose(self) -> None:
         for provider in self._providers:
             await provider.aclose()
-
-
-def _dearest(prices: Iterable[Pricing]) -> Pricing:
-    """Each price at its highest among `prices`."""
-    listed = list(prices)
-    return Pricing(
-        input_per_mtok=max(p.input_per_mtok for p in listed),
-        output_per_mtok=max(p.output_per_mtok for p in listed),
-        cache_read_per_mtok=max(p.cache_read_per_mtok for p in listed),
-        cache_creation_per_mtok=max(p.cache_creation_per_mtok for p in listed),
-    )
