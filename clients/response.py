@@ -17,7 +17,7 @@ that hold an integer exactly).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from google.protobuf import json_format, struct_pb2
 
@@ -52,7 +52,34 @@ def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
     return result
 
 
-class ResponseBlock:
+_M = TypeVar("_M", pb.ContentBlock, pb.GenerateResponse)
+
+
+class _ProtoView(Generic[_M]):
+    """A view of a protobuf message (`proto`): its fields read through, equal
+    to the message (or another view of it), printed as it."""
+
+    __slots__ = ("proto",)
+    proto: _M
+
+    def __getattr__(self, name: str) -> Any:
+        # Not set yet (copy, pickle): no recursion.
+        if name == "proto" or name in type(self).__slots__:
+            raise AttributeError(name)
+        return getattr(self.proto, name)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _ProtoView):
+            return bool(self.proto == other.proto)
+        return bool(self.proto == other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the message is
+
+    def __str__(self) -> str:
+        return str(self.proto)
+
+
+class ResponseBlock(_ProtoView[pb.ContentBlock]):
     """One content block: `type` names it (`"text"`, `"tool_use"`, `"thinking"`, ...).
 
     A tool call also has `id`, `name` and `input` (a plain dict), as in the
@@ -60,7 +87,7 @@ class ResponseBlock:
     `tool_use`, `WhichOneof`, ...); `.proto` is the block itself.
     """
 
-    __slots__ = ("_input", "proto")
+    __slots__ = ("_input",)
 
     def __init__(self, proto: pb.ContentBlock, tool_input: dict[str, Any] | None = None) -> None:
         self.proto = proto
@@ -88,26 +115,11 @@ class ResponseBlock:
             self._input = struct_to_dict(self.proto.tool_use.input)
         return self._input
 
-    def __getattr__(self, name: str) -> Any:
-        if name in self.__slots__:  # not set yet (copy, pickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.proto, name)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, ResponseBlock):
-            return self.proto == other.proto
-        return self.proto == other
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, as the message is
-
-    def __str__(self) -> str:
-        return str(self.proto)
-
     def __repr__(self) -> str:
         return f"ResponseBlock({self.type}: {self.proto!r})"
 
 
-class Response:
+class Response(_ProtoView[pb.GenerateResponse]):
     """A GenerateResponse with `stop_reason` as a name and `content` as ResponseBlocks.
 
     `stop_reason` is `"end_turn"`, `"max_tokens"`, `"stop_sequence"`,
@@ -116,7 +128,7 @@ class Response:
     number is `.proto.stop_reason`. Every other attribute is the message's.
     """
 
-    __slots__ = ("_inputs", "proto")
+    __slots__ = ("_inputs",)
 
     def __init__(
         self, proto: pb.GenerateResponse, tool_inputs: Mapping[int, dict[str, Any]] | None = None
@@ -157,21 +169,6 @@ class Response:
     @property
     def provider(self) -> str:
         return self.proto.provider
-
-    def __getattr__(self, name: str) -> Any:
-        if name in self.__slots__:  # not set yet (copy, pickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.proto, name)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Response):
-            return self.proto == other.proto
-        return self.proto == other
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, as the message is
-
-    def __str__(self) -> str:
-        return str(self.proto)
 
     def __repr__(self) -> str:
         return f"Response({self.proto!r})"
