@@ -45,7 +45,10 @@ class GatewayAuth:
         server keys create`; until then every credential is refused.
         """
         store = KeyStore(
-            config.key_store, cache_ttl=config.cache_ttl_s, key_ttl_days=config.key_ttl_days
+            config.key_store,
+            cache_ttl=config.cache_ttl_s,
+            key_ttl_days=config.key_ttl_days,
+            allow_keys_without_expiry=config.allow_keys_without_expiry,
         )
         ring = SigningKeyRing(config.signing_keys_dir, pinned_kid=config.signing_key_id)
         ring.load()

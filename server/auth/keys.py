@@ -37,11 +37,17 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from server.identity import ALL_MODELS, KeyLimits
-from server.telemetry.audit import KEY_CREATED, KEY_REVOKED, KEY_ROTATED, audit_event
+from server.identity import ALL_MODELS, KNOWN_SCOPES, KeyLimits
+from server.telemetry.audit import (
+    KEY_CREATED,
+    KEY_REVOKED,
+    KEY_ROTATED,
+    KEY_UPDATED,
+    audit_event,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +181,17 @@ class DefaultTtl:
 DEFAULT_TTL = DefaultTtl()
 
 
+class Unchanged:
+    """The type of UNCHANGED: `KeyStore.update` leaves this field as it is.
+
+    A sentinel rather than None, because None is a value some fields take
+    (`expires_at=None`: never; a limit of None: unlimited).
+    """
+
+
+UNCHANGED = Unchanged()
+
+
 class SecretFile:
     """The key secret, read lazily and then kept: the serving side creates nothing.
 
@@ -234,6 +251,10 @@ _COLUMNS = (
     " budget_nanos, created_at, revoked_at, expires_at, previous_key_hash,"
     " previous_valid_until, rotated_at"
 )
+
+
+# The fields `KeyStore.update` may change, as the audit event names them.
+_UPDATABLE = ("name", "models", "scopes", "limits", "expires_at")
 
 
 def _optional(value: object) -> float | None:
@@ -311,9 +332,12 @@ class KeyStore:
         clock: Callable[[], float] = time.monotonic,
         key_ttl_days: float = DEFAULT_KEY_TTL_DAYS,
         wall_clock: Callable[[], float] = time.time,
+        allow_keys_without_expiry: bool = False,
     ) -> None:
         self.path = path
         self.key_ttl_days = key_ttl_days
+        # auth.allow_keys_without_expiry: whether `update` may set expires_at=None.
+        self.allow_keys_without_expiry = allow_keys_without_expiry
         self._cache_ttl = cache_ttl
         self._clock = clock
         self._wall_clock = wall_clock
@@ -464,6 +488,81 @@ class KeyStore:
             expires_at=record.expires_at,
         )
         return record, key
+
+    def update(
+        self,
+        key_id: str,
+        *,
+        name: str | Unchanged = UNCHANGED,
+        models: Iterable[str] | Unchanged = UNCHANGED,
+        scopes: Iterable[str] | Unchanged = UNCHANGED,
+        limits: KeyLimits | Unchanged = UNCHANGED,
+        expires_at: float | Unchanged | None = UNCHANGED,
+    ) -> KeyRecord | None:
+        """Changes the given fields of an active key; None when there is no such key.
+
+        What is not given stays. `limits` replaces all of them (rate limits
+        and budget) at once; empty `models` means all models, as for create;
+        `expires_at` is a wall-clock time, None (never) only when the store
+        allows keys without expiry (ValueError otherwise, like `keys create`).
+        The secret and its hashes are untouched: that is `rotate`. The key
+        leaves this process's cache at once; other processes see the change
+        within their cache TTL. The audit event (key.updated) names the
+        fields that changed; none is emitted when nothing did.
+        """
+        if expires_at is None and not self.allow_keys_without_expiry:
+            raise ValueError("a key that never expires needs auth.allow_keys_without_expiry: true")
+        if isinstance(name, str) and not name.strip():
+            raise ValueError("a key's name must not be empty")
+        new_scopes = None if isinstance(scopes, Unchanged) else frozenset(scopes)
+        if new_scopes is not None and (not new_scopes or new_scopes - KNOWN_SCOPES):
+            raise ValueError(
+                f"scopes must be some of {sorted(KNOWN_SCOPES)}, not {sorted(new_scopes)}"
+            )
+        if not self.path.exists():
+            return None
+        with self.connect() as db:
+            row = db.execute(
+                f"SELECT {_COLUMNS} FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            old = _record(row)
+            new = replace(
+                old,
+                name=old.name if isinstance(name, Unchanged) else name,
+                models=old.models if isinstance(models, Unchanged) else tuple(models) or ALL_MODELS,
+                scopes=old.scopes if new_scopes is None else new_scopes,
+                limits=old.limits if isinstance(limits, Unchanged) else limits,
+                expires_at=old.expires_at if isinstance(expires_at, Unchanged) else expires_at,
+            )
+            changed = [f for f in _UPDATABLE if getattr(new, f) != getattr(old, f)]
+            if changed:
+                db.execute(
+                    "UPDATE api_keys SET name = ?, scopes = ?, models = ?,"
+                    " requests_per_minute = ?, tokens_per_minute = ?, budget_nanos = ?,"
+                    " expires_at = ? WHERE id = ?",
+                    (
+                        new.name,
+                        json.dumps(sorted(new.scopes)),
+                        json.dumps(list(new.models)),
+                        new.limits.requests_per_minute,
+                        new.limits.tokens_per_minute,
+                        new.limits.budget_nanos,
+                        new.expires_at,
+                        key_id,
+                    ),
+                )
+        self._cache.pop(key_id, None)
+        if changed:
+            audit_event(
+                KEY_UPDATED,
+                key_id=key_id,
+                name=new.name,
+                fields=changed,
+                expires_at=new.expires_at,
+            )
+        return new
 
     def list(self) -> list[KeyRecord]:
         if not self.path.exists():

@@ -15,6 +15,7 @@ processes may append to one file without interleaving lines. With no path
 configured, `audit_event` does nothing.
 
 Events (the `event` field): key.created, key.revoked, key.rotated,
+key.updated (the names of the fields changed, never their secrets),
 key.expiring (a key within 14 days of its expiry, at most once a day per
 process), token.issued, auth.failed, permission.denied, provider_key.set,
 provider_keys.reencrypted (`keys provider rotate-kek`),
@@ -51,6 +52,7 @@ AuditValue = str | int | float | bool | None | list[str]
 KEY_CREATED = "key.created"
 KEY_REVOKED = "key.revoked"
 KEY_ROTATED = "key.rotated"
+KEY_UPDATED = "key.updated"
 KEY_EXPIRING = "key.expiring"
 PROVIDER_KEY_SET = "provider_key.set"
 PROVIDER_KEYS_REENCRYPTED = "provider_keys.reencrypted"
