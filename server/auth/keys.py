@@ -342,6 +342,8 @@ class KeyStore:
         self._clock = clock
         self._wall_clock = wall_clock
         self._cache: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
+        # Counts `forget` calls: a lookup that a forget overtook is not cached.
+        self._forgotten = 0
         self._migrated = False
 
     @contextmanager
@@ -610,7 +612,10 @@ class KeyStore:
         cached = self._cache.get(key_id)
         if cached is not None and now - cached[0] < self._cache_ttl:
             return cached[1]
+        forgotten = self._forgotten
         record = await asyncio.to_thread(self.lookup, key_id)
+        if forgotten != self._forgotten:
+            return record  # read before a change announced meanwhile: not kept
         self._cache[key_id] = (self._clock(), record)
         self._cache.move_to_end(key_id)
         # Unknown ids are cached too (one lookup per guess per TTL), so the
@@ -618,6 +623,16 @@ class KeyStore:
         while len(self._cache) > _CACHE_MAX_ENTRIES:
             self._cache.popitem(last=False)
         return record
+
+    def forget(self, key_id: str | None = None) -> None:
+        """Drops a key's cached record (None: every record), so the next call
+        reads the store: another process changed the key and said so
+        (server/auth/revocation.py)."""
+        self._forgotten += 1
+        if key_id is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(key_id, None)
 
     async def valid_until(self, key_id: str, now: float) -> float:
         """When anything issued now for the key must end (TokenIssuer's bound)."""
