@@ -1,15 +1,23 @@
-"""Where the gateway's time goes under one HTTP front door load: py-spy on the serving process.
+"""Where the gateway's time goes under one load: py-spy on the serving process.
 
 Starts the fake upstream and the gateway as `make bench` does (gateway on
 core 0; the load generator, the fake upstream and py-spy on core 1), drives
-one front door target with bench/loadgen for `--seconds`, and samples the
-gateway with py-spy (`pip install py-spy`; it needs ptrace rights over the
-gateway, which a process has over its own children). Prints the functions
-with the most samples, by own time and including callees, with files
-shortened to their package; writes the raw stacks (py-spy's collapsed
-format, for speedscope or flamegraph.pl) next to the report.
+one target with bench/loadgen for `--seconds`, and samples the gateway with
+py-spy (`pip install py-spy`; it needs ptrace rights over the gateway, which
+a process has over its own children). Two edges:
 
-Usage: python -m bench.profile [--target passthrough|openai|echo] [--method unary|stream]
+  --edge http   the HTTP front door (Anthropic's Messages API); targets
+                passthrough, openai (translated), echo (the offline model)
+  --edge grpc   GenerationService over gRPC, the request `make bench` sends;
+                targets anthropic, openai (the SDK providers) and offline
+                (the `echo` model, the scenario compared with the ceiling)
+
+Prints the gateway's CPU per call and the functions with the most samples,
+by own time and including callees, with files shortened to their package;
+writes the raw stacks (py-spy's collapsed format, for speedscope or
+flamegraph.pl) next to the report.
+
+Usage: python -m bench.profile [--edge http|grpc] [--target T] [--method unary|stream]
                                [--concurrency C] [--seconds S] [--out DIR]
 """
 
@@ -21,17 +29,21 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench import front_door
 from bench.processes import LOAD_CORE, ROOT, SERVER_CORE, Service, free_port, pinned, python
-from bench.run import CHUNKS, LOADGEN, Bench, sdk_providers, source
+from bench.run import CHUNKS, LOADGEN, SDK_MODELS, Bench, _request, sdk_providers, source
 
 MODELS = {
     "passthrough": front_door.PASSTHROUGH_MODEL,
     "openai": front_door.OPENAI_MODEL,
     "echo": front_door.ECHO_MODEL,
 }
+# The gRPC edge's targets: the SDK providers' models, and `echo` (offline).
+GRPC_MODELS = {**dict(SDK_MODELS), "offline": "echo"}
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^:()]*)(?::\d+)?\)$")
 
 
@@ -92,13 +104,22 @@ def summarize(collapsed: str, top: int = 25) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", choices=sorted(MODELS), default="passthrough")
+    parser.add_argument("--edge", choices=["http", "grpc"], default="http")
+    parser.add_argument(
+        "--target", choices=sorted({*MODELS, *GRPC_MODELS}), default=None,
+        help="http: passthrough (default), openai, echo; grpc: anthropic (default), openai,"
+        " offline",
+    )  # fmt: skip
     parser.add_argument("--method", choices=["unary", "stream"], default="unary")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--out", type=Path, default=Path("/tmp"))
     args = parser.parse_args()
+    models = GRPC_MODELS if args.edge == "grpc" else MODELS
+    target = args.target or ("anthropic" if args.edge == "grpc" else "passthrough")
+    if target not in models:
+        parser.error(f"--target {target} is not one of the {args.edge} edge's: {sorted(models)}")
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists() or not LOADGEN.exists():
         print("needs py-spy (pip install py-spy) and bench/.bin/loadgen", file=sys.stderr)
@@ -110,15 +131,41 @@ def main() -> int:
     config = bench.gateway_config(port, providers, http_port=http_port)
     fake = [python(), "-m", "bench.fake_upstream", str(upstream_port), str(CHUNKS)]
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"profile-{args.target}-{args.method}-c{args.concurrency}"
-    body = front_door.body_file(bench, MODELS[args.target], args.method)
+    edge = "" if args.edge == "http" else "grpc-"
+    stem = args.out / f"profile-{edge}{target}-{args.method}-c{args.concurrency}"
+    load: Callable[..., dict[str, Any]]
+    if args.edge == "grpc":
+        model = models[target]
+        # What `make bench` sends: `echo` answers CHUNKS words; the SDK models "Hello".
+        text = " ".join(f"w{i}" for i in range(CHUNKS)) if target == "offline" else "Hello"
+        request = bench.request_file(
+            model, _request(model, text, max_tokens=64 if target == "offline" else 256)
+        )
+        address = f"127.0.0.1:{port}"
+
+        def load(calls: int, seconds: float = 20) -> dict[str, Any]:
+            return bench.loadgen(
+                address, request, args.method, args.concurrency, calls=calls, seconds=seconds
+            )
+
+        title = f"gRPC edge {target}"
+    else:
+        body = front_door.body_file(bench, models[target], args.method)
+        url = f"http://127.0.0.1:{http_port}{front_door.MESSAGES}"
+
+        def load(calls: int, seconds: float = 20) -> dict[str, Any]:
+            return bench.http_load(
+                url, body, args.method, args.concurrency, calls=calls, seconds=seconds,
+                headers=front_door.ANTHROPIC_HEADERS,
+            )  # fmt: skip
+
+        title = f"front door {target}"
     with (
         Service("fake-upstream", fake, core=LOAD_CORE),
         bench.gateway(config, core=SERVER_CORE) as gateway,
     ):
-        url = f"http://127.0.0.1:{http_port}{front_door.MESSAGES}"
         # Warm: connections open, lazy imports done, before sampling starts.
-        bench.http_load(url, body, args.method, args.concurrency, calls=500)
+        load(calls=500)
         record = [
             *pinned(LOAD_CORE), spy, "record", "--pid", str(gateway.pids()[0]),
             "--rate", str(args.rate), "--duration", str(args.seconds),
@@ -126,21 +173,23 @@ def main() -> int:
         ]  # fmt: skip
         sampler = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         cpu = gateway.cpu_seconds()
-        result = bench.http_load(
-            url, body, args.method, args.concurrency, calls=0, seconds=args.seconds,
-            headers=front_door.ANTHROPIC_HEADERS,
-        )  # fmt: skip
+        result = load(calls=0, seconds=args.seconds)
         cpu = gateway.cpu_seconds() - cpu
         _, errors = sampler.communicate(timeout=args.seconds + 30)
         if sampler.returncode != 0:
             print(errors.decode(errors="replace"), file=sys.stderr)
             return 1
     header = (
-        f"# Profile: front door {args.target} {args.method}, concurrency {args.concurrency}\n\n"
+        f"# Profile: {title} {args.method}, concurrency {args.concurrency}\n\n"
         f"{result['calls_per_s']:.0f} calls/s over {args.seconds} s (py-spy at {args.rate} Hz"
         f" on the load core), {result['calls'] / max(cpu, 1e-9):.0f} calls per gateway"
         f" CPU-second, {1e6 * cpu / max(result['calls'], 1):.0f} µs of gateway CPU per call,"
-        f" {result['errors']} errors. Gateway source: {source()}."
+        + (
+            f" {result['messages'] / max(result['calls'], 1):.1f} messages per stream,"
+            if args.method == "stream"
+            else ""
+        )
+        + f" {result['errors']} errors. Gateway source: {source()}."
         f" `python -m bench.profile {' '.join(sys.argv[1:])}`.\n\n"
     )
     report = header + summarize(Path(f"{stem}.txt").read_text()) + "\n"
