@@ -36,6 +36,9 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -133,13 +136,32 @@ def audit_enabled() -> bool:
     return _sink is not None
 
 
+# Fields added to every event written while they are bound (audit_fields).
+_BOUND: ContextVar[dict[str, AuditValue] | None] = ContextVar(
+    "llmgateway_audit_fields", default=None
+)
+
+
+@contextmanager
+def audit_fields(**fields: AuditValue) -> Iterator[None]:
+    """Adds `fields` to every event written in this context (threads started with
+    asyncio.to_thread included): who asked for a change the code below records,
+    e.g. the admin key behind a KeyService call. An event's own fields win."""
+    token = _BOUND.set({**(_BOUND.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        _BOUND.reset(token)
+
+
 def audit_event(event: str, **fields: AuditValue) -> None:
     """Appends one event; never raises (a failed write is logged, the caller goes on)."""
     sink = _sink
     if sink is None:
         return
+    bound = _BOUND.get()
     try:
-        sink.write(event, fields)
+        sink.write(event, {**bound, **fields} if bound else fields)
     except Exception as err:
         log.error("cannot write audit event %s to %s: %s", event, sink.path, err)
 
