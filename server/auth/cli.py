@@ -16,27 +16,36 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 
+# create_key is re-exported: the command line's and the admin API's one way to make a key.
+from server.auth.key_admin import KeyFieldError, checked_lifetime, checked_scopes, rotate_key
+from server.auth.key_admin import create_key as create_key
 from server.auth.keys import (
     DAY_S,
     DEFAULT_TTL,
     EXPIRY_WARNING_DAYS,
     DefaultTtl,
-    KeyHasher,
     KeyRecord,
     KeyStore,
-    ensure_secret,
 )
 from server.auth.provider_cli import add_provider_parser, run_provider_command
-from server.auth.tokens import create_signing_key, load_signing_keys
+from server.auth.revocation import announce
+from server.auth.tokens import create_signing_key
 from server.config import AuthConfig, GatewayConfig
 from server.identity import ALL_MODELS, KNOWN_SCOPES, SCOPE_GENERATE, KeyLimits
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY_S}
 DEFAULT_GRACE = "24h"
+# key_admin's field names, as `keys create` spells them.
+_FLAGS = {
+    "name": "--name",
+    "models": "--models",
+    "limits.requests_per_minute": "--rpm",
+    "limits.tokens_per_minute": "--tpm",
+    "limits.budget_nanos": "--budget-usd",
+}
 
 
 def parse_duration(text: str, *, allow_never: bool = False) -> float | None:
@@ -165,7 +174,7 @@ def run_keys_command(args: argparse.Namespace, gateway_config: GatewayConfig) ->
     if command == "create":
         return _create(args, config)
     if command == "rotate":
-        return _rotate(args, config)
+        return _rotate(args, gateway_config)
     if command == "provider":
         return run_provider_command(args, gateway_config)
     if command == "list":
@@ -179,6 +188,7 @@ def run_keys_command(args: argparse.Namespace, gateway_config: GatewayConfig) ->
     if command == "revoke":
         if not store.revoke(args.id):
             return _fail(f"no active key with id {args.id!r}")
+        announce(gateway_config, args.id, "revoked")  # gateways sharing a Redis: at once
         print(f"revoked key {args.id}; its tokens are refused within seconds", file=sys.stderr)
         return 0
     if command == "rotate-signing-key":
@@ -195,60 +205,25 @@ def run_keys_command(args: argparse.Namespace, gateway_config: GatewayConfig) ->
     return _fail(f"unknown command {command!r}")
 
 
-def create_key(
-    config: AuthConfig,
-    *,
-    name: str,
-    scopes: Iterable[str] = (SCOPE_GENERATE,),
-    models: Iterable[str] = ALL_MODELS,
-    limits: KeyLimits | None = None,
-    expires_in_s: float | DefaultTtl | None = DEFAULT_TTL,
-) -> tuple[KeyRecord, str]:
-    """Creates an API key; returns its record and the key, which is kept nowhere.
-
-    The first key also makes what the gateway needs to check it and to sign
-    tokens for it: the hashing secret and a signing key. `expires_in_s`
-    defaults to auth.key_ttl_days; None (never) needs auth.allow_keys_without_expiry.
-    """
-    if expires_in_s is None and not config.allow_keys_without_expiry:
-        raise ValueError("a key that never expires needs auth.allow_keys_without_expiry: true")
-    hasher = KeyHasher(ensure_secret(config.secret_file))
-    if not any(key.private_key for key in load_signing_keys(config.signing_keys_dir).values()):
-        create_signing_key(config.signing_keys_dir)
-    store = KeyStore(config.key_store, key_ttl_days=config.key_ttl_days)
-    return store.create(
-        hasher, name=name, scopes=scopes, models=models, limits=limits, expires_in_s=expires_in_s
-    )
-
-
 def _lifetime(text: str | None, config: AuthConfig) -> float | DefaultTtl | None:
     """--expires-in as create_key takes it; raises ValueError with what is wrong."""
     if text is None:
         return DEFAULT_TTL
-    lifetime = parse_duration(text, allow_never=True)
-    if lifetime is None and not config.allow_keys_without_expiry:
-        raise ValueError("`never` needs auth.allow_keys_without_expiry: true in the configuration")
-    if lifetime is not None and lifetime <= 0:
-        raise ValueError("a key must live longer than 0")
-    return lifetime
+    return checked_lifetime(config, parse_duration(text, allow_never=True))
 
 
-def _rotate(args: argparse.Namespace, config: AuthConfig) -> int:
+def _rotate(args: argparse.Namespace, gateway_config: GatewayConfig) -> int:
+    config = gateway_config.auth
     try:
         grace = parse_duration(args.grace)
         lifetime = _lifetime(args.expires_in, config)
     except ValueError as err:
         return _fail(str(err))
     assert grace is not None
-    store = KeyStore(config.key_store, key_ttl_days=config.key_ttl_days)
-    rotated = store.rotate(
-        KeyHasher(ensure_secret(config.secret_file)),
-        args.id,
-        grace_s=grace,
-        expires_in_s=lifetime,
-    )
+    rotated = rotate_key(config, args.id, grace_s=grace, expires_in_s=lifetime)
     if rotated is None:
         return _fail(f"no active key with id {args.id!r}")
+    announce(gateway_config, args.id, "rotated")
     record, key = rotated
     print(key)
     described = _describe(record)
@@ -267,10 +242,10 @@ def _rotate(args: argparse.Namespace, config: AuthConfig) -> int:
 
 
 def _create(args: argparse.Namespace, config: AuthConfig) -> int:
-    scopes = _split(args.scopes)
-    unknown = sorted(set(scopes) - KNOWN_SCOPES)
-    if unknown or not scopes:
-        return _fail(f"--scopes: unknown scope(s) {unknown}; known: {sorted(KNOWN_SCOPES)}")
+    try:
+        scopes = sorted(checked_scopes(_split(args.scopes)))
+    except KeyFieldError as err:
+        return _fail(f"--scopes: {err}")
     budget_nanos = None
     if args.budget_usd is not None:
         try:
@@ -281,14 +256,17 @@ def _create(args: argparse.Namespace, config: AuthConfig) -> int:
         lifetime = _lifetime(args.expires_in, config)
     except ValueError as err:
         return _fail(f"--expires-in: {err}")
-    record, key = create_key(
-        config,
-        name=args.name,
-        scopes=scopes,
-        models=_split(args.models) or ALL_MODELS,
-        limits=KeyLimits(args.rpm, args.tpm, budget_nanos),
-        expires_in_s=lifetime,
-    )
+    try:
+        record, key = create_key(
+            config,
+            name=args.name,
+            scopes=scopes,
+            models=_split(args.models) or ALL_MODELS,
+            limits=KeyLimits(args.rpm, args.tpm, budget_nanos),
+            expires_in_s=lifetime,
+        )
+    except KeyFieldError as err:
+        return _fail(f"{_FLAGS.get(err.field, err.field)}: {err}")
     print(key)
     expires = _describe(record)["expires"] or "never"
     print(
