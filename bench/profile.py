@@ -17,8 +17,14 @@ by own time and including callees, with files shortened to their package;
 writes the raw stacks (py-spy's collapsed format, for speedscope or
 flamegraph.pl) next to the report.
 
+With `--compare TREE [TREE ...]` it profiles nothing: each of `--rounds`
+rounds starts the gateway from every source tree in turn under the same
+load, and the medians of the gateway's CPU per call are compared (a change
+worth a few percent, on a machine others share).
+
 Usage: python -m bench.profile [--edge http|grpc] [--target T] [--method unary|stream]
                                [--concurrency C] [--seconds S] [--out DIR]
+                               [--compare TREE [TREE ...] [--rounds N]]
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import argparse
 import collections
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -102,6 +109,9 @@ def summarize(collapsed: str, top: int = 25) -> str:
     return "\n".join(lines)
 
 
+Load = Callable[..., dict[str, Any]]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--edge", choices=["http", "grpc"], default="http")
@@ -115,25 +125,26 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--out", type=Path, default=Path("/tmp"))
+    parser.add_argument(
+        "--compare", type=Path, nargs="+", metavar="TREE",
+        help="no profile: the gateway's CPU per call from each source tree in turn",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=5, help="with --compare")
     args = parser.parse_args()
     models = GRPC_MODELS if args.edge == "grpc" else MODELS
     target = args.target or ("anthropic" if args.edge == "grpc" else "passthrough")
     if target not in models:
         parser.error(f"--target {target} is not one of the {args.edge} edge's: {sorted(models)}")
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(spy).exists() or not LOADGEN.exists():
+    if not LOADGEN.exists() or (not args.compare and not Path(spy).exists()):
         print("needs py-spy (pip install py-spy) and bench/.bin/loadgen", file=sys.stderr)
         return 2
     bench = Bench(quick=False)
-    upstream_port, port, http_port = free_port(), free_port(), free_port()
+    upstream_port = free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
     providers = front_door.providers(sdk_providers(upstream))
-    config = bench.gateway_config(port, providers, http_port=http_port)
     fake = [python(), "-m", "bench.fake_upstream", str(upstream_port), str(CHUNKS)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    edge = "" if args.edge == "http" else "grpc-"
-    stem = args.out / f"profile-{edge}{target}-{args.method}-c{args.concurrency}"
-    load: Callable[..., dict[str, Any]]
+    load: Callable[[int, int], Load]
     if args.edge == "grpc":
         model = models[target]
         # What `make bench` sends: `echo` answers CHUNKS words; the SDK models "Hello".
@@ -141,44 +152,57 @@ def main() -> int:
         request = bench.request_file(
             model, _request(model, text, max_tokens=64 if target == "offline" else 256)
         )
-        address = f"127.0.0.1:{port}"
 
-        def load(calls: int, seconds: float = 20) -> dict[str, Any]:
-            return bench.loadgen(
-                address, request, args.method, args.concurrency, calls=calls, seconds=seconds
-            )
+        def load(port: int, http_port: int) -> Load:
+            def run(calls: int, seconds: float = 20) -> dict[str, Any]:
+                return bench.loadgen(
+                    f"127.0.0.1:{port}", request, args.method, args.concurrency,
+                    calls=calls, seconds=seconds,
+                )  # fmt: skip
+
+            return run
 
         title = f"gRPC edge {target}"
     else:
         body = front_door.body_file(bench, models[target], args.method)
-        url = f"http://127.0.0.1:{http_port}{front_door.MESSAGES}"
 
-        def load(calls: int, seconds: float = 20) -> dict[str, Any]:
-            return bench.http_load(
-                url, body, args.method, args.concurrency, calls=calls, seconds=seconds,
-                headers=front_door.ANTHROPIC_HEADERS,
-            )  # fmt: skip
+        def load(port: int, http_port: int) -> Load:
+            def run(calls: int, seconds: float = 20) -> dict[str, Any]:
+                return bench.http_load(
+                    f"http://127.0.0.1:{http_port}{front_door.MESSAGES}", body, args.method,
+                    args.concurrency, calls=calls, seconds=seconds,
+                    headers=front_door.ANTHROPIC_HEADERS,
+                )  # fmt: skip
+
+            return run
 
         title = f"front door {target}"
-    with (
-        Service("fake-upstream", fake, core=LOAD_CORE),
-        bench.gateway(config, core=SERVER_CORE) as gateway,
-    ):
-        # Warm: connections open, lazy imports done, before sampling starts.
-        load(calls=500)
-        record = [
-            *pinned(LOAD_CORE), spy, "record", "--pid", str(gateway.pids()[0]),
-            "--rate", str(args.rate), "--duration", str(args.seconds),
-            "--format", "raw", "--output", f"{stem}.txt", "--nonblocking", "--threads",
-        ]  # fmt: skip
-        sampler = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        cpu = gateway.cpu_seconds()
-        result = load(calls=0, seconds=args.seconds)
-        cpu = gateway.cpu_seconds() - cpu
-        _, errors = sampler.communicate(timeout=args.seconds + 30)
-        if sampler.returncode != 0:
-            print(errors.decode(errors="replace"), file=sys.stderr)
-            return 1
+    with Service("fake-upstream", fake, core=LOAD_CORE):
+        if args.compare:
+            print(compare(bench, providers, load, args.compare, args.rounds, args.seconds))
+            return 0
+        port, http_port = free_port(), free_port()
+        config = bench.gateway_config(port, providers, http_port=http_port)
+        args.out.mkdir(parents=True, exist_ok=True)
+        edge = "" if args.edge == "http" else "grpc-"
+        stem = args.out / f"profile-{edge}{target}-{args.method}-c{args.concurrency}"
+        run = load(port, http_port)
+        with bench.gateway(config, core=SERVER_CORE) as gateway:
+            # Warm: connections open, lazy imports done, before sampling starts.
+            run(calls=500)
+            record = [
+                *pinned(LOAD_CORE), spy, "record", "--pid", str(gateway.pids()[0]),
+                "--rate", str(args.rate), "--duration", str(args.seconds),
+                "--format", "raw", "--output", f"{stem}.txt", "--nonblocking", "--threads",
+            ]  # fmt: skip
+            sampler = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            cpu = gateway.cpu_seconds()
+            result = run(calls=0, seconds=args.seconds)
+            cpu = gateway.cpu_seconds() - cpu
+            _, errors = sampler.communicate(timeout=args.seconds + 30)
+            if sampler.returncode != 0:
+                print(errors.decode(errors="replace"), file=sys.stderr)
+                return 1
     header = (
         f"# Profile: {title} {args.method}, concurrency {args.concurrency}\n\n"
         f"{result['calls_per_s']:.0f} calls/s over {args.seconds} s (py-spy at {args.rate} Hz"
@@ -197,6 +221,58 @@ def main() -> int:
     print(report)
     print(f"wrote {stem}.md and {stem}.txt")
     return 0
+
+
+def compare(
+    bench: Bench,
+    providers: dict[str, Any],
+    load: Callable[[int, int], Load],
+    trees: list[Path],
+    rounds: int,
+    seconds: float,
+) -> str:
+    """The gateway's CPU per call and calls/s under one load, from each tree in turn.
+
+    For a change too small to see across separate runs on a shared machine:
+    each round starts the gateway from every tree (any checkout, e.g. `git
+    worktree add /tmp/before HEAD~1`, run with this checkout's environment),
+    warms it, then measures; the medians over the rounds are compared.
+    """
+    runs: dict[Path, list[tuple[float, float]]] = {tree: [] for tree in trees}
+    for round_number in range(rounds):
+        for tree in trees:
+            port, http_port = free_port(), free_port()
+            config = bench.gateway_config(port, providers, http_port=http_port)
+            argv = [python(), "-m", "server", "--config", str(config)]
+            root = tree.resolve()  # the tree's own code first on the path
+            run = load(port, http_port)
+            with Service(
+                "gateway", argv, core=SERVER_CORE, env={"PYTHONPATH": str(root)}, cwd=root
+            ) as gateway:
+                run(calls=300)
+                cpu = gateway.cpu_seconds()
+                result = run(calls=0, seconds=seconds)
+                cpu = gateway.cpu_seconds() - cpu
+            per_call = 1e6 * cpu / max(result["calls"], 1)
+            runs[tree].append((per_call, result["calls_per_s"]))
+            print(
+                f"round {round_number + 1}/{rounds} {tree}: {per_call:.0f} µs CPU per call,"
+                f" {result['calls_per_s']:.0f} calls/s, {result['errors']} errors",
+                flush=True,
+            )
+    first = statistics.median(c for c, _ in runs[trees[0]])
+    lines = [
+        "| tree | µs CPU per call, median (each round) | vs first | calls/s, median |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for tree, values in runs.items():
+        cpu = statistics.median(c for c, _ in values)
+        each = ", ".join(f"{c:.0f}" for c, _ in values)
+        rate = statistics.median(r for _, r in values)
+        lines.append(
+            f"| {tree} | {cpu:.0f} ({each}) | {100 * (cpu / first - 1):+.1f}% | {rate:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
