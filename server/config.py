@@ -91,6 +91,10 @@ class ServerConfig(_Strict):
     # Windows), else asyncio's own loop. uvloop takes 0.1-0.7 ms off a
     # provider call here (bench/results).
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    # Freed memory the process keeps mapped for reuse (glibc), so a burst of
+    # large requests does not fault in fresh pages on the event loop
+    # (server/process_memory.py); 0: the C library's defaults.
+    keep_freed_memory_mib: int = Field(256, ge=0, le=4096)
 
     @model_validator(mode="after")
     def _workers_need_a_fixed_port(self) -> Self:
