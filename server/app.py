@@ -49,6 +49,7 @@ from server.health import SERVING, HealthService
 from server.http_edge import FrontDoor, GenerationEndpoint, HttpCalls, HttpServer
 from server.http_edge.unfinished_answers import install_unfinished_answer_filter
 from server.identity import SCOPE_GENERATE
+from server.process_memory import keep_freed_memory
 from server.reflection import enable_server_reflection
 from server.routing import Router
 from server.telemetry.observability import Telemetry
@@ -397,6 +398,7 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def run(config: GatewayConfig) -> None:
     """Serves until SIGTERM or SIGINT on the configured event loop (the process's main)."""
+    keep_freed_memory(config.server.keep_freed_memory_mib)
     with asyncio.Runner(loop_factory=loop_factory(config.server.event_loop)) as runner:
         runner.run(serve(config))
 
