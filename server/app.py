@@ -30,11 +30,14 @@ from interceptors.overload import OverloadInterceptor
 from interceptors.rate_limit import RateLimitInterceptor
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
-from llmgateway.v1 import token_pb2_grpc, usage_pb2_grpc
+from llmgateway.v1 import keys_pb2_grpc, token_pb2_grpc, usage_pb2_grpc
 from server.accounting import Accounting
 from server.accounting.call_gate import CallGate
 from server.accounting.overload_gate import OverloadGate
 from server.auth import GatewayAuth
+from server.auth.admin_service import SERVICE_NAME as KEY_SERVICE
+from server.auth.admin_service import KeyServicer
+from server.auth.revocation import KeyChangeFeed, redis_configured
 from server.auth.service import SERVICE_NAME as TOKEN_SERVICE
 from server.auth.service import TokenServicer
 from server.cache import ResponseCache
@@ -150,6 +153,13 @@ class Gateway:
         # Auth runs first: an unauthenticated call is refused before anything
         # else looks at it. None when auth is disabled (local development).
         self.auth = GatewayAuth.from_config(config.auth) if config.auth.enabled else None
+        # Key changes told to, and heard from, the gateways sharing a Redis, so a
+        # revoked key is refused everywhere at once (server/auth/revocation.py).
+        self.key_changes = (
+            KeyChangeFeed(config.redis, self.auth.store.forget)
+            if self.auth is not None and redis_configured(config)
+            else None
+        )
         auth_interceptors: list[grpc.aio.ServerInterceptor] = []
         if self.auth is not None:
             auth_interceptors.append(
@@ -218,10 +228,14 @@ class Gateway:
         usage_pb2_grpc.add_UsageServiceServicer_to_server(  # admin scope (the default)
             UsageServicer(self.accounting, self.auth.store if self.auth else None), self._server
         )
+        keys_pb2_grpc.add_KeyServiceServicer_to_server(  # admin scope (the default)
+            KeyServicer(self.auth, self.key_changes), self._server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if config.server.reflection:  # v1 and v1alpha (server/reflection.py)
             enable_server_reflection(
-                (GENERATION_SERVICE, TOKEN_SERVICE, USAGE_SERVICE, HEALTH_SERVICE), self._server
+                (GENERATION_SERVICE, TOKEN_SERVICE, USAGE_SERVICE, KEY_SERVICE, HEALTH_SERVICE),
+                self._server,
             )
         self.port = 0
         self._stopping: asyncio.Task[None] | None = None
@@ -287,6 +301,8 @@ class Gateway:
                 " by another program, or the address is not one of this machine's"
             ) from None
         await self.accounting.start()  # the ledger's writer, budgets seeded from it
+        if self.key_changes is not None:
+            self.key_changes.start()  # listens in the background; never waits for Redis
         if self.http is not None:
             await self.http.start()
         await self._server.start()
@@ -295,6 +311,7 @@ class Gateway:
         self.health.set(GENERATION_SERVICE, SERVING)
         self.health.set(TOKEN_SERVICE, SERVING)
         self.health.set(USAGE_SERVICE, SERVING)
+        self.health.set(KEY_SERVICE, SERVING)
         self._serving = True
         log.info(
             "llm-gateway serving on %s (gRPC)%s (event loop: %s)",
@@ -344,6 +361,8 @@ class Gateway:
         finally:
             cutting.cancel()
         await self.router.aclose()
+        if self.key_changes is not None:
+            await self.key_changes.aclose()
         if self.cache is not None:
             await self.cache.aclose()
         if self.idempotency is not None:

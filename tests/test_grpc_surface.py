@@ -30,6 +30,7 @@ SERVICES = {
     V1,
     V1ALPHA,
     "llmgateway.v1.GenerationService",
+    "llmgateway.v1.KeyService",
     "llmgateway.v1.TokenService",
     "llmgateway.v1.UsageService",
 }
@@ -139,6 +140,7 @@ async def test_health_list_gives_every_service(running: RunningGateway) -> None:
         "llmgateway.v1.GenerationService": SERVING,
         "llmgateway.v1.TokenService": SERVING,
         "llmgateway.v1.UsageService": SERVING,
+        "llmgateway.v1.KeyService": SERVING,
     }
 
 
