@@ -245,8 +245,10 @@ class AuthConfig(_Strict):
 
     # false only for local development: then the gateway refuses non-loopback hosts.
     enabled: bool = True
-    # SQLite file holding API keys (as keyed hashes, never the keys).
-    key_store: Path = Field(default_factory=lambda: _auth_state_dir() / "keys.sqlite3")
+    # Where API keys (as keyed hashes, never the keys) and stored provider keys
+    # live: an SQLite file (a Path), or a postgresql:// URL (a str) for a
+    # database several replicas share (server/auth/key_store_postgres.py).
+    key_store: Path | str = Field(default_factory=lambda: _auth_state_dir() / "keys.sqlite3")
     # The HMAC-SHA256 secret API keys are hashed with; kept apart from the store
     # so a copy of the store alone cannot be used to test guesses.
     secret_file: Path = Field(default_factory=lambda: _auth_state_dir() / "key-secret")
@@ -269,10 +271,27 @@ class AuthConfig(_Strict):
     # Services callable without credentials.
     public_services: tuple[str, ...] = DEFAULT_PUBLIC_SERVICES
 
-    @field_validator("key_store", "secret_file", "signing_keys_dir")
+    @field_validator("secret_file", "signing_keys_dir")
     @classmethod
     def _expand_home(cls, path: Path) -> Path:
         return path.expanduser()
+
+    @field_validator("key_store", mode="before")
+    @classmethod
+    def _file_or_database(cls, value: Any) -> Any:
+        """A postgresql:// URL stays a str; anything else is a file path.
+
+        A URL of another scheme is refused rather than taken for a file
+        name; the message gives the scheme only (a URL may hold a password).
+        """
+        if isinstance(value, str) and "://" in value:
+            scheme = value.split("://", 1)[0]
+            if scheme not in ("postgresql", "postgres"):
+                raise ValueError(f"a file path or a postgresql:// URL, not a {scheme}:// URL")
+            return value
+        if isinstance(value, str | Path):
+            return Path(value).expanduser()
+        return value
 
 
 class SecretsConfig(_Strict):

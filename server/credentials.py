@@ -36,7 +36,6 @@ import asyncio
 import logging
 import math
 import os
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -222,7 +221,8 @@ class StoredKeyReference(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=STORED_KEY_NAME_PATTERN)
-    key_store: Path = Field(default_factory=lambda: AuthConfig().key_store)
+    # A file, or a postgresql:// URL (auth.key_store).
+    key_store: Path | str = Field(default_factory=lambda: AuthConfig().key_store)
     encryption_keys_file: Path | None = None
 
     @model_validator(mode="before")
@@ -271,11 +271,14 @@ class StoredCredential:
         reference = self.reference
         try:
             store = ProviderKeyStore.at(reference.key_store, reference.encryption_keys_file)
-            value = store.get(reference.name).strip()
-        except (KekRingError, StoredKeyError) as err:
+        except KekRingError as err:
             raise _ReadError(str(err)) from None
-        except sqlite3.Error as err:
-            raise _ReadError(f"cannot read {reference.key_store}: {type(err).__name__}") from None
+        try:
+            value = store.get(reference.name).strip()
+        except StoredKeyError as err:  # its message names the store, never a password
+            raise _ReadError(str(err)) from None
+        finally:
+            store.close()
         if not value:
             raise _ReadError("it is empty")
         return value

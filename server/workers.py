@@ -20,11 +20,11 @@ import logging
 import multiprocessing
 import os
 import signal
-import sqlite3
 import sys
 from types import FrameType
 from typing import Any
 
+from server.auth.key_store_backend import KeyStoreError
 from server.auth.keys import KeyStore
 from server.config import ConfigError, GatewayConfig
 from server.identity import KeyLimits
@@ -60,13 +60,14 @@ def refuse_unshared_store_limits(config: GatewayConfig) -> None:
     """
     if not config.workers_count_limits_alone or not config.auth.enabled:
         return
-    store = config.auth.key_store
+    key_store = KeyStore(config.auth.key_store)
+    store = key_store.where  # never a DSN's password
     try:
-        records = KeyStore(store).list()
-    except sqlite3.Error as err:
-        raise ConfigError(
-            f"cannot read the key store {store} to check its keys' limits: {err}"
-        ) from None
+        records = key_store.list()
+    except KeyStoreError as err:
+        raise ConfigError(f"cannot read the key store to check its keys' limits: {err}") from None
+    finally:
+        key_store.close()  # not inherited by the workers forked next
     limited = [r.id for r in records if not r.revoked and r.limits != KeyLimits()]
     if limited:
         shown = ", ".join(limited[:5]) + (

@@ -1,4 +1,4 @@
-"""A real PostgreSQL server for the ledger tests, started once per session.
+"""A real PostgreSQL server for the ledger and key store tests, started once per session.
 
 `postgres_server` runs initdb into a temporary folder and `postgres` on a free
 port on 127.0.0.1 (fsync off: the data is thrown away), and stops it at the end
@@ -7,6 +7,11 @@ PostgreSQL refuses to run as root, so under root both run as `nobody`, which
 owns the folder. The binaries come from Debian's `postgresql` package (`make
 test` installs it, see the Makefile); without them the tests are skipped,
 except in CI (CI=true), where they fail.
+
+`key_store_location` runs a key store test on each backend (issue 21): a
+fresh SQLite file, then a fresh PostgreSQL database; `store_sql` and
+`store_text` reach past the KeyStore into either, as an attacker with a copy
+of the store (or an operator with psql) would.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -26,6 +32,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from server.auth.key_store_backend import POSTGRES, is_postgres
 from tests.redis_fixtures import free_port
 
 _INITDB = ("-E", "UTF8", "--locale=C", "--no-sync")
@@ -149,3 +156,38 @@ def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
         psycopg.connect(postgres_server.dsn(), autocommit=True) as conn,
     ):
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def key_store_location(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """auth.key_store on each backend: an SQLite file not made yet, or an empty database."""
+    if request.param == "sqlite":
+        return tmp_path / "keys.sqlite3"
+    dsn: str = request.getfixturevalue("postgres_dsn")
+    return dsn
+
+
+def store_sql(location: Path | str, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
+    """Runs one statement (`?` placeholders) on the store directly; its rows, if any."""
+    if is_postgres(location):
+        with psycopg.connect(str(location), autocommit=True) as conn:
+            cursor = conn.execute(POSTGRES.sql(sql), params)
+            return cursor.fetchall() if cursor.description else []
+    with contextlib.closing(sqlite3.connect(location)) as db, db:
+        return db.execute(sql, params).fetchall()
+
+
+def store_text(location: Path | str) -> bytes:
+    """Everything the store holds, as bytes to scan for what must not be there.
+
+    An SQLite store's files as they are on disk (with its journal, if any);
+    a PostgreSQL store's rows as text.
+    """
+    if not is_postgres(location):
+        path = Path(location)
+        return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+    rows = [
+        *store_sql(location, "SELECT * FROM api_keys"),
+        *store_sql(location, "SELECT * FROM provider_keys"),
+    ]
+    return "\n".join(map(repr, rows)).encode()

@@ -3,7 +3,7 @@
 The admin API's UpdateKey (issue 21, item 4) calls it; these tests pin what
 it promises that API: only the fields given change, the secret stays, the
 cache forgets the key at once, "never" needs the configuration's consent,
-and the audit trail names what changed.
+and the audit trail names what changed. Each runs on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ def hasher(tmp_path: Path) -> KeyHasher:
     return KeyHasher(ensure_secret(tmp_path / "secret"))
 
 
-def test_update_changes_only_the_fields_given(tmp_path: Path, hasher: KeyHasher) -> None:
-    store = KeyStore(tmp_path / "keys.sqlite3")
+def test_update_changes_only_the_fields_given(
+    key_store_location: Path | str, hasher: KeyHasher
+) -> None:
+    store = KeyStore(key_store_location)
     record, _ = store.create(
         hasher, name="svc", scopes=["generate"], models=["echo"], limits=KeyLimits(60, 1000, 5)
     )
@@ -72,8 +74,10 @@ def test_update_changes_only_the_fields_given(tmp_path: Path, hasher: KeyHasher)
     assert store.lookup(record.id).models == ALL_MODELS  # type: ignore[union-attr]
 
 
-def test_update_of_an_unknown_or_revoked_key_is_none(tmp_path: Path, hasher: KeyHasher) -> None:
-    store = KeyStore(tmp_path / "keys.sqlite3")
+def test_update_of_an_unknown_or_revoked_key_is_none(
+    key_store_location: Path | str, hasher: KeyHasher
+) -> None:
+    store = KeyStore(key_store_location)
     assert store.update("abcdefabcdef", name="x") is None  # no store at all yet
     record, _ = store.create(hasher, name="svc", scopes=["generate"])
     assert store.update("abcdefabcdef", name="x") is None
@@ -82,20 +86,22 @@ def test_update_of_an_unknown_or_revoked_key_is_none(tmp_path: Path, hasher: Key
     assert store.lookup(record.id).name == "svc"  # type: ignore[union-attr]
 
 
-def test_never_needs_the_configuration_s_consent(tmp_path: Path, hasher: KeyHasher) -> None:
-    store = KeyStore(tmp_path / "keys.sqlite3")
+def test_never_needs_the_configuration_s_consent(
+    key_store_location: Path | str, hasher: KeyHasher
+) -> None:
+    store = KeyStore(key_store_location)
     record, _ = store.create(hasher, name="svc", scopes=["generate"])
     with pytest.raises(ValueError, match="allow_keys_without_expiry"):
         store.update(record.id, expires_at=None)
     assert store.lookup(record.id).expires_at == record.expires_at  # type: ignore[union-attr]
-    lenient = KeyStore(tmp_path / "keys.sqlite3", allow_keys_without_expiry=True)
+    lenient = KeyStore(key_store_location, allow_keys_without_expiry=True)
     forever = lenient.update(record.id, expires_at=None)
     assert forever is not None and forever.expires_at is None
     assert store.lookup(record.id).expires_at is None  # type: ignore[union-attr]
 
 
-def test_update_refuses_bad_values(tmp_path: Path, hasher: KeyHasher) -> None:
-    store = KeyStore(tmp_path / "keys.sqlite3")
+def test_update_refuses_bad_values(key_store_location: Path | str, hasher: KeyHasher) -> None:
+    store = KeyStore(key_store_location)
     record, _ = store.create(hasher, name="svc", scopes=["generate"])
     for bad, said in (
         ({"scopes": []}, "scopes"),
@@ -107,9 +113,11 @@ def test_update_refuses_bad_values(tmp_path: Path, hasher: KeyHasher) -> None:
     assert store.lookup(record.id) == record
 
 
-async def test_update_drops_the_cached_record_at_once(tmp_path: Path, hasher: KeyHasher) -> None:
+async def test_update_drops_the_cached_record_at_once(
+    key_store_location: Path | str, hasher: KeyHasher
+) -> None:
     clock = Clock()
-    store = KeyStore(tmp_path / "keys.sqlite3", cache_ttl=60, clock=clock)
+    store = KeyStore(key_store_location, cache_ttl=60, clock=clock)
     record, _ = store.create(hasher, name="svc", scopes=["generate"], models=["echo"])
     assert await store.get(record.id) == record  # now cached for a minute
     store.update(record.id, models=["gpt-*"])
@@ -118,9 +126,9 @@ async def test_update_drops_the_cached_record_at_once(tmp_path: Path, hasher: Ke
 
 
 def test_update_is_audited_with_the_fields_changed(
-    tmp_path: Path, hasher: KeyHasher, audit_file: Path
+    key_store_location: Path | str, hasher: KeyHasher, audit_file: Path
 ) -> None:
-    store = KeyStore(tmp_path / "keys.sqlite3")
+    store = KeyStore(key_store_location)
     record, key = store.create(hasher, name="svc", scopes=["generate"], models=["echo"])
     store.update(record.id, name="svc", models=["gpt-*"], limits=KeyLimits(budget_nanos=7))
     store.update(record.id, name="svc")  # nothing changed: no event

@@ -1,7 +1,8 @@
 """Authentication: API keys, the short-lived tokens traded for them, and their checks.
 
-`keys.py` holds the key format, the keyed hash and the SQLite store (with
-expiry and rotation); `expiry.py` reports keys close to their expiry;
+`keys.py` holds the key format, the keyed hash and the store (with expiry
+and rotation), in SQLite or PostgreSQL (`key_store_backend.py`,
+`key_store_postgres.py`); `expiry.py` reports keys close to their expiry;
 `tokens.py` the signing keys and the JWTs; `authenticator.py` turns a call's
 metadata into an Identity; `service.py` serves TokenService; `cli.py` is
 `python -m server keys ...`. `envelope.py` and `provider_keys.py` keep
@@ -44,19 +45,14 @@ class GatewayAuth:
         Keys, the secret and the first signing key are made by `python -m
         server keys create`; until then every credential is refused.
         """
-        store = KeyStore(
-            config.key_store,
-            cache_ttl=config.cache_ttl_s,
-            key_ttl_days=config.key_ttl_days,
-            allow_keys_without_expiry=config.allow_keys_without_expiry,
-        )
+        store = KeyStore.from_config(config)
         ring = SigningKeyRing(config.signing_keys_dir, pinned_kid=config.signing_key_id)
         ring.load()
-        if not config.key_store.exists():
+        if not store.exists():
             log.warning(
                 "no API key store at %s yet: every call needing credentials is refused"
                 " until `python -m server keys create` makes a key",
-                config.key_store,
+                store.where,
             )
         elif ring.signer is None:
             log.warning("no signing key in %s: IssueToken will fail", config.signing_keys_dir)
@@ -71,7 +67,7 @@ class GatewayAuth:
             key_valid_until=store.valid_until,
         )
         expiry = ExpiryWatch(store)
-        if config.key_store.exists():
+        if store.exists():
             expiry.check()  # then once a day, on an authenticated call
         authenticator = Authenticator(
             store,

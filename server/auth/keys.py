@@ -32,14 +32,24 @@ import math
 import os
 import re
 import secrets
-import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+# Re-exported: the migration (key_store_backend.py) needs them, the rest of auth reads them here.
+from server.auth.key_store_backend import DAY_S as DAY_S
+from server.auth.key_store_backend import EXPIRY_WARNING_DAYS as EXPIRY_WARNING_DAYS
+from server.auth.key_store_backend import (
+    KeyStoreBackend,
+    KeyStoreDb,
+    KeyStoreError,
+    KeyStoreUnavailableError,
+    open_backend,
+)
+from server.config import AuthConfig
 from server.identity import ALL_MODELS, KNOWN_SCOPES, KeyLimits
 from server.telemetry.audit import (
     KEY_CREATED,
@@ -55,10 +65,7 @@ KEY_PREFIX = "llmgw_"
 _KEY = re.compile(r"^llmgw_([0-9a-f]{12})_([0-9a-f]{48})$")
 SECRET_BYTES = 32
 _CACHE_MAX_ENTRIES = 10_000
-DAY_S = 86_400.0
-# Keys this close to their expiry are reported (server/auth/expiry.py), and a
-# migrated store's keys get at least this long.
-EXPIRY_WARNING_DAYS = 14
+_UNAVAILABLE_LOG_EVERY_S = 30.0
 DEFAULT_KEY_TTL_DAYS = 90.0
 
 
@@ -209,43 +216,6 @@ class SecretFile:
         return self._hasher
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    key_hash TEXT NOT NULL,
-    scopes TEXT NOT NULL,
-    models TEXT NOT NULL,
-    requests_per_minute INTEGER,
-    tokens_per_minute INTEGER,
-    budget_nanos INTEGER,
-    created_at REAL NOT NULL,
-    revoked_at REAL,
-    expires_at REAL,
-    previous_key_hash TEXT,
-    previous_valid_until REAL,
-    rotated_at REAL
-)
-"""
-# The columns added since the first schema, in the order of _COLUMNS.
-# Tables beside api_keys that share its file: the encrypted provider keys
-# (server/auth/provider_keys.py).
-_SIDE_TABLES = (
-    """
-CREATE TABLE IF NOT EXISTS provider_keys (
-    name TEXT PRIMARY KEY,
-    envelope TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-)
-""",
-)
-_ADDED_COLUMNS = (
-    ("expires_at", "REAL"),
-    ("previous_key_hash", "TEXT"),
-    ("previous_valid_until", "REAL"),
-    ("rotated_at", "REAL"),
-)
 _COLUMNS = (
     "id, name, key_hash, scopes, models, requests_per_minute, tokens_per_minute,"
     " budget_nanos, created_at, revoked_at, expires_at, previous_key_hash,"
@@ -253,6 +223,7 @@ _COLUMNS = (
 )
 
 
+_ACTIVE_KEY = f"SELECT {_COLUMNS} FROM api_keys WHERE id = ? AND revoked_at IS NULL"
 # The fields `KeyStore.update` may change, as the audit event names them.
 _UPDATABLE = ("name", "models", "scopes", "limits", "expires_at")
 
@@ -280,43 +251,6 @@ def _record(row: Sequence[object]) -> KeyRecord:
     )
 
 
-def _migrate(db: sqlite3.Connection, *, key_ttl_days: float, now: float) -> None:
-    """Brings a store made by an earlier version up to this schema (idempotent).
-
-    Keys of a store without expiries get `created_at + key_ttl_days`, but at
-    least EXPIRY_WARNING_DAYS from now: old keys come under the policy, and
-    none expires before it has been reported as expiring for that long.
-    """
-    present = {str(row[1]) for row in db.execute("PRAGMA table_info(api_keys)")}
-    missing = [(name, kind) for name, kind in _ADDED_COLUMNS if name not in present]
-    if not present or not missing:
-        return  # no api_keys table at all (nothing to migrate), or already current
-    db.execute("BEGIN IMMEDIATE")  # one migrating process; others wait, then see it done
-    try:
-        present = {str(row[1]) for row in db.execute("PRAGMA table_info(api_keys)")}
-        missing = [(name, kind) for name, kind in _ADDED_COLUMNS if name not in present]
-        for name, kind in missing:
-            db.execute(f"ALTER TABLE api_keys ADD COLUMN {name} {kind}")
-        if ("expires_at", "REAL") in missing:
-            floor = now + EXPIRY_WARNING_DAYS * DAY_S
-            cursor = db.execute(
-                "UPDATE api_keys SET expires_at = MAX(created_at + ?, ?)",
-                (key_ttl_days * DAY_S, floor),
-            )
-            log.warning(
-                "key store migrated: %d existing key(s) now expire %g days after their"
-                " creation, at the earliest %d days from now; rotate them before then"
-                " (`python -m server keys list` shows when)",
-                cursor.rowcount,
-                key_ttl_days,
-                EXPIRY_WARNING_DAYS,
-            )
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-
-
 class KeyStore:
     """API key records in SQLite, with a short-lived cache for the serving path.
 
@@ -326,7 +260,7 @@ class KeyStore:
 
     def __init__(
         self,
-        path: Path,
+        location: Path | str,
         *,
         cache_ttl: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
@@ -334,8 +268,12 @@ class KeyStore:
         wall_clock: Callable[[], float] = time.time,
         allow_keys_without_expiry: bool = False,
     ) -> None:
-        self.path = path
         self.key_ttl_days = key_ttl_days
+        self.backend: KeyStoreBackend = open_backend(
+            location, key_ttl_days=key_ttl_days, wall_clock=wall_clock
+        )
+        # What messages may name: a path, or user@host:port/db (never a password).
+        self.where = self.backend.where
         # auth.allow_keys_without_expiry: whether `update` may set expires_at=None.
         self.allow_keys_without_expiry = allow_keys_without_expiry
         self._cache_ttl = cache_ttl
@@ -344,31 +282,35 @@ class KeyStore:
         self._cache: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
         # Counts `forget` calls: a lookup that a forget overtook is not cached.
         self._forgotten = 0
-        self._migrated = False
+        self._unavailable_logged_at = -math.inf
 
-    @contextmanager
-    def connect(self, *, create: bool = False) -> Iterator[sqlite3.Connection]:
-        """A connection in one transaction, committed on success (the schema made current).
+    @classmethod
+    def from_config(cls, config: AuthConfig) -> KeyStore:
+        """The store `auth:` names, with its cache TTL and expiry policy."""
+        return cls(
+            config.key_store,
+            cache_ttl=config.cache_ttl_s,
+            key_ttl_days=config.key_ttl_days,
+            allow_keys_without_expiry=config.allow_keys_without_expiry,
+        )
 
-        Without `create` the store must exist: the serving side never creates
-        an empty store by accident.
+    def connect(self, *, create: bool = False) -> AbstractContextManager[KeyStoreDb]:
+        """One transaction on the store, committed on success (the schema made current).
+
+        Statements use `?` placeholders whichever the backend. Without
+        `create` an SQLite store must exist: the serving side never creates
+        an empty store by accident. Raises KeyStoreError (KeyStoreUnavailableError
+        when the store cannot be reached).
         """
-        if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        uri = f"{self.path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
-        with closing(sqlite3.connect(uri, uri=True, timeout=5)) as connection:
-            if create:
-                connection.execute(_SCHEMA)
-                for statement in _SIDE_TABLES:
-                    connection.execute(statement)
-                os.chmod(self.path, 0o600)
-            if not self._migrated:
-                _migrate(connection, key_ttl_days=self.key_ttl_days, now=self._wall_clock())
-                for statement in _SIDE_TABLES:
-                    connection.execute(statement)
-                self._migrated = True
-            with connection:  # one transaction, committed on success
-                yield connection
+        return self.backend.connect(create=create)
+
+    def exists(self) -> bool:
+        """Whether the store may hold keys (False: an SQLite file not made yet)."""
+        return self.backend.exists()
+
+    def close(self) -> None:
+        """Lets go of the connections kept for reuse (PostgreSQL)."""
+        self.backend.close()
 
     # -- admin (command line) --------------------------------------------------
 
@@ -449,15 +391,13 @@ class KeyStore:
         The new secret gets a full lifetime (`expires_in_s`, as for create).
         A second rotation within the grace drops the first secret at once.
         """
-        if not self.path.exists():
+        if not self.exists():
             return None
         key = new_secret_for(key_id)
         now = self._wall_clock()
         expires_at = self._expiry(now, expires_in_s)
         with self.connect() as db:
-            row = db.execute(
-                f"SELECT {_COLUMNS} FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,)
-            ).fetchone()
+            row = db.execute(_ACTIVE_KEY + db.for_update, (key_id,)).fetchone()
             if row is None:
                 return None
             old = _record(row)
@@ -521,12 +461,10 @@ class KeyStore:
             raise ValueError(
                 f"scopes must be some of {sorted(KNOWN_SCOPES)}, not {sorted(new_scopes)}"
             )
-        if not self.path.exists():
+        if not self.exists():
             return None
         with self.connect() as db:
-            row = db.execute(
-                f"SELECT {_COLUMNS} FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,)
-            ).fetchone()
+            row = db.execute(_ACTIVE_KEY + db.for_update, (key_id,)).fetchone()
             if row is None:
                 return None
             old = _record(row)
@@ -567,7 +505,7 @@ class KeyStore:
         return new
 
     def list(self) -> list[KeyRecord]:
-        if not self.path.exists():
+        if not self.exists():
             return []
         with self.connect() as db:
             rows = db.execute(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at").fetchall()
@@ -582,7 +520,7 @@ class KeyStore:
         return revoked
 
     def _revoke_row(self, key_id: str) -> bool:
-        if not self.path.exists():
+        if not self.exists():
             return False
         with self.connect() as db:
             cursor = db.execute(
@@ -598,11 +536,20 @@ class KeyStore:
                 row = db.execute(
                     f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)
                 ).fetchone()
-        except sqlite3.OperationalError:
-            # No store yet (no key was ever created), or it is locked past the
-            # timeout: either way this key cannot be vouched for.
+        except KeyStoreUnavailableError as err:
+            # No store yet (no key was ever created), locked past the timeout,
+            # or its server down: either way this key cannot be vouched for.
+            if self.exists():  # a file not made yet is no outage
+                self._report_unavailable(err)
             return None
         return _record(row) if row else None
+
+    def _report_unavailable(self, err: KeyStoreError) -> None:
+        """A warning at most every _UNAVAILABLE_LOG_EVERY_S: lookups fail by the hundred."""
+        now = self._clock()
+        if now - self._unavailable_logged_at >= _UNAVAILABLE_LOG_EVERY_S:
+            self._unavailable_logged_at = now
+            log.warning("cannot read the API key store; credentials are refused: %s", err)
 
     # -- serving path ----------------------------------------------------------
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.auth.envelope import EnvelopeError, KekRing, SecretPlace, envelope_parts, load_ring
+from server.auth.key_store_backend import KeyStoreError
 from server.auth.keys import KeyStore
 from server.telemetry.audit import PROVIDER_KEY_SET, PROVIDER_KEYS_REENCRYPTED, audit_event
 
@@ -57,11 +58,16 @@ class ProviderKeyStore:
 
     @classmethod
     def at(
-        cls, key_store: Path, keys_file: Path | None, *, need_ring: bool = True
+        cls, key_store: Path | str, keys_file: Path | None, *, need_ring: bool = True
     ) -> ProviderKeyStore:
-        """The store at `key_store` with the ring from `keys_file` or the environment."""
+        """The store at `key_store` (a file or a postgresql:// URL) with the ring
+        from `keys_file` or the environment."""
         ring = load_ring(keys_file) if need_ring else None
         return cls(KeyStore(key_store), ring)
+
+    def close(self) -> None:
+        """Lets go of the key store's kept connections (PostgreSQL)."""
+        self._store.close()
 
     @property
     def ring(self) -> KekRing:
@@ -89,19 +95,23 @@ class ProviderKeyStore:
 
     def get(self, name: str) -> str:
         """The plaintext of provider key `name`; raises StoredKeyError saying why not."""
-        if not self._store.path.exists():
-            raise StoredKeyError(f"there is no key store at {self._store.path}")
-        with self._store.connect() as db:
-            row = db.execute(f"SELECT envelope FROM {TABLE} WHERE name = ?", (name,)).fetchone()
+        where = self._store.where
+        if not self._store.exists():
+            raise StoredKeyError(f"there is no key store at {where}")
+        try:
+            with self._store.connect() as db:
+                row = db.execute(f"SELECT envelope FROM {TABLE} WHERE name = ?", (name,)).fetchone()
+        except KeyStoreError as err:
+            raise StoredKeyError(str(err)) from None
         if row is None:
-            raise StoredKeyError(f"no provider key named {name!r} in {self._store.path}")
+            raise StoredKeyError(f"no provider key named {name!r} in {where}")
         try:
             return self.ring.open(str(row[0]), place_of(name))
         except EnvelopeError as err:
             raise StoredKeyError(f"provider key {name!r} cannot be decrypted: {err}") from None
 
     def list(self) -> list[StoredKeyInfo]:
-        if not self._store.path.exists():
+        if not self._store.exists():
             return []
         with self._store.connect() as db:
             rows = db.execute(
@@ -117,7 +127,7 @@ class ProviderKeyStore:
         return infos
 
     def delete(self, name: str) -> bool:
-        if not self._store.path.exists():
+        if not self._store.exists():
             return False
         with self._store.connect() as db:
             return db.execute(f"DELETE FROM {TABLE} WHERE name = ?", (name,)).rowcount > 0
@@ -131,11 +141,13 @@ class ProviderKeyStore:
         ring = self.ring
         moved = current = 0
         failed: list[str] = []
-        if not self._store.path.exists():
+        if not self._store.exists():
             return ReencryptionReport(0, 0, [])
         now = time.time()
         with self._store.connect() as db:
-            rows = db.execute(f"SELECT name, envelope FROM {TABLE} ORDER BY name").fetchall()
+            rows = db.execute(
+                f"SELECT name, envelope FROM {TABLE} ORDER BY name{db.for_update}"
+            ).fetchall()
             for name, envelope in rows:
                 name, envelope = str(name), str(envelope)
                 try:
