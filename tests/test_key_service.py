@@ -442,3 +442,25 @@ async def test_changes_are_audited_with_the_admin_that_made_them(
     # An admin key made by an admin: allowed, and said so.
     assert mine[0]["scopes"] == ["admin"]
     assert mine[1]["fields"] == ["name"]
+
+
+async def test_a_key_store_out_of_reach_is_unavailable_not_not_found(tmp_path: Path) -> None:
+    gateway = await start_authed_gateway(tmp_path, cache_ttl_s=60)
+    try:
+        keys = keys_pb2_grpc.KeyServiceStub(gateway.channel)
+        admin_key = gateway.create_key("root", scopes=("admin",))[1]
+        key_id = (await create(keys, admin_key)).key.id  # the admin key is cached now
+        store = gateway.config.auth.key_store
+        assert isinstance(store, Path)
+        store.rename(tmp_path / "elsewhere")
+        try:
+            request = pb.GetKeyRequest(key_id=key_id)
+            error = await expect_code(
+                grpc.StatusCode.UNAVAILABLE, keys.GetKey(request, **as_admin(admin_key))
+            )
+            assert str(tmp_path) not in (error.details() or "")
+        finally:
+            (tmp_path / "elsewhere").rename(store)
+        assert (await keys.GetKey(request, **as_admin(admin_key))).key.id == key_id
+    finally:
+        await gateway.close()

@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 import re
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Literal
 
 import grpc
@@ -40,18 +41,23 @@ from server.auth.key_admin import (
     rotate_key,
     update_key,
 )
+from server.auth.key_store_backend import KeyStoreError, KeyStoreUnavailableError
 from server.auth.keys import DEFAULT_TTL, DefaultTtl, KeyRecord
 from server.auth.revocation import KeyChange, KeyChangeFeed
 from server.config import AuthConfig
 from server.errors import (
     FieldViolation,
     GatewayError,
+    InternalError,
     InvalidArgumentError,
+    UnavailableError,
 )
 from server.grpc_edge.pages import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from server.grpc_edge.servicer import error_boundary
 from server.identity import ALL_MODELS, SCOPE_GENERATE, KeyLimits, current_identity
 from server.telemetry.audit import audit_fields, peer_of
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KeyService"].full_name
 
@@ -268,6 +274,22 @@ def _after(token: str, show_revoked: bool) -> tuple[float, str]:
 # -- the servicer --------------------------------------------------------------------
 
 
+@asynccontextmanager
+async def serving(context: Context) -> AsyncIterator[None]:
+    """error_boundary, with the key store's failures as statuses: UNAVAILABLE
+    when it cannot be reached (retry), INTERNAL otherwise (logged here; the
+    message names the store, never a password)."""
+    async with error_boundary(context):
+        try:
+            yield
+        except KeyStoreUnavailableError as err:
+            log.warning("KeyService: %s", err)
+            raise UnavailableError("the key store cannot be reached now; retry later") from None
+        except KeyStoreError as err:
+            log.error("KeyService: %s", err)
+            raise InternalError("the key store failed; see the gateway's log") from None
+
+
 class KeyServicer(pb_grpc.KeyServiceServicer):
     """Serves llmgateway.v1.KeyService over the gateway's key store.
 
@@ -310,10 +332,18 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
             ) from None
 
     async def _record(self, key_id: str) -> KeyRecord:
-        record = await asyncio.to_thread(self._gateway_auth().store.lookup, key_id)
+        store = self._gateway_auth().store
+        record = await asyncio.to_thread(store.lookup, key_id)
         if record is None:
+            # lookup says None for a store it cannot reach too (the serving
+            # path refuses either way); here that must be UNAVAILABLE.
+            await asyncio.to_thread(self._reach_store)
             raise KeyNotFoundError(key_id)
         return record
+
+    def _reach_store(self) -> None:
+        with self._gateway_auth().store.connect():
+            pass
 
     async def _announce(self, key_id: str, change: KeyChange) -> None:
         if self._feed is not None:
@@ -322,7 +352,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
     async def CreateKey(
         self, request: pb.CreateKeyRequest, context: Context
     ) -> pb.CreateKeyResponse:
-        async with error_boundary(context):
+        async with serving(context):
             auth = self._gateway_auth()
             lifetime = _lifetime(
                 auth.config, request.HasField("lifetime"), request.lifetime, request.never_expires
@@ -342,7 +372,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
         return pb.CreateKeyResponse()  # error_boundary has set the failure's status
 
     async def ListKeys(self, request: pb.ListKeysRequest, context: Context) -> pb.ListKeysResponse:
-        async with error_boundary(context):
+        async with serving(context):
             store = self._gateway_auth().store
             if request.page_size < 0:
                 raise InvalidArgumentError(
@@ -368,7 +398,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
         return pb.ListKeysResponse()  # error_boundary has set the failure's status
 
     async def GetKey(self, request: pb.GetKeyRequest, context: Context) -> pb.GetKeyResponse:
-        async with error_boundary(context):
+        async with serving(context):
             record = await self._record(_key_id(request.key_id))
             return pb.GetKeyResponse(key=encode_key(record, self._clock()))
         return pb.GetKeyResponse()  # error_boundary has set the failure's status
@@ -376,7 +406,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
     async def RotateKey(
         self, request: pb.RotateKeyRequest, context: Context
     ) -> pb.RotateKeyResponse:
-        async with error_boundary(context):
+        async with serving(context):
             auth = self._gateway_auth()
             key_id = _key_id(request.key_id)
             lifetime = _lifetime(
@@ -408,7 +438,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
     async def UpdateKey(
         self, request: pb.UpdateKeyRequest, context: Context
     ) -> pb.UpdateKeyResponse:
-        async with error_boundary(context):
+        async with serving(context):
             auth = self._gateway_auth()
             key_id = _key_id(request.key.id, "key.id")
             current = await self._record(key_id)
@@ -430,7 +460,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
     async def RevokeKey(
         self, request: pb.RevokeKeyRequest, context: Context
     ) -> pb.RevokeKeyResponse:
-        async with error_boundary(context):
+        async with serving(context):
             store = self._gateway_auth().store
             key_id = _key_id(request.key_id)
             record = await self._record(key_id)

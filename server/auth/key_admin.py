@@ -202,9 +202,5 @@ def update_key(
 
 
 def open_store(config: AuthConfig) -> KeyStore:
-    """A KeyStore over auth.key_store for an administrative process (no serving cache)."""
-    return KeyStore(
-        config.key_store,
-        key_ttl_days=config.key_ttl_days,
-        allow_keys_without_expiry=config.allow_keys_without_expiry,
-    )
+    """The KeyStore `auth:` names, for a process that serves nothing."""
+    return KeyStore.from_config(config)
