@@ -27,6 +27,7 @@ from server.config import AuditConfig
 from server.telemetry.audit import close_audit, configure_audit
 from tests.conftest import RunningGateway, detail, field_violations, request, rich_status
 from tests.test_auth import AuthedGateway, bearer, expect_code, start_authed_gateway
+from tests.test_grpcurl import grpcurl
 
 OK_CODES = grpc.StatusCode
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
@@ -464,3 +465,38 @@ async def test_a_key_store_out_of_reach_is_unavailable_not_not_found(tmp_path: P
         assert (await keys.GetKey(request, **as_admin(admin_key))).key.id == key_id
     finally:
         await gateway.close()
+
+
+async def test_the_readme_grpcurl_calls(authed: AuthedGateway, admin_key: str) -> None:
+    """The admin API as the README shows it: grpcurl through reflection, JSON in and out."""
+    header = ("-H", f"authorization: Bearer {admin_key}")
+
+    async def call(method: str, body: dict[str, Any]) -> dict[str, Any]:
+        output = await grpcurl(
+            "-plaintext", *header, "-d", json.dumps(body), authed.address,
+            f"llmgateway.v1.KeyService/{method}",
+        )  # fmt: skip
+        answer: dict[str, Any] = json.loads(output)
+        return answer
+
+    created = await call(
+        "CreateKey", {"name": "billing-service", "models": ["echo"], "lifetime": "2592000s"}
+    )
+    key_id, secret = created["key"]["id"], created["secret"]
+    assert created["key"]["state"] == "API_KEY_STATE_ACTIVE"
+    updated = await call(
+        "UpdateKey",
+        {
+            "key": {"id": key_id, "models": ["echo", "tiny"], "limits": {"requestsPerMinute": 60}},
+            "updateMask": {"paths": ["models", "limits.requests_per_minute"]},
+        },
+    )
+    assert updated["key"]["models"] == ["echo", "tiny"]
+    assert updated["key"]["limits"] == {"requests_per_minute": "60"}  # grpcurl: proto names
+    listed = await call("ListKeys", {"pageSize": 1000})
+    assert key_id in {k["id"] for k in listed["keys"]} and secret not in json.dumps(listed)
+    rotated = await call("RotateKey", {"keyId": key_id, "gracePeriod": "3600s"})
+    assert rotated["secret"] != secret and "previous_secret_expire_time" in rotated["key"]
+    revoked = await call("RevokeKey", {"keyId": key_id})
+    assert revoked["key"]["state"] == "API_KEY_STATE_REVOKED"
+    assert await generate_code(authed, rotated["secret"]) == UNAUTHENTICATED
