@@ -5,7 +5,10 @@ and rotation), in SQLite or PostgreSQL (`key_store_backend.py`,
 `key_store_postgres.py`); `expiry.py` reports keys close to their expiry;
 `tokens.py` the signing keys and the JWTs; `authenticator.py` turns a call's
 metadata into an Identity; `service.py` serves TokenService; `cli.py` is
-`python -m server keys ...`. `envelope.py` and `provider_keys.py` keep
+`python -m server keys ...`, and `admin_service.py` KeyService, the same
+operations over gRPC for admin keys, both through `key_admin.py`'s rules;
+`revocation.py` tells the other gateway processes of a key's change over
+Redis. `envelope.py` and `provider_keys.py` keep
 providers' API keys encrypted in the same store. The interceptor that applies all this to every
 call is interceptors/auth.py. `GatewayAuth` assembles them from `auth:` config.
 """
