@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 from google.rpc import error_details_pb2
 
 from llmgateway.v1 import keys_pb2 as pb
@@ -29,7 +29,6 @@ from tests.conftest import RunningGateway, detail, field_violations, request, ri
 from tests.test_auth import AuthedGateway, bearer, expect_code, start_authed_gateway
 from tests.test_grpcurl import grpcurl
 
-OK_CODES = grpc.StatusCode
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
@@ -69,9 +68,7 @@ def as_admin(admin_key: str) -> dict[str, Any]:
     return {"metadata": bearer(admin_key), "timeout": 10}
 
 
-def seconds(value: float) -> Any:
-    from google.protobuf import duration_pb2
-
+def seconds(value: float) -> duration_pb2.Duration:
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(int(value * 1e9))
     return duration
