@@ -254,11 +254,13 @@ def _after(token: str, show_revoked: bool) -> tuple[float, str]:
     try:
         version, created, key_id, revoked = fields
         after = (float(created), _key_id(key_id))
+        if version != _TOKEN_VERSION:
+            raise ValueError(version)
     except (ValueError, InvalidArgumentError):
         raise InvalidArgumentError(
             [FieldViolation("page_token", "not a page token of this list; pass one as received")]
         ) from None
-    if version != _TOKEN_VERSION or revoked != str(int(show_revoked)):
+    if revoked != str(int(show_revoked)):
         raise InvalidArgumentError(
             [
                 FieldViolation(
