@@ -451,14 +451,15 @@ async def test_revoking_a_key_rejects_it_and_its_tokens_at_once(authed: AuthedGa
 
 
 async def test_revocation_by_another_process_is_seen_within_the_cache_ttl(
-    tmp_path: Path,
+    tmp_path: Path, key_store_location: Path | str
 ) -> None:
-    running = await start_authed_gateway(tmp_path, cache_ttl_s=0.5)
+    # On each key store backend: a shared PostgreSQL database is how replicas see it.
+    running = await start_authed_gateway(tmp_path, cache_ttl_s=0.5, key_store=key_store_location)
     try:
         key_id, key = running.create_key("elsewhere")
         token = (await running.issue(key)).token
         await running.stub.Generate(request(), metadata=bearer(token))
-        # What `python -m server keys revoke` does: another store object, same file.
+        # What `python -m server keys revoke` does: another store object, same store.
         assert KeyStore(running.config.auth.key_store).revoke(key_id)
         await asyncio.sleep(0.6)
         await expect_code(UNAUTHENTICATED, running.stub.Generate(request(), metadata=bearer(token)))

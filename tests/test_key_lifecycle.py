@@ -6,6 +6,8 @@ the rotation) work through the grace period and not after it, with the
 clock moved rather than slept through; keys close to their expiry are
 reported once a day, counted for the metric and shown by `keys list`; a
 store from before expiries existed is migrated with its keys still working.
+All but the migration (SQLite stores only: a PostgreSQL store is born with
+expiries) run on both key store backends.
 """
 
 from __future__ import annotations
@@ -33,22 +35,22 @@ from server.errors import UnauthenticatedError
 from server.identity import Identity
 from server.telemetry.audit import close_audit, configure_audit
 from tests.conftest import REPO_ROOT, request
+from tests.postgres_fixtures import store_sql
 from tests.test_auth import AuthedGateway, bearer, expect_code, start_authed_gateway
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.fixture
-async def authed(tmp_path: Path) -> AsyncIterator[AuthedGateway]:
+async def authed(tmp_path: Path, key_store_location: Path | str) -> AsyncIterator[AuthedGateway]:
     # cache_ttl_s 0: each call reads the key's record, so a change is seen at once.
-    running = await start_authed_gateway(tmp_path, cache_ttl_s=0)
+    running = await start_authed_gateway(tmp_path, cache_ttl_s=0, key_store=key_store_location)
     yield running
     await running.close()
 
 
-def set_expiry(store: Path, key_id: str, expires_at: float) -> None:
-    with sqlite3.connect(store) as db:
-        db.execute("UPDATE api_keys SET expires_at = ? WHERE id = ?", (expires_at, key_id))
+def set_expiry(store: Path | str, key_id: str, expires_at: float) -> None:
+    store_sql(store, "UPDATE api_keys SET expires_at = ? WHERE id = ?", (expires_at, key_id))
 
 
 async def http_status(authed: AuthedGateway, credential: str) -> tuple[int, str]:
@@ -119,9 +121,11 @@ class Clock:
 
 
 @pytest.fixture
-def parts(tmp_path: Path) -> tuple[KeyStore, Authenticator, TokenIssuer, KeyHasher, Clock]:
+def parts(
+    tmp_path: Path, key_store_location: Path | str
+) -> tuple[KeyStore, Authenticator, TokenIssuer, KeyHasher, Clock]:
     clock = Clock()
-    store = KeyStore(tmp_path / "keys.sqlite3", cache_ttl=0, wall_clock=clock)
+    store = KeyStore(key_store_location, cache_ttl=0, wall_clock=clock)
     hasher = KeyHasher(ensure_secret(tmp_path / "secret"))
     create_signing_key(tmp_path / "signing")
     ring = SigningKeyRing(tmp_path / "signing")
@@ -216,10 +220,10 @@ async def test_an_expired_key_and_its_token_are_refused_by_the_clock(
 
 
 async def test_expiring_keys_are_warned_of_once_a_day_audited_and_counted(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, key_store_location: Path | str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="llmgw.keys")
-    store = KeyStore(tmp_path / "keys.sqlite3")
+    store = KeyStore(key_store_location)
     hasher = KeyHasher(ensure_secret(tmp_path / "secret"))
     soon, _ = store.create(hasher, name="soon", scopes=["generate"], expires_in_s=3 * DAY_S)
     store.create(hasher, name="later", scopes=["generate"])
@@ -280,9 +284,11 @@ async def keys_cli(
     return process.returncode, out.decode(), err.decode()
 
 
-async def test_keys_list_shows_expiry_and_never_needs_the_config(tmp_path: Path) -> None:
+async def test_keys_list_shows_expiry_and_never_needs_the_config(
+    tmp_path: Path, key_store_location: Path | str
+) -> None:
     env = {
-        "LLMGW_AUTH__KEY_STORE": str(tmp_path / "keys.sqlite3"),
+        "LLMGW_AUTH__KEY_STORE": str(key_store_location),
         "LLMGW_AUTH__SECRET_FILE": str(tmp_path / "key-secret"),
         "LLMGW_AUTH__SIGNING_KEYS_DIR": str(tmp_path / "signing-keys"),
     }
@@ -350,12 +356,14 @@ async def test_a_store_from_before_expiry_is_migrated_and_its_keys_keep_working(
     assert KeyStore(path).lookup("bbbbbbbbbbbb") == old  # migrated once, not again
 
 
-def test_the_metric_counts_keys_by_days_left(tmp_path: Path) -> None:
+def test_the_metric_counts_keys_by_days_left(
+    tmp_path: Path, key_store_location: Path | str
+) -> None:
     from prometheus_client import generate_latest
 
     from server.telemetry.metrics import GatewayMetrics
 
-    store = KeyStore(tmp_path / "keys.sqlite3")
+    store = KeyStore(key_store_location)
     hasher = KeyHasher(ensure_secret(tmp_path / "secret"))
     store.create(hasher, name="soon", scopes=["generate"], expires_in_s=0.5 * DAY_S)
     store.create(hasher, name="default", scopes=["generate"])

@@ -1,11 +1,14 @@
-"""API keys: format, keyed hashing, the SQLite store and `python -m server keys`."""
+"""API keys: format, keyed hashing, the store and `python -m server keys`.
+
+The store's tests, and the command line's with a gateway serving what it
+made, run on both backends (SQLite and PostgreSQL: `key_store_location`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
-import sqlite3
 import sys
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from server.auth.keys import (
     new_api_key,
 )
 from tests.conftest import REPO_ROOT, request, start_server_process
+from tests.postgres_fixtures import store_text
 from tests.test_auth import bearer, expect_code
 
 
@@ -51,15 +55,17 @@ def test_short_secret_is_refused(tmp_path: Path) -> None:
         asyncio.run(SecretFile(tmp_path / "secret").hasher())
 
 
-def test_store_keeps_no_key(tmp_path: Path) -> None:
-    store = KeyStore(tmp_path / "keys.sqlite3")
+def test_store_keeps_no_key(tmp_path: Path, key_store_location: Path | str) -> None:
+    store = KeyStore(key_store_location)
     hasher = KeyHasher(ensure_secret(tmp_path / "secret"))
     record, key = store.create(hasher, name="n", scopes=["generate"], models=["echo"])
-    dump = "\n".join(sqlite3.connect(tmp_path / "keys.sqlite3").iterdump())
-    assert key not in dump and key.split("_")[2] not in dump
+    dump = store_text(key_store_location)
+    assert record.key_hash.encode() in dump  # what is stored is scanned
+    assert key.encode() not in dump and key.split("_")[2].encode() not in dump
     assert "llmgw_" not in repr(record) and record.key_hash not in repr(record)
     assert store.lookup(record.id) == record
-    assert (tmp_path / "keys.sqlite3").stat().st_mode & 0o077 == 0
+    if isinstance(key_store_location, Path):
+        assert key_store_location.stat().st_mode & 0o077 == 0
 
 
 def test_serving_side_never_creates_a_store(tmp_path: Path) -> None:
@@ -69,13 +75,15 @@ def test_serving_side_never_creates_a_store(tmp_path: Path) -> None:
     assert not (tmp_path / "none").exists()
 
 
-async def test_store_cache_serves_lookups_for_its_ttl(tmp_path: Path) -> None:
+async def test_store_cache_serves_lookups_for_its_ttl(
+    tmp_path: Path, key_store_location: Path | str
+) -> None:
     now = [0.0]
-    store = KeyStore(tmp_path / "keys.sqlite3", cache_ttl=5, clock=lambda: now[0])
+    store = KeyStore(key_store_location, cache_ttl=5, clock=lambda: now[0])
     hasher = KeyHasher(ensure_secret(tmp_path / "secret"))
     record, _ = store.create(hasher, name="n", scopes=["generate"])
     assert await store.get(record.id) == record
-    KeyStore(tmp_path / "keys.sqlite3").revoke(record.id)  # another process
+    KeyStore(key_store_location).revoke(record.id)  # another process
     now[0] = 4.9
     cached = await store.get(record.id)
     assert cached is not None and not cached.revoked
@@ -102,9 +110,10 @@ async def _keys(env: dict[str, str], *args: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def auth_env(tmp_path: Path) -> dict[str, str]:
+def auth_env(tmp_path: Path, key_store_location: Path | str) -> dict[str, str]:
+    """The command line's and the gateway's configuration, on each key store backend."""
     return {
-        "LLMGW_AUTH__KEY_STORE": str(tmp_path / "keys.sqlite3"),
+        "LLMGW_AUTH__KEY_STORE": str(key_store_location),
         "LLMGW_AUTH__SECRET_FILE": str(tmp_path / "key-secret"),
         "LLMGW_AUTH__SIGNING_KEYS_DIR": str(tmp_path / "signing-keys"),
     }
@@ -127,7 +136,7 @@ async def test_cli_create_list_revoke_and_serve(auth_env: dict[str, str]) -> Non
     assert row["models"] == ["echo", "tiny*"] and row["scopes"] == ["generate"]
     assert row["requests_per_minute"] == 60 and row["revoked"] is None
     code, table, _ = await _keys(auth_env, "list")
-    store = KeyStore(Path(auth_env["LLMGW_AUTH__KEY_STORE"]))
+    store = KeyStore(auth_env["LLMGW_AUTH__KEY_STORE"])
     (record,) = store.list()
     for shown in (listed, table):
         assert "llmgw_" not in shown and key.split("_")[2] not in shown

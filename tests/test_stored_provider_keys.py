@@ -6,6 +6,7 @@ at all); `keys provider set` reading the key from standard input and
 `rotate-kek` leaving no row on the old KEK; the start-up check (a provider
 whose stored key cannot be decrypted is reported by name and fails closed,
 the others serve); and no plaintext key in the database file or the logs.
+What touches the store runs on both backends (SQLite and PostgreSQL).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import base64
 import logging
 import re
 import secrets
-import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,6 +39,7 @@ from server.config import ConfigError, load_config
 from server.routing import Router
 from tests.conftest import REPO_ROOT, RunningGateway, detail, rich_status, started
 from tests.fake_upstream import FakeUpstream
+from tests.postgres_fixtures import store_sql, store_text
 from tests.upstream_fixtures import ask
 
 SECRET = "sk-stored-Zq81-plaintext-never-seen"
@@ -92,32 +93,31 @@ def test_a_tampered_byte_a_moved_row_a_wrong_or_missing_kek_each_fail_loudly() -
         KekRing(parse_ring("k1:" + base64.b64encode(b"short").decode(), origin="test"))
 
 
-def test_a_row_copied_to_another_name_does_not_decrypt(tmp_path: Path) -> None:
-    store = ProviderKeyStore(KeyStore(tmp_path / "keys.sqlite3"), KekRing({"k1": kek()}))
+def test_a_row_copied_to_another_name_does_not_decrypt(key_store_location: Path | str) -> None:
+    store = ProviderKeyStore(KeyStore(key_store_location), KekRing({"k1": kek()}))
     store.set("openai-prod", SECRET)
     store.set("anthropic-prod", OTHER_SECRET)
-    with sqlite3.connect(tmp_path / "keys.sqlite3") as db:
-        db.execute(
-            "UPDATE provider_keys SET envelope ="
-            " (SELECT envelope FROM provider_keys WHERE name = 'openai-prod')"
-            " WHERE name = 'anthropic-prod'"
-        )
+    store_sql(
+        key_store_location,
+        "UPDATE provider_keys SET envelope ="
+        " (SELECT envelope FROM provider_keys WHERE name = 'openai-prod')"
+        " WHERE name = 'anthropic-prod'",
+    )
     assert store.get("openai-prod") == SECRET
     with pytest.raises(StoredKeyError, match="'anthropic-prod' cannot be decrypted"):
         store.get("anthropic-prod")
 
 
-def test_rotate_kek_leaves_no_row_on_the_old_kek(tmp_path: Path) -> None:
+def test_rotate_kek_leaves_no_row_on_the_old_kek(key_store_location: Path | str) -> None:
     keys = {"old": kek(), "new": kek()}
-    path = tmp_path / "keys.sqlite3"
+    path = key_store_location
     before = ProviderKeyStore(KeyStore(path), KekRing({"old": keys["old"]}))
     before.set("a", SECRET)
     before.set("b", OTHER_SECRET)
     ring = KekRing({"new": keys["new"], "old": keys["old"]})
     report = ProviderKeyStore(KeyStore(path), ring).rotate_kek()
     assert (report.reencrypted, report.already_current, report.failed) == (2, 0, [])
-    with sqlite3.connect(path) as db:
-        envelopes = [row[0] for row in db.execute("SELECT envelope FROM provider_keys")]
+    envelopes = [row[0] for row in store_sql(path, "SELECT envelope FROM provider_keys")]
     assert len(envelopes) == 2 and all(e.startswith("v1:new:") for e in envelopes)
     after = ProviderKeyStore(KeyStore(path), KekRing({"new": keys["new"]}))  # old KEK gone
     assert (after.get("a"), after.get("b")) == (SECRET, OTHER_SECRET)
@@ -143,14 +143,12 @@ async def keys_cli(env: dict[str, str], *args: str, stdin: bytes = b"") -> tuple
     return process.returncode, out.decode(), err.decode()
 
 
-def database_bytes(path: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
-
-
-async def test_the_cli_reads_the_key_from_stdin_and_rotates_the_kek(tmp_path: Path) -> None:
+async def test_the_cli_reads_the_key_from_stdin_and_rotates_the_kek(
+    key_store_location: Path | str,
+) -> None:
     keys: dict[str, bytes] = {}
     env = {
-        "LLMGW_AUTH__KEY_STORE": str(tmp_path / "keys.sqlite3"),
+        "LLMGW_AUTH__KEY_STORE": str(key_store_location),
         "LLMGW_ENCRYPTION_KEYS": ring_text("k1", keys=keys),
     }
     code, out, err = await keys_cli(env, "set", "openai-prod", stdin=SECRET.encode() + b"\n")
@@ -158,14 +156,15 @@ async def test_the_cli_reads_the_key_from_stdin_and_rotates_the_kek(tmp_path: Pa
     assert SECRET not in out + err and "k1" in err
     code, listed, err = await keys_cli(env, "list")
     assert code == 0 and "openai-prod" in listed and "k1" in listed and SECRET not in listed
-    assert SECRET.encode() not in database_bytes(tmp_path / "keys.sqlite3")
+    stored = store_text(key_store_location)
+    assert b"v1:k1:" in stored and SECRET.encode() not in stored
 
     env["LLMGW_ENCRYPTION_KEYS"] = ring_text("k2", "k1", keys=keys)
     code, _, err = await keys_cli(env, "rotate-kek")
     assert code == 0, err
     assert "re-encrypted 1" in err and "0 could not be decrypted" in err
     ring = KekRing({"k2": keys["k2"]})
-    assert ProviderKeyStore(KeyStore(tmp_path / "keys.sqlite3"), ring).get("openai-prod") == SECRET
+    assert ProviderKeyStore(KeyStore(key_store_location), ring).get("openai-prod") == SECRET
     code, _, err = await keys_cli({**env, "LLMGW_ENCRYPTION_KEYS": ""}, "set", "x", stdin=b"k")
     assert code == 2 and "LLMGW_ENCRYPTION_KEYS" in err
 
@@ -184,12 +183,13 @@ def test_api_key_stored_is_one_source_among_the_others() -> None:
 async def two_providers(
     fake: FakeUpstream,
     tmp_path: Path,
+    key_store_location: Path | str,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> AsyncIterator[RunningGateway]:
     """`good` reads a key that decrypts; `broken` one sealed under a KEK no longer held."""
     caplog.set_level(logging.DEBUG)
-    path = tmp_path / "keys.sqlite3"
+    path = key_store_location
     keys = {"current": kek(), "lost": kek()}
     ProviderKeyStore(KeyStore(path), KekRing({"current": keys["current"]})).set("good", SECRET)
     ProviderKeyStore(KeyStore(path), KekRing({"lost": keys["lost"]})).set("broken", OTHER_SECRET)
@@ -251,5 +251,6 @@ async def test_a_stored_key_that_cannot_be_decrypted_fails_its_provider_closed(
     # No plaintext key in the logs, nor in the database file.
     text = "\n".join(r.getMessage() for r in logged) + caplog.text
     assert SECRET not in text and OTHER_SECRET not in text
-    stored = database_bytes(two_providers.gateway.config.auth.key_store)
+    stored = store_text(two_providers.gateway.config.auth.key_store)
+    assert b"v1:current:" in stored and b"v1:lost:" in stored  # what is stored is scanned
     assert SECRET.encode() not in stored and OTHER_SECRET.encode() not in stored
