@@ -44,6 +44,7 @@ from server.cache import ResponseCache
 from server.cache.idempotency import Idempotency
 from server.calls import Drain
 from server.config import ConfigError, GatewayConfig, ServerConfig
+from server.credentials import stored_key_status
 from server.grpc_edge.expired_calls import install_expired_call_filter
 from server.grpc_edge.servicer import GenerationServicer
 from server.guardrails import GuardedRouter, guarded
@@ -206,6 +207,8 @@ class Gateway:
         self.accounting.admission.alert_hooks.append(self.telemetry.on_budget_alert)
         if self.telemetry.metrics is not None and self.auth is not None:
             self.telemetry.metrics.watch_key_expiry(self.auth.expiry.counts)
+        if self.telemetry.metrics is not None:
+            self.telemetry.metrics.watch_stored_provider_keys(stored_key_status)
         if self.telemetry.metrics is not None and self.cache is not None:
             self.telemetry.metrics.watch_cache(self.cache.stats)
         if self.telemetry.metrics is not None and isinstance(self.router, GuardedRouter):

@@ -27,7 +27,10 @@ logged as an ERROR naming it and why, and the gateway starts all the same;
 that provider's calls then fail with FAILED_PRECONDITION, reason
 STORED_PROVIDER_KEY_UNAVAILABLE, naming the stored key (the router falls back
 to another deployment where a route has one). It is read again every TTL, so
-a fixed or replaced key is taken up without a restart.
+a fixed or replaced key is taken up without a restart. Besides the log, a
+stored key without a usable value is reported by the metric
+`llmgw_stored_provider_keys_undecryptable{name}` and in the HTTP readiness
+answer (`stored_key_status`, `undecryptable_stored_keys`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -231,6 +235,27 @@ class StoredKeyReference(BaseModel):
         return {"name": data} if isinstance(data, str) else data
 
 
+# Every StoredCredential of this process, for the metric and the health detail.
+# Process-wide like the log line they mirror: credentials are made deep inside
+# the providers, and a provider dropped goes from here with its credential.
+_STORED: weakref.WeakSet[StoredCredential] = weakref.WeakSet()
+
+
+def stored_key_status() -> dict[str, bool]:
+    """Each stored provider key a provider of this process uses: True when it has
+    no usable value (it could not be read or decrypted, and none is held)."""
+    status: dict[str, bool] = {}
+    for credential in list(_STORED):
+        name = credential.reference.name
+        status[name] = status.get(name, False) or not credential.available
+    return dict(sorted(status.items()))
+
+
+def undecryptable_stored_keys() -> list[str]:
+    """The names of the stored provider keys whose providers fail closed now."""
+    return [name for name, failing in stored_key_status().items() if failing]
+
+
 class StoredCredential:
     """A provider key from the key store, decrypted now and then every `ttl` seconds."""
 
@@ -262,6 +287,7 @@ class StoredCredential:
                 err,
             )
         self._read_at = self._clock()
+        _STORED.add(self)
 
     @property
     def available(self) -> bool:

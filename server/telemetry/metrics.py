@@ -150,6 +150,25 @@ class _KeyExpiryCollector(Collector):
         yield family
 
 
+class _StoredKeysCollector(Collector):
+    """Stored provider keys in use (server/credentials.py), 1 for each that cannot be used."""
+
+    def __init__(self, status: Callable[[], dict[str, bool]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "llmgw_stored_provider_keys_undecryptable",
+            "Stored provider keys (api_key_stored) the providers use: 1 while the gateway holds"
+            " no usable value for the key (it could not be read or decrypted, and its"
+            " provider fails closed), 0 otherwise.",
+            labels=["name"],
+        )
+        for name, failing in self._status().items():
+            family.add_metric([name], 1.0 if failing else 0.0)
+        yield family
+
+
 QUOTA_BACKEND_FAILURES = "llmgw_quota_backend_failures"
 LEDGER_WRITE_FAILURES = "llmgw_ledger_write_failures"
 LEDGER_ROWS_DROPPED = "llmgw_ledger_rows_dropped"
@@ -406,6 +425,10 @@ class GatewayMetrics:
     def watch_key_expiry(self, counts: Callable[[], dict[str, int]]) -> None:
         """Reads active API keys by days-left bucket at each scrape (blocking is fine there)."""
         self.registry.register(_KeyExpiryCollector(counts))
+
+    def watch_stored_provider_keys(self, status: Callable[[], dict[str, bool]]) -> None:
+        """Reads which stored provider keys cannot be used at each scrape (name: failing)."""
+        self.registry.register(_StoredKeysCollector(status))
 
     def record_guardrail(
         self, stage: str, action: str, counts: dict[str, int], seconds: float, failure: str | None
