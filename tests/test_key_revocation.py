@@ -31,7 +31,7 @@ from llmgateway.v1 import keys_pb2_grpc, token_pb2_grpc
 from server.app import Gateway
 from server.auth.cli import create_key
 from server.auth.keys import KeyStore
-from server.auth.revocation import channel_of
+from server.auth.revocation import KeyChangeFeed, channel_of
 from server.config import load_config
 from tests.conftest import REPO_ROOT, TEST_CONFIG, free_port, request, start_server_process
 from tests.redis_fixtures import RedisServer, _start_redis, redis_server
@@ -251,3 +251,61 @@ async def test_a_dead_redis_stops_nothing_and_is_logged_once(
             await becomes(UNAUTHENTICATED, lambda: code_of(one.stub, key), AT_ONCE_S)
         finally:
             await server.stop()
+
+
+async def test_a_lookup_overtaken_by_a_change_is_not_cached(tmp_path: Path) -> None:
+    """A record read just before another process's change was announced must not
+    stay cached for the TTL after the announcement dropped it."""
+    config = load_config(
+        environ={},
+        overrides={
+            "auth.key_store": str(tmp_path / "keys.sqlite3"),
+            "auth.secret_file": str(tmp_path / "key-secret"),
+            "auth.signing_keys_dir": str(tmp_path / "signing-keys"),
+        },
+    )
+    record, _ = create_key(config.auth, name="svc")
+    store = KeyStore(config.auth.key_store, cache_ttl=CACHE_TTL_S)
+    reading, announced = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    lookup = store.lookup
+
+    def slow_lookup(key_id: str) -> Any:
+        found = lookup(key_id)  # the record before the change
+        loop.call_soon_threadsafe(reading.set)
+        asyncio.run_coroutine_threadsafe(announced.wait(), loop).result(10)
+        return found
+
+    store.lookup = slow_lookup  # type: ignore[method-assign]
+    getting = asyncio.create_task(store.get(record.id))
+    await reading.wait()
+    assert KeyStore(config.auth.key_store).revoke(record.id)  # elsewhere
+    store.forget(record.id)  # the announcement
+    announced.set()
+    stale = await getting
+    assert stale is not None and not stale.revoked  # that call began before the change
+    store.lookup = lookup  # type: ignore[method-assign]
+    fresh = await store.get(record.id)
+    assert fresh is not None and fresh.revoked
+
+
+async def test_a_malformed_message_is_ignored(tmp_path: Path) -> None:
+    async with redis_server(tmp_path) as redis:
+        forgotten: list[str | None] = []
+        config = load_config(environ={}, overrides={"redis.url": redis.url}).redis
+        feed = KeyChangeFeed(config, forgotten.append)
+        feed.start()
+        try:
+            await asyncio.wait_for(feed.subscribed.wait(), 10)
+            assert forgotten == [None]  # subscribing drops everything cached
+            client = aioredis.Redis.from_url(redis.url)
+            try:
+                for garbage in ("", "{", '{"key_id": 5}', '{"key_id": "../etc"}', "[]"):
+                    await client.publish(channel_of(config), garbage)
+            finally:
+                await client.aclose()
+            assert await feed.publish("0123456789ab", "updated")
+            await becomes(2, lambda: asyncio.sleep(0, len(forgotten)), within=AT_ONCE_S)
+            assert forgotten == [None, "0123456789ab"] and feed.received == 1
+        finally:
+            await feed.aclose()
