@@ -76,12 +76,15 @@ async def subscribers(url: str, channel: str) -> int:
 
 
 @asynccontextmanager
-async def authed_with_redis(directory: Path, redis_url: str) -> AsyncIterator[AuthedGateway]:
-    """An in-process gateway with auth on (records cached 60 s) and the shared Redis."""
+async def authed_with_redis(
+    directory: Path, redis_url: str, key_store: Path | str | None = None
+) -> AsyncIterator[AuthedGateway]:
+    """An in-process gateway with auth on (records cached 60 s) and the shared Redis;
+    its keys in `key_store` (an SQLite file in `directory` by default)."""
     overrides = {key: value for key, value in TEST_CONFIG.items() if not key.startswith("auth.")}
     overrides.update(
         {
-            "auth.key_store": str(directory / "keys.sqlite3"),
+            "auth.key_store": str(key_store or directory / "keys.sqlite3"),
             "auth.secret_file": str(directory / "key-secret"),
             "auth.signing_keys_dir": str(directory / "signing-keys"),
             "auth.cache_ttl_s": CACHE_TTL_S,
@@ -123,10 +126,13 @@ def process_env(gateway: AuthedGateway, redis_url: str) -> dict[str, str]:
     }
 
 
-async def test_a_second_gateway_process_refuses_a_revoked_key_at_once(tmp_path: Path) -> None:
+async def test_a_second_gateway_process_refuses_a_revoked_key_at_once(
+    tmp_path: Path, key_store_location: Path | str
+) -> None:
+    """Two replicas sharing one key store, SQLite (one host) or PostgreSQL."""
     async with (
         redis_server(tmp_path) as redis,
-        authed_with_redis(tmp_path / "one", redis.url) as one,
+        authed_with_redis(tmp_path / "one", redis.url, key_store_location) as one,
     ):
         assert one.gateway.key_changes is not None
         other = await start_server_process(env=process_env(one, redis.url))
