@@ -49,6 +49,10 @@ CallObserver = Callable[["CallRecord"], None]
 # when the call's ledger row is committed (server/accounting: ledger.durability).
 Durability = Callable[["CallRecord"], Awaitable[None]]
 _CONTENT = (TextDelta, ToolInputDelta, ThinkingDelta, SignatureDelta)
+# What a record keeps of delta texts not counted yet (CallRecord._count_later):
+# a few KiB a call at most.
+UNCOUNTED_DELTAS = 64
+UNCOUNTED_CHARS = 4096
 
 
 def new_call_id() -> str:
@@ -91,7 +95,12 @@ class CallRecord:
     pricing: Pricing | None = None
     # Output tokens counted from the deltas (server/token_estimate.py); the
     # usage of a stream cancelled or broken before its final MessageDelta.
-    streamed_output_tokens: int = 0
+    # Counted lazily (see `_count_later`): read `streamed_output_tokens`.
+    counted_output_tokens: int = 0
+    # Delta texts not counted yet, and their characters: a call whose final
+    # usage arrives never counts them.
+    uncounted: list[str] = field(default_factory=list, repr=False, compare=False)
+    uncounted_chars: int = field(default=0, repr=False, compare=False)
     # What server/accounting/admission.py reserved (tokens, budget) for this
     # call; settled from this record when it closes.
     quota_hold: object | None = None
@@ -119,15 +128,19 @@ class CallRecord:
         if isinstance(event, _CONTENT):
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
+            if self.final_usage:
+                return  # the provider's count is in: the deltas need none
             if isinstance(event, TextDelta | ThinkingDelta):
-                self.streamed_output_tokens += count_text(event.text)
+                self._count_later(event.text)
             elif isinstance(event, ToolInputDelta):
-                self.streamed_output_tokens += count_text(event.partial_json)
+                self._count_later(event.partial_json)
         elif isinstance(event, MessageDelta):
             # Cumulative: the latest replaces, never adds.
             if event.usage is not None:
                 self.usage = event.usage
                 self.final_usage = True
+                self.uncounted.clear()
+                self.uncounted_chars = 0
             if event.cost is not None:
                 self.cost = event.cost
             if event.stop_reason is not None:
@@ -141,6 +154,27 @@ class CallRecord:
                 self.pricing = event.pricing
             if event.usage is not None:
                 self.usage = event.usage
+
+    def _count_later(self, text: str) -> None:
+        """Keeps a delta's text to count if the call ends without its final usage.
+
+        Counting a delta costs a few microseconds, per delta: most calls end
+        with the provider's usage and never need the count. What waits is
+        bounded (UNCOUNTED_DELTAS, UNCOUNTED_CHARS); beyond, it is counted
+        then. Each delta counts on its own, as when it was counted on arrival.
+        """
+        uncounted = self.uncounted
+        uncounted.append(text)
+        self.uncounted_chars += len(text)
+        if len(uncounted) >= UNCOUNTED_DELTAS or self.uncounted_chars >= UNCOUNTED_CHARS:
+            self.counted_output_tokens += sum(map(count_text, uncounted))
+            uncounted.clear()
+            self.uncounted_chars = 0
+
+    @property
+    def streamed_output_tokens(self) -> int:
+        """The estimated output tokens of the deltas observed so far."""
+        return self.counted_output_tokens + sum(map(count_text, self.uncounted))
 
     @property
     def deployment(self) -> str:

@@ -10,7 +10,10 @@ import grpc
 import pytest
 
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
-from server.calls import CallRecord, new_call_id
+from server.calls import UNCOUNTED_CHARS, UNCOUNTED_DELTAS, CallRecord, new_call_id
+from server.events import MessageDelta, MessageStart, TextDelta
+from server.schema import Usage
+from server.token_estimate import count_text
 from tests.conftest import RunningGateway, request
 
 
@@ -122,3 +125,27 @@ def test_call_ids_are_unique_and_sort_in_creation_order() -> None:
     assert max(first) < min(later)
     assert len({len(i) for i in first + later}) == 1  # fixed width, so text order is time order
     assert CallRecord("Generate", "r").call_id != CallRecord("Generate", "r").call_id
+
+
+def test_deltas_are_counted_only_when_the_final_usage_does_not_come() -> None:
+    """A record counts its deltas lazily, a bounded number at a time, each on its own."""
+    texts = [f"w{i} and more {i * 7}" for i in range(UNCOUNTED_DELTAS * 3 + 5)]
+    record = CallRecord("StreamGenerate", "r")
+    record.observe(MessageStart("m", "model", "p"))
+    for text in texts:
+        record.observe(TextDelta(0, text))
+        # What waits uncounted stays within its bounds however long the stream.
+        assert len(record.uncounted) < UNCOUNTED_DELTAS
+        assert record.uncounted_chars < UNCOUNTED_CHARS
+    assert record.streamed_output_tokens == sum(count_text(t) for t in texts)
+
+    finished = CallRecord("StreamGenerate", "r")
+    for text in texts[:10]:
+        finished.observe(TextDelta(0, text))
+    finished.observe(MessageDelta(usage=Usage(input_tokens=3, output_tokens=4)))
+    finished.observe(TextDelta(0, "after"))
+    # The provider's usage is in: nothing is kept to count.
+    assert (finished.uncounted, finished.uncounted_chars) == ([], 0)
+    finished.ended_at = time.monotonic()
+    finished._fill_missing_usage()
+    assert (finished.usage.output_tokens, finished.usage_estimated) == (4, False)
