@@ -29,7 +29,7 @@ STORED_PROVIDER_KEY_UNAVAILABLE, naming the stored key (the router falls back
 to another deployment where a route has one). It is read again every TTL, so
 a fixed or replaced key is taken up without a restart. Besides the log, a
 stored key without a usable value is reported by the metric
-`llmgw_stored_provider_keys_undecryptable{name}` and in the HTTP readiness
+`llmgw_stored_provider_keys_undecryptable{stored_key}` and in the HTTP readiness
 answer (`stored_key_status`, `undecryptable_stored_keys`).
 """
 
@@ -235,9 +235,9 @@ class StoredKeyReference(BaseModel):
         return {"name": data} if isinstance(data, str) else data
 
 
-# Every StoredCredential of this process, for the metric and the health detail.
-# Process-wide like the log line they mirror: credentials are made deep inside
-# the providers, and a provider dropped goes from here with its credential.
+# The StoredCredentials of this process's open providers, for the metric and
+# the health detail. Process-wide like the log line they mirror: credentials
+# are made deep inside the providers; a provider's aclose retires its own.
 _STORED: weakref.WeakSet[StoredCredential] = weakref.WeakSet()
 
 
@@ -292,6 +292,10 @@ class StoredCredential:
     @property
     def available(self) -> bool:
         return self._value is not None
+
+    def retire(self) -> None:
+        """Leaves the metric and the health detail: its provider was closed."""
+        _STORED.discard(self)
 
     def _decrypt(self) -> str:
         reference = self.reference

@@ -39,6 +39,8 @@ ALLOWED_LABELS = {
     "deployment",
 }
 ALLOWED_LABELS |= {"state", "budget", "le", "period", "threshold"}
+# Stored provider keys' names: as many as the configuration names.
+ALLOWED_LABELS |= {"stored_key"}
 
 
 async def scrape(port: int) -> str:

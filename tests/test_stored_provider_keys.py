@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import httpx2
 import pytest
 from google.rpc import error_details_pb2
 
@@ -40,6 +41,7 @@ from server.routing import Router
 from tests.conftest import REPO_ROOT, RunningGateway, detail, rich_status, started
 from tests.fake_upstream import FakeUpstream
 from tests.postgres_fixtures import store_sql, store_text
+from tests.test_metrics import samples, scrape, value
 from tests.upstream_fixtures import ask
 
 SECRET = "sk-stored-Zq81-plaintext-never-seen"
@@ -179,23 +181,22 @@ def test_api_key_stored_is_one_source_among_the_others() -> None:
         Router.from_config(load_config(environ={}, overrides={"providers": {"p": bad}}))
 
 
-@pytest.fixture
-async def two_providers(
+async def start_two_providers(
     fake: FakeUpstream,
     tmp_path: Path,
-    key_store_location: Path | str,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> AsyncIterator[RunningGateway]:
-    """`good` reads a key that decrypts; `broken` one sealed under a KEK no longer held."""
-    caplog.set_level(logging.DEBUG)
-    path = key_store_location
+    location: Path | str,
+    *,
+    good: str = "good",
+    broken: str = "broken",
+    **overrides: object,
+) -> tuple[RunningGateway, Path]:
+    """A gateway whose provider `good` reads a key that decrypts, and `broken` one
+    sealed under a KEK no longer held; and the file of the ring it holds."""
     keys = {"current": kek(), "lost": kek()}
-    ProviderKeyStore(KeyStore(path), KekRing({"current": keys["current"]})).set("good", SECRET)
-    ProviderKeyStore(KeyStore(path), KekRing({"lost": keys["lost"]})).set("broken", OTHER_SECRET)
+    ProviderKeyStore(KeyStore(location), KekRing({"current": keys["current"]})).set(good, SECRET)
+    ProviderKeyStore(KeyStore(location), KekRing({"lost": keys["lost"]})).set(broken, OTHER_SECRET)
     keys_file = tmp_path / "keks"
     keys_file.write_text(ring_text("current", keys=keys) + "\n")
-    monkeypatch.delenv("LLMGW_ENCRYPTION_KEYS", raising=False)
 
     def provider(model: str, stored: str) -> dict[str, object]:
         return {
@@ -203,6 +204,7 @@ async def two_providers(
             "base_url": fake.openai_url,
             "models": [{"id": model}],
             "api_key_stored": stored,
+            "api_key_ttl_s": 0.2,  # a fixed key is taken up soon after
         }
 
     config = load_config(
@@ -212,16 +214,30 @@ async def two_providers(
             "server.port": 0,
             "http.port": 0,
             "auth.enabled": False,
-            "auth.key_store": str(path),
+            "auth.key_store": str(location),
             "secrets.encryption_keys_file": str(keys_file),
             "providers": {
-                "good": provider("gpt-good", "good"),
-                "broken": provider("gpt-broken", "broken"),
+                "good": provider("gpt-good", good),
+                "broken": provider("gpt-broken", broken),
             },
             "routing": {"retry": {"max_attempts": 1}, "breaker": {"enabled": False}},
+            **overrides,
         },
     )
-    running = await started(Gateway(config, router=Router.from_config(config)))
+    return await started(Gateway(config, router=Router.from_config(config))), keys_file
+
+
+@pytest.fixture
+async def two_providers(
+    fake: FakeUpstream,
+    tmp_path: Path,
+    key_store_location: Path | str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> AsyncIterator[RunningGateway]:
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.delenv("LLMGW_ENCRYPTION_KEYS", raising=False)
+    running, _ = await start_two_providers(fake, tmp_path, key_store_location)
     yield running
     await running.aclose()
 
@@ -254,3 +270,48 @@ async def test_a_stored_key_that_cannot_be_decrypted_fails_its_provider_closed(
     stored = store_text(two_providers.gateway.config.auth.key_store)
     assert b"v1:current:" in stored and b"v1:lost:" in stored  # what is stored is scanned
     assert SECRET.encode() not in stored and OTHER_SECRET.encode() not in stored
+
+
+async def test_an_undecryptable_stored_key_is_a_metric_and_a_health_detail_until_fixed(
+    fake: FakeUpstream,
+    tmp_path: Path,
+    key_store_location: Path | str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("LLMGW_ENCRYPTION_KEYS", raising=False)
+    # Names of this test's own: what other tests' gateways left in the process is not it.
+    good, broken = f"good-{secrets.token_hex(3)}", f"broken-{secrets.token_hex(3)}"
+    running, keys_file = await start_two_providers(
+        fake,
+        tmp_path,
+        key_store_location,
+        good=good,
+        broken=broken,
+        **{"metrics.enabled": True, "metrics.port": 0},
+    )
+    gateway = running.gateway
+    metric = "llmgw_stored_provider_keys_undecryptable"
+
+    async def report() -> tuple[float, float, int, dict[str, object]]:
+        found = samples(await scrape(gateway.telemetry.metrics_port))
+        assert (metric, frozenset({("stored_key", good)})) in found  # reported, at 0
+        url = f"http://127.0.0.1:{gateway.http_port}/readyz"
+        async with httpx2.AsyncClient(timeout=10) as client:
+            ready = await client.get(url)
+        failing = value(found, metric, stored_key=broken)
+        return value(found, metric, stored_key=good), failing, ready.status_code, ready.json()
+
+    try:
+        assert await report() == (
+            0.0,
+            1.0,
+            200,  # ready all the same: the other provider serves
+            {"status": "degraded", "stored_provider_keys_undecryptable": [broken]},
+        )
+        # Fixed (sealed again under a KEK the gateway holds): taken up on the next read.
+        ProviderKeyStore(KeyStore(key_store_location), load_ring(keys_file)).set(broken, SECRET)
+        await asyncio.sleep(0.3)
+        await running.stub.Generate(ask("gpt-broken", "Hi"), timeout=10)
+        assert await report() == (0.0, 0.0, 200, {"status": "ok"})
+    finally:
+        await running.aclose()

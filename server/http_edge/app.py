@@ -15,6 +15,7 @@ also served under `/anthropic`, the layout of native pass-through proxies.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import uuid
@@ -22,6 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from server.auth.authenticator import Authenticator
 from server.calls import Drain
+from server.credentials import undecryptable_stored_keys
 from server.errors import GatewayError, MissingScopeError, ShuttingDownError
 from server.http_edge import models
 from server.http_edge.chat import ChatDialect
@@ -233,10 +235,17 @@ class FrontDoor:
         await exchange.respond(200, b'{"status":"ok"}', [("content-type", JSON)])
 
     async def _readiness(self, exchange: Exchange, body: bytes) -> None:
-        if self._ready():
-            await exchange.respond(200, b'{"status":"ok"}', [("content-type", JSON)])
-        else:
+        if not self._ready():
             await exchange.respond(503, b'{"status":"draining"}', [("content-type", JSON)])
+            return
+        # Ready all the same (other providers serve), but a provider whose stored
+        # key cannot be decrypted fails closed: the detail names the key.
+        failing = undecryptable_stored_keys()
+        if not failing:
+            await exchange.respond(200, b'{"status":"ok"}', [("content-type", JSON)])
+            return
+        detail = {"status": "degraded", "stored_provider_keys_undecryptable": failing}
+        await exchange.respond(200, json.dumps(detail).encode(), [("content-type", JSON)])
 
     async def _empty(self, exchange: Exchange, body: bytes) -> None:
         await exchange.respond(200, b"", [])

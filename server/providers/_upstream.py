@@ -28,6 +28,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
 from server.credentials import (
     CredentialSource,
+    StoredCredential,
     StoredKeyReference,
     credential_source,
     stored_credential,
@@ -333,6 +334,8 @@ class KeyedClient(Generic[ClientT]):
 
     async def aclose(self) -> None:
         await self._base.close()
+        if isinstance(self._source, StoredCredential):
+            self._source.retire()  # a closed provider's key is no longer reported
 
 
 # -- Deadlines -----------------------------------------------------------------

@@ -157,14 +157,17 @@ class _StoredKeysCollector(Collector):
         self._status = status
 
     def collect(self) -> Iterator[Metric]:
+        status = self._status()
+        if not status:
+            return  # no provider reads a stored key: no such metric
         family = GaugeMetricFamily(
             "llmgw_stored_provider_keys_undecryptable",
             "Stored provider keys (api_key_stored) the providers use: 1 while the gateway holds"
             " no usable value for the key (it could not be read or decrypted, and its"
             " provider fails closed), 0 otherwise.",
-            labels=["name"],
+            labels=["stored_key"],
         )
-        for name, failing in self._status().items():
+        for name, failing in status.items():
             family.add_metric([name], 1.0 if failing else 0.0)
         yield family
 
