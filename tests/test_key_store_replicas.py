@@ -23,8 +23,10 @@ from server.auth.authenticator import Authenticator
 from server.auth.key_store_backend import KeyStoreUnavailableError
 from server.auth.keys import KeyHasher, KeyStore, SecretFile, ensure_secret
 from server.auth.tokens import SigningKeyRing, TokenVerifier, create_signing_key
+from server.config import ConfigError, load_config
 from server.errors import UnauthenticatedError
 from tests.test_auth import bearer
+from tests.test_key_lifecycle import keys_cli
 
 CACHE_TTL_S = 5.0
 
@@ -145,3 +147,22 @@ async def test_an_unreachable_database_refuses_keys_and_never_shows_its_password
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("cannot read the API key store" in w for w in warnings)
     assert "hunter2" not in str(caught.value) and "hunter2" not in caplog.text
+
+
+def test_auth_key_store_is_a_file_or_a_postgresql_url() -> None:
+    dsn = "postgresql://gateway:hunter2-secret@db.internal:5432/keys"
+    assert load_config(environ={}, overrides={"auth.key_store": dsn}).auth.key_store == dsn
+    home = load_config(environ={}, overrides={"auth.key_store": "~/keys.sqlite3"})
+    assert home.auth.key_store == Path.home() / "keys.sqlite3"
+    with pytest.raises(ConfigError, match=r"auth\.key_store: .*not a mysql:// URL") as caught:
+        load_config(environ={}, overrides={"auth.key_store": "mysql://gw:hunter2@db/keys"})
+    assert "hunter2" not in str(caught.value)
+
+
+async def test_the_command_line_names_an_unreachable_store_without_its_password() -> None:
+    env = {"LLMGW_AUTH__KEY_STORE": "postgresql://gateway:hunter2-secret@127.0.0.1:1/keys"}
+    for args in (("list",), ("revoke", "abcdefabcdef"), ("provider", "list")):
+        code, out, err = await keys_cli(None, *args, env=env)
+        assert code == 2 and not out, args
+        assert "gateway@127.0.0.1:1/keys" in err and "hunter2" not in err, args
+        assert "Traceback" not in err

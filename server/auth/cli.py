@@ -21,6 +21,7 @@ from decimal import Decimal, InvalidOperation
 # create_key is re-exported: the command line's and the admin API's one way to make a key.
 from server.auth.key_admin import KeyFieldError, checked_lifetime, checked_scopes, rotate_key
 from server.auth.key_admin import create_key as create_key
+from server.auth.key_store_backend import KeyStoreError
 from server.auth.keys import (
     DAY_S,
     DEFAULT_TTL,
@@ -168,6 +169,13 @@ def _fail(message: str) -> int:
 
 def run_keys_command(args: argparse.Namespace, gateway_config: GatewayConfig) -> int:
     """Runs one `keys` subcommand; returns the exit status."""
+    try:
+        return _run(args, gateway_config)
+    except KeyStoreError as err:  # e.g. a PostgreSQL store that cannot be reached
+        return _fail(str(err))  # names the store (a path or user@host:port/db), no password
+
+
+def _run(args: argparse.Namespace, gateway_config: GatewayConfig) -> int:
     config = gateway_config.auth
     store = KeyStore(config.key_store, key_ttl_days=config.key_ttl_days)
     command = args.keys_command
