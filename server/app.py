@@ -371,6 +371,8 @@ class Gateway:
         if self.idempotency is not None:
             await self.idempotency.aclose()
         await self.accounting.aclose()  # settle what is pending, flush the ledger
+        if self.auth is not None:
+            self.auth.store.close()  # the key store's kept connections (PostgreSQL)
         await self.telemetry.stop()  # metrics endpoint down, queued spans flushed
         log.info("stopped")
 
