@@ -1,4 +1,4 @@
-"""API keys: their format, their keyed hash, and the SQLite store that holds them.
+"""API keys: their format, their keyed hash, and the store that holds them.
 
 A key reads `llmgw_<id>_<secret>`: a recognisable prefix (so secret scanners
 and people can tell what leaked), a public id (12 hex digits, the token's
@@ -6,17 +6,20 @@ and people can tell what leaked), a public id (12 hex digits, the token's
 store keeps only HMAC-SHA256(server secret, key), compared in constant time;
 the key itself is shown once, at creation. Nothing here logs a key or a hash.
 
-The store is read on the serving path through `asyncio.to_thread` (sqlite3
-blocks), and records are cached for a few seconds so that a valid token
-costs no database round trip; `revoke` in the same process drops its cache
-entry at once, another process's revocation is seen within the cache TTL.
+The store is an SQLite file, or a PostgreSQL database that replicas share
+(`auth.key_store`; key_store_backend.py, key_store_postgres.py): one API,
+each statement written once. It is read on the serving path through
+`asyncio.to_thread` (both drivers block), and records are cached for a few
+seconds so that a valid token costs no database round trip; `revoke`,
+`rotate` and `update` in the same process drop its cache entry at once,
+another process's (another replica's) change is seen within the cache TTL.
 
 Every key expires (`expires_at`; None only where `auth.allow_keys_without_expiry`
 let `keys create --expires-in never` make it). `rotate` gives a key a new
 secret under the same id, so its scopes, limits, budgets and usage stay
 with it; the previous secret's hash is kept beside the new one and accepted
 until `previous_valid_until` (the grace period). A store made before keys
-expired is migrated when first opened (`_migrate`): its keys are given
+expired is migrated when first opened (key_store_backend._migrate): its keys are given
 `created_at + key_ttl_days`, but never less than EXPIRY_WARNING_DAYS from the
 migration, so no key stops working unannounced (README, Authentication).
 """
@@ -252,10 +255,11 @@ def _record(row: Sequence[object]) -> KeyRecord:
 
 
 class KeyStore:
-    """API key records in SQLite, with a short-lived cache for the serving path.
+    """API key records in SQLite or PostgreSQL, with a short-lived cache for the serving path.
 
-    The admin operations (create, list, revoke) are synchronous for the
-    command line; the serving path uses `get`, which runs in a thread.
+    The admin operations (create, list, rotate, update, revoke) are
+    synchronous for the command line; the serving path uses `get`, which
+    runs in a thread. `location` is a file path or a postgresql:// URL.
     """
 
     def __init__(
