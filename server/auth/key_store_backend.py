@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +155,7 @@ class KeyStoreBackend(Protocol):
 class SqliteBackend:
     """The embedded store: one SQLite file, mode 0600, opened for each transaction."""
 
-    def __init__(self, path: Path, *, key_ttl_days: float, wall_clock: Any) -> None:
+    def __init__(self, path: Path, *, key_ttl_days: float, wall_clock: Callable[[], float]) -> None:
         self.path = path
         self.where = str(path)
         self._key_ttl_days = key_ttl_days
@@ -240,7 +240,9 @@ def _migrate(db: sqlite3.Connection, *, key_ttl_days: float, now: float) -> None
         raise
 
 
-def open_backend(location: Path | str, *, key_ttl_days: float, wall_clock: Any) -> KeyStoreBackend:
+def open_backend(
+    location: Path | str, *, key_ttl_days: float, wall_clock: Callable[[], float]
+) -> KeyStoreBackend:
     """The backend `auth.key_store` names: a postgresql:// URL, or an SQLite file."""
     if is_postgres(location):
         from server.auth.key_store_postgres import PostgresBackend
