@@ -11,6 +11,7 @@ its password.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -110,6 +111,52 @@ async def test_a_rotation_and_an_update_by_one_replica_reach_the_other(
     cache_clock.now += CACHE_TTL_S + 0.1
     seen = await two.store.get(record.id)
     assert seen is not None and seen.models == ("b",) and seen.key_hash == rotated[0].key_hash
+
+
+class PausingHasher(KeyHasher):
+    """Holds each rotation, between its read and its write, until a second one
+    has read too (or for a second): without the store's lock both would read
+    the same old secret."""
+
+    def __init__(self, secret: bytes, barrier: threading.Barrier) -> None:
+        super().__init__(secret)
+        self._barrier = barrier
+
+    def hash(self, key: str) -> str:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            self._barrier.wait(timeout=1)
+        return super().hash(key)
+
+
+def test_two_rotations_at_once_take_effect_one_after_the_other(
+    key_store_location: Path | str, tmp_path: Path
+) -> None:
+    secret = ensure_secret(tmp_path / "secret")
+    plain = KeyHasher(secret)
+    record, _ = KeyStore(key_store_location).create(plain, name="raced", scopes=["generate"])
+    hasher = PausingHasher(secret, threading.Barrier(2))
+    keys: list[str] = []
+
+    def rotate() -> None:  # each on its own replica
+        store = KeyStore(key_store_location)
+        try:
+            rotated = store.rotate(hasher, record.id, grace_s=3600)
+            assert rotated is not None
+            keys.append(rotated[1])
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=rotate) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(keys) == 2
+    final = KeyStore(key_store_location).lookup(record.id)
+    assert final is not None
+    # The later rotation's secret is current and the earlier one's in its grace:
+    # both keys handed out work (neither rotation read what the other replaced).
+    assert {final.key_hash, final.previous_key_hash} == {plain.hash(key) for key in keys}
 
 
 def test_replicas_starting_together_create_the_schema_once(postgres_dsn: str) -> None:

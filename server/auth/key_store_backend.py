@@ -5,8 +5,9 @@ statement once, with `?` placeholders, against a `KeyStoreDb`: one
 transaction on either backend. The few differences between the two SQL
 dialects are settled here, once: the placeholder (`?` or `%s`), the column
 types (REAL/INTEGER or DOUBLE PRECISION/BIGINT, for nanodollar budgets past
-2**31), and the row lock (`FOR UPDATE`, which SQLite needs not: it lets one
-writer in at a time). `ON CONFLICT ... DO UPDATE` reads the same on both.
+2**31), and how a transaction keeps other writers off what it read before
+writing it (`select_for_update`: FOR UPDATE in PostgreSQL, BEGIN IMMEDIATE
+in SQLite). `ON CONFLICT ... DO UPDATE` reads the same on both.
 
 The SQLite backend also migrates stores made by earlier versions
 (`_migrate`); the PostgreSQL one (key_store_postgres.py) was born with the
@@ -123,14 +124,29 @@ class KeyStoreDb:
         self._connection = connection
         self.dialect = dialect
 
-    @property
-    def for_update(self) -> str:
-        """Appended to a SELECT whose rows the transaction then updates."""
-        return self.dialect.for_update
-
     def execute(self, sql: str, params: Sequence[object] = ()) -> Cursor:
         cursor: Cursor = self._connection.execute(self.dialect.sql(sql), tuple(params))
         return cursor
+
+    def select_for_update(self, sql: str, params: Sequence[object] = ()) -> Cursor:
+        """A SELECT of rows this transaction then writes from what it read (a
+        rotation keeps the secret it replaces): no other writer gets in between,
+        or two rotations at once would both keep the same old secret and lose
+        the first one's new secret. PostgreSQL locks the rows (FOR UPDATE)."""
+        return self.execute(sql + self.dialect.for_update, params)
+
+
+class _SqliteDb(KeyStoreDb):
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        super().__init__(connection, SQLITE)
+        self._sqlite = connection
+
+    def select_for_update(self, sql: str, params: Sequence[object] = ()) -> Cursor:
+        """SQLite has no row locks: the transaction takes the file's write lock
+        before it reads (other writers wait, readers do not)."""
+        if not self._sqlite.in_transaction:
+            self._sqlite.execute("BEGIN IMMEDIATE")
+        return self.execute(sql, params)
 
 
 class KeyStoreBackend(Protocol):
@@ -187,7 +203,7 @@ class SqliteBackend:
                         connection.execute(statement)
                     self._migrated = True
                 with connection:  # one transaction, committed on success
-                    yield KeyStoreDb(connection, SQLITE)
+                    yield _SqliteDb(connection)
         except sqlite3.OperationalError as err:
             raise KeyStoreUnavailableError(f"key store {self.where}: {err}") from err
         except sqlite3.Error as err:

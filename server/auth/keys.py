@@ -401,7 +401,7 @@ class KeyStore:
         now = self._wall_clock()
         expires_at = self._expiry(now, expires_in_s)
         with self.connect() as db:
-            row = db.execute(_ACTIVE_KEY + db.for_update, (key_id,)).fetchone()
+            row = db.select_for_update(_ACTIVE_KEY, (key_id,)).fetchone()
             if row is None:
                 return None
             old = _record(row)
@@ -468,7 +468,7 @@ class KeyStore:
         if not self.exists():
             return None
         with self.connect() as db:
-            row = db.execute(_ACTIVE_KEY + db.for_update, (key_id,)).fetchone()
+            row = db.select_for_update(_ACTIVE_KEY, (key_id,)).fetchone()
             if row is None:
                 return None
             old = _record(row)

@@ -145,8 +145,8 @@ class ProviderKeyStore:
             return ReencryptionReport(0, 0, [])
         now = time.time()
         with self._store.connect() as db:
-            rows = db.execute(
-                f"SELECT name, envelope FROM {TABLE} ORDER BY name{db.for_update}"
+            rows = db.select_for_update(
+                f"SELECT name, envelope FROM {TABLE} ORDER BY name"
             ).fetchall()
             for name, envelope in rows:
                 name, envelope = str(name), str(envelope)
