@@ -8,7 +8,9 @@ streaming call and replays the whole message through the same stream
 decoder, so both RPCs share one translation. Calls go through the SDK's
 generic `client.post` with the request `messages.create` would send (pinned
 by tests/test_sdk_call_parity.py) and read the JSON as parsed, without the
-SDK's pydantic models (why: `post_arguments` in _upstream.py). The SDK's own
+SDK's pydantic models (why: `post_arguments` in _upstream.py); a stream's
+events are read from the response's bytes (`_translated`), not through the
+SDK's stream. The SDK's own
 retries are off (max_retries=0): the router owns retries and fallbacks, and
 two layers of retries would multiply. Each call's timeout is what is left of
 the caller's deadline. Translation rules are in _anthropic_codec.py; every
@@ -44,7 +46,7 @@ from server.events import RawChunk, StreamEvent
 from server.providers import _anthropic_codec as codec
 from server.providers._relay import relayed_body, relayed_options, reply_of
 from server.providers._sdk_provider import SdkProvider
-from server.providers._sse import SseBatch, SseSplitter
+from server.providers._sse import SseBatch, SseEvent, SseSplitter
 from server.providers._transport import transport_failure
 from server.providers._upstream import (
     FailureKind,
@@ -56,7 +58,6 @@ from server.providers._upstream import (
     malformed_answer,
     merge_provider_options,
     post_arguments,
-    replay,
     retry_after_seconds,
     sampling_arguments,
     sdk_parameters,
@@ -184,7 +185,6 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
         client = await self._sdk.current()
         try:
             options["timeout"] = upstream_timeout(request.deadline, self._timeout)
-            raw_events: AsyncIterator[Any]
             if request.incremental:
                 stream = await client.post(
                     MESSAGES_PATH,
@@ -194,26 +194,34 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
                     stream=True,
                     stream_cls=anthropic.AsyncStream[object],
                 )
-                upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
-                raw_events = stream
-            else:
-                # Generate: one non-streaming call, replayed through the same decoder.
-                response = await client.post(
-                    MESSAGES_PATH, body=body, options=options, cast_to=httpx2.Response
-                )
+                response = stream.response
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
-                message = json_object(response.json(), "the body")
-                raw_events = replay(codec.message_as_raw_events(message))
-            decoder = codec.MessagesStreamDecoder(
-                provider=self.name,
-                model=request.model,
-                request_id=request.request_id,
-                upstream_request_id=upstream_request_id,
+                decoder = self._decoder(request, upstream_request_id)
+                # The events are read from the response's bytes, not through the
+                # SDK's stream (four generators and a JSON parse per event; the
+                # deltas are read by a pattern), one gateway event per upstream event.
+                splitter = SseSplitter()
+                async for chunk in response.aiter_bytes():
+                    batch = splitter.feed(chunk)
+                    if batch is None:
+                        continue
+                    for sse in batch.events:
+                        event = _translated(sse, decoder, client, response)
+                        if event is not None:
+                            yield event
+                decoder.finish()
+                return
+            # Generate: one non-streaming call, replayed through the same decoder.
+            answer = await client.post(
+                MESSAGES_PATH, body=body, options=options, cast_to=httpx2.Response
             )
-            async for raw in raw_events:
-                event = decoder.feed(json_object(raw, "an event"))
-                if event is not None:
-                    yield event
+            upstream_request_id = answer.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+            message = json_object(answer.json(), "the body")
+            decoder = self._decoder(request, upstream_request_id)
+            for raw in codec.message_as_raw_events(message):
+                replayed = decoder.feed(raw)
+                if replayed is not None:
+                    yield replayed
             decoder.finish()
         except _FAILURES as err:
             raise self._failure(
@@ -510,13 +518,45 @@ def _decode_run(
     """Decodes consecutive deltas of one block as one (their payloads joined)."""
     index, kind = run
     payload = payloads[0] if len(payloads) == 1 else b"".join(payloads)
+    event = decoder.feed(_raw_delta(index, kind, payload))
+    if event is not None:
+        events.append(event)
+
+
+def _raw_delta(index: bytes, kind: bytes, payload: bytes) -> dict[str, Any]:
+    """The raw content_block_delta event of a delta read by `_DELTA`."""
     text = payload.decode("utf-8", errors="replace")
     if "\\" in text:
         text = json.loads(f'"{text}"')  # the escapes of a JSON string
     delta = {"type": kind.decode(), _DELTA_FIELDS[kind].decode(): text}
-    event = decoder.feed({"type": "content_block_delta", "index": int(index), "delta": delta})
-    if event is not None:
-        events.append(event)
+    return {"type": "content_block_delta", "index": int(index), "delta": delta}
+
+
+# Events of a stream the gateway translates that carry nothing for it: the SDK's
+# stream skips pings and events without a name.
+_SKIPPED = frozenset({"ping", ""})
+
+
+def _translated(
+    sse: SseEvent, decoder: codec.MessagesStreamDecoder, client: Any, response: httpx2.Response
+) -> StreamEvent | None:
+    """The gateway event of one upstream event of a translated stream, as the SDK's
+    stream would have handed it to the decoder; an `event: error` raises the SDK's
+    error (mapped in `_map_error`, like any SDK failure)."""
+    name = sse.name
+    if not sse.data or name in _SKIPPED:
+        return None
+    if name == "content_block_delta":
+        match = _DELTA.fullmatch(sse.data)
+        if match is not None and _DELTA_FIELDS.get(match[2]) == match[3]:
+            return decoder.feed(_raw_delta(match[1], match[2], match[4]))
+    body = json.loads(sse.data)
+    if name == "error":
+        error: anthropic.APIStatusError = client._make_status_error(
+            f"{body}", body=body, response=response
+        )
+        raise error
+    return decoder.feed(json_object(body, "an event"))
 
 
 def _reply_of(response: httpx2.Response) -> UpstreamReply:
