@@ -260,18 +260,21 @@ def compare(
                 f" {result['calls_per_s']:.0f} calls/s, {result['errors']} errors",
                 flush=True,
             )
-    first = statistics.median(c for c, _ in runs[trees[0]])
+    # Against the first tree round by round too: the machine's load drifts over
+    # a run, and a round's trees run back to back.
     lines = [
-        "| tree | µs CPU per call, median (each round) | vs first | calls/s, median |",
+        "| tree | µs CPU per call, median (each round) | vs first, median of rounds"
+        " | calls/s, median |",
         "| --- | ---: | ---: | ---: |",
     ]
     for tree, values in runs.items():
         cpu = statistics.median(c for c, _ in values)
         each = ", ".join(f"{c:.0f}" for c, _ in values)
-        rate = statistics.median(r for _, r in values)
-        lines.append(
-            f"| {tree} | {cpu:.0f} ({each}) | {100 * (cpu / first - 1):+.1f}% | {rate:.0f} |"
+        ratio = statistics.median(
+            c / f for (c, _), (f, _) in zip(values, runs[trees[0]], strict=True)
         )
+        rate = statistics.median(r for _, r in values)
+        lines.append(f"| {tree} | {cpu:.0f} ({each}) | {100 * (ratio - 1):+.1f}% | {rate:.0f} |")
     return "\n".join(lines)
 
 
