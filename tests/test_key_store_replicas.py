@@ -196,6 +196,31 @@ async def test_an_unreachable_database_refuses_keys_and_never_shows_its_password
     assert "hunter2" not in str(caught.value) and "hunter2" not in caplog.text
 
 
+async def test_lookup_tells_an_unreachable_store_from_an_unknown_key(
+    key_store_location: Path | str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`lookup` says None only when the store was asked; an unreachable store
+    raises, and the serving path (`get`) refuses the key with one warning."""
+    hasher = KeyHasher(ensure_secret(tmp_path / "secret"))
+    store = KeyStore(key_store_location, cache_ttl=0)
+    record, _ = store.create(hasher, name="svc", scopes=["generate"])
+    assert store.lookup("abcdefabcdef") is None  # asked: no such key
+    assert store.lookup(record.id) == record
+    caplog.set_level(logging.WARNING, logger="server.auth.keys")
+    if isinstance(key_store_location, Path):
+        key_store_location.rename(tmp_path / "elsewhere")
+        key_store_location.mkdir()  # there, but not a database that can be opened
+        unreachable = store
+    else:
+        unreachable = KeyStore("postgresql://gateway@127.0.0.1:1/keys", cache_ttl=0)
+    with pytest.raises(KeyStoreUnavailableError):
+        unreachable.lookup(record.id)
+    for _ in range(3):
+        assert await unreachable.get(record.id) is None  # refused like an unknown key
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "cannot read the API key store" in warnings[0], warnings
+
+
 def test_auth_key_store_is_a_file_or_a_postgresql_url() -> None:
     dsn = "postgresql://gateway:hunter2-secret@db.internal:5432/keys"
     assert load_config(environ={}, overrides={"auth.key_store": dsn}).auth.key_store == dsn

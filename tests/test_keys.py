@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from server.auth.key_store_backend import KeyStoreUnavailableError
 from server.auth.keys import (
     KeyHasher,
     KeyStore,
@@ -68,9 +69,11 @@ def test_store_keeps_no_key(tmp_path: Path, key_store_location: Path | str) -> N
         assert key_store_location.stat().st_mode & 0o077 == 0
 
 
-def test_serving_side_never_creates_a_store(tmp_path: Path) -> None:
+async def test_serving_side_never_creates_a_store(tmp_path: Path) -> None:
     store = KeyStore(tmp_path / "none" / "keys.sqlite3")
-    assert store.lookup("abcdefabcdef") is None
+    assert await store.get("abcdefabcdef") is None  # refused, and no outage logged
+    with pytest.raises(KeyStoreUnavailableError):  # not "no such key": nothing was asked
+        store.lookup("abcdefabcdef")
     assert store.list() == []
     assert not (tmp_path / "none").exists()
 

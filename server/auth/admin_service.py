@@ -334,18 +334,12 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
             ) from None
 
     async def _record(self, key_id: str) -> KeyRecord:
-        store = self._gateway_auth().store
-        record = await asyncio.to_thread(store.lookup, key_id)
+        """The key's record; NOT_FOUND only when the store says it has no such key
+        (one it cannot reach raises KeyStoreUnavailableError: UNAVAILABLE)."""
+        record = await asyncio.to_thread(self._gateway_auth().store.lookup, key_id)
         if record is None:
-            # lookup says None for a store it cannot reach too (the serving
-            # path refuses either way); here that must be UNAVAILABLE.
-            await asyncio.to_thread(self._reach_store)
             raise KeyNotFoundError(key_id)
         return record
-
-    def _reach_store(self) -> None:
-        with self._gateway_auth().store.connect():
-            pass
 
     async def _announce(self, key_id: str, change: KeyChange) -> None:
         if self._feed is not None:

@@ -534,19 +534,30 @@ class KeyStore:
         return cursor.rowcount > 0
 
     def lookup(self, key_id: str) -> KeyRecord | None:
-        """The stored record, uncached and blocking (None when absent)."""
+        """The stored record, uncached and blocking; None when the store holds no such key.
+
+        Raises KeyStoreUnavailableError when the store cannot be read (its
+        server is down, the file is locked past the timeout, or there is no
+        SQLite file: no key was ever made, or its volume is gone), and
+        KeyStoreError when it fails otherwise: "no such key" is only ever
+        said by a store that was asked. The serving path (`get`) refuses the
+        credential either way.
+        """
+        with self.connect() as db:
+            row = db.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return _record(row) if row else None
+
+    def _lookup_for_serving(self, key_id: str) -> KeyRecord | None:
+        """`lookup`, with a store that cannot be reached as no record: the
+        credential is refused like an unknown key, and a warning says why."""
         try:
-            with self.connect() as db:
-                row = db.execute(
-                    f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)
-                ).fetchone()
+            return self.lookup(key_id)
         except KeyStoreUnavailableError as err:
-            # No store yet (no key was ever created), locked past the timeout,
-            # or its server down: either way this key cannot be vouched for.
-            if self.exists():  # a file not made yet is no outage
+            # Locked past the timeout, or its server down: this key cannot be
+            # vouched for. No store yet (no key was ever created) is no outage.
+            if self.exists():
                 self._report_unavailable(err)
             return None
-        return _record(row) if row else None
 
     def _report_unavailable(self, err: KeyStoreError) -> None:
         """A warning at most every _UNAVAILABLE_LOG_EVERY_S: lookups fail by the hundred."""
@@ -558,13 +569,17 @@ class KeyStore:
     # -- serving path ----------------------------------------------------------
 
     async def get(self, key_id: str) -> KeyRecord | None:
-        """The record of a key, from memory when looked up less than cache_ttl ago."""
+        """The record of a key, from memory when looked up less than cache_ttl ago.
+
+        None for an unknown key, and for any key while the store cannot be
+        reached (logged at most every 30 s): either way the credential is refused.
+        """
         now = self._clock()
         cached = self._cache.get(key_id)
         if cached is not None and now - cached[0] < self._cache_ttl:
             return cached[1]
         forgotten = self._forgotten
-        record = await asyncio.to_thread(self.lookup, key_id)
+        record = await asyncio.to_thread(self._lookup_for_serving, key_id)
         if forgotten != self._forgotten:
             return record  # read before a change announced meanwhile: not kept
         self._cache[key_id] = (self._clock(), record)
