@@ -11,6 +11,7 @@ failure is logged once, and the listener comes back with Redis.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -29,7 +30,7 @@ from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from llmgateway.v1 import keys_pb2 as pb
 from llmgateway.v1 import keys_pb2_grpc, token_pb2_grpc
 from server.app import Gateway
-from server.auth.cli import create_key
+from server.auth.cli import create_key, run_keys_command
 from server.auth.keys import KeyStore
 from server.auth.revocation import KeyChangeFeed, channel_of
 from server.config import load_config
@@ -315,3 +316,45 @@ async def test_a_malformed_message_is_ignored(tmp_path: Path) -> None:
             assert forgotten == [None, "0123456789ab"] and feed.received == 1
         finally:
             await feed.aclose()
+
+
+async def test_keys_revoke_and_rotate_say_how_the_gateways_learn_of_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """At once when published on Redis; within auth.cache_ttl_s, saying why, when
+    no Redis is configured or the publish failed."""
+    base = {
+        "LLMGW_AUTH__KEY_STORE": str(tmp_path / "keys.sqlite3"),
+        "LLMGW_AUTH__SECRET_FILE": str(tmp_path / "key-secret"),
+        "LLMGW_AUTH__SIGNING_KEYS_DIR": str(tmp_path / "signing-keys"),
+        "LLMGW_AUTH__CACHE_TTL_S": "7",
+    }
+    async with redis_server(tmp_path) as redis:
+        cases = {
+            "up": ({**base, "LLMGW_REDIS__URL": redis.url}, "published on Redis"),
+            "none": (base, "No Redis is configured"),
+            "down": (
+                {
+                    **base,
+                    "LLMGW_REDIS__URL": f"redis://127.0.0.1:{free_port()}/0",
+                    "LLMGW_REDIS__TIMEOUT_S": "1",
+                },
+                "Publishing the change on Redis failed",
+            ),
+        }
+        for case, (environ, expected) in cases.items():
+            config = load_config(environ=environ)
+            for command in ("rotate", "revoke"):
+                key_id = create_key(config.auth, name=f"{case}-{command}")[0].id
+                args = argparse.Namespace(
+                    keys_command=command, id=key_id, grace="1h", expires_in=None
+                )
+                capsys.readouterr()
+                assert run_keys_command(args, config) == 0
+                said = capsys.readouterr().err
+                assert expected in said, (case, command, said)
+                if case == "up":
+                    assert "at once" in said and "within auth.cache_ttl_s (7 s)" in said
+                else:
+                    assert "at once" not in said and "published" not in said, (case, said)
+                    assert "gateways see" in said and "within auth.cache_ttl_s (7 s)" in said

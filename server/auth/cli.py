@@ -31,7 +31,7 @@ from server.auth.keys import (
     KeyStore,
 )
 from server.auth.provider_cli import add_provider_parser, run_provider_command
-from server.auth.revocation import announce
+from server.auth.revocation import KeyChange, announce, redis_configured
 from server.auth.tokens import create_signing_key
 from server.config import AuthConfig, GatewayConfig
 from server.identity import ALL_MODELS, KNOWN_SCOPES, SCOPE_GENERATE, KeyLimits
@@ -196,8 +196,8 @@ def _run(args: argparse.Namespace, gateway_config: GatewayConfig) -> int:
     if command == "revoke":
         if not store.revoke(args.id):
             return _fail(f"no active key with id {args.id!r}")
-        announce(gateway_config, args.id, "revoked")  # gateways sharing a Redis: at once
-        print(f"revoked key {args.id}; its tokens are refused within seconds", file=sys.stderr)
+        seen = _seen_by_gateways(gateway_config, args.id, "revoked")
+        print(f"revoked key {args.id} and the tokens issued for it. {seen}", file=sys.stderr)
         return 0
     if command == "rotate-signing-key":
         kid = create_signing_key(config.signing_keys_dir)
@@ -211,6 +211,19 @@ def _run(args: argparse.Namespace, gateway_config: GatewayConfig) -> int:
         )
         return 0
     return _fail(f"unknown command {command!r}")
+
+
+def _seen_by_gateways(config: GatewayConfig, key_id: str, change: KeyChange) -> str:
+    """Announces the change on Redis (revocation.py); a sentence saying when gateways see it."""
+    ttl = f"within auth.cache_ttl_s ({config.auth.cache_ttl_s:g} s)"
+    if announce(config, key_id, change):
+        return (
+            "The change was published on Redis: gateways listening there see it at once"
+            f" (any that are not, {ttl})."
+        )
+    if not redis_configured(config):
+        return f"No Redis is configured to announce it: gateways see the change {ttl}."
+    return f"Publishing the change on Redis failed: gateways see it {ttl}."
 
 
 def _lifetime(text: str | None, config: AuthConfig) -> float | DefaultTtl | None:
@@ -231,7 +244,7 @@ def _rotate(args: argparse.Namespace, gateway_config: GatewayConfig) -> int:
     rotated = rotate_key(config, args.id, grace_s=grace, expires_in_s=lifetime)
     if rotated is None:
         return _fail(f"no active key with id {args.id!r}")
-    announce(gateway_config, args.id, "rotated")
+    seen = _seen_by_gateways(gateway_config, args.id, "rotated")
     record, key = rotated
     print(key)
     described = _describe(record)
@@ -242,8 +255,7 @@ def _rotate(args: argparse.Namespace, gateway_config: GatewayConfig) -> int:
     )
     print(
         f"rotated key {record.id} ({record.name}): store the new key now, it is not shown"
-        f" again; {old} (gateways see the change within auth.cache_ttl_s); the new one"
-        f" expires {described['expires'] or 'never'}",
+        f" again; {old}; the new one expires {described['expires'] or 'never'}. {seen}",
         file=sys.stderr,
     )
     return 0
