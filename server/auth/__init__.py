@@ -2,7 +2,8 @@
 
 `keys.py` holds the key format, the keyed hash and the store (with expiry
 and rotation), in SQLite or PostgreSQL (`key_store_backend.py`,
-`key_store_postgres.py`); `expiry.py` reports keys close to their expiry;
+`key_store_postgres.py`; `key_store_copy.py` copies one store to another);
+`expiry.py` reports keys close to their expiry;
 `tokens.py` the signing keys and the JWTs; `authenticator.py` turns a call's
 metadata into an Identity; `service.py` serves TokenService; `cli.py` is
 `python -m server keys ...`, and `admin_service.py` KeyService, the same

@@ -1,5 +1,8 @@
 """`python -m server keys ...`: create, list, rotate and revoke API keys; rotate the signing key.
 
+`keys copy-store --to LOCATION` copies the whole store to another
+(key_store_copy.py), to move from SQLite to PostgreSQL without new keys.
+
 These act on the files named by the `auth:` configuration (the same config
 the gateway reads), so run them with the gateway's --config or LLMGW_*
 environment. A created key is printed once, alone on stdout, so that
@@ -22,6 +25,7 @@ from decimal import Decimal, InvalidOperation
 from server.auth.key_admin import KeyFieldError, checked_lifetime, checked_scopes, rotate_key
 from server.auth.key_admin import create_key as create_key
 from server.auth.key_store_backend import KeyStoreError
+from server.auth.key_store_copy import CopyRefusedError, copy_store, copy_target
 from server.auth.keys import (
     DAY_S,
     DEFAULT_TTL,
@@ -127,6 +131,25 @@ def add_keys_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         help="the new secret's lifetime (default: auth.key_ttl_days)",
     )
 
+    copy = commands.add_parser(
+        "copy-store",
+        parents=[common],
+        help="copy every key and stored provider key to another key store, as they are",
+    )
+    copy.add_argument(
+        "--to",
+        required=True,
+        metavar="LOCATION",
+        help="the target: a postgresql:// URL (its password in ~/.pgpass or PGPASSWORD,"
+        " not here) or an SQLite file; auth.key_store is the source",
+    )
+    copy.add_argument(
+        "--merge",
+        action="store_true",
+        help="copy into a target that holds some of the keys already: identical rows are"
+        " skipped, different ones reported as conflicts and left as they are",
+    )
+
     add_provider_parser(commands, common)
 
     commands.add_parser(
@@ -185,6 +208,8 @@ def _run(args: argparse.Namespace, gateway_config: GatewayConfig) -> int:
         return _rotate(args, gateway_config)
     if command == "provider":
         return run_provider_command(args, gateway_config)
+    if command == "copy-store":
+        return _copy_store(args, config)
     if command == "list":
         records = store.list()
         if args.json:
@@ -256,6 +281,49 @@ def _rotate(args: argparse.Namespace, gateway_config: GatewayConfig) -> int:
     print(
         f"rotated key {record.id} ({record.name}): store the new key now, it is not shown"
         f" again; {old}; the new one expires {described['expires'] or 'never'}. {seen}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _copy_store(args: argparse.Namespace, config: AuthConfig) -> int:
+    try:
+        target_location = copy_target(args.to)
+    except CopyRefusedError as err:
+        return _fail(str(err))
+    source = KeyStore.from_config(config)
+    target = KeyStore(target_location, key_ttl_days=config.key_ttl_days)
+    try:
+        report = copy_store(source, target, merge=args.merge)
+    except CopyRefusedError as err:
+        return _fail(str(err))
+    finally:
+        source.close()
+        target.close()
+    keys, provider_keys = report.keys, report.provider_keys
+    print(
+        f"copied {keys.copied} key(s) and {provider_keys.copied} stored provider key(s)"
+        f" from {source.where} to {target.where}",
+        file=sys.stderr,
+    )
+    if args.merge:
+        print(
+            f"already there and identical, skipped: {keys.identical} key(s),"
+            f" {provider_keys.identical} stored provider key(s)",
+            file=sys.stderr,
+        )
+    if report.conflicts:
+        conflicts = [f"key {key_id}" for key_id in keys.conflicts]
+        conflicts += [f"stored provider key {name}" for name in provider_keys.conflicts]
+        print(
+            f"conflicts, left as they are in the target (it holds other values): {len(conflicts)}:"
+            f" {', '.join(conflicts)}",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"gateways may now read {target.where} (auth.key_store), with the same"
+        " auth.secret_file, auth.signing_keys_dir and key-encryption keys as before",
         file=sys.stderr,
     )
     return 0

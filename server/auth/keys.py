@@ -219,14 +219,15 @@ class SecretFile:
         return self._hasher
 
 
-_COLUMNS = (
+# Every column of api_keys, in the order _record reads them.
+API_KEY_COLUMNS = (
     "id, name, key_hash, scopes, models, requests_per_minute, tokens_per_minute,"
     " budget_nanos, created_at, revoked_at, expires_at, previous_key_hash,"
     " previous_valid_until, rotated_at"
 )
 
 
-_ACTIVE_KEY = f"SELECT {_COLUMNS} FROM api_keys WHERE id = ? AND revoked_at IS NULL"
+_ACTIVE_KEY = f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ? AND revoked_at IS NULL"
 # The fields `KeyStore.update` may change, as the audit event names them.
 _UPDATABLE = ("name", "models", "scopes", "limits", "expires_at")
 
@@ -349,7 +350,7 @@ class KeyStore:
         )
         with self.connect(create=True) as db:
             db.execute(
-                f"INSERT INTO api_keys ({_COLUMNS})"
+                f"INSERT INTO api_keys ({API_KEY_COLUMNS})"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, NULL, NULL, NULL)",
                 (
                     record.id,
@@ -422,7 +423,9 @@ class KeyStore:
                     key_id,
                 ),
             )
-            row = db.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+            row = db.execute(
+                f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)
+            ).fetchone()
         self._cache.pop(key_id, None)
         record = _record(row)
         audit_event(
@@ -512,7 +515,9 @@ class KeyStore:
         if not self.exists():
             return []
         with self.connect() as db:
-            rows = db.execute(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at").fetchall()
+            rows = db.execute(
+                f"SELECT {API_KEY_COLUMNS} FROM api_keys ORDER BY created_at"
+            ).fetchall()
         return [_record(row) for row in rows]
 
     def revoke(self, key_id: str) -> bool:
@@ -544,7 +549,9 @@ class KeyStore:
         credential either way.
         """
         with self.connect() as db:
-            row = db.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+            row = db.execute(
+                f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)
+            ).fetchone()
         return _record(row) if row else None
 
     def _lookup_for_serving(self, key_id: str) -> KeyRecord | None:
