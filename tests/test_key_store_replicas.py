@@ -196,6 +196,15 @@ async def test_an_unreachable_database_refuses_keys_and_never_shows_its_password
     assert "hunter2" not in str(caught.value) and "hunter2" not in caplog.text
 
 
+def _out_of_reach(store: KeyStore, location: Path | str, tmp_path: Path) -> KeyStore:
+    """The store, made unreachable: a file there that is no database, or a dead server."""
+    if isinstance(location, Path):
+        location.rename(tmp_path / "elsewhere")
+        location.mkdir()
+        return store
+    return KeyStore("postgresql://gateway@127.0.0.1:1/keys", cache_ttl=0)
+
+
 async def test_lookup_tells_an_unreachable_store_from_an_unknown_key(
     key_store_location: Path | str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -207,12 +216,7 @@ async def test_lookup_tells_an_unreachable_store_from_an_unknown_key(
     assert store.lookup("abcdefabcdef") is None  # asked: no such key
     assert store.lookup(record.id) == record
     caplog.set_level(logging.WARNING, logger="server.auth.keys")
-    if isinstance(key_store_location, Path):
-        key_store_location.rename(tmp_path / "elsewhere")
-        key_store_location.mkdir()  # there, but not a database that can be opened
-        unreachable = store
-    else:
-        unreachable = KeyStore("postgresql://gateway@127.0.0.1:1/keys", cache_ttl=0)
+    unreachable = _out_of_reach(store, key_store_location, tmp_path)
     with pytest.raises(KeyStoreUnavailableError):
         unreachable.lookup(record.id)
     for _ in range(3):
