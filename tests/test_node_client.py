@@ -82,3 +82,32 @@ async def test_node_client_reports_a_refused_key(node_client: Path, authed: Auth
     code, _, err = await run("node", "example.js", cwd=node_client, env=env)
     assert code == 1
     assert "error: 16" in err  # grpc status 16: UNAUTHENTICATED
+
+
+async def test_node_client_calls_the_admin_services(
+    node_client: Path, authed: AuthedGateway
+) -> None:
+    """usage.proto and keys.proto load too: KeyService and UsageService from Node."""
+    admin_key = authed.create_key("node-admin", scopes=("admin",))[1]
+    env = {"LLMGW_ADDRESS": authed.address, "LLMGW_ADMIN_KEY": admin_key, "LLMGW_MODEL": "echo"}
+    code, out, err = await run("node", "admin-example.js", cwd=node_client, env=env)
+    assert code == 0, err
+    created, usage, listed, revoked = (json.loads(line) for line in out.splitlines())
+    assert created["call"] == "CreateKey" and created["secret_returned"] is True
+    assert created["state"] == "API_KEY_STATE_ACTIVE" and created["models"] == ["echo"]
+    assert "llmgw_" not in out  # the secret is used, never printed
+    assert usage["call"] == "GetUsage"
+    (totals,) = usage["totals"]
+    assert totals["group"] == created["id"] and totals["requests"] == "1"  # int64 as a string
+    assert created["id"] in listed["ids"]
+    assert revoked == {"call": "RevokeKey", "id": created["id"], "state": "API_KEY_STATE_REVOKED"}
+
+    # The same contract file list, with a missing method named.
+    script = (
+        "const { GatewayClient } = require('./client');"
+        "const c = new GatewayClient('127.0.0.1:1');"
+        "c.call('KeyService', 'Nope').catch((e) => { console.log(e.message); c.close(); });"
+    )
+    code, out, err = await run("node", "-e", script, cwd=node_client)
+    assert code == 0, err
+    assert out.strip() == "no unary method KeyService/Nope in the contract"

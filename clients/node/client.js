@@ -1,9 +1,9 @@
 // A Node.js client for llm-gateway, loading the contract from proto/ at run time.
 //
 // No generated code: @grpc/proto-loader reads proto/llmgateway/v1/*.proto
-// (the well-known types it imports, google/protobuf/struct.proto and
-// duration.proto, are bundled with protobufjs) and @grpc/grpc-js builds the
-// stubs. Messages are plain objects with the proto's field names
+// (generation, token, usage and keys; the well-known types they import,
+// struct, duration, timestamp and field_mask, are bundled with protobufjs)
+// and @grpc/grpc-js builds the stubs. Messages are plain objects with the proto's field names
 // (keepCase), enums as their names and int64 as strings, as in the
 // contract's JSON form. Copy this folder beside a checkout of proto/, or
 // point LLMGW_PROTO_ROOT at one.
@@ -32,10 +32,16 @@ const SERVICE_CONFIG = {
   ],
 };
 
+// Every file of the contract: GenerationService, TokenService, and the admin
+// services UsageService and KeyService (callable with an `admin` key).
+const CONTRACT_FILES = ['generation', 'token', 'usage', 'keys'].map(
+  (name) => `llmgateway/v1/${name}.proto`,
+);
+
 /** The llmgateway.v1 package: service constructors and message types. */
 function loadContract(protoRoot = PROTO_ROOT) {
   const definition = protoLoader.loadSync(
-    ['llmgateway/v1/generation.proto', 'llmgateway/v1/token.proto'],
+    CONTRACT_FILES,
     { includeDirs: [protoRoot], keepCase: true, longs: String, enums: String, oneofs: true },
   );
   return grpc.loadPackageDefinition(definition).llmgateway.v1;
@@ -48,15 +54,37 @@ class GatewayClient {
    *   apiKey is sent as `authorization: Bearer <key>` on every call.
    */
   constructor(address, { apiKey, tls = false, timeoutMs = 600_000 } = {}) {
-    const { GenerationService } = loadContract();
+    const contract = loadContract();
     const credentials = tls ? grpc.credentials.createSsl() : grpc.credentials.createInsecure();
-    this.stub = new GenerationService(address, credentials, {
+    this.stub = new contract.GenerationService(address, credentials, {
       'grpc.service_config': JSON.stringify(SERVICE_CONFIG),
       'grpc.keepalive_time_ms': 30_000,
       'grpc.keepalive_timeout_ms': 10_000,
     });
+    // The other services share the generation stub's channel (one connection).
+    const shared = { channelOverride: this.stub.getChannel() };
+    this.services = { GenerationService: this.stub };
+    for (const name of ['TokenService', 'UsageService', 'KeyService']) {
+      this.services[name] = new contract[name](address, credentials, shared);
+    }
     this.apiKey = apiKey;
     this.timeoutMs = timeoutMs;
+  }
+
+  /**
+   * Any unary method of the contract, e.g. call('KeyService', 'ListKeys', { page_size: 50 }):
+   * resolves to the response object. KeyService and UsageService need an `admin` key.
+   */
+  call(service, method, request = {}) {
+    const stub = this.services[service];
+    if (!stub || typeof stub[method] !== 'function') {
+      return Promise.reject(new Error(`no unary method ${service}/${method} in the contract`));
+    }
+    return new Promise((resolve, reject) => {
+      stub[method](request, this.metadata(), this.options(), (error, response) =>
+        error ? reject(error) : resolve(response),
+      );
+    });
   }
 
   metadata() {
@@ -71,11 +99,7 @@ class GatewayClient {
 
   /** Generate: resolves to a GenerateResponse object. */
   generate(request) {
-    return new Promise((resolve, reject) => {
-      this.stub.Generate(request, this.metadata(), this.options(), (error, response) =>
-        error ? reject(error) : resolve(response),
-      );
-    });
+    return this.call('GenerationService', 'Generate', request);
   }
 
   /** StreamGenerate: an async iterable of StreamGenerateResponse objects (`event` names the kind). */
@@ -88,13 +112,9 @@ class GatewayClient {
     const models = [];
     let pageToken = '';
     do {
-      const response = await new Promise((resolve, reject) => {
-        this.stub.ListModels(
-          { provider, page_token: pageToken },
-          this.metadata(),
-          this.options(),
-          (error, page) => (error ? reject(error) : resolve(page)),
-        );
+      const response = await this.call('GenerationService', 'ListModels', {
+        provider,
+        page_token: pageToken,
       });
       models.push(...response.models);
       pageToken = response.next_page_token;
