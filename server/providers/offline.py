@@ -194,11 +194,16 @@ class OfflineProvider(Provider):
         index = 0
         if plan.text:
             yield ContentBlockStart(index, TextBlock(""))
-            for piece in token_estimate.split_pieces(plan.text):
-                if interval:
-                    due += interval
-                    await asyncio.sleep(max(0.0, due - clock()))
-                yield TextDelta(index, piece)
+            if request.incremental or interval:
+                for piece in token_estimate.split_pieces(plan.text):
+                    if interval:
+                        due += interval
+                        await asyncio.sleep(max(0.0, due - clock()))
+                    yield TextDelta(index, piece)
+            else:
+                # A whole answer (Generate) on no timeline: one delta folds the same
+                # as a delta a piece, for less work per call (as an SDK provider's).
+                yield TextDelta(index, plan.text)
             yield ContentBlockStop(index)
             index += 1
         for call in plan.tool_calls:
