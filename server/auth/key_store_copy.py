@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.auth.key_store_backend import KeyStoreDb, is_postgres
+from server.auth.key_store_backend import KeyStoreDb, SqliteBackend, is_postgres
 from server.auth.keys import API_KEY_COLUMNS, KeyStore
 from server.telemetry.audit import audit_event
 
@@ -83,10 +83,10 @@ def copy_target(text: str) -> Path | str:
 
 
 def _same_store(source: KeyStore, target: KeyStore) -> bool:
+    """Whether both name one store: the same file, or the same user@host:port/db."""
     one, other = source.backend, target.backend
-    path, other_path = getattr(one, "path", None), getattr(other, "path", None)
-    if isinstance(path, Path) and isinstance(other_path, Path):
-        return path.resolve() == other_path.resolve()
+    if isinstance(one, SqliteBackend) and isinstance(other, SqliteBackend):
+        return one.path.resolve() == other.path.resolve()
     return source.where == target.where
 
 
