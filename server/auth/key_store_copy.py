@@ -24,10 +24,7 @@ from pathlib import Path
 
 from server.auth.key_store_backend import KeyStoreDb, SqliteBackend, is_postgres
 from server.auth.keys import API_KEY_COLUMNS, KeyStore
-from server.telemetry.audit import audit_event
-
-# The audit event a copy writes (beside telemetry/audit.py's KEY_* names).
-KEY_STORE_COPIED = "key_store.copied"
+from server.telemetry.audit import KEY_STORE_COPIED, audit_event
 
 
 @dataclass(frozen=True, slots=True)
