@@ -135,7 +135,7 @@ class FrontDoor:
                 return
             raise
         finally:
-            await exchange.close()
+            exchange.close()
 
     def _endpoint(self, method: str, path: str) -> tuple[_Endpoint | None, str]:
         if path.startswith(_PREFIX + "/"):

@@ -11,7 +11,6 @@ cancelled, billed for what it produced.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -107,13 +106,16 @@ class Exchange:
 
         self._watcher = asyncio.get_running_loop().create_task(watch())
 
-    async def close(self) -> None:
-        """Stops watching for a disconnect (the response is over)."""
+    def close(self) -> None:
+        """Stops watching for a disconnect (the response is over).
+
+        Not awaited: a cancelled task takes the cancellation at its next step
+        whatever it was about to receive, so the watcher can no longer cancel
+        the call, and the request's task ends without another turn of the loop.
+        """
         watcher = self._watcher
         if watcher is not None and not watcher.done():
             watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
 
     def _headers(self, headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
         encoded = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]

@@ -265,15 +265,20 @@ class GenerationEndpoint:
         finished: Callable[[], Awaitable[None]],
         headers: list[tuple[str, str]],
     ) -> None:
-        accumulator = ResponseAccumulator()
+        # Folded into a response only when no provider relayed the answer's bytes:
+        # a relayed answer's events are the gateway's reading of it, for accounting.
+        read: list[StreamEvent] = []
         raw: bytes | None = None
         async for event in events:
             observe(event)
             if isinstance(event, RawChunk):
                 raw = event.data
             else:
-                accumulator.add(event)
+                read.append(event)
         if raw is None:
+            accumulator = ResponseAccumulator()
+            for event in read:
+                accumulator.add(event)
             raw = dialect.whole(accumulator.result(), decoded, exchange.request_id)
         await finished()
         await exchange.respond(200, raw, [("content-type", JSON), *headers])
@@ -332,6 +337,9 @@ class StreamWriter:
     those waits: a client that reads nothing for `server.stalled_stream_timeout_s`
     ends the call, recorded STALLED_READER, and its unfinished answer is left
     to uvicorn to close, as nothing more can be written to it.
+
+    The pings wait on a timer, not in a task of their own: a stream that is
+    never silent for `interval` (nearly every stream) starts no task for them.
     """
 
     __slots__ = (
@@ -343,7 +351,8 @@ class StreamWriter:
         "_lock",
         "_loop",
         "_ping",
-        "_pinger",
+        "_pinging",
+        "_timer",
     )
 
     def __init__(
@@ -362,10 +371,19 @@ class StreamWriter:
         self._last = self._loop.time()
         self._lock = asyncio.Lock()
         self._done = False
-        self._pinger = self._loop.create_task(self._pings())
+        # The timer runs its callback in a copy of this context, and so the ping
+        # task it starts writes under the call's StallWatch.
+        self._timer: asyncio.TimerHandle | None = self._loop.call_at(
+            self._last + interval, self._due
+        )
+        self._pinging: asyncio.Task[None] | None = None
 
     async def write(self, data: bytes, *, final: bool = False) -> None:
-        await self._watched(self._write(data, final))
+        watch = CURRENT_WATCH.get()
+        if watch is None:
+            await self._write(data, final)
+        else:
+            await watch.write(self._write(data, final))
 
     async def _write(self, data: bytes, final: bool) -> None:
         async with self._lock:
@@ -377,21 +395,27 @@ class StreamWriter:
             self._last = self._loop.time()
             self._done = final
 
-    async def _watched(self, sending: Awaitable[None]) -> None:
-        watch = CURRENT_WATCH.get()
-        if watch is None:
-            await sending
+    def _due(self) -> None:
+        """The timer: a ping if nothing was written for `interval`, else the timer again."""
+        due = self._last + self._interval
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._due)
         else:
-            await watch.write(sending)
+            self._timer = None
+            self._pinging = self._loop.create_task(self._send_ping())
 
-    async def _pings(self) -> None:
-        while True:
-            await asyncio.sleep(self._last + self._interval - self._loop.time())
-            if self._loop.time() - self._last >= self._interval:
-                await self.write(self._ping)
+    async def _send_ping(self) -> None:
+        await self.write(self._ping)
+        self._pinging = None
+        if not self._done:
+            self._timer = self._loop.call_at(self._last + self._interval, self._due)
 
     def close(self) -> None:
-        self._pinger.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pinging is not None:
+            self._pinging.cancel()
         watch = CURRENT_WATCH.get()
         if watch is not None and watch.stalled:
             # The client's socket stayed full: not even the answer's end can be
@@ -401,7 +425,11 @@ class StreamWriter:
             STALLED_ANSWER.set(True)
 
     async def end(self) -> None:
-        await self._watched(self._end())
+        watch = CURRENT_WATCH.get()
+        if watch is None:
+            await self._end()
+        else:
+            await watch.write(self._end())
 
     async def _end(self) -> None:
         async with self._lock:
