@@ -44,21 +44,22 @@ _END = _End()
 _MERGEABLE = (TextDelta, ToolInputDelta, ThinkingDelta)
 
 
-def _merged(first: StreamEvent, second: StreamEvent) -> StreamEvent | None:
-    """`first` and `second` as one event, or None when they do not merge."""
-    if isinstance(first, TextDelta) and isinstance(second, TextDelta):
-        if first.index == second.index:
-            return TextDelta(first.index, first.text + second.text)
-    elif isinstance(first, ToolInputDelta) and isinstance(second, ToolInputDelta):
-        if first.index == second.index:
-            return ToolInputDelta(first.index, first.partial_json + second.partial_json)
-    elif (
-        isinstance(first, ThinkingDelta)
-        and isinstance(second, ThinkingDelta)
-        and first.index == second.index
-    ):
-        return ThinkingDelta(first.index, first.text + second.text)
-    return None
+_Mergeable = TextDelta | ToolInputDelta | ThinkingDelta
+
+
+def _part(event: _Mergeable) -> str:
+    """What a mergeable delta adds to its block."""
+    return event.partial_json if isinstance(event, ToolInputDelta) else event.text
+
+
+def _merged(first: _Mergeable, parts: list[str]) -> _Mergeable:
+    """`first` with the parts of the deltas that follow it (one join, not one per delta)."""
+    joined = "".join(parts)
+    if isinstance(first, TextDelta):
+        return TextDelta(first.index, joined)
+    if isinstance(first, ToolInputDelta):
+        return ToolInputDelta(first.index, joined)
+    return ThinkingDelta(first.index, joined)
 
 
 async def coalesce(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
@@ -105,17 +106,17 @@ async def coalesce(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEv
                 return
             if isinstance(item, _Failed):
                 raise item.error
-            while not queue.empty():
-                following = queue.get_nowait()
-                if isinstance(following, _End | _Failed):
-                    pending = following
-                    break
-                merged = _merged(item, following)
-                if merged is None:
-                    pending = following
-                    break
-                item = merged
             if isinstance(item, _MERGEABLE):
+                kind, parts = type(item), [_part(item)]
+                while not queue.empty():
+                    following = queue.get_nowait()
+                    # A delta of the same kind and block merges; anything else waits.
+                    if type(following) is not kind or following.index != item.index:
+                        pending = following
+                        break
+                    parts.append(_part(following))
+                if len(parts) > 1:
+                    item = _merged(item, parts)
                 first_content_sent.set()
             yield item
     finally:

@@ -202,6 +202,15 @@ def _usage(raw: Mapping[str, Any] | None, previous: Usage | None = None) -> Usag
     )
 
 
+# The field that carries each kind of delta's value.
+_DELTA_FIELDS = {
+    "text_delta": "text",
+    "input_json_delta": "partial_json",
+    "thinking_delta": "thinking",
+    "signature_delta": "signature",
+}
+
+
 class MessagesStreamDecoder:
     """Turns raw Messages stream events into gateway events, one at a time."""
 
@@ -232,30 +241,22 @@ class MessagesStreamDecoder:
         kind = raw.get("type")
         # Most frequent first: this runs for every chunk.
         if kind == "content_block_delta":
-            index = self._blocks.get(raw.get("index", -1))
-            if index is None:
-                return None
             delta = raw.get("delta") or {}
             delta_kind = delta.get("type")
-            if delta_kind == "text_delta":
-                return TextDelta(index, delta.get("text") or "")
-            if delta_kind == "input_json_delta":
-                return ToolInputDelta(index, delta.get("partial_json") or "")
-            if delta_kind == "thinking_delta":
-                return ThinkingDelta(index, delta.get("thinking") or "")
-            if delta_kind == "signature_delta":
-                return SignatureDelta(index, delta.get("signature") or "")
-            return None  # citations and deltas of blocks the contract lacks
+            field = _DELTA_FIELDS.get(delta_kind) if isinstance(delta_kind, str) else None
+            if field is None:
+                return None  # citations and deltas of blocks the contract lacks
+            return self.delta(raw.get("index", -1), str(delta_kind), delta.get(field) or "")
         if kind == "content_block_start":
             block = _start_block(raw.get("content_block") or {})
             if block is None:
                 return None
-            index = len(self._blocks)
-            self._blocks[raw.get("index", -1)] = index
-            return ContentBlockStart(index, block)
+            started = len(self._blocks)
+            self._blocks[raw.get("index", -1)] = started
+            return ContentBlockStart(started, block)
         if kind == "content_block_stop":
-            index = self._blocks.get(raw.get("index", -1))
-            return None if index is None else ContentBlockStop(index)
+            stopped = self._blocks.get(raw.get("index", -1))
+            return None if stopped is None else ContentBlockStop(stopped)
         if kind == "message_start":
             message = raw.get("message") or {}
             self._usage = _usage(message.get("usage"))
@@ -280,6 +281,22 @@ class MessagesStreamDecoder:
         if kind == "message_stop":
             self._stopped = True
             return MessageStop()
+        return None
+
+    def delta(self, upstream_index: object, kind: str, value: str) -> StreamEvent | None:
+        """The event of a content_block_delta already read: its block's upstream
+        index, its delta's type and the value of that type's field (_DELTA_FIELDS)."""
+        ours = self._blocks.get(upstream_index)  # type: ignore[call-overload]
+        if ours is None:
+            return None
+        if kind == "text_delta":
+            return TextDelta(ours, value)
+        if kind == "input_json_delta":
+            return ToolInputDelta(ours, value)
+        if kind == "thinking_delta":
+            return ThinkingDelta(ours, value)
+        if kind == "signature_delta":
+            return SignatureDelta(ours, value)
         return None
 
     def finish(self) -> None:

@@ -52,6 +52,10 @@ class SseSplitter:
         buffer = self._buffer + chunk if self._buffer else chunk
         events: list[SseEvent] = []
         start = 0
+        if b"\r" not in buffer:  # `\n` line ends only, as providers send: one scan an event
+            while (end := buffer.find(b"\n\n", start)) >= 0:
+                events.append(_event(buffer, start, end, end + 2, lf_only=True))
+                start = end + 2
         while True:
             end = buffer.find(b"\n\n", start)
             if end >= 0:
@@ -79,11 +83,12 @@ class SseSplitter:
         return self._buffer
 
 
-def _event(buffer: bytes, start: int, end: int, cut: int) -> SseEvent:
-    """The event in buffer[start:end] (its fields; `cut`: after its blank line)."""
+def _event(buffer: bytes, start: int, end: int, cut: int, *, lf_only: bool = False) -> SseEvent:
+    """The event in buffer[start:end] (its fields; `cut`: after its blank line;
+    `lf_only`: the buffer holds no `\r`)."""
     # What providers send: `event: NAME` and one `data: ...` line, or the data
     # line alone, with `\n` line ends. Anything else is parsed field by field.
-    if buffer.find(b"\r", start, end) < 0:
+    if lf_only or buffer.find(b"\r", start, end) < 0:
         if buffer.startswith(b"event: ", start):
             line = buffer.find(b"\n", start, end)
             if (

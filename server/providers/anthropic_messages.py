@@ -518,18 +518,19 @@ def _decode_run(
     """Decodes consecutive deltas of one block as one (their payloads joined)."""
     index, kind = run
     payload = payloads[0] if len(payloads) == 1 else b"".join(payloads)
-    event = decoder.feed(_raw_delta(index, kind, payload))
+    event = _delta(decoder, index, kind, payload)
     if event is not None:
         events.append(event)
 
 
-def _raw_delta(index: bytes, kind: bytes, payload: bytes) -> dict[str, Any]:
-    """The raw content_block_delta event of a delta read by `_DELTA`."""
+def _delta(
+    decoder: codec.MessagesStreamDecoder, index: bytes, kind: bytes, payload: bytes
+) -> StreamEvent | None:
+    """The event of a delta read by `_DELTA`: its block's index, its kind, its payload."""
     text = payload.decode("utf-8", errors="replace")
     if "\\" in text:
         text = json.loads(f'"{text}"')  # the escapes of a JSON string
-    delta = {"type": kind.decode(), _DELTA_FIELDS[kind].decode(): text}
-    return {"type": "content_block_delta", "index": int(index), "delta": delta}
+    return decoder.delta(int(index), kind.decode(), text)
 
 
 # Events of a stream the gateway translates that carry nothing for it: the SDK's
@@ -549,7 +550,7 @@ def _translated(
     if name == "content_block_delta":
         match = _DELTA.fullmatch(sse.data)
         if match is not None and _DELTA_FIELDS.get(match[2]) == match[3]:
-            return decoder.feed(_raw_delta(match[1], match[2], match[4]))
+            return _delta(decoder, match[1], match[2], match[4])
     body = json.loads(sse.data)
     if name == "error":
         error: anthropic.APIStatusError = client._make_status_error(
