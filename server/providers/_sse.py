@@ -13,6 +13,7 @@ error, not unbounded memory.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from server.errors import UpstreamProtocolError
@@ -50,32 +51,32 @@ class SseSplitter:
     def feed(self, chunk: bytes) -> SseBatch | None:
         """The events `chunk` completes, or None when it completes none."""
         buffer = self._buffer + chunk if self._buffer else chunk
-        events: list[SseEvent] = []
-        start = 0
-        if b"\r" not in buffer:  # `\n` line ends only, as providers send: one scan an event
-            while (end := buffer.find(b"\n\n", start)) >= 0:
-                events.append(_event(buffer, start, end, end + 2, lf_only=True))
-                start = end + 2
-        while True:
-            end = buffer.find(b"\n\n", start)
-            if end >= 0:
-                cut = end + 2
-            else:
-                end = buffer.find(b"\r\n\r\n", start)
-                if end < 0:
-                    break
-                cut = end + 4
-            crlf = buffer.find(b"\r\n\r\n", start, cut)
-            if 0 <= crlf < end:  # a CRLF boundary comes first
-                end, cut = crlf, crlf + 4
-            events.append(_event(buffer, start, end, cut))
-            start = cut
-        self._buffer = buffer[start:]
-        if len(self._buffer) > MAX_EVENT_BYTES:
-            raise UpstreamProtocolError("an upstream event exceeded the size limit")
+        events = [_event(buffer, *cuts) for cuts in _boundaries(buffer)]
+        start = events[-1].end if events else 0
+        self._keep(buffer, start)
         if not events:
             return None
         return SseBatch(buffer if start == len(buffer) else buffer[:start], events)
+
+    def events(self, chunk: bytes) -> Iterator[SseEvent]:
+        """The events `chunk` completes, made one at a time as they are asked for (a
+        reader that stops in the middle of a read keeps only its bytes, not its
+        events), when their bytes are not needed. Read each to the end before
+        the next chunk."""
+        buffer = self._buffer + chunk if self._buffer else chunk
+        self._buffer = b""
+        start = 0
+        for cuts in _boundaries(buffer):
+            event = _event(buffer, *cuts)
+            start = event.end
+            yield event
+        self._keep(buffer, start)
+
+    def _keep(self, buffer: bytes, start: int) -> None:
+        """Keeps the start of an unfinished event, `buffer[start:]`, for the next read."""
+        self._buffer = buffer[start:]
+        if len(self._buffer) > MAX_EVENT_BYTES:
+            raise UpstreamProtocolError("an upstream event exceeded the size limit")
 
     @property
     def pending(self) -> bytes:
@@ -83,12 +84,36 @@ class SseSplitter:
         return self._buffer
 
 
-def _event(buffer: bytes, start: int, end: int, cut: int, *, lf_only: bool = False) -> SseEvent:
-    """The event in buffer[start:end] (its fields; `cut`: after its blank line;
-    `lf_only`: the buffer holds no `\r`)."""
+def _boundaries(buffer: bytes) -> Iterator[tuple[int, int, int]]:
+    """Where each complete event of `buffer` starts, ends, and is cut (after its
+    blank line), in order; the CR scans only when the buffer holds a CR."""
+    start = 0
+    if b"\r" not in buffer:  # `\n` line ends only, as providers send: one scan an event
+        while (end := buffer.find(b"\n\n", start)) >= 0:
+            yield start, end, end + 2
+            start = end + 2
+        return
+    while True:
+        end = buffer.find(b"\n\n", start)
+        if end >= 0:
+            cut = end + 2
+        else:
+            end = buffer.find(b"\r\n\r\n", start)
+            if end < 0:
+                return
+            cut = end + 4
+        crlf = buffer.find(b"\r\n\r\n", start, cut)
+        if 0 <= crlf < end:  # a CRLF boundary comes first
+            end, cut = crlf, crlf + 4
+        yield start, end, cut
+        start = cut
+
+
+def _event(buffer: bytes, start: int, end: int, cut: int) -> SseEvent:
+    """The event in buffer[start:end] (its fields; `cut`: after its blank line)."""
     # What providers send: `event: NAME` and one `data: ...` line, or the data
     # line alone, with `\n` line ends. Anything else is parsed field by field.
-    if lf_only or buffer.find(b"\r", start, end) < 0:
+    if buffer.find(b"\r", start, end) < 0:
         if buffer.startswith(b"event: ", start):
             line = buffer.find(b"\n", start, end)
             if (

@@ -200,12 +200,11 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
                 # The events are read from the response's bytes, not through the
                 # SDK's stream (four generators and a JSON parse per event; the
                 # deltas are read by a pattern), one gateway event per upstream event.
+                # Made one at a time: an unread stream holds one read's bytes, not
+                # its events as well (tests/test_slow_readers.py).
                 splitter = SseSplitter()
                 async for chunk in response.aiter_bytes():
-                    batch = splitter.feed(chunk)
-                    if batch is None:
-                        continue
-                    for sse in batch.events:
+                    for sse in splitter.events(chunk):
                         event = _translated(sse, decoder, client, response)
                         if event is not None:
                             yield event
