@@ -20,12 +20,23 @@ calls/s at concurrency 32, and at concurrency 1 the latency, the time to the
 response's first byte and to the first text delta, each to be compared with
 direct in the same run; the gateway's CPU per call; and the gateway's idle
 RSS with the front door on and with `http.enabled: false`.
+
+`python -m bench.front_door --compare TREE [TREE ...]` compares source trees
+on the pass-through paths of all three APIs (Messages, Chat Completions,
+Responses): every tree's gateway runs at once and the loads alternate between
+them, round after round, so that a machine shared with other work slows each
+tree alike; it prints the medians and minimums of the gateway's CPU per call,
+calls/s and latency, beside direct calls to the fake upstream.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
 import json
+import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -154,3 +165,107 @@ def cpu_per_call(result: dict[str, Any], server_cpu_s: float) -> dict[str, Any]:
         "server_cpu_s": round(server_cpu_s, 3),
         "calls_per_server_cpu_s": round(served / max(server_cpu_s, 1e-9)),
     }
+
+
+# --compare: (name, API path, model) of each load; "direct" calls the fake upstream.
+COMPARED_APIS = {
+    "direct": (MESSAGES, PASSTHROUGH_MODEL),
+    "messages": (MESSAGES, PASSTHROUGH_MODEL),
+    "chat": (CHAT_COMPLETIONS, OPENAI_MODEL),
+    "responses": (RESPONSES, OPENAI_MODEL),
+}
+DEFAULT_LOADS = (
+    "direct-unary-1,direct-stream-1,messages-unary-1,messages-stream-1,messages-unary-32,"
+    "messages-stream-32,chat-unary-32,chat-stream-32,responses-unary-32"
+)
+
+
+def compare(trees: list[Path], loads: list[str], rounds: int) -> str:
+    """Each load (API-method-concurrency) against every tree's gateway in turn, `rounds`
+    times; a table of medians and minimums over the rounds."""
+    from bench.run import CHUNKS, Bench, sdk_providers
+
+    bench = Bench(quick=False)
+    upstream_port = free_port()
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    config = providers(sdk_providers(upstream))
+    fake = [python(), "-m", "bench.fake_upstream", str(upstream_port), str(CHUNKS)]
+    runs: dict[tuple[str, str], list[tuple[dict[str, Any], float]]] = {}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(Service("fake-upstream", fake, core=LOAD_CORE))
+        gateways: list[tuple[str, Service, int]] = []
+        for tree in trees:
+            root = tree.resolve()
+            http_port = free_port()
+            path = bench.gateway_config(free_port(), config, http_port=http_port)
+            argv = [python(), "-m", "server", "--config", str(path)]
+            env = {"PYTHONPATH": str(root)}  # the tree's own code first on the path
+            service = Service("gateway", argv, core=SERVER_CORE, env=env, cwd=root)
+            gateways.append((str(tree), stack.enter_context(service), http_port))
+        for round_number in range(rounds):
+            order = gateways if round_number % 2 == 0 else gateways[::-1]
+            for load in loads:
+                name, method, concurrency = load.split("-")
+                api, model = COMPARED_APIS[name]
+                body = body_file(bench, model, method, api=api)
+                count = 600 if concurrency == "1" else 2000
+                if name == "direct":
+                    result = bench.http_load(
+                        upstream + api, body, method, int(concurrency), calls=count,
+                        headers=(*ANTHROPIC_HEADERS, UPSTREAM_KEY_HEADER),
+                    )  # fmt: skip
+                    runs.setdefault(("direct", load), []).append((result, 0.0))
+                    continue
+                for label, gateway, http_port in order:
+                    cpu = gateway.cpu_seconds()
+                    result = bench.http_load(
+                        f"http://127.0.0.1:{http_port}{api}", body, method, int(concurrency),
+                        calls=count, headers=ANTHROPIC_HEADERS,
+                    )  # fmt: skip
+                    cpu = gateway.cpu_seconds() - cpu
+                    per_call = 1e6 * cpu / (result["calls"] + 50)  # with the warm-up calls
+                    runs.setdefault((label, load), []).append((result, per_call))
+            print(f"round {round_number + 1} of {rounds}", file=sys.stderr, flush=True)
+    return compared_table(runs, [str(t) for t in trees], loads)
+
+
+def compared_table(
+    runs: dict[tuple[str, str], list[tuple[dict[str, Any], float]]],
+    trees: list[str],
+    loads: list[str],
+) -> str:
+    lines = [
+        "| load | tree | calls/s | µs CPU per call, median / min | p50 ms, median / min"
+        " | p99 ms | first byte p50 ms, median / min |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    median = statistics.median
+    for load in loads:
+        for tree in ["direct", *trees]:
+            done = runs.get((tree, load))
+            if not done:
+                continue
+            cpu = [c for _, c in done]
+            p50 = [r["latency_ms"]["p50"] for r, _ in done]
+            byte = [(r.get("first_byte_ms") or {}).get("p50", 0.0) for r, _ in done]
+            lines.append(
+                f"| {load} | {tree} | {median(r['calls_per_s'] for r, _ in done):.0f}"
+                f" | {median(cpu):.0f} / {min(cpu):.0f} | {median(p50):.3f} / {min(p50):.3f}"
+                f" | {median(r['latency_ms']['p99'] for r, _ in done):.3f}"
+                f" | {median(byte):.3f} / {min(byte):.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Compare source trees on the front door.")
+    parser.add_argument("--compare", nargs="+", type=Path, required=True, metavar="TREE")
+    parser.add_argument("--loads", default=DEFAULT_LOADS, help="API-method-concurrency, ...")
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args()
+    print(compare(args.compare, args.loads.split(","), args.rounds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
