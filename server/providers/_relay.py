@@ -16,8 +16,8 @@ for every call: the SDK builds it once per client and path (its headers:
 credential, version, client and platform headers; its URL), and each call
 sends a copy with its own body, forwarded headers, timeout and query
 through the SDK's own HTTP client and transport, raising what `client.post`
-raises. About a third of a relayed call's CPU was the SDK building the same
-request again (bench/results/2026-12-02-vm-front-door-second.md).
+raises. Building the same request again was a quarter to a third of a
+relayed call's CPU (bench/results/2026-12-02-vm-front-door-second.md).
 """
 
 from __future__ import annotations
