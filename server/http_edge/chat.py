@@ -58,8 +58,10 @@ class ChatDialect(errors.OpenAIErrors):
     def __init__(self) -> None:
         super().__init__(OPENAI_CHAT)
 
-    def decode(self, document: dict[str, Any], request_id: str) -> Decoded:
-        chat = decode_chat(document, request_id=request_id, deadline=None)
+    def decode(self, document: dict[str, Any], request_id: str, text_checked: bool) -> Decoded:
+        chat = decode_chat(
+            document, request_id=request_id, deadline=None, text_checked=text_checked
+        )
         return Decoded(chat.request, chat.stream, chat.untranslatable, options={"chat": chat})
 
     def routed(self, decoded: Decoded, route: Route) -> None:

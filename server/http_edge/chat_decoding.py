@@ -181,11 +181,17 @@ class DecodedChat:
     dropped: list[str] = field(default_factory=list)
 
 
-def decode_chat(body: object, *, request_id: str, deadline: float | None) -> DecodedChat:
-    """Validates a Chat Completions request body (parsed JSON); raises InvalidArgumentError."""
+def decode_chat(
+    body: object, *, request_id: str, deadline: float | None, text_checked: bool = False
+) -> DecodedChat:
+    """Validates a Chat Completions request body (parsed JSON); raises InvalidArgumentError.
+
+    `text_checked`: the body's bytes hold no lone surrogate (json_decoding.py).
+    """
     if not isinstance(body, dict):
         raise InvalidArgumentError([FieldViolation("body", "must be a JSON object")])
-    refuse_lone_surrogates(body)
+    if not text_checked:
+        refuse_lone_surrogates(body)
     d = _BodyDecoder()
     d.extras(body, _REQUEST_KEYS, "", _DROPPABLE_REQUEST_KEYS)
     refuse_unpriced_tier(d, body)

@@ -36,6 +36,7 @@ from server.errors import (
 from server.events import RawChunk, ResponseAccumulator, StreamEvent
 from server.http_edge.calls import HttpCalls
 from server.http_edge.exchange import Exchange
+from server.http_edge.json_decoding import free_of_lone_surrogates
 from server.http_edge.unfinished_answers import STALLED_ANSWER
 from server.identity import require_model_access
 from server.loop_turns import taking_turns
@@ -88,7 +89,10 @@ class Dialect(ErrorDialect, Protocol):
     span_name: str  # the server span's name, e.g. "POST /v1/messages"
     ping: bytes  # what keeps a silent stream alive
 
-    def decode(self, document: dict[str, Any], request_id: str) -> Decoded: ...
+    def decode(self, document: dict[str, Any], request_id: str, text_checked: bool) -> Decoded:
+        """The request; `text_checked`: the body's bytes hold no lone surrogate, the
+        decoder need not look for one (json_decoding.py)."""
+        ...
 
     def routed(self, decoded: Decoded, route: Route) -> None:
         """Completes the request once its route is known (e.g. the model's default
@@ -194,7 +198,8 @@ class GenerationEndpoint:
             record.end_user = _session(exchange.headers)
             document = await read_json(body)
             record.model_requested = _recordable(document.get("model"))
-            decoded = dialect.decode(document, exchange.request_id)
+            checked = free_of_lone_surrogates(body)
+            decoded = dialect.decode(document, exchange.request_id, checked)
             request = decoded.request
             route = resolve(self._router, request.model)
             dialect.routed(decoded, route)

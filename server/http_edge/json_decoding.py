@@ -7,6 +7,10 @@ repeats it), an error message or the usage ledger before failing to encode,
 as a 500 or worse; so each decoder (messages_decoding.py, chat_decoding.py,
 responses_decoding.py) refuses it first, naming where it is, as the gRPC edge
 refuses invalid UTF-8 in a protobuf string.
+
+Walking a document costs about a millisecond per 200 KiB of a coding
+agent's conversation; `free_of_lone_surrogates` tells from the body's bytes,
+in a tenth of that, that there is nothing to find, and the walk is skipped.
 """
 
 from __future__ import annotations
@@ -18,9 +22,24 @@ from typing import Any
 from server.errors import FieldViolation, InvalidArgumentError
 
 _PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# How a lone surrogate can get into a UTF-8 body: escaped (\uD800 to \uDFFF,
+# which a valid pair also matches), or encoded (ED A0..BF, which UTF-8 forbids
+# but the json module decodes).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_ENCODED_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")
 # Where a value is: None for the body, else (its parent's path, key or index).
 Path = tuple["Path", str | int] | None
 NOT_TEXT = "must be valid Unicode text: it holds a lone surrogate (U+D800 to U+DFFF)"
+
+
+def free_of_lone_surrogates(body: bytes) -> bool:
+    """True when a JSON body's bytes cannot decode to a lone surrogate (UTF-8, with
+    neither a surrogate's escape nor its encoding); False when they may."""
+    if json.detect_encoding(body) not in ("utf-8", "utf-8-sig"):
+        return False
+    if b"\\u" in body and _SURROGATE_ESCAPE.search(body) is not None:
+        return False
+    return b"\xed" not in body or _ENCODED_SURROGATE.search(body) is None
 
 
 def refuse_lone_surrogates(document: Any) -> None:

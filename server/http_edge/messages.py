@@ -21,6 +21,7 @@ from server.errors import GatewayError
 from server.http_edge import errors
 from server.http_edge.exchange import Exchange
 from server.http_edge.generation import JSON, Decoded, Encoder, parse_json, resolve
+from server.http_edge.json_decoding import free_of_lone_surrogates
 from server.http_edge.messages_decoding import decode_count_tokens, decode_messages
 from server.http_edge.messages_encoding import StreamEncoder, encode_message, ping_event
 from server.identity import require_model_access
@@ -49,8 +50,10 @@ class MessagesDialect:
     span_name = "POST /v1/messages"
     ping = ping_event()
 
-    def decode(self, document: dict[str, Any], request_id: str) -> Decoded:
-        decoded = decode_messages(document, request_id=request_id, deadline=None)
+    def decode(self, document: dict[str, Any], request_id: str, text_checked: bool) -> Decoded:
+        decoded = decode_messages(
+            document, request_id=request_id, deadline=None, text_checked=text_checked
+        )
         return Decoded(decoded.request, decoded.stream, decoded.untranslatable)
 
     def routed(self, decoded: Decoded, route: Route) -> None:
@@ -85,7 +88,9 @@ async def count_tokens(router: Router, exchange: Exchange, body: bytes) -> None:
     """`POST /v1/messages/count_tokens`: the upstream's count for an Anthropic
     deployment (the body relayed), the gateway's estimate otherwise."""
     document = parse_json(body)
-    request = decode_count_tokens(document, deadline=None)
+    request = decode_count_tokens(
+        document, deadline=None, text_checked=free_of_lone_surrogates(body)
+    )
     route = resolve(router, request.model)
     require_model_access(request.model, route.model.id)
     request.passthrough = Passthrough(

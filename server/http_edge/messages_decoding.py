@@ -131,11 +131,17 @@ class DecodedMessages:
     dropped: list[str] = field(default_factory=list)
 
 
-def decode_messages(body: object, *, request_id: str, deadline: float | None) -> DecodedMessages:
-    """Validates a Messages request body (parsed JSON); raises InvalidArgumentError."""
+def decode_messages(
+    body: object, *, request_id: str, deadline: float | None, text_checked: bool = False
+) -> DecodedMessages:
+    """Validates a Messages request body (parsed JSON); raises InvalidArgumentError.
+
+    `text_checked`: the body's bytes hold no lone surrogate (json_decoding.py).
+    """
     if not isinstance(body, dict):
         raise InvalidArgumentError([FieldViolation("body", "must be a JSON object")])
-    refuse_lone_surrogates(body)
+    if not text_checked:
+        refuse_lone_surrogates(body)
     d = _BodyDecoder()
     model = d.model(body)
     max_tokens = d.max_tokens(body.get("max_tokens"))
@@ -177,7 +183,9 @@ def decode_messages(body: object, *, request_id: str, deadline: float | None) ->
     )
 
 
-def decode_count_tokens(body: object, *, deadline: float | None) -> TokenCountRequest:
+def decode_count_tokens(
+    body: object, *, deadline: float | None, text_checked: bool = False
+) -> TokenCountRequest:
     """Validates a `POST /v1/messages/count_tokens` body, by the rules of decode_messages.
 
     max_tokens is not needed; what the internal request cannot carry is
@@ -185,7 +193,8 @@ def decode_count_tokens(body: object, *, deadline: float | None) -> TokenCountRe
     """
     if not isinstance(body, dict):
         raise InvalidArgumentError([FieldViolation("body", "must be a JSON object")])
-    refuse_lone_surrogates(body)
+    if not text_checked:
+        refuse_lone_surrogates(body)
     d = _BodyDecoder()
     model = d.model(body)
     system, messages, tools, _ = d.conversation(body)

@@ -50,8 +50,10 @@ class ResponsesDialect(errors.OpenAIErrors):
     def __init__(self) -> None:
         super().__init__(OPENAI_RESPONSES)
 
-    def decode(self, document: dict[str, Any], request_id: str) -> Decoded:
-        decoded = decode_responses(document, request_id=request_id, deadline=None)
+    def decode(self, document: dict[str, Any], request_id: str, text_checked: bool) -> Decoded:
+        decoded = decode_responses(
+            document, request_id=request_id, deadline=None, text_checked=text_checked
+        )
         options = {
             "responses": decoded,
             "response_id": f"resp_{os.urandom(12).hex()}",

@@ -208,11 +208,17 @@ class DecodedResponses:
     echo: dict[str, Any] = field(default_factory=dict)
 
 
-def decode_responses(body: object, *, request_id: str, deadline: float | None) -> DecodedResponses:
-    """Validates a Responses request body (parsed JSON); raises InvalidArgumentError."""
+def decode_responses(
+    body: object, *, request_id: str, deadline: float | None, text_checked: bool = False
+) -> DecodedResponses:
+    """Validates a Responses request body (parsed JSON); raises InvalidArgumentError.
+
+    `text_checked`: the body's bytes hold no lone surrogate (json_decoding.py).
+    """
     if not isinstance(body, dict):
         raise InvalidArgumentError([FieldViolation("body", "must be a JSON object")])
-    refuse_lone_surrogates(body)
+    if not text_checked:
+        refuse_lone_surrogates(body)
     d = _BodyDecoder()
     d.extras(body, _REQUEST_KEYS, "", _DROPPABLE_REQUEST_KEYS)
     refuse_unpriced_tier(d, body)
