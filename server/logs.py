@@ -1,18 +1,26 @@
 """Process-wide logging: text or JSON lines, a redaction filter, and one line per call.
 
-`configure_logging` installs one stderr handler on the root logger, JSON when
-stderr is not a terminal (format `auto`), and puts `RedactionFilter` on every
-root handler: whatever a library logs (a header dump, an exception carrying
-a request), API keys, bearer tokens and `authorization` values are replaced
-before any formatter sees the record. `log_call` is the CallRecord observer
-that writes the per-call line (logger `llmgw.calls`): ids, model, status,
-tokens, cost, latency; never the key, never prompt or completion text.
+`configure_logging` writes to stderr, JSON when stderr is not a terminal
+(format `auto`), with `RedactionFilter` on the writing handler: whatever a
+library logs (a header dump, an exception carrying a request), API keys,
+bearer tokens and `authorization` values are replaced before any formatter
+sees the record. The root logger's handler only queues a record; a thread
+(logging's QueueListener) redacts, formats and writes it, so the event loop
+never waits on a full pipe or a slow log shipper and never formats a line
+(bounded: past QUEUE_RECORDS waiting, records are dropped and counted).
+`log_call` is the CallRecord observer that writes the per-call line (logger
+`llmgw.calls`): ids, model, status, tokens, cost, latency; never the key,
+never prompt or completion text.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
+import logging.handlers
+import queue
 import re
 import sys
 from datetime import UTC, datetime
@@ -29,6 +37,11 @@ REDACTED = "[REDACTED]"
 # request's options, body included (prompts, metadata.user_id), so they log at
 # INFO at most unless `logging.loggers` names them.
 SDK_LOGGERS = ("anthropic", "openai", "httpx", "httpx2", "httpcore", "httpcore2")
+# Of those, the HTTP stacks write an INFO line for every upstream request,
+# which the per-call line already says: WARNING at least unless named.
+HTTP_STACK_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2")
+# Records waiting for the writing thread; past this they are dropped (counted).
+QUEUE_RECORDS = 10_000
 
 # A value already replaced (a key keeps its id), up to where a value ends: a
 # second pass, or a pattern after another, leaves it as it is.
@@ -213,23 +226,98 @@ def install_redaction(logger: logging.Logger | None = None) -> None:
             handler.addFilter(RedactionFilter())
 
 
+class _Enqueue(logging.handlers.QueueHandler):
+    """Queues the record as it is: the writing thread is in this process (nothing
+    is pickled), so redacting and formatting wait for it, off the event loop."""
+
+    def __init__(self, records: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(records)
+        self.dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+            return
+        if self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            note = logging.makeLogRecord(
+                {
+                    "name": __name__,
+                    "levelno": logging.WARNING,
+                    "levelname": "WARNING",
+                    "msg": "%d log records dropped: the log output could not keep up",
+                    "args": (dropped,),
+                }
+            )
+            with contextlib.suppress(queue.Full):
+                self.queue.put_nowait(note)
+
+
+class _Writer:
+    """The thread that writes queued records, and its handler."""
+
+    def __init__(self, handler: logging.Handler) -> None:
+        self.records: queue.Queue[logging.LogRecord] = queue.Queue(QUEUE_RECORDS)
+        self.handler = handler
+        self.enqueue = _Enqueue(self.records)
+        self.listener = logging.handlers.QueueListener(self.records, handler)
+        self.listener.start()
+
+    def stop(self) -> None:
+        """Writes what is queued, then ends the thread."""
+        self.listener.stop()
+
+
+_writer: _Writer | None = None
+
+
+def stop_log_writer() -> None:
+    """Writes what is queued and ends the writing thread (at exit, or to reconfigure)."""
+    global _writer
+    if _writer is not None:
+        _writer.stop()
+        _writer = None
+
+
+atexit.register(stop_log_writer)
+
+
+def output_handler() -> logging.Handler | None:
+    """The handler that writes the records configure_logging queues (None before it)."""
+    return _writer.handler if _writer is not None else None
+
+
+def flush_logs() -> None:
+    """Returns once every record queued so far is written."""
+    if _writer is not None:
+        _writer.records.join()
+
+
 def configure_logging(config: LoggingConfig) -> None:
+    global _writer
     handler = logging.StreamHandler(sys.stderr)
     json_lines = config.format == "json" or (
         config.format == "auto" and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
     )
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(RedactionFilter())
+    stop_log_writer()
+    _writer = _Writer(handler)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_writer.enqueue]
     root.setLevel(config.level)
-    sdk_level = max(root.level, logging.INFO)
     for name in SDK_LOGGERS:
         if name not in config.loggers:
-            logging.getLogger(name).setLevel(sdk_level)
+            floor = logging.WARNING if name in HTTP_STACK_LOGGERS else logging.INFO
+            logging.getLogger(name).setLevel(max(root.level, floor))
     for name, level in config.loggers.items():
         logging.getLogger(name).setLevel(level)
     logging.getLogger(CALLS_LOGGER).disabled = not config.calls
-    install_redaction(root)
     # Neither format prints the caller's file and line, thread or process, which
     # the logging module would otherwise look up for every record (the caller by
     # walking the stack): the settings the Logging HOWTO lists under
