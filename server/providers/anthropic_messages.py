@@ -44,7 +44,7 @@ from server.errors import (
 )
 from server.events import RawChunk, StreamEvent
 from server.providers import _anthropic_codec as codec
-from server.providers._relay import relayed_body, relayed_options, reply_of
+from server.providers._relay import relayed_body, relayed_options, reply_of, send_relayed
 from server.providers._sdk_provider import SdkProvider
 from server.providers._sse import SseBatch, SseEvent, SseSplitter
 from server.providers._transport import transport_failure
@@ -253,9 +253,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
                 passthrough, request.model, request.deadline, request.request_id
             )
             if passthrough.document.get("stream") is not True:
-                response = await client.post(
-                    MESSAGES_PATH, content=body, options=options, cast_to=httpx2.Response
-                )
+                response = await send_relayed(client, MESSAGES_PATH, body, options, stream=False)
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
                 decoder = self._decoder(request, upstream_request_id)
                 raw_body = response.content
@@ -267,18 +265,11 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
                 decoder.finish()
                 yield RawChunk(raw_body)
                 return
-            stream = await client.post(
-                MESSAGES_PATH,
-                content=body,
-                options=options,
-                cast_to=object,
-                stream=True,
-                stream_cls=anthropic.AsyncStream[object],
-            )
-            upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+            stream = await send_relayed(client, MESSAGES_PATH, body, options, stream=True)
+            upstream_request_id = stream.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
             decoder = self._decoder(request, upstream_request_id)
             splitter = SseSplitter()
-            async for chunk in stream.response.aiter_bytes():
+            async for chunk in stream.aiter_bytes():
                 batch = splitter.feed(chunk)
                 if batch is None:
                     continue
@@ -299,7 +290,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
             raise error from err
         finally:
             if stream is not None:
-                await stream.close()
+                await stream.aclose()
 
     def _read(
         self, batch: SseBatch, decoder: codec.MessagesStreamDecoder, request: GenerationRequest

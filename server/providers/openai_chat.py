@@ -61,6 +61,7 @@ from server.providers._relay import (
     relayed_bytes,
     relayed_options,
     reply_of,
+    send_relayed,
 )
 from server.providers._sdk_provider import SdkProvider
 from server.providers._sse import SseBatch, SseEvent, SseSplitter
@@ -294,9 +295,7 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         try:
             body, options = self._relayed(request, passthrough, changes)
             if not streaming:
-                response = await client.post(
-                    COMPLETIONS_PATH, content=body, options=options, cast_to=httpx2.Response
-                )
+                response = await send_relayed(client, COMPLETIONS_PATH, body, options, stream=False)
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
                 decoder = self._decoder(request, upstream_request_id)
                 completion = json_object(json.loads(response.content), "the body")
@@ -307,18 +306,11 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
                     yield event
                 yield RawChunk(response.content)
                 return
-            stream = await client.post(
-                COMPLETIONS_PATH,
-                content=body,
-                options=options,
-                cast_to=object,
-                stream=True,
-                stream_cls=openai.AsyncStream[object],
-            )
-            upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+            stream = await send_relayed(client, COMPLETIONS_PATH, body, options, stream=True)
+            upstream_request_id = stream.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
             decoder = self._decoder(request, upstream_request_id)
             splitter = SseSplitter()
-            async for piece in stream.response.aiter_bytes():
+            async for piece in stream.aiter_bytes():
                 batch = splitter.feed(piece)
                 if batch is None:
                     continue
@@ -336,7 +328,7 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
             raise self._relay_failure(err, OPENAI_CHAT, request, upstream_request_id) from err
         finally:
             if stream is not None:
-                await stream.close()
+                await stream.aclose()
 
     async def _relay_responses(
         self, request: GenerationRequest, passthrough: Passthrough
@@ -348,9 +340,7 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         try:
             body, options = self._relayed(request, passthrough, {})
             if passthrough.document.get("stream") is not True:
-                response = await client.post(
-                    RESPONSES_PATH, content=body, options=options, cast_to=httpx2.Response
-                )
+                response = await send_relayed(client, RESPONSES_PATH, body, options, stream=False)
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
                 decoder = self._responses_decoder(request, upstream_request_id)
                 document = json_object(json.loads(response.content), "the body")
@@ -359,18 +349,11 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
                         yield event
                 yield RawChunk(response.content)
                 return
-            stream = await client.post(
-                RESPONSES_PATH,
-                content=body,
-                options=options,
-                cast_to=object,
-                stream=True,
-                stream_cls=openai.AsyncStream[object],
-            )
-            upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+            stream = await send_relayed(client, RESPONSES_PATH, body, options, stream=True)
+            upstream_request_id = stream.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
             decoder = self._responses_decoder(request, upstream_request_id)
             splitter = SseSplitter()
-            async for piece in stream.response.aiter_bytes():
+            async for piece in stream.aiter_bytes():
                 batch = splitter.feed(piece)
                 if batch is None:
                     continue
@@ -386,7 +369,7 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
             raise self._relay_failure(err, OPENAI_RESPONSES, request, upstream_request_id) from err
         finally:
             if stream is not None:
-                await stream.close()
+                await stream.aclose()
 
     def _read_chat(
         self,
