@@ -478,7 +478,10 @@ def post_arguments(
     fields. The body is what the typed method would send: its arguments,
     `extra_body` merged over them; `extra_headers` and `extra_query` become
     options, as do the arguments the typed method sends as headers
-    (`header_arguments`: argument -> header).
+    (`header_arguments`: argument -> header). The providers serialize the
+    body with the SDK's `openapi_dumps` (what `client.post` does to a body of
+    plain JSON values) and send it with `_relay.send_relayed`, which is that
+    `client.post` without rebuilding the SDK's request for every call.
     """
     body = dict(kwargs)
     headers: dict[str, str] = dict(body.pop("extra_headers", None) or {})

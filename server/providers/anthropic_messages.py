@@ -5,10 +5,12 @@ One `AsyncAnthropic` client per configured instance, reused by every call
 pool (KeyedClient in _upstream.py; the common parts are in
 _sdk_provider.py). StreamGenerate streams upstream; Generate makes one non-
 streaming call and replays the whole message through the same stream
-decoder, so both RPCs share one translation. Calls go through the SDK's
-generic `client.post` with the request `messages.create` would send (pinned
-by tests/test_sdk_call_parity.py) and read the JSON as parsed, without the
-SDK's pydantic models (why: `post_arguments` in _upstream.py); a stream's
+decoder, so both RPCs share one translation. Calls send the request
+`messages.create` would send (pinned by tests/test_sdk_call_parity.py): its
+body serialized by the SDK's own `openapi_dumps`, sent by `send_relayed`
+(_relay.py: the SDK's `client.post`, its request built once per client and
+path), and read the JSON as parsed, without the SDK's pydantic models (why:
+`post_arguments` in _upstream.py); a stream's
 events are read from the response's bytes (`_translated`), not through the
 SDK's stream. The SDK's own
 retries are off (max_retries=0): the router owns retries and fallbacks, and
@@ -31,6 +33,7 @@ from typing import Any, Literal
 import aiohttp
 import anthropic
 import httpx2
+from anthropic._utils._json import openapi_dumps
 from anthropic.resources.messages import AsyncMessages
 from pydantic import model_validator
 
@@ -181,20 +184,17 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
             return
         body, options = post_arguments(self.create_arguments(request), _HEADER_ARGUMENTS)
         upstream_request_id = ""
-        stream: Any = None
+        stream: httpx2.Response | None = None
         client = await self._sdk.current()
         try:
             options["timeout"] = upstream_timeout(request.deadline, self._timeout)
+            # The bytes `messages.create` sends, by the SDK's own serializer, sent
+            # without the SDK building the same request again (send_relayed).
             if request.incremental:
-                stream = await client.post(
-                    MESSAGES_PATH,
-                    body={**body, "stream": True},
-                    options=options,
-                    cast_to=object,
-                    stream=True,
-                    stream_cls=anthropic.AsyncStream[object],
+                content = openapi_dumps({**body, "stream": True})
+                stream = response = await send_relayed(
+                    client, MESSAGES_PATH, content, options, stream=True
                 )
-                response = stream.response
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
                 decoder = self._decoder(request, upstream_request_id)
                 # The events are read from the response's bytes, not through the
@@ -211,8 +211,8 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
                 decoder.finish()
                 return
             # Generate: one non-streaming call, replayed through the same decoder.
-            answer = await client.post(
-                MESSAGES_PATH, body=body, options=options, cast_to=httpx2.Response
+            answer = await send_relayed(
+                client, MESSAGES_PATH, openapi_dumps(body), options, stream=False
             )
             upstream_request_id = answer.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
             message = json_object(answer.json(), "the body")
@@ -230,7 +230,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
             # Closes the HTTP response at once (not drained), also when the
             # caller cancelled and this generator was closed mid-stream.
             if stream is not None:
-                await stream.close()
+                await stream.aclose()
 
     def _relayed(
         self, passthrough: Passthrough, model_id: str, deadline: float | None, request_id: str
