@@ -37,7 +37,9 @@ CONFIG_PATH_ENV = "LLMGW_CONFIG"
 # beside the gateway's variables, so they are not configuration keys: the
 # loader passes over them instead of refusing them as unknown.
 # tests/test_config.py pins this list to the names clients/ reads.
-CLIENT_ENV = frozenset({"LLMGW_ADDRESS", "LLMGW_API_KEY", "LLMGW_MODEL", "LLMGW_PROTO_ROOT"})
+CLIENT_ENV = frozenset(
+    {"LLMGW_ADDRESS", "LLMGW_ADMIN_KEY", "LLMGW_API_KEY", "LLMGW_MODEL", "LLMGW_PROTO_ROOT"}
+)
 # Secrets read straight from the environment where they are used, never
 # copied into the configuration (so no dump or error message can show them):
 # the key-encryption keys (server/auth/envelope.py).
@@ -457,6 +459,9 @@ class RedisConfig(_Strict):
     # When Redis cannot be reached: let calls through (open) or refuse them (closed).
     failure_mode: Literal["open", "closed"] = "open"
     key_prefix: str = "llmgw:"
+    # Connections each of the limits and the cache may hold (server/redis_connection.py):
+    # beyond them a command waits for one, within timeout_s.
+    max_connections: int = Field(256, gt=0, le=10_000)
 
 
 class KeyBudgetConfig(_Strict):

@@ -38,9 +38,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from server.accounting.backend import (
@@ -52,6 +49,7 @@ from server.accounting.backend import (
 )
 from server.config import RedisConfig
 from server.errors import QuotaBackendUnavailableError
+from server.redis_connection import shared_redis
 
 log = logging.getLogger(__name__)
 
@@ -288,15 +286,7 @@ class RedisBackend:
         self._prefix = config.key_prefix
         self._window_s = window_s
         self._source = spend_source
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            config.url,
-            socket_timeout=config.timeout_s,
-            socket_connect_timeout=config.timeout_s,
-            # A pooled connection that Redis dropped (a restart) is retried
-            # once on a new one, at once; a timeout is not retried.
-            retry=Retry(NoBackoff(), 1),
-            retry_on_error=[RedisConnectionError],
-        )
+        self._redis: aioredis.Redis = shared_redis(config)
         self._take = self._redis.register_script(_TAKE)
         self._give_back = self._redis.register_script(_GIVE_BACK)
         self._enter = self._redis.register_script(_ENTER)

@@ -26,13 +26,11 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from server.cache.entry import CacheEntry, EntryDecodeError, compress, decompress
 from server.config import RedisConfig
+from server.redis_connection import shared_redis
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +169,7 @@ class RedisCacheBackend:
         self._config = config
         self._prefix = f"{config.key_prefix}cache:"
         self._lock_prefix = f"{config.key_prefix}cache-lock:"
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            config.url,
-            socket_timeout=config.timeout_s,
-            socket_connect_timeout=config.timeout_s,
-            retry=Retry(NoBackoff(), 1),
-            retry_on_error=[RedisConnectionError],
-        )
+        self._redis: aioredis.Redis = shared_redis(config)
         self._release = self._redis.register_script(_RELEASE)
         self._last_warning = 0.0
         # Operations that failed for want of Redis (a metric reads this).
