@@ -31,6 +31,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from server.app import GENERATION_SERVICE
 from server.auth.expiry import ExpiryWatch
+from server.auth.key_store_backend import KeyStoreUnavailableError
 from server.auth.keys import KeyHasher, KeyStore
 from server.config import GatewayConfig, load_config
 from server.identity import SCOPE_GENERATE
@@ -322,7 +323,7 @@ def test_the_gateway_serves_from_a_key_store_it_cannot_write(
     found = store.lookup(record.id)
     assert found is not None and hasher.matches(key, found.key_hash)
     ExpiryWatch(store).check()
-    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+    with pytest.raises(KeyStoreUnavailableError, match="readonly"):
         store.revoke(record.id)  # the check is real: writing is refused
 
 
