@@ -8,10 +8,12 @@ llama.cpp and the like (set `route_prefixes: []` there, so that it does not
 claim `gpt-` ids). StreamGenerate streams upstream with
 `stream_options.include_usage` (without it the stream carries no usage);
 Generate makes one non-streaming call and replays the completion through the
-same chunk decoder. Calls go through the SDK's generic `client.post` with
-the request `chat.completions.create` would send (pinned by
-tests/test_sdk_call_parity.py) and read the JSON as parsed, without the
-SDK's pydantic models (why: `post_arguments` in _upstream.py). The SDK's
+same chunk decoder. Calls send the request `chat.completions.create` would
+send (pinned by tests/test_sdk_call_parity.py): its body serialized by the
+SDK's own `openapi_dumps`, sent by `send_relayed` (_relay.py: the SDK's
+`client.post`, its request built once per client and path), and read the
+JSON as parsed, without the SDK's pydantic models (why: `post_arguments` in
+_upstream.py). The SDK's
 retries are off (max_retries=0) because the router owns retries, and each
 call's timeout is what is left of the caller's deadline. Translation rules
 are in _openai_codec.py; every SDK failure becomes a GatewayError in
@@ -40,6 +42,7 @@ from typing import Any, Literal
 import aiohttp
 import httpx2
 import openai
+from openai._utils._json import openapi_dumps
 from openai.resources.chat.completions import AsyncCompletions
 from pydantic import model_validator
 
@@ -221,22 +224,22 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         try:
             options["timeout"] = upstream_timeout(request.deadline, self._timeout)
             chunks: AsyncIterator[Any]
+            # The bytes `chat.completions.create` sends, by the SDK's own serializer,
+            # sent without the SDK building the same request again (send_relayed).
             if request.incremental:
-                stream = await client.post(
-                    COMPLETIONS_PATH,
-                    body={**body, "stream": True},
-                    options=options,
-                    cast_to=object,
-                    stream=True,
-                    stream_cls=openai.AsyncStream[object],
+                content = openapi_dumps({**body, "stream": True})
+                response = await send_relayed(
+                    client, COMPLETIONS_PATH, content, options, stream=True
                 )
-                upstream_request_id = stream.response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+                # The SDK's stream over it, as `client.post(stream=True)` returns it.
+                stream = openai.AsyncStream(cast_to=object, response=response, client=client)
+                upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
                 chunks = stream
             else:
                 # Generate: one non-streaming call, replayed through the same decoder.
                 body.pop("stream_options", None)
-                response = await client.post(
-                    COMPLETIONS_PATH, body=body, options=options, cast_to=httpx2.Response
+                response = await send_relayed(
+                    client, COMPLETIONS_PATH, openapi_dumps(body), options, stream=False
                 )
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
                 completion = json_object(response.json(), "the body")
