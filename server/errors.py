@@ -463,8 +463,8 @@ class AuthDisabledError(GatewayError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "AUTH_DISABLED"
 
-    def __init__(self) -> None:
-        super().__init__("authentication is disabled on this gateway; no token is needed")
+    def __init__(self, consequence: str = "no token is needed") -> None:
+        super().__init__(f"authentication is disabled on this gateway; {consequence}")
 
 
 class CredentialUnavailableError(InternalError):

@@ -46,6 +46,7 @@ from server.auth.keys import DEFAULT_TTL, DefaultTtl, KeyRecord
 from server.auth.revocation import KeyChange, KeyChangeFeed
 from server.config import AuthConfig
 from server.errors import (
+    AuthDisabledError,
     FieldViolation,
     GatewayError,
     InternalError,
@@ -88,19 +89,6 @@ class KeyRevokedError(GatewayError):
     def __init__(self, key_id: str) -> None:
         super().__init__(
             f"key {key_id!r} is revoked; create a new key instead", metadata={"key_id": key_id}
-        )
-
-
-class KeysDisabledError(GatewayError):
-    """Authentication is off here (local development): there are no keys to manage."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "AUTH_DISABLED"
-
-    def __init__(self) -> None:
-        super().__init__(
-            "authentication is disabled on this gateway (auth.enabled: false):"
-            " no key is checked, so none is managed here"
         )
 
 
@@ -313,7 +301,9 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
 
     def _gateway_auth(self) -> GatewayAuth:
         if self._auth is None:
-            raise KeysDisabledError()
+            raise AuthDisabledError(
+                "no key is checked (auth.enabled: false), so none is managed here"
+            )
         return self._auth
 
     @contextmanager
