@@ -18,10 +18,11 @@ from psycopg.rows import dict_row
 
 from llmgateway.v1 import usage_pb2
 from server.accounting import Accounting
-from server.accounting.postgres_ledger import PostgresLedger, describe
+from server.accounting.postgres_ledger import PostgresLedger
 from server.calls import close_record, open_record
 from server.config import ConfigError, load_config
 from server.errors import UnavailableError
+from server.postgres_dsn import describe
 from tests.conftest import TEST_CONFIG, request
 from tests.redis_fixtures import free_port, limited_gateway
 from tests.test_ledger import call_every_exit_path, call_many_before_shutdown, check_every_exit_path

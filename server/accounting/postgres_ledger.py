@@ -26,7 +26,6 @@ from collections import deque
 from collections.abc import Sequence
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 
 from server.accounting.ledger import (
     COLUMNS,
@@ -39,6 +38,7 @@ from server.accounting.ledger import (
 )
 from server.calls import CallRecord
 from server.errors import UnavailableError
+from server.postgres_dsn import Dsn
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +91,6 @@ _GROUP_COLUMNS = {"key": "key_id", "model": "model_served", "provider": "provide
 _LOG_EVERY_S = 30.0
 
 
-def describe(dsn: str) -> str:
-    """user@host:port/dbname of a DSN, for logs and errors (never the password)."""
-    try:
-        info = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "(an unparsable DSN)"
-    user = f"{info['user']}@" if info.get("user") else ""
-    port = f":{info['port']}" if info.get("port") else ""
-    host = info.get("host") or info.get("hostaddr") or "localhost"
-    return f"{user}{host}{port}/{info.get('dbname', '')}"
-
-
 class PostgresLedger:
     """The shared ledger: rows batched by one asyncio task into PostgreSQL."""
 
@@ -115,12 +103,8 @@ class PostgresLedger:
         max_buffered: int = 100_000,
         timeout_s: float = 5.0,
     ) -> None:
-        self._dsn = dsn
-        self.where = describe(dsn)
-        try:
-            self._password = str(conninfo_to_dict(dsn).get("password") or "")
-        except psycopg.ProgrammingError:
-            self._password = ""
+        self._dsn = Dsn(dsn)
+        self.where = self._dsn.where
         self._interval = flush_interval_s
         self._max_batch = max_batch
         self._max_buffered = max_buffered
@@ -149,15 +133,9 @@ class PostgresLedger:
 
     # -- connections ---------------------------------------------------------
 
-    def _safe(self, err: BaseException) -> str:
-        text = str(err).strip() or type(err).__name__
-        if self._password:
-            text = text.replace(self._password, "***")
-        return text.splitlines()[0]
-
     async def _connect(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
         conn = await psycopg.AsyncConnection.connect(
-            self._dsn, autocommit=True, connect_timeout=max(1, round(self._timeout))
+            self._dsn.text, autocommit=True, connect_timeout=max(1, round(self._timeout))
         )
         if not self._schema_ready:
             try:
@@ -287,7 +265,7 @@ class PostgresLedger:
             logging.WARNING,
             "usage ledger: PostgreSQL at %s is unreachable (%s); %d rows buffered, retrying",
             self.where,
-            self._safe(err),
+            self._dsn.scrubbed(err),
             len(self._buffer),
         )
 
@@ -349,7 +327,8 @@ class PostgresLedger:
                     await _discard(conn)
         except (psycopg.Error, OSError, TimeoutError) as err:
             raise UnavailableError(
-                f"the usage ledger (PostgreSQL at {self.where}) cannot answer: {self._safe(err)}"
+                f"the usage ledger (PostgreSQL at {self.where}) cannot answer:"
+                f" {self._dsn.scrubbed(err)}"
             ) from None
 
     async def totals(

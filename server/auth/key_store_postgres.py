@@ -26,10 +26,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
-from server.accounting.postgres_ledger import describe
 from server.auth.key_store_backend import (
     POSTGRES,
     KeyStoreDb,
@@ -37,6 +35,7 @@ from server.auth.key_store_backend import (
     KeyStoreUnavailableError,
     schema,
 )
+from server.postgres_dsn import Dsn
 
 # An arbitrary constant of its own (the ledger's is 0x6C6C6D67_7700).
 _SCHEMA_LOCK = 0x6C6C6D67_6B73
@@ -48,12 +47,8 @@ class PostgresBackend:
     """Key store rows in a PostgreSQL database; a few connections kept for reuse."""
 
     def __init__(self, dsn: str, *, timeout_s: int = _TIMEOUT_S) -> None:
-        self._dsn = dsn
-        self.where = describe(dsn)
-        try:
-            self._password = str(conninfo_to_dict(dsn).get("password") or "")
-        except psycopg.ProgrammingError:
-            self._password = ""
+        self._dsn = Dsn(dsn)
+        self.where = self._dsn.where
         self._timeout_s = timeout_s
         self._idle: list[psycopg.Connection[tuple[object, ...]]] = []
         self._lock = threading.Lock()
@@ -68,12 +63,8 @@ class PostgresBackend:
         for connection in idle:
             connection.close()
 
-    def _safe(self, err: BaseException) -> str:
-        """The error's first line, without the DSN's password should it echo it."""
-        text = str(err).strip() or type(err).__name__
-        if self._password:
-            text = text.replace(self._password, "***")
-        return text.splitlines()[0]
+    def _said(self, err: BaseException) -> str:
+        return f"key store {self.where}: {self._dsn.scrubbed(err)}"
 
     def _take(self) -> psycopg.Connection[tuple[object, ...]]:
         with self._lock:
@@ -82,7 +73,7 @@ class PostgresBackend:
                 if not connection.closed:
                     return connection
         connection = psycopg.connect(
-            self._dsn,
+            self._dsn.text,
             autocommit=True,  # transactions are explicit: connection.transaction()
             connect_timeout=self._timeout_s,
             options=f"-c statement_timeout={self._timeout_s * 1000}",
@@ -117,14 +108,14 @@ class PostgresBackend:
         try:
             connection = self._take()
         except psycopg.Error as err:
-            raise KeyStoreUnavailableError(f"key store {self.where}: {self._safe(err)}") from None
+            raise KeyStoreUnavailableError(self._said(err)) from None
         try:
             with connection.transaction():
                 yield KeyStoreDb(connection, POSTGRES)
         except psycopg.OperationalError as err:
             connection.close()  # possibly broken: not kept
-            raise KeyStoreUnavailableError(f"key store {self.where}: {self._safe(err)}") from None
+            raise KeyStoreUnavailableError(self._said(err)) from None
         except psycopg.Error as err:
-            raise KeyStoreError(f"key store {self.where}: {self._safe(err)}") from None
+            raise KeyStoreError(self._said(err)) from None
         finally:
             self._give_back(connection)
