@@ -369,6 +369,7 @@ class Result:
     outcomes: list[str]
     peak_mib: float  # the gateway's peak RSS above its idle RSS
     idle: list[float]  # seconds, the probe calls before the bursts
+    round_max: list[float] = field(default_factory=list)  # the slowest probe of each round
 
     def percentile(self, p: float, of: list[float] | None = None) -> float:
         ordered = sorted(self.probes if of is None else of)
@@ -385,6 +386,7 @@ class Result:
             f"max {max(self.probes, default=0) * ms:7.1f} ms"
             f"  burst {max(self.burst_s, default=0):5.2f} s  peak +{self.peak_mib:6.1f} MiB"
             f"  (idle p99 {self.percentile(99, self.idle) * ms:.1f} ms)"
+            f"  rounds' max {' '.join(f'{m * ms:.0f}' for m in self.round_max)} ms"
             f"  [{', '.join(sorted({o.partition(':')[0] for o in self.outcomes}))}]"
         )
 
@@ -464,6 +466,7 @@ async def _measure(
         await sender.wait()
         result.outcomes += json.loads(line)["outcomes"] if line else ["sender died"]
         result.probes += latencies
+        result.round_max.append(max(latencies, default=0.0))
         peak_kib = max(peak_kib, gw.rss_kib("VmHWM"))
         await asyncio.sleep(0.5)  # let the gateway settle before the next round
     result.peak_mib = (peak_kib - idle_kib) / 1024
