@@ -515,3 +515,31 @@ async def test_unlisted_ids_route_by_prefix(
         cache_read_per_mtok=0.2,
         cache_creation_per_mtok=2.5,
     )
+
+
+# A stream as a server may send it: a comment (keep-alive), the chunks, `[DONE]`,
+# then bytes that are no chunk at all.
+AFTER_DONE = (
+    b": keep-alive\n\n"
+    b'data: {"id":"c9","choices":[{"index":0,"delta":{"role":"assistant","content":"Hel"}}]}\n\n'
+    b'data: {"id":"c9","choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"stop"}]}'
+    b"\n\n"
+    b'data: {"id":"c9","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+    b"data: [DONE]\n\n"
+    b"data: <html>not a chunk</html>\n\n"
+)
+
+
+async def test_a_stream_ends_at_done_as_the_sdk_stream_ends_it(
+    upstream_stub: pb_grpc.GenerationServiceStub, fake: FakeUpstream
+) -> None:
+    # The stream is read from its bytes: a comment is skipped, and nothing after
+    # `[DONE]` is read (as the SDK's stream reads it), so what follows is no error.
+    fake.enqueue(Reply(raw_body=AFTER_DONE))
+    events, _ = await stream_all(upstream_stub, ask("gpt-test", "Hi"))
+    check_event_stream(events)
+    texts = [e.content_block_delta.text for e in events if e.HasField("content_block_delta")]
+    assert texts == ["Hel", "lo"]
+    stop = [e.message_delta for e in events if e.HasField("message_delta")]
+    assert stop[-1].usage.output_tokens == 2
+    assert stop[-1].stop_reason == pb.STOP_REASON_END_TURN

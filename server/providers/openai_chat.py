@@ -13,7 +13,8 @@ send (pinned by tests/test_sdk_call_parity.py): its body serialized by the
 SDK's own `openapi_dumps`, sent by `send_relayed` (_relay.py: the SDK's
 `client.post`, its request built once per client and path), and read the
 JSON as parsed, without the SDK's pydantic models (why: `post_arguments` in
-_upstream.py). The SDK's
+_upstream.py); a stream's chunks are read from the response's bytes
+(`_chunk_of`), not through the SDK's stream. The SDK's
 retries are off (max_retries=0) because the router owns retries, and each
 call's timeout is what is left of the caller's deadline. Translation rules
 are in _openai_codec.py; every SDK failure becomes a GatewayError in
@@ -42,6 +43,7 @@ from typing import Any, Literal
 import aiohttp
 import httpx2
 import openai
+from openai._streaming_cleanup import drain_response_async
 from openai._utils._json import openapi_dumps
 from openai.resources.chat.completions import AsyncCompletions
 from pydantic import model_validator
@@ -80,7 +82,6 @@ from server.providers._upstream import (
     malformed_answer,
     merge_provider_options,
     post_arguments,
-    replay,
     retry_after_seconds,
     sampling_arguments,
     sdk_parameters,
@@ -219,22 +220,39 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         # What `create` sends: the API key as a bearer token, not an admin key.
         options["security"] = {"bearer_auth": True}
         upstream_request_id = ""
-        stream: Any = None
+        stream: httpx2.Response | None = None
         client = await self._sdk.current()
         try:
             options["timeout"] = upstream_timeout(request.deadline, self._timeout)
-            chunks: AsyncIterator[Any]
             # The bytes `chat.completions.create` sends, by the SDK's own serializer,
             # sent without the SDK building the same request again (send_relayed).
             if request.incremental:
                 content = openapi_dumps({**body, "stream": True})
-                response = await send_relayed(
+                stream = response = await send_relayed(
                     client, COMPLETIONS_PATH, content, options, stream=True
                 )
-                # The SDK's stream over it, as `client.post(stream=True)` returns it.
-                stream = openai.AsyncStream(cast_to=object, response=response, client=client)
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
-                chunks = stream
+                decoder = self._decoder(request, upstream_request_id)
+                # The chunks are read from the response's bytes, not through the SDK's
+                # stream (four generators and a line decoder per event), as its stream
+                # reads them (`_chunk_of`); made one at a time, as they are asked for.
+                splitter = SseSplitter()
+                done = False
+                async for piece in response.aiter_bytes():
+                    for sse in splitter.events(piece):
+                        data = sse.data
+                        if data.startswith(b"[DONE]"):
+                            done = True
+                            break
+                        if data:
+                            for event in decoder.feed(_chunk_of(data, response)):
+                                yield event
+                    if done:
+                        # As the SDK's stream: nothing after it is read, and over
+                        # HTTP/1.1 the rest is, briefly, for the connection's reuse.
+                        if response.http_version == "HTTP/1.1":
+                            await drain_response_async(response)
+                        break
             else:
                 # Generate: one non-streaming call, replayed through the same decoder.
                 body.pop("stream_options", None)
@@ -242,17 +260,11 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
                     client, COMPLETIONS_PATH, openapi_dumps(body), options, stream=False
                 )
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
+                decoder = self._decoder(request, upstream_request_id)
                 completion = json_object(response.json(), "the body")
-                chunks = replay(codec.completion_as_chunks(completion))
-            decoder = codec.ChatStreamDecoder(
-                provider=self.name,
-                model=request.model,
-                request_id=request.request_id,
-                upstream_request_id=upstream_request_id,
-            )
-            async for chunk in chunks:
-                for event in decoder.feed(json_object(chunk, "a chunk")):
-                    yield event
+                for chunk in codec.completion_as_chunks(completion):
+                    for event in decoder.feed(chunk):
+                        yield event
             for event in decoder.finish():
                 yield event
         except _FAILURES as err:
@@ -262,7 +274,7 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         finally:
             # Closes the HTTP response at once, also when the caller cancelled.
             if stream is not None:
-                await stream.close()
+                await stream.aclose()
 
     # -- relayed calls (the HTTP front door's pass-through) ---------------------------
 
@@ -569,6 +581,19 @@ _RESPONSES_UNREAD = frozenset(
         "response.output_item.done",
     }
 )
+
+
+def _chunk_of(data: bytes, response: httpx2.Response) -> dict[str, Any]:
+    """One chunk of a translated stream, as the SDK's stream hands it on: an error
+    chunk raises the SDK's `APIError` (mapped in `_map_error`, like any SDK failure)."""
+    chunk = json.loads(data)
+    if isinstance(chunk, dict) and chunk.get("error"):
+        error = chunk["error"]
+        message = error.get("message") if isinstance(error, dict) else None
+        if not message or not isinstance(message, str):
+            message = "An error occurred during streaming"
+        raise openai.APIError(message=message, request=response.request, body=error)
+    return json_object(chunk, "a chunk")
 
 
 def _rate_limit_header(name: str) -> bool:
