@@ -167,9 +167,12 @@ def cpu_per_call(result: dict[str, Any], server_cpu_s: float) -> dict[str, Any]:
     }
 
 
-# --compare: (name, API path, model) of each load; "direct" calls the fake upstream.
+# --compare: (name, API path, model) of each load; "direct" calls the fake upstream
+# (Messages; "directchat", "directresponses": the other two APIs' bodies).
 COMPARED_APIS = {
     "direct": (MESSAGES, PASSTHROUGH_MODEL),
+    "directchat": (CHAT_COMPLETIONS, OPENAI_MODEL),
+    "directresponses": (RESPONSES, OPENAI_MODEL),
     "messages": (MESSAGES, PASSTHROUGH_MODEL),
     "chat": (CHAT_COMPLETIONS, OPENAI_MODEL),
     "responses": (RESPONSES, OPENAI_MODEL),
@@ -209,12 +212,12 @@ def compare(trees: list[Path], loads: list[str], rounds: int) -> str:
                 api, model = COMPARED_APIS[name]
                 body = body_file(bench, model, method, api=api)
                 count = 600 if concurrency == "1" else 2000
-                if name == "direct":
+                if name.startswith("direct"):
                     result = bench.http_load(
                         upstream + api, body, method, int(concurrency), calls=count,
                         headers=(*ANTHROPIC_HEADERS, UPSTREAM_KEY_HEADER),
                     )  # fmt: skip
-                    runs.setdefault(("direct", load), []).append((result, 0.0))
+                    runs.setdefault((name, load), []).append((result, 0.0))
                     continue
                 for label, gateway, http_port in order:
                     cpu = gateway.cpu_seconds()
@@ -229,6 +232,9 @@ def compare(trees: list[Path], loads: list[str], rounds: int) -> str:
     return compared_table(runs, [str(t) for t in trees], loads)
 
 
+DIRECT = [name for name in COMPARED_APIS if name.startswith("direct")]
+
+
 def compared_table(
     runs: dict[tuple[str, str], list[tuple[dict[str, Any], float]]],
     trees: list[str],
@@ -241,7 +247,7 @@ def compared_table(
     ]
     median = statistics.median
     for load in loads:
-        for tree in ["direct", *trees]:
+        for tree in [*DIRECT, *trees]:
             done = runs.get((tree, load))
             if not done:
                 continue

@@ -18,17 +18,30 @@ sends a copy with its own body, forwarded headers, timeout and query
 through the SDK's own HTTP client and transport, raising what `client.post`
 raises. Building the same request again was a quarter to a third of a
 relayed call's CPU (bench/results/2026-12-02-vm-front-door-second.md).
+
+On the SDKs' aiohttp transport (the default, server/providers/_transport.py)
+the copy goes to the transport's aiohttp session directly: the same headers,
+in the order and case httpx2 hands them to aiohttp, the same timeouts and
+the same exceptions (the transport's own mapping of aiohttp's), without
+httpx2's Request, its send layers and its reading of a unary answer through
+five generators, which together were about half of a pass-through call's
+CPU in the gateway. The httpx2.Request a response names is built only when
+something asks for it (an error, the SDK's stream).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
+import aiohttp
 import anthropic
 import httpx2
 import openai
@@ -146,6 +159,21 @@ class _Template:
     headers: tuple[tuple[str, tuple[bytes, bytes]], ...]  # (lower-cased name, raw header)
     timed: tuple[bytes, ...]  # the headers that say the call's timeout
     extensions: Mapping[str, Any]  # the SDK's request extensions but the timeout
+    # The aiohttp transport the SDK's client sends `url` through, when the call can
+    # go to it directly (_direct_transport), with the headers as aiohttp gets them.
+    direct: _Direct | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Direct:
+    """What sending straight to an SDK's aiohttp transport needs, found once."""
+
+    transport: Any  # the vendored httpx-aiohttp AiohttpTransport
+    mapped: Callable[[], Any]  # its map_aiohttp_exceptions
+    stream: Callable[[Any], httpx2.AsyncByteStream]  # its AiohttpResponseStream
+    url: str
+    headers: tuple[tuple[str, str], ...]  # (lower-cased name, value), ASCII
+    server_hostname: str | None
 
 
 # Per SDK client (a rotated key brings a new client, and so a new template), per path.
@@ -178,25 +206,15 @@ async def send_relayed(
     timeout: float = options["timeout"]
     template = await _template(client, path, options, timeout)
     forwarded: Mapping[str, str] = options.get("headers") or {}
-    names = {name.lower() for name in forwarded}
-    headers = [raw for name, raw in template.headers if name not in names]
-    headers += [
-        (name.encode("latin-1"), value.encode("latin-1")) for name, value in forwarded.items()
-    ]
-    seconds = str(timeout).encode()
-    headers += [(name, seconds) for name in template.timed]
-    url = template.url
+    direct = template.direct
     params = options.get("params")
-    if params:
-        url = url.copy_merge_params(httpx2.QueryParams(client.qs.stringify(params)))
-    every = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
-    request = httpx2.Request(
-        "POST",
-        url,
-        headers=headers,
-        content=body,
-        extensions={**template.extensions, "timeout": every},
-    )
+    if direct is not None and body and not client._client.is_closed:
+        sent = _direct_headers(direct, template, forwarded, timeout, len(body))
+        if sent is not None:
+            return await _send_direct(
+                client, template, direct, (forwarded, params), sent, body, timeout, stream=stream
+            )
+    request = _request(client, template, forwarded, params, body, timeout)
     sdk: Any = anthropic if isinstance(client, anthropic.AsyncAnthropic) else openai
     try:
         response = await client._client.send(request, stream=stream)
@@ -211,6 +229,172 @@ async def send_relayed(
             await response.aread()
         raise client._make_status_error_from_response(response) from None
     return response
+
+
+def _request(
+    client: Any,
+    template: _Template,
+    forwarded: Mapping[str, str],
+    params: Any,
+    body: bytes,
+    timeout: float,
+) -> httpx2.Request:
+    """The httpx2.Request the SDK would send: its template, this call's headers,
+    query, body and timeout."""
+    names = {name.lower() for name in forwarded}
+    headers = [raw for name, raw in template.headers if name not in names]
+    headers += [
+        (name.encode("latin-1"), value.encode("latin-1")) for name, value in forwarded.items()
+    ]
+    seconds = str(timeout).encode()
+    headers += [(name, seconds) for name in template.timed]
+    url = template.url
+    if params:
+        url = url.copy_merge_params(httpx2.QueryParams(client.qs.stringify(params)))
+    every = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
+    return httpx2.Request(
+        "POST",
+        url,
+        headers=headers,
+        content=body,
+        extensions={**template.extensions, "timeout": every},
+    )
+
+
+def _direct_headers(
+    direct: _Direct,
+    template: _Template,
+    forwarded: Mapping[str, str],
+    timeout: float,
+    length: int,
+) -> list[tuple[str, str]] | None:
+    """The headers aiohttp gets from the transport for this call (httpx2's
+    `Headers.items()` of the request `_request` builds: names lower-cased, a
+    repeated name's values joined), or None when a forwarded header is not
+    ASCII (httpx2 then picks the encoding: the general path keeps its choice)."""
+    names = {name.lower() for name in forwarded}
+    merged = {name: value for name, value in direct.headers if name not in names}
+    for name, value in forwarded.items():
+        if not (name.isascii() and value.isascii()):
+            return None
+        key = name.lower()
+        merged[key] = f"{merged[key]}, {value}" if key in merged else value
+    seconds = str(timeout)
+    for raw in template.timed:
+        key = raw.decode("latin-1").lower()
+        merged[key] = f"{merged[key]}, {seconds}" if key in merged else seconds
+    # httpx2.Request sets it last, from the content, unless a header gave it.
+    merged.setdefault("content-length", str(length))
+    return list(merged.items())
+
+
+async def _send_direct(
+    client: Any,
+    template: _Template,
+    direct: _Direct,
+    given: tuple[Mapping[str, str], Any],
+    headers: list[tuple[str, str]],
+    body: bytes,
+    seconds: float,
+    *,
+    stream: bool,
+) -> httpx2.Response:
+    """send_relayed through the aiohttp transport's session itself (`given`: the
+    call's forwarded headers and query; `headers`: what aiohttp gets of them)."""
+    transport = direct.transport
+    session = transport.client
+    if not isinstance(session, aiohttp.ClientSession):
+        session = transport.client = transport.get_client()
+    sdk: Any = anthropic if isinstance(client, anthropic.AsyncAnthropic) else openai
+
+    forwarded, params = given
+    url = direct.url
+    if params:
+        url = str(template.url.copy_merge_params(httpx2.QueryParams(client.qs.stringify(params))))
+
+    def request() -> httpx2.Request:
+        return _request(client, template, forwarded, params, body, seconds)
+
+    answer: aiohttp.ClientResponse | None = None
+    try:
+        with direct.mapped():
+            answer = await session.request(
+                "POST",
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                auto_decompress=False,
+                compress=False,
+                timeout=aiohttp.ClientTimeout(
+                    sock_connect=seconds, sock_read=seconds, connect=seconds
+                ),
+                server_hostname=direct.server_hostname,
+            )
+            content = None
+            if not stream:
+                try:
+                    content = await answer.read()
+                finally:
+                    await answer.__aexit__(None, None, None)
+    except httpx2.TransportError as err:
+        sent = request()
+        err.request = sent
+        if isinstance(err, httpx2.TimeoutException):
+            raise sdk.APITimeoutError(request=sent) from err
+        raise sdk.APIConnectionError(request=sent) from err
+    except Exception as err:
+        raise sdk.APIConnectionError(request=request()) from err
+    extensions: dict[str, Any] = {"http_version": b"HTTP/1.1"}
+    if answer.reason:
+        extensions["reason_phrase"] = answer.reason.encode()
+    byte_stream = httpx2.ByteStream(content) if content is not None else direct.stream(answer)
+    response = _RelayedResponse(
+        answer.status, headers=answer.raw_headers, stream=byte_stream, extensions=extensions
+    )
+    response.build_request = request
+    if content is not None:
+        response.read()
+    if _HTTP_LOG.isEnabledFor(logging.INFO):
+        _HTTP_LOG.info(
+            'HTTP Request: %s %s "%s %d %s"',
+            "POST",
+            url,
+            response.http_version,
+            response.status_code,
+            response.reason_phrase,
+        )
+    if client._client.follow_redirects and response.has_redirect_location:
+        # What httpx2 would do next (no upstream API redirects a POST in practice).
+        if content is None:
+            await response.aclose()
+        redirect = client._client._build_redirect_request(response.request, response)
+        response = await client._client.send(redirect, stream=stream)
+    if not response.is_success:
+        if not response.is_closed:
+            await response.aread()
+        raise client._make_status_error_from_response(response) from None
+    return response
+
+
+# httpx2's logger: its line per request, written when the configuration turns it on.
+_HTTP_LOG = logging.getLogger("httpx2")
+
+
+class _RelayedResponse(httpx2.Response):
+    """An httpx2.Response whose request is built the first time it is asked for."""
+
+    build_request: Callable[[], httpx2.Request] | None = None
+
+    @property
+    def request(self) -> httpx2.Request:
+        if self._request is None and self.build_request is not None:
+            self._request = self.build_request()
+        return super().request
+
+    @request.setter
+    def request(self, value: httpx2.Request) -> None:
+        self._request = value
 
 
 def _plain(client: Any) -> bool:
@@ -253,5 +437,50 @@ async def _template(
         name for name, _ in built.headers.raw if name.decode("latin-1").lower() in _TIMEOUT_HEADERS
     )
     extensions = {k: v for k, v in built.extensions.items() if k != "timeout"}
-    templates[path] = template = _Template(extra, built.url, headers, timed, extensions)
+    template = _Template(extra, built.url, headers, timed, extensions)
+    direct = _direct_transport(client, template)
+    if direct is not None:
+        template = dataclasses.replace(template, direct=direct)
+    templates[path] = template
     return template
+
+
+def _direct_transport(client: Any, template: _Template) -> _Direct | None:
+    """What sending `template`'s copies straight to the SDK's aiohttp transport
+    needs, or None when httpx2's client could do more than pass them to it (a
+    client or transport of another kind, auth, event hooks, a proxy)."""
+    http = client._client
+    if (
+        type(http).send is not httpx2.AsyncClient.send
+        or type(http)._send_handling_auth is not httpx2.AsyncClient._send_handling_auth
+        or type(http)._send_single_request is not httpx2.AsyncClient._send_single_request
+        or http._auth is not None
+        or any(http._event_hooks.values())
+    ):
+        return None
+    transport = http._transport_for_url(template.url)
+    module = sys.modules.get(type(transport).__module__)
+    mapped = getattr(module, "map_aiohttp_exceptions", None)
+    stream = getattr(module, "AiohttpResponseStream", None)
+    if (
+        type(transport).__name__ != "AiohttpTransport"
+        or mapped is None
+        or stream is None
+        or getattr(transport, "proxy", None) is not None
+        or not hasattr(transport, "get_client")
+    ):
+        return None
+    headers: dict[str, str] = {}
+    for name, (_, value) in template.headers:
+        if not value.isascii():
+            return None
+        text = value.decode("ascii")
+        headers[name] = f"{headers[name]}, {text}" if name in headers else text
+    return _Direct(
+        transport,
+        mapped,
+        stream,
+        str(template.url),
+        tuple(headers.items()),
+        template.extensions.get("sni_hostname"),
+    )
