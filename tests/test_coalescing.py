@@ -194,3 +194,19 @@ async def test_the_first_delta_goes_out_before_the_rest_of_a_burst_is_read() -> 
     assert "".join(e.text for e in received if isinstance(e, TextDelta)) == "".join(
         f"w{i} " for i in range(50)
     )
+
+
+async def test_no_pump_runs_before_the_first_content() -> None:
+    # The preamble is read and sent by the sender itself (a pump task for it
+    # would only add hops); a stream without deltas never starts one.
+    preamble = [MessageStart("m", "model", "p"), ContentBlockStart(0, TextBlock(""))]
+    tail = [ContentBlockStop(0), MessageDelta(StopReason.END_TURN), MessageStop()]
+    before = len(asyncio.all_tasks())
+    counts = []
+    async for _ in coalesce(source(preamble + tail)):
+        counts.append(len(asyncio.all_tasks()) - before)
+    assert counts == [0] * 5
+    counts = []
+    async for _ in coalesce(source([*preamble, TextDelta(0, "a"), TextDelta(0, "b"), *tail])):
+        counts.append(len(asyncio.all_tasks()) - before)
+    assert counts[:3] == [0, 0, 0]  # up to the first delta; then the pump reads on

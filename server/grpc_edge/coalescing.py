@@ -2,10 +2,12 @@
 
 grpc.aio spends about 0.1 ms of CPU per streamed message however small it
 is (bench/ceiling_server.py measures it), which dominates a gateway that
-forwards one token per message. Here a pump task reads the upstream event
-stream into a small bounded queue while the previous message is being
-sent; the sender then merges the consecutive deltas of one content block
-that are already queued (text, tool-input JSON, thinking) into one event.
+forwards one token per message. Once the first content has gone out, a
+pump task reads the upstream event stream into a small bounded queue while
+the previous message is being sent; the sender then merges the consecutive
+deltas of one content block that are already queued (text, tool-input JSON,
+thinking) into one event. Before it, the events are read and sent one by
+one, without the pump (nothing is read ahead of the first content).
 
 Nothing is delayed to wait for a merge: a delta goes out as soon as the
 sender is free, alone if nothing else is queued, so an upstream that is
@@ -65,40 +67,27 @@ def _merged(first: _Mergeable, parts: list[str]) -> _Mergeable:
 async def coalesce(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
     """Yields `events` in order, merging mergeable deltas that are already waiting.
 
-    Errors from `events` are raised here after the events before them.
-    Closing this iterator (the caller went away) cancels the pump, which
-    closes `events` and so the upstream call.
+    Until the first content has gone out (time to first token) the events are
+    read here, one at a time, each sent before the next is read: parsing the
+    next upstream events would only hold up the messages before it, and the
+    preamble (a MessageStart, a block's start, the first delta) arrives at
+    once, so a pump would only add hops. After it, a pump task reads ahead
+    freely so a backlog merges. Errors from `events` are raised here after
+    the events before them. Closing this iterator (the caller went away)
+    closes `events`, and so the upstream call (after the first content, by
+    cancelling the pump, which closes them).
     """
-    queue: asyncio.Queue[StreamEvent | _Failed | _End] = asyncio.Queue(QUEUE_SIZE)
-    first_content_sent = asyncio.Event()
-
-    async def pump() -> None:
-        try:
-            async for event in events:
-                await queue.put(event)
-                if not first_content_sent.is_set():
-                    # Time to first token: until the first content has gone out,
-                    # let the sender run after every event, and once that content
-                    # is queued read nothing more (parsing the next upstream
-                    # events would only hold up the messages before it). After
-                    # it, read ahead freely so a backlog merges.
-                    if isinstance(event, _MERGEABLE):
-                        await first_content_sent.wait()
-                    else:
-                        await asyncio.sleep(0)
-            await queue.put(_END)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as err:  # forwarded to the sender, which raises it
-            await queue.put(_Failed(err))
-        finally:
-            aclose = getattr(events, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    task = asyncio.get_running_loop().create_task(pump())
-    pending: StreamEvent | _Failed | _End | None = None
+    task: asyncio.Task[None] | None = None
     try:
+        async for event in events:
+            yield event
+            if isinstance(event, _MERGEABLE):
+                break
+        else:
+            return
+        queue: asyncio.Queue[StreamEvent | _Failed | _End] = asyncio.Queue(QUEUE_SIZE)
+        task = asyncio.get_running_loop().create_task(_pump(events, queue))
+        pending: StreamEvent | _Failed | _End | None = None
         while True:
             item = pending if pending is not None else await queue.get()
             pending = None
@@ -117,10 +106,34 @@ async def coalesce(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEv
                     parts.append(_part(following))
                 if len(parts) > 1:
                     item = _merged(item, parts)
-                first_content_sent.set()
             yield item
     finally:
-        if not task.done():
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if task is None:
+            await _close(events)
+        else:
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _pump(
+    events: AsyncIterator[StreamEvent], queue: asyncio.Queue[StreamEvent | _Failed | _End]
+) -> None:
+    """Reads the rest of `events` into `queue` while the sender sends; closes them."""
+    try:
+        async for event in events:
+            await queue.put(event)
+        await queue.put(_END)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as err:  # forwarded to the sender, which raises it
+        await queue.put(_Failed(err))
+    finally:
+        await _close(events)
+
+
+async def _close(events: AsyncIterator[StreamEvent]) -> None:
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        await aclose()
