@@ -11,6 +11,7 @@ and the error statuses.
 
 from __future__ import annotations
 
+import gzip
 from typing import Any
 
 import anthropic
@@ -81,5 +82,20 @@ async def test_a_timeout_raises_the_sdk_timeout_error(fake: FakeUpstream, kind: 
             with pytest.raises(error) as caught:
                 await send(client, path, body, options, False)
             assert isinstance(caught.value.request, httpx2.Request)
+    finally:
+        await client.close()
+
+
+async def test_an_encoded_answer_is_decoded_as_client_post_decodes_it(fake: FakeUpstream) -> None:
+    client = await sdk_client("anthropic", fake.anthropic_url)
+    plain = b'{"type":"message","content":[]}'
+    try:
+        answers = []
+        for send in (through_post, through_send):
+            encoded = Reply(raw_body=gzip.compress(plain), headers={"content-encoding": "gzip"})
+            fake.enqueue(encoded)
+            body, options = arguments("anthropic", "/v1/messages", "anthropic.messages", False)
+            answers.append(await send(client, "/v1/messages", body, options, False))
+        assert answers == [plain, plain]
     finally:
         await client.close()

@@ -354,7 +354,12 @@ async def _send_direct(
     )
     response.build_request = request
     if content is not None:
-        response.read()
+        if "content-encoding" in answer.headers:
+            response.read()  # decoded as httpx2 decodes it
+        else:
+            # What read() leaves, without its five generators: the bytes as they came.
+            response._content = content
+            response.is_stream_consumed = response.is_closed = True
     if _HTTP_LOG.isEnabledFor(logging.INFO):
         _HTTP_LOG.info(
             'HTTP Request: %s %s "%s %d %s"',
@@ -364,7 +369,11 @@ async def _send_direct(
             response.status_code,
             response.reason_phrase,
         )
-    if client._client.follow_redirects and response.has_redirect_location:
+    if (
+        300 <= answer.status < 400
+        and client._client.follow_redirects
+        and response.has_redirect_location
+    ):
         # What httpx2 would do next (no upstream API redirects a POST in practice).
         if content is None:
             await response.aclose()
