@@ -99,3 +99,22 @@ async def test_an_encoded_answer_is_decoded_as_client_post_decodes_it(fake: Fake
         assert answers == [plain, plain]
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize(("kind", "path", "protocol"), CALLS)
+async def test_a_stream_cut_short_raises_what_client_post_raises(
+    fake: FakeUpstream, kind: str, path: str, protocol: str
+) -> None:
+    client = await sdk_client(kind, fake.anthropic_url if kind == "anthropic" else fake.openai_url)
+    try:
+        raised = []
+        for send in (through_post, through_send):
+            fake.enqueue(Reply(reset_after=2))
+            body, options = arguments(kind, path, protocol, True)
+            with pytest.raises(httpx2.TransportError) as caught:
+                await send(client, path, body, options, True)
+            raised.append(caught.value)
+        assert type(raised[1]) is type(raised[0])
+        assert isinstance(raised[1].request, httpx2.Request)
+    finally:
+        await client.close()

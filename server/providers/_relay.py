@@ -36,7 +36,7 @@ import json
 import logging
 import sys
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -45,6 +45,7 @@ import aiohttp
 import anthropic
 import httpx2
 import openai
+import yarl
 from anthropic._models import FinalRequestOptions as AnthropicRequestOptions
 from openai._models import FinalRequestOptions as OpenAIRequestOptions
 
@@ -171,7 +172,7 @@ class _Direct:
     transport: Any  # the vendored httpx-aiohttp AiohttpTransport
     mapped: Callable[[], Any]  # its map_aiohttp_exceptions
     stream: Callable[[Any], httpx2.AsyncByteStream]  # its AiohttpResponseStream
-    url: str
+    url: yarl.URL  # parsed once, as aiohttp would parse its text for every call
     headers: tuple[tuple[str, str], ...]  # (lower-cased name, value), ASCII
     server_hostname: str | None
 
@@ -310,7 +311,8 @@ async def _send_direct(
     forwarded, params = given
     url = direct.url
     if params:
-        url = str(template.url.copy_merge_params(httpx2.QueryParams(client.qs.stringify(params))))
+        query = httpx2.QueryParams(client.qs.stringify(params))
+        url = yarl.URL(str(template.url.copy_merge_params(query)))
 
     def request() -> httpx2.Request:
         return _request(client, template, forwarded, params, body, seconds)
@@ -353,13 +355,15 @@ async def _send_direct(
         answer.status, headers=answer.raw_headers, stream=byte_stream, extensions=extensions
     )
     response.build_request = request
-    if content is not None:
-        if "content-encoding" in answer.headers:
-            response.read()  # decoded as httpx2 decodes it
-        else:
-            # What read() leaves, without its five generators: the bytes as they came.
-            response._content = content
-            response.is_stream_consumed = response.is_closed = True
+    if content is None:
+        response.answer, response.mapped = answer, direct.mapped
+        response.chunk_size = getattr(direct.stream, "CHUNK_SIZE", response.chunk_size)
+    elif "content-encoding" in answer.headers:
+        response.read()  # decoded as httpx2 decodes it
+    else:
+        # What read() leaves, without its five generators: the bytes as they came.
+        response._content = content
+        response.is_stream_consumed = response.is_closed = True
     if _HTTP_LOG.isEnabledFor(logging.INFO):
         _HTTP_LOG.info(
             'HTTP Request: %s %s "%s %d %s"',
@@ -391,9 +395,43 @@ _HTTP_LOG = logging.getLogger("httpx2")
 
 
 class _RelayedResponse(httpx2.Response):
-    """An httpx2.Response whose request is built the first time it is asked for."""
+    """An httpx2.Response whose request is built the first time it is asked for, and
+    whose streamed bytes come from the aiohttp answer without httpx2's layers."""
 
     build_request: Callable[[], httpx2.Request] | None = None
+    # A streamed answer's aiohttp response and its transport's exception mapping.
+    answer: aiohttp.ClientResponse | None = None
+    mapped: Callable[[], Any] | None = None
+    chunk_size: int = 16 * 1024
+
+    async def aiter_bytes(self, chunk_size: int | None = None) -> AsyncGenerator[bytes, None]:
+        """httpx2's aiter_bytes: the chunks as aiohttp reads them, the response closed
+        at their end; an encoded answer goes through httpx2's decoders."""
+        answer, mapped = self.answer, self.mapped
+        if (
+            answer is None
+            or mapped is None
+            or chunk_size is not None
+            or "content-encoding" in self.headers
+            or hasattr(self, "_content")
+        ):
+            async for chunk in super().aiter_bytes(chunk_size):
+                yield chunk
+            return
+        if self.is_stream_consumed:
+            raise httpx2.StreamConsumed()
+        if self.is_closed:
+            raise httpx2.StreamClosed()
+        self.is_stream_consumed = True
+        try:
+            with mapped():
+                async for chunk in answer.content.iter_chunked(self.chunk_size):
+                    yield chunk
+        except httpx2.RequestError as err:
+            err.request = self.request  # as httpx2's request_context names it
+            raise
+        finally:
+            await self.aclose()
 
     @property
     def request(self) -> httpx2.Request:
@@ -489,7 +527,7 @@ def _direct_transport(client: Any, template: _Template) -> _Direct | None:
         transport,
         mapped,
         stream,
-        str(template.url),
+        yarl.URL(str(template.url)),
         tuple(headers.items()),
         template.extensions.get("sni_hostname"),
     )
