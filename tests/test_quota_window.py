@@ -52,7 +52,8 @@ async def test_600_calls_in_a_minute_against_300_rpm_in_one_process() -> None:
     admitted: list[float] = []
     for i in range(1800):  # ten calls a second for three minutes
         clock.now = 1000.0 + i / 10
-        if await backend.take("rpm:{k}", 300, 1) == 0.0:
+        wait, _ = await backend.take("rpm:{k}", 300, 1)
+        if wait == 0.0:
             admitted.append(clock.now)
     # The first minute: its 300 at once, then nothing (a leaky bucket let 600 through).
     assert len([t for t in admitted if t < 1060.0]) == 300
@@ -61,37 +62,76 @@ async def test_600_calls_in_a_minute_against_300_rpm_in_one_process() -> None:
     assert len(admitted) == 900
 
 
+# A call's shape: (tokens reserved, tokens used, seconds it lasts).
+CallShape = Callable[[random.Random], tuple[int, int, float]]
+
+
+async def replay_reservations(shape: CallShape, capacity: int) -> list[tuple[float, int]]:
+    """Ten calls a second for five minutes against `capacity` tokens per minute
+    (LocalBackend, a fake clock): each reserves, and gives back what it did not
+    use when it ends. Returns (start, tokens used) of the calls admitted."""
+    rng = random.Random(14)
+    clock = FakeClock()
+    backend = LocalBackend(clock=clock)
+    ends: list[tuple[float, int, int, int | None]] = []  # (time, call, reserved - used, slot)
+    used: list[tuple[float, int]] = []
+    t = 1000.0
+    for call in range(3000):
+        t += rng.expovariate(10)
+        while ends and ends[0][0] <= t:
+            clock.now, _, give_back, slot = heapq.heappop(ends)
+            await backend.give_back("tpm:{k}", capacity, give_back, slot)
+        clock.now = t
+        reserved, tokens, lasts = shape(rng)
+        wait, slot = await backend.take("tpm:{k}", capacity, reserved)
+        if wait == 0.0:
+            used.append((t, tokens))
+            heapq.heappush(ends, (t + lasts, call, reserved - tokens, slot))
+    return used
+
+
+def most_used_in_a_minute(used: Sequence[tuple[float, int]]) -> float:
+    return most_in_any_window([t for t, _ in used], [tokens for _, tokens in used], 60.0)
+
+
 async def test_corrected_reservations_never_let_a_minute_hold_more_than_the_limit() -> None:
     """TPM: calls reserve, then give back what they did not use; what they
     used, counted when they started, stays within the limit over every
     minute. (Giving back the newest usage instead of the oldest fails this.)"""
-    rng = random.Random(14)
-    clock = FakeClock()
-    backend = LocalBackend(clock=clock)
-    capacity = 1000
-    ends: list[tuple[float, int, int]] = []  # (time, call, reserved - used)
-    used: list[tuple[float, int]] = []  # (start, tokens) of admitted calls
-    t = 1000.0
-    for call in range(3000):
-        t += rng.expovariate(10)  # ten calls a second for five minutes
-        while ends and ends[0][0] <= t:
-            clock.now, _, give_back = heapq.heappop(ends)
-            await backend.give_back("tpm:{k}", capacity, give_back)
-        clock.now = t
+
+    def shape(rng: random.Random) -> tuple[int, int, float]:
+        # Most calls are short and use what they reserved; some run long
+        # and use little of it.
         reserved = rng.randint(20, 200)
-        if await backend.take("tpm:{k}", capacity, reserved) == 0.0:
-            # Most calls are short and use what they reserved; some run long
-            # and use little of it.
-            if rng.random() < 0.7:
-                tokens, lasts = reserved, rng.uniform(0, 2)
-            else:
-                tokens, lasts = rng.randint(0, reserved // 4), rng.uniform(20, 55)
-            used.append((t, tokens))
-            heapq.heappush(ends, (t + lasts, call, reserved - tokens))
-    times = [start for start, _ in used]
-    assert most_in_any_window(times, [tokens for _, tokens in used], 60.0) <= capacity
+        if rng.random() < 0.7:
+            return reserved, reserved, rng.uniform(0, 2)
+        return reserved, rng.randint(0, reserved // 4), rng.uniform(20, 55)
+
+    used = await replay_reservations(shape, 1000)
+    assert most_used_in_a_minute(used) <= 1000
     # And the limit is used: five minutes hold at most 5,000.
-    assert sum(tokens for _, tokens in used) > 3.5 * capacity
+    assert sum(tokens for _, tokens in used) > 3500
+
+
+async def test_streams_longer_than_the_window_give_back_nothing_of_later_calls() -> None:
+    """A stream that outlasts the window gives back its unused reservation
+    when its take has left the window: there is nothing of it left to
+    return, and the calls after it keep their count. (Giving back the oldest
+    usage in the window, as before, lets a minute hold half as much again.)"""
+
+    def shape(rng: random.Random) -> tuple[int, int, float]:
+        # Short calls use what they reserved; a few streams reserve much,
+        # use little and run for one to five minutes.
+        if rng.random() < 0.95:
+            reserved = rng.randint(20, 200)
+            return reserved, reserved, rng.uniform(0, 2)
+        reserved = rng.randint(300, 600)
+        return reserved, rng.randint(0, reserved // 10), rng.uniform(61, 300)
+
+    used = await replay_reservations(shape, 1000)
+    assert most_used_in_a_minute(used) <= 1000
+    # A stream's whole reservation counts for its minute: less of the limit is used.
+    assert sum(tokens for _, tokens in used) > 3000
 
 
 @dataclass
@@ -101,6 +141,11 @@ class Window:
     backend: QuotaBackend
     window_s: float
     wait: Callable[[float], Awaitable[None]]
+
+    async def take(self, amount: float) -> float:
+        """Takes `amount` of 100 a window; the wait answered (0.0: taken)."""
+        wait, _ = await self.backend.take("tpm:{k}", 100, amount)
+        return wait
 
 
 @asynccontextmanager
@@ -127,32 +172,72 @@ async def window_backend(kind: str, tmp_path: Path) -> AsyncIterator[Window]:
 async def test_give_back_returns_usage(tmp_path: Path, kind: str) -> None:
     async with window_backend(kind, tmp_path) as w:
         slot = w.window_s / 60
-        assert await w.backend.take("tpm:{k}", 100, 98) == 0.0
-        wait = await w.backend.take("tpm:{k}", 100, 10)
+        wait, charged = await w.backend.take("tpm:{k}", 100, 98)
+        assert wait == 0.0 and charged is not None
+        wait = await w.take(10)
         assert w.window_s - slot < wait <= w.window_s + slot
         # The call used 13 of its 98: 87 fit again, and not one more.
-        await w.backend.give_back("tpm:{k}", 100, 85)
-        assert await w.backend.take("tpm:{k}", 100, 87) == 0.0
-        assert await w.backend.take("tpm:{k}", 100, 1) > w.window_s - 3 * slot
+        await w.backend.give_back("tpm:{k}", 100, 85, charged)
+        assert await w.take(87) == 0.0
+        assert await w.take(1) > w.window_s - 3 * slot
         # More than the limit can never fit: no point in retrying.
-        assert await w.backend.take("tpm:{k}", 100, 101) == NEVER
+        assert await w.backend.take("tpm:{k}", 100, 101) == (NEVER, None)
 
 
 @pytest.mark.parametrize("kind", ["local", "redis"])
 async def test_give_back_below_zero_takes_past_the_limit(tmp_path: Path, kind: str) -> None:
     async with window_backend(kind, tmp_path) as w:
         slot = w.window_s / 60
-        assert await w.backend.take("tpm:{k}", 100, 10) == 0.0
+        wait, charged = await w.backend.take("tpm:{k}", 100, 10)
+        assert wait == 0.0
         await w.wait(w.window_s / 2)
         # The call used 200 more than it reserved: owed, even past the limit,
         # and counted for a whole window from now.
-        await w.backend.give_back("tpm:{k}", 100, -200)
-        wait = await w.backend.take("tpm:{k}", 100, 1)
+        await w.backend.give_back("tpm:{k}", 100, -200, charged)
+        wait = await w.take(1)
         assert w.window_s - slot < wait <= w.window_s + slot
         await w.wait(w.window_s / 2 + 2 * slot)  # the first 10 have left: 200 remain
-        assert await w.backend.take("tpm:{k}", 100, 1) > 0
+        assert await w.take(1) > 0
         await w.wait(w.window_s / 2)
-        assert await w.backend.take("tpm:{k}", 100, 100) == 0.0
+        assert await w.take(100) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+async def test_a_call_longer_than_the_window_gives_back_nothing_of_later_calls(
+    tmp_path: Path, kind: str
+) -> None:
+    async with window_backend(kind, tmp_path) as w:
+        slot = w.window_s / 60
+        # A stream reserves 90 of 100 and runs for longer than the window.
+        wait, stream = await w.backend.take("tpm:{k}", 100, 90)
+        assert wait == 0.0
+        await w.wait(w.window_s + 2 * slot)
+        # Its take has left the window: later calls use the whole limit.
+        assert await w.take(60) == 0.0
+        assert await w.take(40) == 0.0
+        # The stream ends having used none of its 90: there is nothing left
+        # of its take to return, and the later calls' 100 still count.
+        await w.backend.give_back("tpm:{k}", 100, 90, stream)
+        assert w.window_s / 2 < await w.take(1) <= w.window_s + slot
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+async def test_a_give_back_returns_only_its_own_take(tmp_path: Path, kind: str) -> None:
+    async with window_backend(kind, tmp_path) as w:
+        slot = w.window_s / 60
+        first_wait, first = await w.backend.take("tpm:{k}", 100, 30)
+        await w.wait(10 * slot)
+        second_wait, second = await w.backend.take("tpm:{k}", 100, 70)
+        assert first_wait == second_wait == 0.0 and first != second
+        # The second call used 50 of its 70: 20 fit again, and not one more.
+        await w.backend.give_back("tpm:{k}", 100, 20, second)
+        assert await w.take(20) == 0.0
+        assert await w.take(1) > 0
+        # The first call's 30 leave the window before the others: 30 fit
+        # then (not 10, as when the give back lowered the first call's 30).
+        await w.wait(w.window_s - 9 * slot)
+        assert await w.take(30) == 0.0
+        assert await w.take(1) > 0
 
 
 async def test_600_calls_against_300_a_window_on_three_replicas_sharing_redis(
@@ -171,7 +256,7 @@ async def test_600_calls_against_300_a_window_on_three_replicas_sharing_redis(
         async def one(i: int) -> tuple[float, float, float]:
             await asyncio.sleep(max(0.0, start + i * 2 * window_s / calls - loop.time()))
             sent = time.monotonic()
-            wait = await backends[i % 3].take("rpm:{shared}", capacity, 1)
+            wait, _ = await backends[i % 3].take("rpm:{shared}", capacity, 1)
             return sent, time.monotonic(), wait
 
         try:

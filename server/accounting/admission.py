@@ -69,6 +69,8 @@ class QuotaHold:
     holder: str
     tokens_per_minute: int = 0
     tokens: int = 0
+    # The TPM window slot the tokens were charged to: what is unused goes back there.
+    tokens_slot: int | None = None
     budgets: tuple[BudgetPeriod, ...] = ()
     reserved_nanos: int = 0
 
@@ -148,7 +150,7 @@ class Admission:
         tpm = limits.tokens_per_minute
         if tpm is not None:
             tokens = input_tokens + request.max_tokens * request.choices
-            wait = await self._backend.take(tpm_key(key_id), tpm, tokens)
+            wait, slot = await self._backend.take(tpm_key(key_id), tpm, tokens)
             if math.isinf(wait):
                 raise OverLimitError(
                     [
@@ -172,7 +174,7 @@ class Admission:
                     retry_after=wait,
                     metadata={"limit": "tokens_per_minute", "key_id": key_id},
                 )
-            hold.tokens_per_minute, hold.tokens = tpm, tokens
+            hold.tokens_per_minute, hold.tokens, hold.tokens_slot = tpm, tokens, slot
         if limits.has_budget:
             now = datetime.now(UTC)
             periods = budget_periods(key_id, limits, now)
@@ -220,7 +222,10 @@ class Admission:
                 self._background.run(
                     "give back tokens",
                     self._backend.give_back(
-                        tpm_key(hold.key_id), hold.tokens_per_minute, hold.tokens - used
+                        tpm_key(hold.key_id),
+                        hold.tokens_per_minute,
+                        hold.tokens - used,
+                        hold.tokens_slot,
                     ),
                 )
         if hold.budgets:

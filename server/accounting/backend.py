@@ -13,7 +13,9 @@ calls in its first second), then waits until its oldest usage is a minute
 old. The window is counted in 60 slots of one second each: a take is
 charged to the end of its second and forgotten a minute after that, so it
 counts up to a second longer than it happened, never shorter, and a key's
-window holds at most 61 slots whatever its limit (see `_Window`).
+window holds at most 61 slots whatever its limit (see `_Window`). A take
+names the slot it was charged to, and a give back returns usage to that
+slot only: a call can free what it took, never what others took.
 
 `LocalBackend` keeps them in memory: the event loop runs one coroutine at
 a time and no method awaits between its check and its update, so each is
@@ -33,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,14 @@ class LedgerSpend:
 SpendSource = Callable[[str, int | None], Awaitable[LedgerSpend | None]]
 
 
+# The outcome of `take`, (wait, slot): wait is 0.0 when taken, else the
+# seconds until it would fit (nothing taken), NEVER when it never will; slot
+# names the window slot the amount was charged to, for `give_back` (None when
+# nothing was charged: refused, or a backend down and failing open). A plain
+# pair: building a NamedTuple would add a fifth to a local take.
+Taken: TypeAlias = tuple[float, int | None]
+
+
 def alert_key(budget_key: str, threshold: float) -> str:
     """The `first_time` key of a budget's alert at `threshold` (fires once per period)."""
     return f"alert:{budget_key}:{threshold}"
@@ -107,17 +117,19 @@ def alert_key(budget_key: str, threshold: float) -> str:
 class QuotaBackend(Protocol):
     """The counters behind rate limits and budgets."""
 
-    async def take(self, key: str, capacity: float, amount: float) -> float:
-        """Takes `amount` if the key's usage in the last minute leaves room in `capacity`.
-
-        Returns 0.0 when taken, else the seconds until it would fit (nothing
-        taken), NEVER when `amount` exceeds `capacity`.
-        """
+    async def take(self, key: str, capacity: float, amount: float) -> Taken:
+        """Takes `amount` if the key's usage in the last minute leaves room in
+        `capacity`; answers (wait, slot), see `Taken`."""
         ...
 
-    async def give_back(self, key: str, capacity: float, amount: float) -> None:
-        """Returns (amount > 0) usage taken earlier, or takes more (amount < 0),
-        even past the capacity: a call used more than it reserved."""
+    async def give_back(self, key: str, capacity: float, amount: float, slot: int | None) -> None:
+        """Returns (amount > 0) part of a take to the `slot` it answered, or
+        takes more now (amount < 0), even past the capacity: a call used more
+        than it reserved.
+
+        At most what the slot still counts is returned, nothing once it has
+        left the window: the caller returns no more than it took there.
+        """
         ...
 
     async def enter(self, key: str, cap: int, holder: str, ttl_s: float) -> bool:
@@ -160,10 +172,10 @@ class _Window:
     that moment is `window_s` old. When the last take of any span of
     window_s was admitted, every earlier take of that span was still counted
     (it is charged no earlier than it happened), so no span holds more than
-    the capacity. A give back lowers the oldest usage first: when the call's
-    own take is still in the window, that frees nothing a later span could
-    not have freed (a take that has left the window has nothing to return,
-    which this cannot tell: it then frees others' usage instead).
+    the capacity. A give back lowers only the slot its take was charged to,
+    by no more than that take (the caller's part): every other take keeps
+    its count, and a take that has left the window has nothing to return
+    (a call longer than the window frees nothing of later calls' usage).
     """
 
     __slots__ = ("_slots",)
@@ -178,38 +190,41 @@ class _Window:
             slots.popleft()
         return sum(amount for _, amount in slots)
 
-    def _charge(self, now: float, window_s: float, amount: float) -> None:
+    def _charge(self, now: float, window_s: float, amount: float) -> int:
+        """Adds `amount` to the current slot; returns its index."""
         index = math.floor(now * SLOTS_PER_WINDOW / window_s) + 1
-        if self._slots and self._slots[-1][0] >= index:
-            self._slots[-1][1] += amount
-        else:
-            self._slots.append([index, amount])
+        slots = self._slots
+        if slots and slots[-1][0] >= index:
+            slots[-1][1] += amount
+            return int(slots[-1][0])
+        slots.append([index, amount])
+        return index
 
-    def take(self, now: float, window_s: float, capacity: float, amount: float) -> float:
+    def take(self, now: float, window_s: float, capacity: float, amount: float) -> Taken:
         if amount > capacity:
-            return NEVER
+            return NEVER, None
         excess = self._used(now, window_s) + amount - capacity
         if excess <= 0:
-            self._charge(now, window_s, amount)
-            return 0.0
+            return 0.0, self._charge(now, window_s, amount)
         for index, held in self._slots:
             excess -= held
             if excess <= 0:
-                return index * window_s / SLOTS_PER_WINDOW + window_s - now
-        return window_s  # not reached: once the whole window has left, amount fits
+                return index * window_s / SLOTS_PER_WINDOW + window_s - now, None
+        return window_s, None  # not reached: once the whole window has left, amount fits
 
-    def give_back(self, now: float, window_s: float, amount: float) -> None:
+    def give_back(self, now: float, window_s: float, amount: float, slot: int | None) -> None:
         self._used(now, window_s)
         if amount < 0:
             self._charge(now, window_s, -amount)
             return
         slots = self._slots
-        while amount > 0 and slots:
-            if slots[0][1] <= amount:
-                amount -= slots.popleft()[1]
-            else:
-                slots[0][1] -= amount
-                amount = 0
+        for i, (index, held) in enumerate(slots):
+            if index == slot:
+                if held <= amount:
+                    del slots[i]
+                else:
+                    slots[i][1] = held - amount
+                return
 
 
 @dataclass(slots=True)
@@ -248,11 +263,11 @@ class LocalBackend:
             window = self._windows[key] = _Window()
         return window
 
-    async def take(self, key: str, capacity: float, amount: float) -> float:
+    async def take(self, key: str, capacity: float, amount: float) -> Taken:
         return self._window(key).take(self._clock(), self._window_s, capacity, amount)
 
-    async def give_back(self, key: str, capacity: float, amount: float) -> None:
-        self._window(key).give_back(self._clock(), self._window_s, amount)
+    async def give_back(self, key: str, capacity: float, amount: float, slot: int | None) -> None:
+        self._window(key).give_back(self._clock(), self._window_s, amount, slot)
 
     async def enter(self, key: str, cap: int, holder: str, ttl_s: float) -> bool:
         holders = self._slots.setdefault(key, {})

@@ -7,6 +7,8 @@ skewed clocks agree. The scripts mirror LocalBackend (server/accounting/backend.
 a per-minute limit is a window of 60 slots in a hash (slot -> amount) that
 never admits more than the limit in any 60 s, so a fresh key may use its
 whole minute at once and then waits until its oldest usage is a minute old.
+A take answers the slot it was charged to (by Redis's clock), and a give
+back returns usage to that slot only.
 
 Budgets survive a Redis that comes back empty. A budget's hash carries a
 `seeded` mark once its spend is known; the first reservation (or settle,
@@ -46,6 +48,7 @@ from server.accounting.backend import (
     BudgetCounter,
     Reservation,
     SpendSource,
+    Taken,
 )
 from server.config import RedisConfig
 from server.errors import QuotaBackendUnavailableError
@@ -58,7 +61,8 @@ _LOG_EVERY_S = 10.0
 
 # A window K is a hash: slot index -> amount (see _Window in backend.py).
 # `window` drops the slots a whole window old and returns the others' indexes
-# (oldest first), their amounts and their sum; `charge` adds to the current slot.
+# (oldest first), their amounts and their sum; `charge` adds to the current
+# slot and returns its index.
 _WINDOW = """
 local function now_s()
   local t = redis.call('TIME')
@@ -86,11 +90,13 @@ local function charge(k, now, width, amount, slots)
   if #slots > 0 and slots[#slots] > index then index = slots[#slots] end
   redis.call('HINCRBYFLOAT', k, string.format('%d', index), amount)
   redis.call('PEXPIRE', k, math.ceil(width * 62 / 60 * 1000))
+  return index
 end
 """
 
-# KEYS[1] window; ARGV capacity, amount, window seconds. Returns "0", "-1"
-# (never fits) or the seconds to wait (strings: Redis truncates Lua numbers).
+# KEYS[1] window; ARGV capacity, amount, window seconds. Returns the index of
+# the slot charged (an integer: the cheapest reply to read) or, as a string,
+# the seconds to wait, "-1" when it never fits (Redis truncates Lua numbers).
 _TAKE = (
     _WINDOW
     + """
@@ -99,10 +105,7 @@ if amount > cap then return '-1' end
 local now = now_s()
 local slots, amounts, used = window(KEYS[1], now, width)
 local excess = used + amount - cap
-if excess <= 0 then
-  charge(KEYS[1], now, width, amount, slots)
-  return '0'
-end
+if excess <= 0 then return charge(KEYS[1], now, width, amount, slots) end
 for _, index in ipairs(slots) do
   excess = excess - amounts[index]
   if excess <= 0 then return tostring(index * width / 60 + width - now) end
@@ -111,27 +114,26 @@ return tostring(width)
 """
 )
 
-# KEYS[1] window; ARGV amount to give back (oldest usage first; < 0: take), window seconds.
+# KEYS[1] window; ARGV amount to give back (< 0: take now), window seconds,
+# the slot index its take was charged to ('' for none). Only that slot is
+# lowered, and only while it is in the window.
 _GIVE_BACK = (
     _WINDOW
     + """
 local amount, width = tonumber(ARGV[1]), tonumber(ARGV[2])
 local now = now_s()
-local slots, amounts = window(KEYS[1], now, width)
 if amount < 0 then
+  local slots = window(KEYS[1], now, width)
   charge(KEYS[1], now, width, -amount, slots)
   return 1
 end
-for _, index in ipairs(slots) do
-  if amount <= 0 then break end
-  local field = string.format('%d', index)
-  if amounts[index] <= amount then
-    amount = amount - amounts[index]
-    redis.call('HDEL', KEYS[1], field)
-  else
-    redis.call('HSET', KEYS[1], field, tostring(amounts[index] - amount))
-    amount = 0
-  end
+local index = tonumber(ARGV[3])
+if not index or index * width / 60 + width <= now then return 0 end
+local held = tonumber(redis.call('HGET', KEYS[1], ARGV[3]) or '0')
+if held <= amount then
+  redis.call('HDEL', KEYS[1], ARGV[3])
+else
+  redis.call('HSET', KEYS[1], ARGV[3], tostring(held - amount))
 end
 return 1
 """
@@ -332,18 +334,22 @@ class RedisBackend:
     def _k(self, key: str) -> str:
         return self._prefix + key
 
-    async def take(self, key: str, capacity: float, amount: float) -> float:
-        async def call() -> float:
-            wait = float(
-                await self._take(keys=[self._k(key)], args=[capacity, amount, self._window_s])
-            )
-            return NEVER if wait < 0 else wait
+    async def take(self, key: str, capacity: float, amount: float) -> Taken:
+        async def call() -> Taken:
+            result = await self._take(keys=[self._k(key)], args=[capacity, amount, self._window_s])
+            if isinstance(result, int):
+                return 0.0, result
+            wait = float(result)
+            return (NEVER if wait < 0 else wait), None
 
-        return await self._run("take", call, 0.0)
+        # Failing open, nothing is charged: nothing to give back.
+        return await self._run("take", call, (0.0, None))
 
-    async def give_back(self, key: str, capacity: float, amount: float) -> None:
+    async def give_back(self, key: str, capacity: float, amount: float, slot: int | None) -> None:
         async def call() -> None:
-            await self._give_back(keys=[self._k(key)], args=[amount, self._window_s])
+            await self._give_back(
+                keys=[self._k(key)], args=[amount, self._window_s, "" if slot is None else slot]
+            )
 
         await self._run("give back", call, None)
 
