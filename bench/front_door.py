@@ -26,7 +26,10 @@ on the pass-through paths of all three APIs (Messages, Chat Completions,
 Responses): every tree's gateway runs at once and the loads alternate between
 them, round after round, so that a machine shared with other work slows each
 tree alike; it prints the medians and minimums of the gateway's CPU per call,
-calls/s and latency, beside direct calls to the fake upstream.
+calls/s and latency, beside direct calls to the fake upstream (`direct`,
+`directchat`, `directresponses`: each API's own body), and what the gateway
+adds to the direct call of the same round (p50, p99, first byte), the median
+over the rounds.
 """
 
 from __future__ import annotations
@@ -178,7 +181,8 @@ COMPARED_APIS = {
     "responses": (RESPONSES, OPENAI_MODEL),
 }
 DEFAULT_LOADS = (
-    "direct-unary-1,direct-stream-1,messages-unary-1,messages-stream-1,messages-unary-32,"
+    "direct-unary-1,direct-stream-1,directchat-unary-1,directresponses-unary-1,"
+    "messages-unary-1,messages-stream-1,chat-unary-1,responses-unary-1,messages-unary-32,"
     "messages-stream-32,chat-unary-32,chat-stream-32,responses-unary-32"
 )
 
@@ -235,32 +239,60 @@ def compare(trees: list[Path], loads: list[str], rounds: int) -> str:
 DIRECT = [name for name in COMPARED_APIS if name.startswith("direct")]
 
 
+# The direct load each API's gateway loads are compared with.
+DIRECT_OF = {"messages": "direct", "chat": "directchat", "responses": "directresponses"}
+
+
 def compared_table(
     runs: dict[tuple[str, str], list[tuple[dict[str, Any], float]]],
     trees: list[str],
     loads: list[str],
 ) -> str:
+    """The medians and minimums over the rounds; and, when the API's direct load ran
+    too, what the gateway added to it in the same round (p50, p99, first byte p50),
+    the median over the rounds."""
     lines = [
         "| load | tree | calls/s | µs CPU per call, median / min | p50 ms, median / min"
-        " | p99 ms | first byte p50 ms, median / min |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        " | p99 ms | first byte p50 ms, median / min | added p50 / p99 / first byte ms |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     median = statistics.median
     for load in loads:
+        name, _, rest = load.partition("-")
+        direct = runs.get((DIRECT_OF.get(name, ""), f"{DIRECT_OF.get(name, '')}-{rest}"), [])
         for tree in [*DIRECT, *trees]:
             done = runs.get((tree, load))
             if not done:
                 continue
             cpu = [c for _, c in done]
             p50 = [r["latency_ms"]["p50"] for r, _ in done]
-            byte = [(r.get("first_byte_ms") or {}).get("p50", 0.0) for r, _ in done]
+            byte = [_first_byte(r) for r, _ in done]
+            added = "-"
+            if direct and tree not in DIRECT:
+                pairs = list(zip(done, direct, strict=False))
+                added = " / ".join(
+                    f"{median(measure(r) - measure(d) for (r, _), (d, _) in pairs):+.3f}"
+                    for measure in (_p50, _p99, _first_byte)
+                )
             lines.append(
                 f"| {load} | {tree} | {median(r['calls_per_s'] for r, _ in done):.0f}"
                 f" | {median(cpu):.0f} / {min(cpu):.0f} | {median(p50):.3f} / {min(p50):.3f}"
                 f" | {median(r['latency_ms']['p99'] for r, _ in done):.3f}"
-                f" | {median(byte):.3f} / {min(byte):.3f} |"
+                f" | {median(byte):.3f} / {min(byte):.3f} | {added} |"
             )
     return "\n".join(lines)
+
+
+def _p50(result: dict[str, Any]) -> float:
+    return float(result["latency_ms"]["p50"])
+
+
+def _p99(result: dict[str, Any]) -> float:
+    return float(result["latency_ms"]["p99"])
+
+
+def _first_byte(result: dict[str, Any]) -> float:
+    return float((result.get("first_byte_ms") or {}).get("p50", 0.0))
 
 
 def main() -> int:
