@@ -29,6 +29,7 @@ tasks and lets shutdown wait for them.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import math
 import time
@@ -217,14 +218,15 @@ class _Window:
         if amount < 0:
             self._charge(now, window_s, -amount)
             return
-        slots = self._slots
-        for i, (index, held) in enumerate(slots):
-            if index == slot:
-                if held <= amount:
-                    del slots[i]
-                else:
-                    slots[i][1] = held - amount
-                return
+        if slot is None:
+            return
+        slots = self._slots  # sorted by slot index
+        i = bisect.bisect_left(slots, [slot])
+        if i < len(slots) and slots[i][0] == slot:
+            if slots[i][1] <= amount:
+                del slots[i]
+            else:
+                slots[i][1] -= amount
 
 
 @dataclass(slots=True)
