@@ -253,8 +253,12 @@ async def test_600_calls_against_300_a_window_on_three_replicas_sharing_redis(
         loop = asyncio.get_running_loop()
         start = loop.time() + 0.2
 
+        lateness: list[float] = []  # how late each call went out, on a busy machine
+
         async def one(i: int) -> tuple[float, float, float]:
-            await asyncio.sleep(max(0.0, start + i * 2 * window_s / calls - loop.time()))
+            due = start + i * 2 * window_s / calls
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            lateness.append(loop.time() - due)
             sent = time.monotonic()
             wait, _ = await backends[i % 3].take("rpm:{shared}", capacity, 1)
             return sent, time.monotonic(), wait
@@ -271,8 +275,14 @@ async def test_600_calls_against_300_a_window_on_three_replicas_sharing_redis(
         for a, _ in admitted
     )
     assert surely_inside <= capacity
-    # And the limit is used: a window's worth at the start, another once it has left.
-    assert 2 * capacity - 30 <= len(admitted) <= 2 * capacity
+    # And the limit is used: a window's worth at the start, another once it has
+    # left. Calls that went out late (the machine busy) bunch up where the window
+    # is full: each second of delay can cost the second window a second of calls.
+    rate = calls / (2 * window_s)
+    lost_to_delay = math.ceil(rate * max(lateness))
+    assert max(capacity, 2 * capacity - 30 - lost_to_delay) <= len(admitted) <= 2 * capacity, (
+        f"{len(admitted)} admitted, calls up to {max(lateness):.2f} s late"
+    )
     refused = [wait for _, _, wait in results if wait]
     assert refused and all(0 < wait <= window_s + window_s / 60 for wait in refused)
     assert not any(math.isinf(wait) for wait in refused)
