@@ -236,7 +236,7 @@ def compare(trees: list[Path], loads: list[str], rounds: int) -> str:
     return compared_table(runs, [str(t) for t in trees], loads)
 
 
-DIRECT = [name for name in COMPARED_APIS if name.startswith("direct")]
+DIRECT_LOADS = [name for name in COMPARED_APIS if name.startswith("direct")]
 
 
 # The direct load each API's gateway loads are compared with.
@@ -260,7 +260,7 @@ def compared_table(
     for load in loads:
         name, _, rest = load.partition("-")
         direct = runs.get((DIRECT_OF.get(name, ""), f"{DIRECT_OF.get(name, '')}-{rest}"), [])
-        for tree in [*DIRECT, *trees]:
+        for tree in [*DIRECT_LOADS, *trees]:
             done = runs.get((tree, load))
             if not done:
                 continue
@@ -268,7 +268,7 @@ def compared_table(
             p50 = [r["latency_ms"]["p50"] for r, _ in done]
             byte = [_first_byte(r) for r, _ in done]
             added = "-"
-            if direct and tree not in DIRECT:
+            if direct and tree not in DIRECT_LOADS:
                 pairs = list(zip(done, direct, strict=False))
                 added = " / ".join(
                     f"{median(measure(r) - measure(d) for (r, _), (d, _) in pairs):+.3f}"
