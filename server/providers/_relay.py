@@ -278,15 +278,19 @@ def _direct_headers(
     for name, value in forwarded.items():
         if not (name.isascii() and value.isascii()):
             return None
-        key = name.lower()
-        merged[key] = f"{merged[key]}, {value}" if key in merged else value
+        _join(merged, name.lower(), value)
     seconds = str(timeout)
     for raw in template.timed:
-        key = raw.decode("latin-1").lower()
-        merged[key] = f"{merged[key]}, {seconds}" if key in merged else seconds
+        _join(merged, raw.decode("latin-1").lower(), seconds)
     # httpx2.Request sets it last, from the content, unless a header gave it.
     merged.setdefault("content-length", str(length))
     return list(merged.items())
+
+
+def _join(headers: dict[str, str], name: str, value: str) -> None:
+    """Adds a header as httpx2's `Headers.items()` gives it: a repeated name's
+    values joined by a comma."""
+    headers[name] = f"{headers[name]}, {value}" if name in headers else value
 
 
 async def _send_direct(
@@ -521,8 +525,7 @@ def _direct_transport(client: Any, template: _Template) -> _Direct | None:
     for name, (_, value) in template.headers:
         if not value.isascii():
             return None
-        text = value.decode("ascii")
-        headers[name] = f"{headers[name]}, {text}" if name in headers else text
+        _join(headers, name, value.decode("ascii"))
     return _Direct(
         transport,
         mapped,
