@@ -27,6 +27,7 @@ import openai
 import pytest
 
 from server.errors import DeadlineExceededError, GatewayError, UpstreamStreamInterruptedError
+from server.providers._http1 import Http1Pool
 from server.providers._sdk_provider import SdkProvider
 from server.providers._transport import transport_failure
 from server.providers.anthropic_messages import AnthropicProvider
@@ -368,15 +369,24 @@ async def test_aiohttp_connections_keep_alive_and_read_little_ahead(
             await generate(p, "anthropic")
             client = p._sdk._base._client
             transports = [client._transport, *(t for t in client._mounts.values() if t)]
-            sessions = [t.client for t in transports if isinstance(t.client, aiohttp.ClientSession)]
-            assert len(sessions) == 1  # the route the call took
-            session = sessions[0]
-            assert session._read_bufsize == READ_BUFSIZE
-            connector = session.connector
-            assert connector is not None and connector.limit == 1000
-            (held,) = [c for conns in connector._conns.values() for c, _ in conns]
-            assert held.transport is not None
-            sock = held.transport.get_extra_info("socket")
+            if proxied:  # through the SDK's aiohttp session (a proxy is its to speak)
+                sessions = [
+                    t.client for t in transports if isinstance(t.client, aiohttp.ClientSession)
+                ]
+                assert len(sessions) == 1  # the route the call took
+                session = sessions[0]
+                assert session._read_bufsize == READ_BUFSIZE
+                connector = session.connector
+                assert connector is not None and connector.limit == 1000
+                (held,) = [c for conns in connector._conns.values() for c, _ in conns]
+                sock = held.transport.get_extra_info("socket")
+            else:  # through the relay pool (server/providers/_http1.py)
+                pools = [t.relay_pool for t in transports if isinstance(t.relay_pool, Http1Pool)]
+                assert len(pools) == 1
+                assert pools[0]._limit == 1000
+                (kept,) = [c for idle in pools[0]._idle.values() for c in idle]
+                assert kept.transport is not None
+                sock = kept.transport.get_extra_info("socket")
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
             # Linux doubles what it is given, for its own bookkeeping.
             assert (

@@ -19,14 +19,15 @@ through the SDK's own HTTP client and transport, raising what `client.post`
 raises. Building the same request again was a quarter to a third of a
 relayed call's CPU (bench/results/2026-12-02-vm-front-door-second.md).
 
-On the SDKs' aiohttp transport (the default, server/providers/_transport.py)
-the copy goes to the transport's aiohttp session directly: the same headers,
-in the order and case httpx2 hands them to aiohttp, the same timeouts and
-the same exceptions (the transport's own mapping of aiohttp's), without
-httpx2's Request, its send layers and its reading of a unary answer through
-five generators, which together were about half of a pass-through call's
-CPU in the gateway. The httpx2.Request a response names is built only when
-something asks for it (an error, the SDK's stream).
+On the SDKs' aiohttp transport as _transport.py builds it (the default) the
+copy goes to the transport's relay pool (_http1.py) directly: the bytes
+aiohttp would write (the headers in the order and case httpx2 hands them to
+aiohttp, aiohttp's own added), the same timeouts and the same exceptions
+(aiohttp's, through the transport's own mapping), without httpx2's Request,
+its send layers and its reading of a unary answer through five generators,
+and without aiohttp's client, which together were most of a pass-through
+call's CPU in the gateway. The httpx2.Request a response names is built only
+when something asks for it (an error, the SDK's stream).
 """
 
 from __future__ import annotations
@@ -36,21 +37,23 @@ import json
 import logging
 import sys
 import weakref
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-import aiohttp
 import anthropic
 import httpx2
 import openai
 import yarl
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.http import SERVER_SOFTWARE
 from anthropic._models import FinalRequestOptions as AnthropicRequestOptions
 from openai._models import FinalRequestOptions as OpenAIRequestOptions
 
 from server.errors import UpstreamReply
 from server.events import StreamEvent, TextDelta, ThinkingDelta, ToolInputDelta
+from server.providers._http1 import Answer, Http1Pool
 from server.providers._sse import SseBatch, SseEvent
 from server.schema import Passthrough
 
@@ -169,9 +172,8 @@ class _Template:
 class _Direct:
     """What sending straight to an SDK's aiohttp transport needs, found once."""
 
-    transport: Any  # the vendored httpx-aiohttp AiohttpTransport
+    transport: Any  # the vendored httpx-aiohttp AiohttpTransport, with its relay pool
     mapped: Callable[[], Any]  # its map_aiohttp_exceptions
-    stream: Callable[[Any], httpx2.AsyncByteStream]  # its AiohttpResponseStream
     url: yarl.URL  # parsed once, as aiohttp would parse its text for every call
     headers: tuple[tuple[str, str], ...]  # (lower-cased name, value), ASCII
     server_hostname: str | None
@@ -304,12 +306,12 @@ async def _send_direct(
     *,
     stream: bool,
 ) -> httpx2.Response:
-    """send_relayed through the aiohttp transport's session itself (`given`: the
+    """send_relayed through the transport's relay pool (_http1.py) (`given`: the
     call's forwarded headers and query; `headers`: what aiohttp gets of them)."""
     transport = direct.transport
-    session = transport.client
-    if not isinstance(session, aiohttp.ClientSession):
-        session = transport.client = transport.get_client()
+    pool = transport.relay_pool
+    if not isinstance(pool, Http1Pool):
+        pool = transport.relay_pool = pool()
     sdk: Any = anthropic if isinstance(client, anthropic.AsyncAnthropic) else openai
 
     forwarded, params = given
@@ -321,28 +323,17 @@ async def _send_direct(
     def request() -> httpx2.Request:
         return _request(client, template, forwarded, params, body, seconds)
 
-    answer: aiohttp.ClientResponse | None = None
     try:
         with direct.mapped():
-            answer = await session.request(
-                "POST",
-                url,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                auto_decompress=False,
-                compress=False,
-                timeout=aiohttp.ClientTimeout(
-                    sock_connect=seconds, sock_read=seconds, connect=seconds
-                ),
-                server_hostname=direct.server_hostname,
+            answer = await pool.post(
+                url, _head(url, headers), body, seconds, direct.server_hostname
             )
             content = None
             if not stream:
                 try:
                     content = await answer.read()
                 finally:
-                    await answer.__aexit__(None, None, None)
+                    answer.close()
     except httpx2.TransportError as err:
         sent = request()
         err.request = sent
@@ -354,15 +345,17 @@ async def _send_direct(
     extensions: dict[str, Any] = {"http_version": b"HTTP/1.1"}
     if answer.reason:
         extensions["reason_phrase"] = answer.reason.encode()
-    byte_stream = httpx2.ByteStream(content) if content is not None else direct.stream(answer)
+    encoded = answer.header(b"content-encoding") is not None
+    byte_stream = (
+        httpx2.ByteStream(content) if content is not None else _AnswerStream(answer, direct.mapped)
+    )
     response = _RelayedResponse(
         answer.status, headers=answer.raw_headers, stream=byte_stream, extensions=extensions
     )
     response.build_request = request
     if content is None:
         response.answer, response.mapped = answer, direct.mapped
-        response.chunk_size = getattr(direct.stream, "CHUNK_SIZE", response.chunk_size)
-    elif "content-encoding" in answer.headers:
+    elif encoded:
         response.read()  # decoded as httpx2 decodes it
     else:
         # What read() leaves, without its five generators: the bytes as they came.
@@ -394,6 +387,45 @@ async def _send_direct(
     return response
 
 
+# The headers aiohttp adds to a request that has none of them (its ClientRequest's
+# defaults, its User-Agent, the content type of a body of bytes).
+_AIOHTTP_DEFAULTS = (
+    *ClientRequest.DEFAULT_HEADERS.items(),
+    ("User-Agent", SERVER_SOFTWARE),
+    ("Content-Type", "application/octet-stream"),
+)
+
+
+def _head(url: yarl.URL, headers: list[tuple[str, str]]) -> bytes:
+    """The request line and headers aiohttp would write for `headers` (names
+    lower-cased by _direct_headers): Host first, its own defaults last."""
+    given = dict(headers)
+    host = given.pop("host", None) or url.host_port_subcomponent
+    lines = [f"POST {url.raw_path_qs} HTTP/1.1\r\nHost: {host}\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in given.items()]
+    lines += [
+        f"{name}: {value}\r\n" for name, value in _AIOHTTP_DEFAULTS if name.lower() not in given
+    ]
+    lines.append("\r\n")
+    return "".join(lines).encode("ascii")
+
+
+class _AnswerStream(httpx2.AsyncByteStream):
+    """A streamed answer's body for httpx2 (what the transport's AiohttpResponseStream
+    is to an aiohttp answer): its chunks, aiohttp's errors mapped to httpx2's."""
+
+    def __init__(self, answer: Answer, mapped: Callable[[], Any]) -> None:
+        self._answer, self._mapped = answer, mapped
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with self._mapped():
+            async for chunk in self._answer.chunks():
+                yield chunk
+
+    async def aclose(self) -> None:
+        self._answer.close()
+
+
 # httpx2's logger: its line per request, written when the configuration turns it on.
 _HTTP_LOG = logging.getLogger("httpx2")
 
@@ -403,13 +435,12 @@ class _RelayedResponse(httpx2.Response):
     whose streamed bytes come from the aiohttp answer without httpx2's layers."""
 
     build_request: Callable[[], httpx2.Request] | None = None
-    # A streamed answer's aiohttp response and its transport's exception mapping.
-    answer: aiohttp.ClientResponse | None = None
+    # A streamed answer and its transport's exception mapping.
+    answer: Answer | None = None
     mapped: Callable[[], Any] | None = None
-    chunk_size: int = 16 * 1024
 
     async def aiter_bytes(self, chunk_size: int | None = None) -> AsyncGenerator[bytes, None]:
-        """httpx2's aiter_bytes: the chunks as aiohttp reads them, the response closed
+        """httpx2's aiter_bytes: the chunks as the pool reads them, the response closed
         at their end; an encoded answer goes through httpx2's decoders."""
         answer, mapped = self.answer, self.mapped
         if (
@@ -429,7 +460,7 @@ class _RelayedResponse(httpx2.Response):
         self.is_stream_consumed = True
         try:
             with mapped():
-                async for chunk in answer.content.iter_chunked(self.chunk_size):
+                async for chunk in answer.chunks():
                     yield chunk
         except httpx2.RequestError as err:
             err.request = self.request  # as httpx2's request_context names it
@@ -512,13 +543,11 @@ def _direct_transport(client: Any, template: _Template) -> _Direct | None:
     transport = http._transport_for_url(template.url)
     module = sys.modules.get(type(transport).__module__)
     mapped = getattr(module, "map_aiohttp_exceptions", None)
-    stream = getattr(module, "AiohttpResponseStream", None)
     if (
         type(transport).__name__ != "AiohttpTransport"
         or mapped is None
-        or stream is None
         or getattr(transport, "proxy", None) is not None
-        or not hasattr(transport, "get_client")
+        or getattr(transport, "relay_pool", None) is None
     ):
         return None
     headers: dict[str, str] = {}
@@ -529,7 +558,6 @@ def _direct_transport(client: Any, template: _Template) -> _Direct | None:
     return _Direct(
         transport,
         mapped,
-        stream,
         yarl.URL(str(template.url)),
         tuple(headers.items()),
         template.extensions.get("sni_hostname"),

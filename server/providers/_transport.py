@@ -37,6 +37,8 @@ from typing import Any, Literal
 import aiohttp
 import httpx2
 
+from server.providers._http1 import Http1Pool
+
 HttpTransport = Literal["aiohttp", "httpx"]
 
 
@@ -96,13 +98,33 @@ def _tuned(client_class: Callable[..., httpx2.AsyncClient]) -> Callable[..., htt
         def _init_proxy_transport(self, *args: Any, **kwargs: Any) -> Any:
             return _with_tuned_session(super()._init_proxy_transport(*args, **kwargs))
 
+        async def aclose(self) -> None:
+            for transport in [self._transport, *self._mounts.values()]:
+                pool = getattr(transport, "relay_pool", None)
+                if isinstance(pool, Http1Pool):
+                    await pool.aclose()
+            await super().aclose()
+
     return TunedAioHttpClient
 
 
 def _with_tuned_session(transport: Any) -> Any:
     if getattr(transport, "client", False) is None:  # not one given by its caller
         transport.client = functools.partial(_session, transport)
+        # Relayed calls (_relay.send_relayed) go through a pool of their own, with
+        # the same limits, TLS context and sockets (_http1.py), made on first use.
+        transport.relay_pool = functools.partial(_relay_pool, transport)
     return transport
+
+
+def _relay_pool(transport: Any) -> Http1Pool:
+    limits: httpx2.Limits = transport.limits
+    return Http1Pool(
+        limit=limits.max_connections,
+        keepalive_s=limits.keepalive_expiry,
+        ssl_context=transport.ssl_context,
+        socket_factory=_socket,
+    )
 
 
 def _session(transport: Any) -> aiohttp.ClientSession:
