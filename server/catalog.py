@@ -58,8 +58,11 @@ ANTHROPIC_MODELS: dict[str, dict[str, Any]] = {
     "claude-haiku-5-5": {
         **_ADAPTIVE_1M,
         "display_name": "Claude Haiku 5.5",
-        # The rates for prompts up to 100k tokens; longer prompts cost more.
-        "pricing": _price(0.10, 0.50, 0.01, 0.125),
+        # Prompts over 100,000 tokens (input and cache together) cost 5x, output too.
+        "pricing": {
+            **_price(0.10, 0.50, 0.01, 0.125),
+            "long_context": {"above_tokens": 100_000, **_price(0.50, 2.50, 0.05, 0.625)},
+        },
     },
     "claude-opus-5": {
         **_ADAPTIVE_1M,

@@ -2,7 +2,9 @@
 
 Prices are US dollars per million tokens; costs are integer nano-dollars so
 that sums over a ledger are exact. Each usage bucket is priced on its own:
-cache reads and writes are never also billed as plain input.
+cache reads and writes are never also billed as plain input. A model whose
+long prompts cost more (Pricing.long_context) bills a call whose prompt is
+longer than the threshold at those rates throughout, output included.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ def _nanos(tokens: int, per_mtok: float) -> int:
 
 
 def compute_cost(usage: Usage, pricing: Pricing) -> Cost:
-    """Prices a usage record."""
+    """Prices a usage record: at the long-prompt rates, for every bucket, when its
+    prompt (input, cache reads and cache writes) is longer than their threshold."""
+    if pricing.long_context is not None:
+        pricing = pricing.for_prompt(
+            usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
+        )
     return Cost(
         input_nanos=_nanos(usage.input_tokens, pricing.input_per_mtok),
         output_nanos=_nanos(usage.output_tokens, pricing.output_per_mtok),

@@ -9,6 +9,7 @@ the hot path of every call; pydantic is kept for configuration.
 from __future__ import annotations
 
 import enum
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -206,23 +207,60 @@ class Usage:
 
 
 @dataclass(slots=True, frozen=True)
-class Pricing:
-    """US dollars per million tokens."""
+class LongContextPricing:
+    """The dearer rates of a prompt longer than `above_tokens` (its input, cache
+    reads and cache writes together), which then apply to the whole call."""
 
+    above_tokens: int
     input_per_mtok: float = 0.0
     output_per_mtok: float = 0.0
     cache_read_per_mtok: float = 0.0
     cache_creation_per_mtok: float = 0.0
 
 
+@dataclass(slots=True, frozen=True)
+class Pricing:
+    """US dollars per million tokens; `long_context`, when set, the rates of long prompts."""
+
+    input_per_mtok: float = 0.0
+    output_per_mtok: float = 0.0
+    cache_read_per_mtok: float = 0.0
+    cache_creation_per_mtok: float = 0.0
+    long_context: LongContextPricing | None = None
+
+    def for_prompt(self, prompt_tokens: int) -> Pricing:
+        """The flat rates of a call whose prompt is `prompt_tokens` long."""
+        tier = self.long_context
+        if tier is None or prompt_tokens <= tier.above_tokens:
+            return self
+        return Pricing(
+            input_per_mtok=tier.input_per_mtok,
+            output_per_mtok=tier.output_per_mtok,
+            cache_read_per_mtok=tier.cache_read_per_mtok,
+            cache_creation_per_mtok=tier.cache_creation_per_mtok,
+        )
+
+
 def dearest_pricing(prices: Iterable[Pricing]) -> Pricing:
-    """Each price at its highest among `prices` (all zero when there are none)."""
+    """Each price at its highest among `prices` (all zero when there are none); a long
+    prompt at the highest long-prompt rate, from the lowest threshold of any of them."""
     listed = list(prices)
+    tiers = [p.long_context for p in listed if p.long_context is not None]
+    longer = [p.for_prompt(sys.maxsize) for p in listed]
     return Pricing(
         input_per_mtok=max((p.input_per_mtok for p in listed), default=0.0),
         output_per_mtok=max((p.output_per_mtok for p in listed), default=0.0),
         cache_read_per_mtok=max((p.cache_read_per_mtok for p in listed), default=0.0),
         cache_creation_per_mtok=max((p.cache_creation_per_mtok for p in listed), default=0.0),
+        long_context=LongContextPricing(
+            above_tokens=min(t.above_tokens for t in tiers),
+            input_per_mtok=max(p.input_per_mtok for p in longer),
+            output_per_mtok=max(p.output_per_mtok for p in longer),
+            cache_read_per_mtok=max(p.cache_read_per_mtok for p in longer),
+            cache_creation_per_mtok=max(p.cache_creation_per_mtok for p in longer),
+        )
+        if tiers
+        else None,
     )
 
 

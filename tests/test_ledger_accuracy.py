@@ -3,7 +3,8 @@
 A call whose deadline ran out is DEADLINE_EXCEEDED, not CANCELLED; a
 cancelled OpenAI stream (whose usage would have come only in its last chunk)
 pays for its input; an upstream that reports no usage is not a free call.
-Estimated rows are flagged `usage_estimated`.
+Estimated rows are flagged `usage_estimated`. A long prompt is billed at its
+model's long-prompt rates.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from server.schema import Pricing, Usage
 from server.token_estimate import count_text
 from tests.conftest import RunningGateway, request
 from tests.fake_upstream import FakeUpstream, Reply, Text
+from tests.fake_upstream.script import Usage as Reported
 from tests.redis_fixtures import limited_gateway
 from tests.test_ledger import ledger_rows
-from tests.upstream_fixtures import PRICING, ask, start_upstream_gateway
+from tests.upstream_fixtures import PRICING, ask, provider_config, start_upstream_gateway
 
 PROMPT = "Summarise the history of the printing press in three short paragraphs."
 
@@ -188,3 +190,31 @@ async def test_reported_usage_is_not_flagged(gateway: RunningGateway, fake: Fake
     for request_id in ("openai", "anthropic"):
         row = recorded[request_id]
         assert (row["input_tokens"], row["output_tokens"], row["usage_estimated"]) == (12, 7, 0)
+
+
+@pytest.mark.usefixtures("_openai_key_in_environment")
+async def test_a_long_prompt_is_billed_at_its_models_long_prompt_rates(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """claude-haiku-5-5 bills a prompt over 100,000 tokens (cache reads included) at
+    5x, output too (server/catalog.py); a shorter one at its listed rates."""
+    providers = provider_config(fake)
+    providers["anthropic"]["models"].append({"id": "claude-haiku-5-5"})
+    gw = await start_upstream_gateway(
+        fake,
+        providers=providers,
+        **{"ledger.path": str(tmp_path / "usage.sqlite3"), "ledger.flush_interval_s": 0.05},
+    )
+    try:
+        fake.enqueue(
+            Reply(usage=Reported(input_tokens=96_000, output_tokens=1_000,
+                                 cache_read_input_tokens=5_000)),
+            Reply(usage=Reported(input_tokens=96_000, output_tokens=1_000)),
+        )  # fmt: skip
+        await gw.stub.Generate(ask("claude-haiku-5-5", PROMPT, request_id="long"))
+        await gw.stub.Generate(ask("claude-haiku-5-5", PROMPT, request_id="short"))
+        recorded = await rows(gw)
+    finally:
+        await gw.aclose()
+    assert recorded["long"]["cost_nanos"] == 96_000 * 500 + 1_000 * 2_500 + 5_000 * 50
+    assert recorded["short"]["cost_nanos"] == 96_000 * 100 + 1_000 * 500

@@ -86,7 +86,9 @@ class BudgetAlert:
 
 
 def max_cost_nanos(input_tokens: int, max_tokens: int, pricing: Pricing) -> int:
-    """The most a call can cost: all input at the dearer of input and cache-write prices."""
+    """The most a call can cost: all input at the dearer of input and cache-write prices,
+    at the long-prompt rates when the prompt is over their threshold."""
+    pricing = pricing.for_prompt(input_tokens)
     worst = Pricing(
         input_per_mtok=max(pricing.input_per_mtok, pricing.cache_creation_per_mtok),
         output_per_mtok=pricing.output_per_mtok,

@@ -57,7 +57,7 @@ class SdkProvider(Provider, Generic[ModelT]):
         prefixes = settings.route_prefixes
         self._prefixes = tuple(self.default_prefixes if prefixes is None else prefixes)
         unlisted = settings.unlisted_pricing
-        self._configured_unlisted = None if unlisted is None else Pricing(**unlisted.model_dump())
+        self._configured_unlisted = None if unlisted is None else unlisted.pricing()
         # (upstream name, price) of every model listed here or in the catalog:
         # an unlisted id's family is found among them (built once, not per call).
         listed: list[UpstreamModel] = [*configured]

@@ -55,6 +55,7 @@ from server.schema import (
     UNPRICED_SERVICE_TIER,
     UNPRICED_SERVICE_TIERS,
     Capabilities,
+    LongContextPricing,
     ModelInfo,
     Pricing,
 )
@@ -66,6 +67,17 @@ SamplingParameter = Literal["temperature", "top_p", "top_k"]
 _MAX_MESSAGE = 500
 
 
+class LongContextSettings(ProviderSettings):
+    """The rates of a prompt longer than `above_tokens` (input, cache reads and
+    writes together): they then apply to the whole call, output included."""
+
+    above_tokens: int = Field(gt=0)
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+    cache_read_per_mtok: float = Field(0.0, ge=0)
+    cache_creation_per_mtok: float = Field(0.0, ge=0)
+
+
 class PricingSettings(ProviderSettings):
     """US dollars per million tokens."""
 
@@ -73,6 +85,17 @@ class PricingSettings(ProviderSettings):
     output_per_mtok: float = Field(0.0, ge=0)
     cache_read_per_mtok: float = Field(0.0, ge=0)
     cache_creation_per_mtok: float = Field(0.0, ge=0)
+    long_context: LongContextSettings | None = None
+
+    def pricing(self) -> Pricing:
+        tier = self.long_context
+        return Pricing(
+            input_per_mtok=self.input_per_mtok,
+            output_per_mtok=self.output_per_mtok,
+            cache_read_per_mtok=self.cache_read_per_mtok,
+            cache_creation_per_mtok=self.cache_creation_per_mtok,
+            long_context=None if tier is None else LongContextPricing(**tier.model_dump()),
+        )
 
 
 class UpstreamModel(ProviderSettings):
@@ -119,7 +142,7 @@ class UpstreamModel(ProviderSettings):
             context_window=self.context_window,
             max_output_tokens=self.max_output_tokens,
             default_max_tokens=min(self.default_max_tokens, self.max_output_tokens),
-            pricing=Pricing(**self.pricing.model_dump()),
+            pricing=self.pricing.pricing(),
             capabilities=Capabilities(
                 streaming=True,
                 tools=self.tools,
