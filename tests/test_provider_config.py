@@ -8,6 +8,7 @@ import pytest
 
 from server.catalog import ANTHROPIC_MODELS, OPENAI_MODELS
 from server.config import ConfigError, load_config
+from server.grpc_edge.encoding import encode_models
 from server.routing import Router, build_providers
 
 
@@ -50,6 +51,12 @@ async def test_environment_defaults_serve_the_shipped_catalog(
         haiku = next(m for m in router.models("anthropic") if m.id == "claude-haiku-4-5")
         assert (haiku.context_window, haiku.max_output_tokens) == (200_000, 64_000)
         assert haiku.pricing.input_per_mtok == 1.0
+        # ListModels shows a long-prompt price tier where the catalog has one.
+        longer = next(m for m in router.models("anthropic") if m.id == "claude-haiku-5-5")
+        listed = encode_models([longer, haiku]).models
+        tier = listed[0].pricing.long_context
+        assert (tier.above_tokens, tier.input_per_mtok, tier.output_per_mtok) == (100_000, 0.5, 2.5)
+        assert not listed[1].pricing.HasField("long_context")
         for provider in router.providers:
             assert "env-secret" not in repr(vars(provider))
     finally:

@@ -1193,10 +1193,18 @@ class Pricing(_message.Message):
     OUTPUT_PER_MTOK_FIELD_NUMBER: _builtins.int
     CACHE_READ_PER_MTOK_FIELD_NUMBER: _builtins.int
     CACHE_CREATION_PER_MTOK_FIELD_NUMBER: _builtins.int
+    LONG_CONTEXT_FIELD_NUMBER: _builtins.int
     input_per_mtok: _builtins.float
     output_per_mtok: _builtins.float
     cache_read_per_mtok: _builtins.float
     cache_creation_per_mtok: _builtins.float
+    @_builtins.property
+    def long_context(self) -> Global___LongContextPricing:
+        """Set when long prompts cost more: the rates of a call whose prompt (input,
+        cache reads and cache writes together) is over `above_tokens`, applied to
+        the whole call, output included.
+        """
+
     def __init__(
         self,
         *,
@@ -1204,14 +1212,48 @@ class Pricing(_message.Message):
         output_per_mtok: _builtins.float = ...,
         cache_read_per_mtok: _builtins.float = ...,
         cache_creation_per_mtok: _builtins.float = ...,
+        long_context: Global___LongContextPricing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["long_context", b"long_context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation_per_mtok", b"cache_creation_per_mtok", "cache_read_per_mtok", b"cache_read_per_mtok", "input_per_mtok", b"input_per_mtok", "output_per_mtok", b"output_per_mtok"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation_per_mtok", b"cache_creation_per_mtok", "cache_read_per_mtok", b"cache_read_per_mtok", "input_per_mtok", b"input_per_mtok", "long_context", b"long_context", "output_per_mtok", b"output_per_mtok"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Pricing: _TypeAlias = Pricing  # noqa: Y015
+
+@_typing.final
+class LongContextPricing(_message.Message):
+    """The dearer rates of a long prompt, in US dollars per million tokens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ABOVE_TOKENS_FIELD_NUMBER: _builtins.int
+    INPUT_PER_MTOK_FIELD_NUMBER: _builtins.int
+    OUTPUT_PER_MTOK_FIELD_NUMBER: _builtins.int
+    CACHE_READ_PER_MTOK_FIELD_NUMBER: _builtins.int
+    CACHE_CREATION_PER_MTOK_FIELD_NUMBER: _builtins.int
+    above_tokens: _builtins.int
+    input_per_mtok: _builtins.float
+    output_per_mtok: _builtins.float
+    cache_read_per_mtok: _builtins.float
+    cache_creation_per_mtok: _builtins.float
+    def __init__(
+        self,
+        *,
+        above_tokens: _builtins.int = ...,
+        input_per_mtok: _builtins.float = ...,
+        output_per_mtok: _builtins.float = ...,
+        cache_read_per_mtok: _builtins.float = ...,
+        cache_creation_per_mtok: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["above_tokens", b"above_tokens", "cache_creation_per_mtok", b"cache_creation_per_mtok", "cache_read_per_mtok", b"cache_read_per_mtok", "input_per_mtok", b"input_per_mtok", "output_per_mtok", b"output_per_mtok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LongContextPricing: _TypeAlias = LongContextPricing  # noqa: Y015
 
 @_typing.final
 class Capabilities(_message.Message):

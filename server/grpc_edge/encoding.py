@@ -30,6 +30,7 @@ from server.schema import (
     GenerationResponse,
     ImageBlock,
     ModelInfo,
+    Pricing,
     RoutingDecision,
     StopReason,
     TextBlock,
@@ -192,6 +193,25 @@ def encode_event(event: StreamEvent) -> pb.StreamGenerateResponse:
     raise TypeError(f"not a stream event: {event!r}")  # pragma: no cover
 
 
+def _pricing(pricing: Pricing) -> pb.Pricing:
+    tier = pricing.long_context
+    return pb.Pricing(
+        input_per_mtok=pricing.input_per_mtok,
+        output_per_mtok=pricing.output_per_mtok,
+        cache_read_per_mtok=pricing.cache_read_per_mtok,
+        cache_creation_per_mtok=pricing.cache_creation_per_mtok,
+        long_context=None
+        if tier is None
+        else pb.LongContextPricing(
+            above_tokens=tier.above_tokens,
+            input_per_mtok=tier.input_per_mtok,
+            output_per_mtok=tier.output_per_mtok,
+            cache_read_per_mtok=tier.cache_read_per_mtok,
+            cache_creation_per_mtok=tier.cache_creation_per_mtok,
+        ),
+    )
+
+
 def encode_models(models: Iterable[ModelInfo]) -> pb.ListModelsResponse:
     return pb.ListModelsResponse(
         models=[
@@ -202,12 +222,7 @@ def encode_models(models: Iterable[ModelInfo]) -> pb.ListModelsResponse:
                 aliases=list(m.aliases),
                 context_window=m.context_window,
                 max_output_tokens=m.max_output_tokens,
-                pricing=pb.Pricing(
-                    input_per_mtok=m.pricing.input_per_mtok,
-                    output_per_mtok=m.pricing.output_per_mtok,
-                    cache_read_per_mtok=m.pricing.cache_read_per_mtok,
-                    cache_creation_per_mtok=m.pricing.cache_creation_per_mtok,
-                ),
+                pricing=_pricing(m.pricing),
                 capabilities=pb.Capabilities(
                     streaming=m.capabilities.streaming,
                     tools=m.capabilities.tools,
