@@ -5,9 +5,10 @@
 library logs (a header dump, an exception carrying a request), API keys,
 bearer tokens and `authorization` values are replaced before any formatter
 sees the record. The root logger's handler only queues a record; a thread
-(logging's QueueListener) redacts, formats and writes it, so the event loop
-never waits on a full pipe or a slow log shipper and never formats a line
-(bounded: past QUEUE_RECORDS waiting, records are dropped and counted).
+redacts, formats and writes it, so the event loop never waits on a full
+pipe or a slow log shipper and never formats a line (bounded: past
+QUEUE_RECORDS waiting, records are dropped and counted). The thread wakes
+once per BATCH_S with what gathered, not once per record.
 `log_call` is the CallRecord observer that writes the per-call line (logger
 `llmgw.calls`): ids, model, status, tokens, cost, latency; never the key,
 never prompt or completion text.
@@ -16,6 +17,7 @@ never prompt or completion text.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import json
 import logging
@@ -23,6 +25,7 @@ import logging.handlers
 import queue
 import re
 import sys
+import threading
 from datetime import UTC, datetime
 
 from opentelemetry import trace
@@ -258,19 +261,78 @@ class _Enqueue(logging.handlers.QueueHandler):
                 self.queue.put_nowait(note)
 
 
+# How long the writing thread lets records gather once one is queued: one
+# wake-up per batch, not per record (a wake-up per record cost a lone call
+# about 200 us of CPU on a busy core: bench/results/2026-12-03-vm-log-batches.md).
+BATCH_S = 0.02
+
+
+class _Records:
+    """The records waiting for the writing thread (queue.Queue's put_nowait, for
+    QueueHandler): appending takes no lock, and the thread is woken only when it is
+    not already due to wake."""
+
+    def __init__(self, limit: int) -> None:
+        self.items: collections.deque[object] = collections.deque()
+        self.limit = limit
+        self.wake = threading.Event()
+
+    def put_nowait(self, item: object) -> None:
+        if len(self.items) >= self.limit:
+            raise queue.Full
+        self.items.append(item)
+        if not self.wake.is_set():
+            self.wake.set()
+
+
 class _Writer:
     """The thread that writes queued records, and its handler."""
 
+    _STOP = object()
+
     def __init__(self, handler: logging.Handler) -> None:
-        self.records: queue.Queue[logging.LogRecord] = queue.Queue(QUEUE_RECORDS)
+        self.records = _Records(QUEUE_RECORDS)
         self.handler = handler
-        self.enqueue = _Enqueue(self.records)
-        self.listener = logging.handlers.QueueListener(self.records, handler)
-        self.listener.start()
+        self.enqueue = _Enqueue(self.records)  # type: ignore[arg-type]
+        self._hurry = threading.Event()  # a flush or a stop waits: no batching delay
+        self._thread = threading.Thread(target=self._run, name="llmgw-log-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        records, wake = self.records.items, self.records.wake
+        while True:
+            wake.wait()
+            self._hurry.wait(BATCH_S)
+            # Cleared before the queue is read: a record queued from here on wakes
+            # the next round, one queued before is written in this one.
+            wake.clear()
+            self._hurry.clear()
+            while records:
+                item = records.popleft()
+                if isinstance(item, logging.LogRecord):
+                    try:
+                        self.handler.handle(item)
+                    except Exception:
+                        self.handler.handleError(item)
+                elif isinstance(item, threading.Event):
+                    item.set()  # a flush: what was queued before it is written
+                elif item is self._STOP:
+                    return
+
+    def flush(self) -> None:
+        """Returns once every record queued so far is written."""
+        written = threading.Event()
+        self.records.items.append(written)
+        self._hurry.set()
+        self.records.wake.set()
+        written.wait()
 
     def stop(self) -> None:
         """Writes what is queued, then ends the thread."""
-        self.listener.stop()
+        self.records.items.append(self._STOP)
+        self._hurry.set()
+        self.records.wake.set()
+        self._thread.join()
 
 
 _writer: _Writer | None = None
@@ -295,7 +357,7 @@ def output_handler() -> logging.Handler | None:
 def flush_logs() -> None:
     """Returns once every record queued so far is written."""
     if _writer is not None:
-        _writer.records.join()
+        _writer.flush()
 
 
 def configure_logging(config: LoggingConfig) -> None:
