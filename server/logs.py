@@ -295,6 +295,7 @@ class _Writer:
         self.handler = handler
         self.enqueue = _Enqueue(self.records)  # type: ignore[arg-type]
         self._hurry = threading.Event()  # a flush or a stop waits: no batching delay
+        self.rounds = 0  # times the thread woke to write (read by tests)
         self._thread = threading.Thread(target=self._run, name="llmgw-log-writer", daemon=True)
         self._thread.start()
 
@@ -307,6 +308,7 @@ class _Writer:
             # the next round, one queued before is written in this one.
             wake.clear()
             self._hurry.clear()
+            self.rounds += 1
             while records:
                 item = records.popleft()
                 if isinstance(item, logging.LogRecord):
