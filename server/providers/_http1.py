@@ -51,20 +51,24 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pool: Http1Pool, key: tuple[str, int, bool]) -> None:
         self.pool, self.key = pool, key
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
         self.busy = self.closed = self.paused = False
         self.counted = False  # holds one of the pool's places
         self.idle_since = 0.0
-        # The answer being read.
+        self.body: collections.deque[bytes] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.read_at = 0.0  # when bytes last came, for the read timeout
+        self._no_answer()
+
+    def _no_answer(self) -> None:
+        """The state of the answer being read, before its first byte."""
+        self.parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.body: collections.deque[bytes] = collections.deque()
+        self.body.clear()
         self.buffered = 0
         self.has_headers = self.complete = self.reusable = False
         self.error: BaseException | None = None
-        self.waiter: asyncio.Future[None] | None = None
-        self.read_at = 0.0  # when bytes last came, for the read timeout
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -99,12 +103,6 @@ class _Connection(asyncio.Protocol):
             self.fail(aiohttp.ClientOSError(*(exc.args or (0, str(exc)))))
         else:
             self.fail(aiohttp.ServerDisconnectedError())
-
-    def pause_writing(self) -> None:  # a large body: the transport buffers it
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     # -- httptools callbacks -------------------------------------------------------------
 
@@ -199,12 +197,7 @@ class _Connection(asyncio.Protocol):
     def reset(self) -> None:
         """Ready for the next request: the last answer forgotten, the socket read."""
         self.busy = False
-        self.parser = httptools.HttpResponseParser(self)
-        self.status, self.reason, self.headers = 0, b"", []
-        self.body.clear()
-        self.buffered = 0
-        self.has_headers = self.complete = self.reusable = False
-        self.error = None
+        self._no_answer()
         if self.paused and self.transport is not None and not self.closed:
             self.paused = False
             self.transport.resume_reading()
@@ -311,8 +304,7 @@ class Http1Pool:
         transport = connection.transport
         assert transport is not None
         try:
-            transport.write(head)
-            transport.write(body)
+            transport.writelines((head, body))  # one send for both
             while not connection.has_headers:
                 if connection.error is not None:
                     raise connection.error

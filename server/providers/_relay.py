@@ -270,7 +270,7 @@ def _direct_headers(
     forwarded: Mapping[str, str],
     timeout: float,
     length: int,
-) -> list[tuple[str, str]] | None:
+) -> dict[str, str] | None:
     """The headers aiohttp gets from the transport for this call (httpx2's
     `Headers.items()` of the request `_request` builds: names lower-cased, a
     repeated name's values joined), or None when a forwarded header is not
@@ -286,7 +286,7 @@ def _direct_headers(
         _join(merged, raw.decode("latin-1").lower(), seconds)
     # httpx2.Request sets it last, from the content, unless a header gave it.
     merged.setdefault("content-length", str(length))
-    return list(merged.items())
+    return merged
 
 
 def _join(headers: dict[str, str], name: str, value: str) -> None:
@@ -300,7 +300,7 @@ async def _send_direct(
     template: _Template,
     direct: _Direct,
     given: tuple[Mapping[str, str], Any],
-    headers: list[tuple[str, str]],
+    headers: dict[str, str],
     body: bytes,
     seconds: float,
     *,
@@ -345,7 +345,6 @@ async def _send_direct(
     extensions: dict[str, Any] = {"http_version": b"HTTP/1.1"}
     if answer.reason:
         extensions["reason_phrase"] = answer.reason.encode()
-    encoded = answer.header(b"content-encoding") is not None
     byte_stream = (
         httpx2.ByteStream(content) if content is not None else _AnswerStream(answer, direct.mapped)
     )
@@ -355,7 +354,7 @@ async def _send_direct(
     response.build_request = request
     if content is None:
         response.answer, response.mapped = answer, direct.mapped
-    elif encoded:
+    elif answer.header(b"content-encoding") is not None:
         response.read()  # decoded as httpx2 decodes it
     else:
         # What read() leaves, without its five generators: the bytes as they came.
@@ -396,10 +395,10 @@ _AIOHTTP_DEFAULTS = (
 )
 
 
-def _head(url: yarl.URL, headers: list[tuple[str, str]]) -> bytes:
-    """The request line and headers aiohttp would write for `headers` (names
-    lower-cased by _direct_headers): Host first, its own defaults last."""
-    given = dict(headers)
+def _head(url: yarl.URL, given: dict[str, str]) -> bytes:
+    """The request line and headers aiohttp would write for `given` (names
+    lower-cased by _direct_headers; its Host taken out): Host first, its own
+    defaults last."""
     host = given.pop("host", None) or url.host_port_subcomponent
     lines = [f"POST {url.raw_path_qs} HTTP/1.1\r\nHost: {host}\r\n"]
     lines += [f"{name}: {value}\r\n" for name, value in given.items()]
