@@ -29,6 +29,17 @@ hook a metric reads. A post-call update that is lost (settle,
 leave) is not retried: a reservation expires after
 budgets.reservation_ttl_s, a concurrency slot after its ttl; a lost settle
 is caught up by the next reconcile, once the ledger has the call's row.
+
+The shared client retries a command once when its connection fails
+(server/redis_connection.py), and a connection can fail after Redis ran the
+command and before its reply came back: the budget scripts are written to
+be run twice. A reservation whose holder holds already holds once; a settle
+leaves the mark `settled` for its holder (for `settled_mark_s`, dropped by
+the purge like an expired hold), and a settle that finds it charges nothing
+(tests/test_redis_lost_replies.py). The per-minute windows are not: a take
+run twice charges its slot twice (the key waits longer, for at most a
+minute) and a give-back run twice returns its amount twice (the key may
+use one call's surplus more, within that minute).
 """
 
 from __future__ import annotations
@@ -152,13 +163,14 @@ return 1
 # A budget K is a hash (spent, reserved, and `seeded` once its spend is
 # known: rebuilt from the ledger, or counted here since the period began),
 # K..':amounts' holder -> amount and K..':holds' holder scored by expiry.
-# Expired holds are dropped first.
+# A settled holder's amount is the mark SETTLED for a while (see _SETTLE).
+# Expired holds and marks are dropped first.
 _PURGE = """
 local function purge(k, now)
   local expired = redis.call('ZRANGEBYSCORE', k .. ':holds', '-inf', now)
   for _, h in ipairs(expired) do
     local a = redis.call('HGET', k .. ':amounts', h)
-    if a then redis.call('HINCRBY', k, 'reserved', '-' .. a) end
+    if a and a ~= 'settled' then redis.call('HINCRBY', k, 'reserved', '-' .. a) end
     redis.call('HDEL', k .. ':amounts', h)
     redis.call('ZREM', k .. ':holds', h)
   end
@@ -168,9 +180,12 @@ end
 # KEYS budgets; ARGV amount, holder, ttl, key expiry, whether budgets must be
 # seeded first, then one limit per key. Returns {1}, {0, index of the refused
 # budget, its spent, its reserved}, or {2, indexes of budgets to seed first}.
+# A holder that holds already (this reservation run again: its first reply
+# was lost) is answered {1} and holds once.
 _RESERVE = (
     _PURGE
     + """
+if redis.call('HEXISTS', KEYS[1] .. ':amounts', ARGV[2]) == 1 then return {1} end
 if ARGV[5] == '1' then
   local lost = {2}
   for i, k in ipairs(KEYS) do
@@ -200,20 +215,28 @@ return {1}
 """
 )
 
-# KEYS budgets; ARGV holder, actual cost, key expiry. Returns each budget's
-# new spend and whether it is seeded.
+# KEYS budgets; ARGV holder, actual cost, key expiry, seconds the mark stays.
+# Returns each budget's new spend and whether it is seeded. The holder's
+# amount becomes the mark 'settled' (dropped by the purge after ARGV[4]
+# seconds), so that this settle run again (its first reply was lost and the
+# client retried) charges nothing more.
 _SETTLE = """
 local out = {}
+local now = tonumber(redis.call('TIME')[1])
 for _, k in ipairs(KEYS) do
   local a = redis.call('HGET', k .. ':amounts', ARGV[1])
-  if a then
-    redis.call('HINCRBY', k, 'reserved', '-' .. a)
-    redis.call('HDEL', k .. ':amounts', ARGV[1])
-    redis.call('ZREM', k .. ':holds', ARGV[1])
+  if a == 'settled' then
+    out[#out + 1] = redis.call('HGET', k, 'spent') or '0'
+  else
+    if a then redis.call('HINCRBY', k, 'reserved', '-' .. a) end
+    redis.call('HSET', k .. ':amounts', ARGV[1], 'settled')
+    redis.call('ZADD', k .. ':holds', now + tonumber(ARGV[4]), ARGV[1])
+    out[#out + 1] = tostring(redis.call('HINCRBY', k, 'spent', ARGV[2]))
   end
-  out[#out + 1] = tostring(redis.call('HINCRBY', k, 'spent', ARGV[2]))
   out[#out + 1] = redis.call('HEXISTS', k, 'seeded')
-  redis.call('EXPIRE', k, tonumber(ARGV[3]))
+  for _, suffix in ipairs({'', ':amounts', ':holds'}) do
+    redis.call('EXPIRE', k .. suffix, tonumber(ARGV[3]))
+  end
 end
 return out
 """
@@ -261,6 +284,7 @@ end
 return 0
 """
 
+_SETTLED_MARK_S = 60
 # Budget counters outlive their period (a month) by a margin.
 _BUDGET_EXPIRY_S = 40 * 86400
 # A budget whose spend the ledger could not give is asked again after this.
@@ -303,6 +327,9 @@ class RedisBackend:
         self._rebuilding: dict[str, asyncio.Task[int | None]] = {}
         self._rebuild_after: dict[str, float] = {}
         self._last_warning = 0.0
+        # How long a settled holder's mark stays (_SETTLE): longer than any retry
+        # of the settle comes (at once, within redis.timeout_s).
+        self.settled_mark_s = _SETTLED_MARK_S
         # Operations that failed for want of Redis (a metric reads this).
         self.failures = 0
 
@@ -408,7 +435,8 @@ class RedisBackend:
         async def call() -> list[Any]:
             return list(
                 await self._settle(
-                    keys=[self._k(k) for k in keys], args=[holder, actual, _BUDGET_EXPIRY_S]
+                    keys=[self._k(k) for k in keys],
+                    args=[holder, actual, _BUDGET_EXPIRY_S, self.settled_mark_s],
                 )
             )
 
