@@ -36,7 +36,7 @@ from server.events import (
     ToolInputDelta,
 )
 from server.providers._relay import merged_deltas, relayed_bytes
-from server.providers._sse import SseSplitter
+from server.providers._sse import SseSplitter, after_first, batch_of
 from server.providers.anthropic_messages import AnthropicProvider
 from server.providers.openai_chat import OpenAIChatProvider
 from server.schema import (
@@ -206,7 +206,15 @@ async def test_an_anthropic_stream_is_relayed_read_by_read_and_read_for_its_text
     chunks, typed, error = await relay("anthropic", stream, request, pieces=pieces)
     assert error is None
     assert b"".join(chunks) == stream
-    assert len(chunks) <= pieces < len(events)  # one per read, not one per event
+    # One per read, not one per event; the read with the first content delta in
+    # two, cut after it (the first bytes leave before the rest is read).
+    assert len(chunks) <= pieces + 1 < len(events)
+    first_delta = next(
+        i for i, e in enumerate(events) if e.startswith(b"event: content_block_delta")
+    )
+    assert b"".join(events[: first_delta + 1]) in {
+        b"".join(chunks[:n]) for n in range(1, len(chunks) + 1)
+    }
     for chunk in chunks:  # each ends at an event boundary
         assert chunk.endswith(b"\n\n") and chunk.count(b"\n\n") == chunk.count(b"data:")
     assert isinstance(typed[0], MessageStart) and typed[0].id == "msg_9"
@@ -278,7 +286,7 @@ async def test_the_usage_chunk_a_client_did_not_ask_for_is_cut_out_of_a_read(
     assert usage and usage[-1].output_tokens == 3  # billed from it all the same
 
 
-async def test_a_responses_stream_is_relayed_whole_and_read_for_usage() -> None:
+async def test_a_responses_stream_is_relayed_by_reads_and_read_for_usage() -> None:
     def event(data: dict[str, Any]) -> bytes:
         return sse(data["type"], data)
 
@@ -304,7 +312,9 @@ async def test_a_responses_stream_is_relayed_whole_and_read_for_usage() -> None:
     chunks, typed, error = await relay("openai", b"".join(events), request)
     assert error is None
     assert b"".join(chunks) == b"".join(events)
-    assert [e.text for e in typed if isinstance(e, TextDelta)] == ["Hi there"]
+    # One read, in two parts: to the first text delta, and the rest.
+    assert chunks == [b"".join(events[:4]), b"".join(events[4:])]
+    assert [e.text for e in typed if isinstance(e, TextDelta)] == ["Hi ", "there"]
     usage = [e.usage for e in typed if isinstance(e, MessageDelta) and e.usage is not None]
     assert usage[-1].input_tokens == 6 and usage[-1].output_tokens == 2
 
@@ -338,6 +348,33 @@ def test_the_splitter_cuts_batches_at_event_boundaries_whatever_the_reads(cuts: 
             assert last.data == b'{"a": 1}\n2'
     assert relayed == STREAM and splitter.pending == b""
     assert names[0] == "message_start" and names[-3:] == ["", "odd", ""]
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(STREAM) - 1), max_size=12, unique=True))
+def test_after_first_cuts_a_read_of_whole_events_after_the_named_one(cuts: list[int]) -> None:
+    points = [0, *sorted(cuts), len(STREAM)]
+    splitter = SseSplitter()
+    for start, end in itertools.pairwise(points):
+        whole = splitter.complete(STREAM[start:end])
+        if whole is None:
+            continue
+        cut = after_first(whole, b"content_block_delta")
+        names = [e.name for e in batch_of(whole).events]
+        if "content_block_delta" not in names or b"\r" in whole:
+            assert cut == -1
+            continue
+        head = batch_of(whole[:cut]).events
+        assert [e.name for e in head] == names[: names.index("content_block_delta") + 1]
+        tail = batch_of(whole[cut:]).events
+        assert [e.name for e in head + tail] == names
+
+
+def test_after_first_finds_only_an_event_line() -> None:
+    text = b'event: ping\ndata: {"t":"event: content_block_delta\\n"}\n\n'
+    delta = b'event: content_block_delta\ndata: {"d":1}\n\n'
+    assert after_first(text, b"content_block_delta") == -1
+    assert after_first(text + delta + text, b"content_block_delta") == len(text + delta)
+    assert after_first(delta, b"content_block_delta") == len(delta)
 
 
 def test_relayed_bytes_leave_out_events_in_the_middle() -> None:

@@ -50,13 +50,20 @@ class SseSplitter:
 
     def feed(self, chunk: bytes) -> SseBatch | None:
         """The events `chunk` completes, or None when it completes none."""
+        raw = self.complete(chunk)
+        return None if raw is None else batch_of(raw)
+
+    def complete(self, chunk: bytes) -> bytes | None:
+        """The bytes of the events `chunk` completes (None when it completes none),
+        their events not read yet: `batch_of` reads them, all or in parts."""
         buffer = self._buffer + chunk if self._buffer else chunk
-        events = [_event(buffer, *cuts) for cuts in _boundaries(buffer)]
-        start = events[-1].end if events else 0
-        self._keep(buffer, start)
-        if not events:
+        end = 0
+        for cuts in _boundaries(buffer):
+            end = cuts[2]
+        self._keep(buffer, end)
+        if not end:
             return None
-        return SseBatch(buffer if start == len(buffer) else buffer[:start], events)
+        return buffer if end == len(buffer) else buffer[:end]
 
     def events(self, chunk: bytes) -> Iterator[SseEvent]:
         """The events `chunk` completes, made one at a time as they are asked for (a
@@ -82,6 +89,28 @@ class SseSplitter:
     def pending(self) -> bytes:
         """Bytes of an event not finished yet (what a stream cut mid-event leaves)."""
         return self._buffer
+
+
+def batch_of(raw: bytes) -> SseBatch:
+    """The events of `raw`, whole events (as `SseSplitter.complete` gives them)."""
+    return SseBatch(raw, [_event(raw, *cuts) for cuts in _boundaries(raw)])
+
+
+def after_first(raw: bytes, name: bytes) -> int:
+    """Where the first event named `name` in `raw` (whole events) ends, after its
+    blank line; -1 when none is named so.
+
+    Found by its `event:` line at an event's start, without reading the events
+    before it (a data line holds no line break, so cannot hold one).
+    """
+    line = b"event: " + name + b"\n"
+    at = raw.find(line)
+    while at > 0 and raw[at - 1 : at] != b"\n":
+        at = raw.find(line, at + 1)
+    if at < 0 or b"\r" in raw:
+        return -1
+    end = raw.find(b"\n\n", at)
+    return -1 if end < 0 else end + 2
 
 
 def _boundaries(buffer: bytes) -> Iterator[tuple[int, int, int]]:

@@ -49,7 +49,7 @@ from server.events import RawChunk, StreamEvent
 from server.providers import _anthropic_codec as codec
 from server.providers._relay import relayed_body, relayed_options, reply_of, send_relayed
 from server.providers._sdk_provider import SdkProvider
-from server.providers._sse import SseBatch, SseEvent, SseSplitter
+from server.providers._sse import SseBatch, SseEvent, SseSplitter, after_first, batch_of
 from server.providers._transport import transport_failure
 from server.providers._upstream import (
     FailureKind,
@@ -269,19 +269,33 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
             upstream_request_id = stream.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
             decoder = self._decoder(request, upstream_request_id)
             splitter = SseSplitter()
+            content = False  # a content delta was relayed
             async for chunk in stream.aiter_bytes():
-                batch = splitter.feed(chunk)
-                if batch is None:
+                whole = splitter.complete(chunk)
+                if whole is None:
                     continue
-                relayed, events, error = self._read(batch, decoder, request)
-                # The bytes first: an edge that relays knows from the first
-                # read that it relays, before any typed event reaches it.
-                if relayed:
-                    yield RawChunk(batch.raw if relayed == len(batch.raw) else batch.raw[:relayed])
-                for event in events:
-                    yield event
-                if error is not None:
-                    raise error
+                parts: tuple[bytes, ...] = (whole,)
+                if not content:
+                    # The read with the first content delta goes in two parts, cut
+                    # after that delta: the caller's first bytes leave once the events
+                    # up to it are read (the router commits on it), not after reading
+                    # every event of the read (a whole short answer often comes in one).
+                    cut = after_first(whole, b"content_block_delta")
+                    if cut > 0:
+                        content = True
+                        if cut < len(whole):
+                            parts = (whole[:cut], whole[cut:])
+                for part in parts:
+                    batch = batch_of(part)
+                    relayed, events, error = self._read(batch, decoder, request)
+                    # The bytes first: an edge that relays knows from the first
+                    # read that it relays, before any typed event reaches it.
+                    if relayed:
+                        yield RawChunk(part if relayed == len(part) else part[:relayed])
+                    for event in events:
+                        yield event
+                    if error is not None:
+                        raise error
             decoder.finish()
         except _FAILURES as err:
             error = self._failure(err, request.model, upstream_request_id, request.request_id)

@@ -69,7 +69,7 @@ from server.providers._relay import (
     send_relayed,
 )
 from server.providers._sdk_provider import SdkProvider
-from server.providers._sse import SseBatch, SseEvent, SseSplitter
+from server.providers._sse import SseBatch, SseEvent, SseSplitter, after_first, batch_of
 from server.providers._transport import transport_failure
 from server.providers._upstream import (
     FailureKind,
@@ -368,17 +368,28 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
             upstream_request_id = stream.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
             decoder = self._responses_decoder(request, upstream_request_id)
             splitter = SseSplitter()
+            content = False  # a text delta was relayed
             async for piece in stream.aiter_bytes():
-                batch = splitter.feed(piece)
-                if batch is None:
+                raw = splitter.complete(piece)
+                if raw is None:
                     continue
-                relayed, events, error = self._read_responses(batch, decoder, request)
-                if relayed:
-                    yield RawChunk(relayed)
-                for event in events:
-                    yield event
-                if error is not None:
-                    raise error
+                parts: tuple[bytes, ...] = (raw,)
+                if not content:
+                    # As the Messages relay does (AnthropicProvider._relay): the read
+                    # with the first text delta goes in two parts, cut after it.
+                    cut = after_first(raw, b"response.output_text.delta")
+                    if cut > 0:
+                        content = True
+                        if cut < len(raw):
+                            parts = (raw[:cut], raw[cut:])
+                for part in parts:
+                    relayed, events, error = self._read_responses(batch_of(part), decoder, request)
+                    if relayed:
+                        yield RawChunk(relayed)
+                    for event in events:
+                        yield event
+                    if error is not None:
+                        raise error
             decoder.finish()
         except _FAILURES as err:
             raise self._relay_failure(err, OPENAI_RESPONSES, request, upstream_request_id) from err
