@@ -36,7 +36,7 @@ from server.events import (
     ToolInputDelta,
 )
 from server.providers._relay import merged_deltas, relayed_bytes
-from server.providers._sse import SseSplitter, after_first, batch_of
+from server.providers._sse import SseSplitter, after_first, after_first_match, batch_of
 from server.providers.anthropic_messages import AnthropicProvider
 from server.providers.openai_chat import OpenAIChatProvider
 from server.schema import (
@@ -281,6 +281,10 @@ async def test_the_usage_chunk_a_client_did_not_ask_for_is_cut_out_of_a_read(
     assert error is None
     expected = events if wants_usage else [*events[:4], events[5]]
     assert b"".join(chunks) == b"".join(expected)
+    # One read, in two parts: to the first chunk with text (the role chunk's
+    # empty content is none), and the rest.
+    assert chunks[0] == b"".join(events[:2])
+    assert len(chunks) == 2
     assert "".join(e.text for e in typed if isinstance(e, TextDelta)) == "one two"
     usage = [e.usage for e in typed if isinstance(e, MessageDelta) and e.usage is not None]
     assert usage and usage[-1].output_tokens == 3  # billed from it all the same
@@ -375,6 +379,18 @@ def test_after_first_finds_only_an_event_line() -> None:
     assert after_first(text, b"content_block_delta") == -1
     assert after_first(text + delta + text, b"content_block_delta") == len(text + delta)
     assert after_first(delta, b"content_block_delta") == len(delta)
+
+
+def test_the_first_chat_chunk_with_text_ends_the_first_part() -> None:
+    from server.providers.openai_chat import _CHAT_CONTENT
+
+    role = b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n'
+    quoted = b'data: {"choices":[{"delta":{"content":"\\"content\\":\\"x"}}]}\n\n'
+    spaced = b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n'
+    done = b"data: [DONE]\n\n"
+    assert after_first_match(role + spaced + done, _CHAT_CONTENT) == len(role + spaced)
+    assert after_first_match(role + quoted + done, _CHAT_CONTENT) == len(role + quoted)
+    assert after_first_match(role + done, _CHAT_CONTENT) == -1
 
 
 def test_relayed_bytes_leave_out_events_in_the_middle() -> None:

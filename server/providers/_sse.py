@@ -13,6 +13,7 @@ error, not unbounded memory.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -110,6 +111,16 @@ def after_first(raw: bytes, name: bytes) -> int:
     if at < 0 or b"\r" in raw:
         return -1
     end = raw.find(b"\n\n", at)
+    return -1 if end < 0 else end + 2
+
+
+def after_first_match(raw: bytes, pattern: re.Pattern[bytes]) -> int:
+    """Where the first event of `raw` (whole events) whose bytes match `pattern`
+    ends, after its blank line; -1 when none does (or `raw` has CR line ends)."""
+    match = pattern.search(raw)
+    if match is None or b"\r" in raw:
+        return -1
+    end = raw.find(b"\n\n", match.end() - 1)
     return -1 if end < 0 else end + 2
 
 

@@ -37,6 +37,7 @@ sent in the body untouched.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -69,7 +70,14 @@ from server.providers._relay import (
     send_relayed,
 )
 from server.providers._sdk_provider import SdkProvider
-from server.providers._sse import SseBatch, SseEvent, SseSplitter, after_first, batch_of
+from server.providers._sse import (
+    SseBatch,
+    SseEvent,
+    SseSplitter,
+    after_first,
+    after_first_match,
+    batch_of,
+)
 from server.providers._transport import transport_failure
 from server.providers._upstream import (
     FailureKind,
@@ -325,18 +333,31 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
             upstream_request_id = stream.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
             decoder = self._decoder(request, upstream_request_id)
             splitter = SseSplitter()
+            content = False  # a chunk with content was relayed
             async for piece in stream.aiter_bytes():
-                batch = splitter.feed(piece)
-                if batch is None:
+                raw = splitter.complete(piece)
+                if raw is None:
                     continue
-                relayed, events, error = self._read_chat(batch, decoder, wants_usage, request)
-                # The bytes first (one write per upstream read), then what they say.
-                if relayed:
-                    yield RawChunk(relayed)
-                for event in events:
-                    yield event
-                if error is not None:
-                    raise error
+                parts: tuple[bytes, ...] = (raw,)
+                if not content:
+                    # As the Messages relay does (AnthropicProvider._relay): the read
+                    # with the first content goes in two parts, cut after its chunk.
+                    cut = after_first_match(raw, _CHAT_CONTENT)
+                    if cut > 0:
+                        content = True
+                        if cut < len(raw):
+                            parts = (raw[:cut], raw[cut:])
+                for part in parts:
+                    relayed, events, error = self._read_chat(
+                        batch_of(part), decoder, wants_usage, request
+                    )
+                    # The bytes first (one write per upstream read), then what they say.
+                    if relayed:
+                        yield RawChunk(relayed)
+                    for event in events:
+                        yield event
+                    if error is not None:
+                        raise error
             for event in decoder.finish():
                 yield event
         except _FAILURES as err:
@@ -574,6 +595,11 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         # event that is not JSON): the deployment's failure, retried like a 5xx.
         return malformed_answer(self.name, err, base, self._sdk.redact)
 
+
+# A Chat Completions chunk with text in its delta (the first one ends the part of a
+# relayed read that goes first): `"content":"` and a character other than the
+# closing quote (a JSON string's quote inside text is escaped, so cannot match).
+_CHAT_CONTENT = re.compile(rb'"content": ?"[^"]')
 
 # Responses stream events the relay's accounting has no use for, by name: not
 # parsed (some repeat a whole output, e.g. response.output_text.done). The
