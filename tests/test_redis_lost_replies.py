@@ -1,86 +1,29 @@
-"""A budget command whose reply is lost is run again, and counts once.
+"""A Redis command whose reply is lost is run again, and counts once.
 
 The shared Redis client (server/redis_connection.py) retries a command once
 on a new connection when its connection fails. When the connection fails
 after Redis ran the command and before its reply arrived, the retry runs it
 a second time: a settle must not charge the call twice, and a reservation
 must not hold its amount twice (server/accounting/redis_backend.py keeps a
-mark per holder for that). A real redis-server, behind a proxy that drops
+mark per holder for that), and a call must not wait on the cache lock it took
+(server/cache/backends.py). A real redis-server, behind a proxy that drops
 the connection instead of passing on the next reply.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from server.accounting.backend import BudgetCounter
 from server.accounting.redis_backend import RedisBackend
+from server.cache.backends import RedisCacheBackend
 from server.config import RedisConfig
-from tests.redis_fixtures import redis_server
+from tests.redis_fixtures import ReplyDropper, redis_server
 
 LIMIT = 10_000_000
-
-
-class ReplyDropper:
-    """A TCP proxy to Redis that, when armed, closes the connection a reply comes
-    back on instead of passing that reply on (the command has run)."""
-
-    def __init__(self, redis_port: int) -> None:
-        self._redis_port = redis_port
-        self.armed = False
-        self.dropped = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        port = self._server.sockets[0].getsockname()[1]
-        return f"redis://127.0.0.1:{port}/0"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self._redis_port)
-
-        async def up() -> None:
-            while data := await client_r.read(65536):
-                redis_w.write(data)
-                await redis_w.drain()
-
-        async def down() -> None:
-            while data := await redis_r.read(65536):
-                if self.armed:
-                    self.armed = False
-                    self.dropped += 1
-                    return  # the reply is lost: both connections close below
-                client_w.write(data)
-                await client_w.drain()
-
-        tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
-        self._tasks.update(tasks)
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-                self._tasks.discard(task)
-            for writer in (client_w, redis_w):
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
 
 
 @asynccontextmanager
@@ -155,3 +98,27 @@ async def test_a_settled_holder_leaves_nothing_reserved_once_its_mark_expires(
             assert await client.zrange("llmgw:budget:k:day:holds", 0, -1) == [b"call-2"]
         finally:
             await backend.aclose()
+
+
+async def test_a_cache_lock_whose_reply_is_lost_is_still_held_by_its_call(tmp_path: Path) -> None:
+    """Without it, the call that took the lock waits on itself until the lock expires
+    (cache.lock_timeout_s, 30 s), and so does every call for the same answer."""
+    async with redis_server(tmp_path) as redis:
+        dropper = ReplyDropper(redis.port)
+        await dropper.start()
+        cache = RedisCacheBackend(RedisConfig(url=dropper.url, timeout_s=5.0))
+        try:
+            token = await cache.acquire("warm", 30)  # script loaded, connection made
+            assert token is not None
+            await cache.release("warm", token)
+
+            dropper.armed = True
+            token = await cache.acquire("answer", 30)
+            assert dropper.dropped == 1
+            assert token is not None  # the retry found the lock this call holds
+            assert await cache.acquire("answer", 30) is None  # another call waits
+            await cache.release("answer", token)
+            assert await cache.acquire("answer", 30) is not None
+        finally:
+            await cache.aclose()
+            await dropper.stop()

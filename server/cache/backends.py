@@ -150,6 +150,15 @@ class MemoryBackend:
 
 
 # KEYS[1] lock; ARGV[1] token: deletes the lock only if this call still holds it.
+# The lock, taken when free; answered 1 also when this token holds it already:
+# the same SET run again after its reply was lost (the shared client retries a
+# command once on a new connection) must not leave the call waiting on itself.
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+return 0
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -170,6 +179,7 @@ class RedisCacheBackend:
         self._prefix = f"{config.key_prefix}cache:"
         self._lock_prefix = f"{config.key_prefix}cache-lock:"
         self._redis: aioredis.Redis = shared_redis(config)
+        self._acquire = self._redis.register_script(_ACQUIRE)
         self._release = self._redis.register_script(_RELEASE)
         self._last_warning = 0.0
         # Operations that failed for want of Redis (a metric reads this).
@@ -212,9 +222,9 @@ class RedisCacheBackend:
         milliseconds = max(1, round(ttl_s * 1000))
         taken = await self._run(
             "lock",
-            lambda: self._redis.set(self._lock_prefix + key, token, px=milliseconds, nx=True),
+            lambda: self._acquire(keys=[self._lock_prefix + key], args=[token, milliseconds]),
         )
-        return token if taken else None
+        return token if taken == 1 else None
 
     async def wait(self, key: str, timeout_s: float) -> None:
         # Another replica may hold the lock: poll for its release (or expiry).
