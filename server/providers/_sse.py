@@ -14,7 +14,7 @@ error, not unbounded memory.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from server.errors import UpstreamProtocolError
@@ -42,12 +42,36 @@ class SseBatch:
 
 
 class SseSplitter:
-    """Feeds on chunks of an SSE byte stream; returns the events each completes."""
+    """Feeds on chunks of an SSE byte stream; returns the events each completes.
 
-    __slots__ = ("_buffer",)
+    `first_content`, for `parts`: where the first event that carries content
+    ends in a read's whole events (after_first, after_first_match), -1 when
+    none does.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_buffer", "_first_content")
+
+    def __init__(self, first_content: Callable[[bytes], int] | None = None) -> None:
         self._buffer = b""
+        self._first_content = first_content
+
+    def parts(self, chunk: bytes) -> tuple[bytes, ...]:
+        """The whole events `chunk` completes, as bytes to relay: one part, but the
+        read holding the first content event in two, cut after it, so that the
+        caller's first bytes leave once the events up to it are read (a router
+        commits on it) rather than after every event of the read (a short answer
+        often comes whole in one read)."""
+        raw = self.complete(chunk)
+        if raw is None:
+            return ()
+        find = self._first_content
+        if find is None:
+            return (raw,)
+        cut = find(raw)
+        if cut < 0:
+            return (raw,)
+        self._first_content = None  # once
+        return (raw,) if cut == len(raw) else (raw[:cut], raw[cut:])
 
     def feed(self, chunk: bytes) -> SseBatch | None:
         """The events `chunk` completes, or None when it completes none."""

@@ -268,24 +268,9 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
             stream = await send_relayed(client, MESSAGES_PATH, body, options, stream=True)
             upstream_request_id = stream.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
             decoder = self._decoder(request, upstream_request_id)
-            splitter = SseSplitter()
-            content = False  # a content delta was relayed
+            splitter = SseSplitter(lambda raw: after_first(raw, b"content_block_delta"))
             async for chunk in stream.aiter_bytes():
-                whole = splitter.complete(chunk)
-                if whole is None:
-                    continue
-                parts: tuple[bytes, ...] = (whole,)
-                if not content:
-                    # The read with the first content delta goes in two parts, cut
-                    # after that delta: the caller's first bytes leave once the events
-                    # up to it are read (the router commits on it), not after reading
-                    # every event of the read (a whole short answer often comes in one).
-                    cut = after_first(whole, b"content_block_delta")
-                    if cut > 0:
-                        content = True
-                        if cut < len(whole):
-                            parts = (whole[:cut], whole[cut:])
-                for part in parts:
+                for part in splitter.parts(chunk):
                     batch = batch_of(part)
                     relayed, events, error = self._read(batch, decoder, request)
                     # The bytes first: an edge that relays knows from the first

@@ -332,22 +332,9 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
             stream = await send_relayed(client, COMPLETIONS_PATH, body, options, stream=True)
             upstream_request_id = stream.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
             decoder = self._decoder(request, upstream_request_id)
-            splitter = SseSplitter()
-            content = False  # a chunk with content was relayed
+            splitter = SseSplitter(lambda raw: after_first_match(raw, _CHAT_CONTENT))
             async for piece in stream.aiter_bytes():
-                raw = splitter.complete(piece)
-                if raw is None:
-                    continue
-                parts: tuple[bytes, ...] = (raw,)
-                if not content:
-                    # As the Messages relay does (AnthropicProvider._relay): the read
-                    # with the first content goes in two parts, cut after its chunk.
-                    cut = after_first_match(raw, _CHAT_CONTENT)
-                    if cut > 0:
-                        content = True
-                        if cut < len(raw):
-                            parts = (raw[:cut], raw[cut:])
-                for part in parts:
+                for part in splitter.parts(piece):
                     relayed, events, error = self._read_chat(
                         batch_of(part), decoder, wants_usage, request
                     )
@@ -388,22 +375,9 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
             stream = await send_relayed(client, RESPONSES_PATH, body, options, stream=True)
             upstream_request_id = stream.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
             decoder = self._responses_decoder(request, upstream_request_id)
-            splitter = SseSplitter()
-            content = False  # a text delta was relayed
+            splitter = SseSplitter(lambda raw: after_first(raw, b"response.output_text.delta"))
             async for piece in stream.aiter_bytes():
-                raw = splitter.complete(piece)
-                if raw is None:
-                    continue
-                parts: tuple[bytes, ...] = (raw,)
-                if not content:
-                    # As the Messages relay does (AnthropicProvider._relay): the read
-                    # with the first text delta goes in two parts, cut after it.
-                    cut = after_first(raw, b"response.output_text.delta")
-                    if cut > 0:
-                        content = True
-                        if cut < len(raw):
-                            parts = (raw[:cut], raw[cut:])
-                for part in parts:
+                for part in splitter.parts(piece):
                     relayed, events, error = self._read_responses(batch_of(part), decoder, request)
                     if relayed:
                         yield RawChunk(relayed)
