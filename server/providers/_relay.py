@@ -8,8 +8,9 @@ the model's upstream name, and fields the gateway needs for its own
 accounting (OpenAI's `stream_options.include_usage`). An upstream's error
 answer is kept whole (UpstreamReply) so that the edge can relay it. A
 streamed answer is relayed one upstream read at a time (one RawChunk, one
-write to the client, per read: _sse.py's batches), and the typed events the
-gateway reads from it are merged the same way (`merged_deltas`).
+write to the client, per read: _sse.py's batches; the read that holds the
+first content in two, cut after it: SseSplitter.parts), and the typed
+events the gateway reads from it are merged the same way (`merged_deltas`).
 
 `send_relayed` is that `client.post` without rebuilding the SDK's request
 for every call: the SDK builds it once per client and path (its headers:
