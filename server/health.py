@@ -24,8 +24,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # List's response; grpcio-health-checking's health_pb2 has it, the typeshed
-# stubs (types-grpcio-health-checking) do not yet.
-HealthListResponse: type[Message] = health_pb2.HealthListResponse  # type: ignore[attr-defined]
+# stubs (types-grpcio-health-checking) do not yet. Typed Any: types-protobuf's
+# Message takes no field arguments (since its 2026-11-22 release), this one does.
+HealthListResponse: Any = health_pb2.HealthListResponse  # type: ignore[attr-defined]
 
 
 class HealthService(health_pb2_grpc.HealthServicer):
@@ -65,12 +66,13 @@ class HealthService(health_pb2_grpc.HealthServicer):
     async def List(self, request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
         # A handful of services: far from the size where the protocol lets a
         # server answer RESOURCE_EXHAUSTED instead.
-        return HealthListResponse(
+        response: Message = HealthListResponse(
             statuses={
                 service: health_pb2.HealthCheckResponse(status=status)
                 for service, status in self._status.items()
             }
         )
+        return response
 
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
