@@ -324,17 +324,19 @@ class _Writer:
     def flush(self) -> None:
         """Returns once every record queued so far is written."""
         written = threading.Event()
-        self.records.items.append(written)
-        self._hurry.set()
-        self.records.wake.set()
+        self._mark(written)
         written.wait()
 
     def stop(self) -> None:
         """Writes what is queued, then ends the thread."""
-        self.records.items.append(self._STOP)
+        self._mark(self._STOP)
+        self._thread.join()
+
+    def _mark(self, item: object) -> None:
+        """Queues a marker (a flush's event, the stop) and wakes the thread at once."""
+        self.records.items.append(item)
         self._hurry.set()
         self.records.wake.set()
-        self._thread.join()
 
 
 _writer: _Writer | None = None

@@ -163,7 +163,7 @@ return 1
 # A budget K is a hash (spent, reserved, and `seeded` once its spend is
 # known: rebuilt from the ledger, or counted here since the period began),
 # K..':amounts' holder -> amount and K..':holds' holder scored by expiry.
-# A settled holder's amount is the mark SETTLED for a while (see _SETTLE).
+# A settled holder's amount is the mark 'settled' for a while (see _SETTLE).
 # Expired holds and marks are dropped first.
 _PURGE = """
 local function purge(k, now)

@@ -149,16 +149,17 @@ class MemoryBackend:
         self.bytes = 0
 
 
-# KEYS[1] lock; ARGV[1] token: deletes the lock only if this call still holds it.
-# The lock, taken when free; answered 1 also when this token holds it already:
-# the same SET run again after its reply was lost (the shared client retries a
-# command once on a new connection) must not leave the call waiting on itself.
+# KEYS[1] lock; ARGV[1] token, ARGV[2] milliseconds: takes the lock when free;
+# answers 1 also when this token holds it already: the same SET run again after
+# its reply was lost (the shared client retries a command once on a new
+# connection) must not leave the call waiting on itself.
 _ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
 return 0
 """
 
+# KEYS[1] lock; ARGV[1] token: deletes the lock only if this call still holds it.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0

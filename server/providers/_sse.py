@@ -132,19 +132,22 @@ def after_first(raw: bytes, name: bytes) -> int:
     at = raw.find(line)
     while at > 0 and raw[at - 1 : at] != b"\n":
         at = raw.find(line, at + 1)
-    if at < 0 or b"\r" in raw:
-        return -1
-    end = raw.find(b"\n\n", at)
-    return -1 if end < 0 else end + 2
+    return _end_of_event(raw, at)
 
 
 def after_first_match(raw: bytes, pattern: re.Pattern[bytes]) -> int:
     """Where the first event of `raw` (whole events) whose bytes match `pattern`
     ends, after its blank line; -1 when none does (or `raw` has CR line ends)."""
     match = pattern.search(raw)
-    if match is None or b"\r" in raw:
+    return -1 if match is None else _end_of_event(raw, match.end() - 1)
+
+
+def _end_of_event(raw: bytes, at: int) -> int:
+    """Where the event holding `raw[at]` ends, after its blank line; -1 when `at` is
+    (nothing found) or `raw` has CR line ends (whose events these finders do not cut)."""
+    if at < 0 or b"\r" in raw:
         return -1
-    end = raw.find(b"\n\n", match.end() - 1)
+    end = raw.find(b"\n\n", at)
     return -1 if end < 0 else end + 2
 
 
