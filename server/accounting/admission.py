@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,7 +36,7 @@ from server.accounting.quotas import (
     QuotaPolicy,
     budget_periods,
 )
-from server.calls import CallRecord
+from server.calls import CallRecord, random_id
 from server.config import BudgetsConfig
 from server.costs import compute_cost
 from server.errors import (
@@ -145,7 +144,7 @@ class Admission:
             return
         key_id = record.key_id
         input_tokens = estimated_input_tokens(request) if long_estimate is None else long_estimate
-        hold = QuotaHold(key_id, uuid.uuid4().hex)
+        hold = QuotaHold(key_id, random_id())
         # On the record before the first await: whatever happens next, its
         # close settles what was taken.
         record.quota_hold = hold

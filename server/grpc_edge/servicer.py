@@ -13,7 +13,6 @@ import asyncio
 import functools
 import logging
 import re
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from server.calls import (
     accounted,
     close_record,
     open_record,
+    random_id,
 )
 from server.errors import (
     FieldViolation,
@@ -80,7 +80,7 @@ def request_id_of(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> 
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID.match(value):
             return value
-    return uuid.uuid4().hex
+    return random_id()
 
 
 def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -208,7 +208,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         try:
             record.request_id = request_id_of(request, context)
         except GatewayError:
-            record.request_id = uuid.uuid4().hex
+            record.request_id = random_id()
         close_record(record, self.observers, error.code, error.reason)
 
     async def Generate(

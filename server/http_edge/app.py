@@ -18,11 +18,10 @@ import asyncio
 import json
 import logging
 import re
-import uuid
 from collections.abc import Awaitable, Callable
 
 from server.auth.authenticator import Authenticator
-from server.calls import Drain
+from server.calls import Drain, random_id
 from server.credentials import undecryptable_stored_keys
 from server.errors import GatewayError, MissingScopeError, ShuttingDownError
 from server.http_edge import models
@@ -269,7 +268,7 @@ def _client_dialect(exchange: Exchange) -> ErrorDialect:
 
 def _request_id(exchange: Exchange) -> str:
     given = exchange.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if _REQUEST_ID.match(given) else random_id()
 
 
 def _require_json(exchange: Exchange) -> None:

@@ -14,7 +14,6 @@ protocol's adapter only decodes the request and encodes the events.
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -34,6 +33,7 @@ from server.calls import (
     close_durably,
     close_record,
     open_record,
+    random_id,
 )
 from server.identity import current_identity, require_model_access
 from server.routing import Route
@@ -99,7 +99,7 @@ class HttpCalls:
                 limits = self._gate.limits_for(identity)
                 holder = ""
                 if limits is not None:
-                    holder = uuid.uuid4().hex
+                    holder = random_id()
                     key_id = identity.key_id if identity is not None else ""
                     refusal = await self._gate.admit(key_id, limits, holder)
                     if refusal is not None:
