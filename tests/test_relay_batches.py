@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.errors import GatewayError
@@ -416,3 +416,135 @@ def test_merged_deltas_join_only_runs_of_one_kind_and_block() -> None:
         ToolInputDelta(1, "{}"),
         ThinkingDelta(1, "x"),
     ]
+
+
+# Chat Completions chunks of every shape the reading by pattern must tell apart.
+_TEXTS = st.text(max_size=12) | st.sampled_from(["usage", "error", 'a"b', "c\\d", "é\n😀", ""])
+_TEXT_DELTA = st.builds(lambda t: {"content": t}, _TEXTS)
+_DELTAS = st.one_of(
+    _TEXT_DELTA,
+    _TEXT_DELTA,
+    _TEXT_DELTA,
+    st.builds(lambda t: {"role": "assistant", "content": t}, _TEXTS),
+    st.builds(lambda t: {"content": t, "refusal": None}, _TEXTS),
+    st.builds(lambda t: {"refusal": t}, _TEXTS),
+    st.builds(lambda t: {"reasoning_content": t}, _TEXTS),
+    st.builds(lambda t: {"tool_calls": [{"index": 0, "function": {"arguments": t}}]}, _TEXTS),
+    st.just({}),
+)
+
+
+@st.composite
+def chat_chunks(draw: st.DrawFn) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": draw(st.sampled_from([0, 0, 1])), "delta": draw(_DELTAS)}
+    if draw(st.booleans()):
+        choice["logprobs"] = None
+    choice["finish_reason"] = draw(st.sampled_from([None, None, "stop", "length"]))
+    choices = [choice]
+    if draw(st.integers(0, 4)) == 0:
+        choices.append({"index": 1, "delta": draw(_DELTAS), "finish_reason": None})
+    chunk: dict[str, Any] = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": choices,
+    }
+    usage = draw(st.sampled_from(["absent", "null", "null", "counts"]))
+    if usage != "absent":
+        chunk["usage"] = None if usage == "null" else {"prompt_tokens": 2, "completion_tokens": 1}
+    if draw(st.integers(0, 5)) == 0:
+        chunk["error"] = {"message": "overloaded", "type": "server_error"}
+    if draw(st.booleans()):
+        chunk["obfuscation"] = draw(st.text(alphabet="abc123", min_size=6, max_size=8))
+    return chunk
+
+
+def _started_decoder() -> Any:
+    from server.providers._openai_codec import ChatStreamDecoder
+
+    decoder = ChatStreamDecoder(
+        provider="openai", model="m", request_id="r", upstream_request_id=""
+    )
+    decoder.feed({"id": "c1", "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+    return decoder
+
+
+@settings(max_examples=500)
+@given(chat_chunks(), st.booleans(), st.booleans(), st.booleans())
+def test_a_chunk_read_by_pattern_says_what_parsing_it_says(
+    chunk: dict[str, Any], compact: bool, ascii_only: bool, after_text: bool
+) -> None:
+    """plain_text reads a chunk only if parsing it would give its text and nothing
+    else; OpenAI's shape of a text chunk it always reads."""
+    from server.providers._openai_codec import plain_text
+
+    data = json.dumps(
+        chunk, separators=(",", ":") if compact else None, ensure_ascii=ascii_only
+    ).encode()
+    parsed, by_pattern = _started_decoder(), _started_decoder()
+    if after_text:  # a text block already open
+        parsed.text("x")
+        by_pattern.text("x")
+    text = plain_text(data)
+    if text is not None:
+        assert by_pattern.text(text) == parsed.feed(json.loads(data))
+    choice = chunk["choices"][0]
+    delta_text = choice["delta"].get("content")
+    openai_shape = (
+        len(chunk["choices"]) == 1
+        and choice["index"] == 0
+        and set(choice["delta"]) == {"content"}
+        and delta_text not in ("", "usage", "error")
+        and choice["finish_reason"] is None
+        and chunk.get("usage") is None
+        and "error" not in chunk
+    )
+    assert (text is not None) == openai_shape
+
+
+async def test_a_relayed_chat_stream_is_read_for_its_texts_whatever_their_shape() -> None:
+    """A stream mixing chunks read by pattern and parsed ones (role with text,
+    escapes, a refusal-free tool call between texts) gives the texts and blocks
+    that parsing every chunk gives."""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "model": "m",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "usage": None,
+        }
+
+    chunks = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": "Grüße, "}),
+        chunk({"content": 'a "quoted"\nline'}),
+        chunk({"role": "assistant", "content": " and 日本"}),
+        chunk({"content": " \\ 😀"}),
+        chunk(
+            {"tool_calls": [{"index": 0, "id": "t1", "function": {"name": "f", "arguments": ""}}]}
+        ),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
+        chunk({"content": "after"}),
+        chunk({}, "tool_calls"),
+        {"id": "c1", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 9}},
+    ]
+    stream = b"".join(sse(None, c) for c in chunks) + b"data: [DONE]\n\n"
+    document = {"model": "gpt-6-sol", "stream": True, "stream_options": {"include_usage": True}}
+    request = relayed_request(OPENAI_CHAT, "gpt-6-sol", {**document, "messages": []})
+    relayed, typed, error = await relay("openai", stream, request, pieces=7)
+    assert error is None
+    assert b"".join(relayed) == stream
+    reference = _started_decoder()
+    expected: list[StreamEvent] = []
+    for one in chunks[1:]:
+        expected += reference.feed(one)
+    expected += reference.finish()
+
+    def blocks_and_texts(events: list[StreamEvent]) -> list[Any]:
+        kept = [e for e in events if not isinstance(e, MessageStart)]
+        return merged_deltas(kept)
+
+    assert blocks_and_texts(typed) == blocks_and_texts(expected)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -339,9 +340,7 @@ class ChatStreamDecoder:
             if refusal:
                 text, self._refused = refusal, True
             if text:
-                if self._text is None:
-                    self._text = self._open(TextBlock(""), events)
-                events.append(TextDelta(self._text, text))
+                self._text_delta(text, events)
             for call in delta.get("tool_calls") or ():
                 position = call.get("index", 0)
                 index = self._tool_blocks.get(position)
@@ -362,6 +361,23 @@ class ChatStreamDecoder:
         if finish_reason and self._finish is None:
             self._finish = finish_reason
             self._stop_open(events)
+
+    @property
+    def started(self) -> bool:
+        """Whether the first chunk has been read (it starts the message)."""
+        return self._started
+
+    def text(self, text: str) -> list[StreamEvent]:
+        """The events of chunks after the first whose only news is text of the first
+        choice (`plain_text`): what `feed` makes of them, their texts joined."""
+        events: list[StreamEvent] = []
+        self._text_delta(text, events)
+        return events
+
+    def _text_delta(self, text: str, events: list[StreamEvent]) -> None:
+        if self._text is None:
+            self._text = self._open(TextBlock(""), events)
+        events.append(TextDelta(self._text, text))
 
     def _open(
         self, block: TextBlock | ThinkingBlock | ToolUseBlock, events: list[StreamEvent]
@@ -395,6 +411,40 @@ class ChatStreamDecoder:
             )
         reason = StopReason.REFUSAL if self._refused else FINISH_REASONS.get(self._finish)
         return [MessageDelta(stop_reason=reason, usage=self._usage), MessageStop()]
+
+
+# The only choice of a chunk, index 0, with text in its delta and nothing else,
+# not finished: how OpenAI streams an answer's text (spaces optional: other
+# servers write JSON with them). The text is a JSON string's inside (escaped
+# quotes and backslashes as pairs).
+_TEXT_CHOICE = re.compile(
+    rb'"choices": ?\[\{"index": ?0, ?"delta": ?\{"content": ?"([^"\\]*(?:\\.[^"\\]*)*)"\}'
+    rb'(?:, ?"logprobs": ?null)?, ?"finish_reason": ?null\}\]'
+)
+_NO_USAGE = re.compile(rb'"usage": ?null')
+
+
+def plain_text(data: bytes) -> str | None:
+    """The text of a chunk whose only news is text of the first choice, read by a
+    pattern instead of parsed (most chunks of a streamed answer), or None: the
+    chunk must be parsed.
+
+    Its `usage` must be null or absent, and no key `error` anywhere: a quote is
+    escaped inside a JSON string, so `"usage"` and `"error"` are keys there (or
+    a whole string of that text, which only sends the chunk to be parsed).
+    """
+    match = _TEXT_CHOICE.search(data)
+    if match is None or not match[1] or b'"error"' in data:
+        return None
+    usage = data.count(b'"usage"')
+    if usage and len(_NO_USAGE.findall(data)) != usage:
+        return None
+    try:
+        text = match[1].decode()
+        # A JSON string's escapes (\n, \", \uXXXX) as json.loads reads them.
+        return json.loads(f'"{text}"') if "\\" in text else text
+    except ValueError:  # not UTF-8, or a bad escape: parsing the chunk says what
+        return None
 
 
 def completion_as_chunks(completion: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -401,13 +401,27 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
     ) -> tuple[bytes, list[StreamEvent], GatewayError | None]:
         """One read of a relayed Chat Completions stream: the bytes to relay (without
         the usage chunk the client did not ask for), the events read from them, and
-        the error chunk that ends them, if any."""
+        the error chunk that ends them, if any.
+
+        After the first chunk, chunks that only carry text (most of an answer) are
+        read by a pattern (`codec.plain_text`), consecutive ones as one delta;
+        the others are parsed.
+        """
         events: list[StreamEvent] = []
         left_out: list[SseEvent] = []
+        texts: list[str] = []  # of the chunks read by the pattern, not yet decoded
         for sse in batch.events:
             data = sse.data
             if not data or data == b"[DONE]":
                 continue
+            if decoder.started:
+                text = codec.plain_text(data)
+                if text is not None:
+                    texts.append(text)
+                    continue
+            if texts:
+                events += decoder.text("".join(texts))
+                texts = []
             chunk = json_object(json.loads(data), "a chunk")
             if "error" in chunk:
                 error = self._stream_error(chunk["error"], batch, sse, OPENAI_CHAT, request)
@@ -416,6 +430,8 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
             if not (wants_usage or chunk.get("choices") or chunk.get("usage") is None):
                 left_out.append(sse)
             events += decoder.feed(chunk)
+        if texts:
+            events += decoder.text("".join(texts))
         return relayed_bytes(batch, left_out, len(batch.raw)), merged_deltas(events), None
 
     def _read_responses(
