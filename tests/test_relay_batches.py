@@ -548,3 +548,63 @@ async def test_a_relayed_chat_stream_is_read_for_its_texts_whatever_their_shape(
         return merged_deltas(kept)
 
     assert blocks_and_texts(typed) == blocks_and_texts(expected)
+
+
+@st.composite
+def responses_text_events(draw: st.DrawFn) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "type": draw(
+            st.sampled_from(
+                ["response.output_text.delta"] * 3
+                + ["response.function_call_arguments.delta", "response.refusal.delta"]
+            )
+        )
+    }
+    if draw(st.booleans()):
+        data["item_id"] = "msg_1"
+    if draw(st.integers(0, 6)):
+        data["output_index"] = draw(st.sampled_from([0, 1, 2, "0", None]))
+    data["content_index"] = 0
+    if draw(st.integers(0, 6)):
+        data["delta"] = draw(
+            _TEXTS | st.sampled_from(["type", "delta", "output_index"]) | st.none()
+        )
+    data["sequence_number"] = draw(st.integers(0, 99))
+    if draw(st.booleans()):
+        data["logprobs"] = []
+    if draw(st.booleans()):
+        data["obfuscation"] = draw(st.text(alphabet="abc123", min_size=6, max_size=8))
+    keys = list(data)
+    order = draw(st.permutations(keys))
+    return {key: data[key] for key in order}
+
+
+@settings(max_examples=500)
+@given(responses_text_events(), st.booleans(), st.booleans())
+def test_a_responses_text_delta_read_by_pattern_says_what_parsing_it_says(
+    data: dict[str, Any], compact: bool, ascii_only: bool
+) -> None:
+    """text_delta reads an event only if parsing it would give the same delta;
+    OpenAI's shape of a text delta it always reads."""
+    from server.providers._openai_responses_codec import ResponsesStreamDecoder, text_delta
+
+    def decoder() -> ResponsesStreamDecoder:
+        made = ResponsesStreamDecoder(
+            provider="o", model="m", request_id="r", upstream_request_id=""
+        )
+        for index, kind in enumerate(["message", "function_call", "message"]):
+            item = {"type": kind, "call_id": "c", "name": "f"}
+            made.feed({"type": "response.output_item.added", "output_index": index, "item": item})
+        return made
+
+    raw = json.dumps(data, separators=(",", ":") if compact else None, ensure_ascii=ascii_only)
+    read = text_delta(raw.encode())
+    if read is not None:
+        assert decoder().text(*read) == decoder().feed(json.loads(raw))
+    openai_shape = (
+        data["type"] == "response.output_text.delta"
+        and isinstance(data.get("output_index"), int)
+        and isinstance(data.get("delta"), str)
+        and data["delta"] not in ("type", "delta", "output_index")
+    )
+    assert (read is not None) == openai_shape

@@ -13,6 +13,8 @@ usage. Input token counts include the cached ones, as in Chat Completions.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +33,34 @@ from server.events import (
 from server.schema import StopReason, TextBlock, ThinkingBlock, ToolUseBlock, Usage
 
 _FINISHED = frozenset({"response.completed", "response.incomplete"})
+
+# A response.output_text.delta event's data as OpenAI writes it (spaces
+# optional): its type, one output index and one delta, a JSON string's inside.
+_TEXT_TYPE = re.compile(rb'"type": ?"response\.output_text\.delta"')
+_OUTPUT_INDEX = re.compile(rb'"output_index": ?(\d+)[,}]')
+_DELTA = re.compile(rb'"delta": ?"([^"\\]*(?:\\.[^"\\]*)*)"')
+
+
+def text_delta(data: bytes) -> tuple[int, str] | None:
+    """The output index and text of a text delta event, read by a pattern instead
+    of parsed (most events of a streamed answer), or None: the event must be
+    parsed. Each key must appear once (a quote inside a JSON string is escaped,
+    so `"delta"` there is a key, or a whole string of that text, which only
+    sends the event to be parsed)."""
+    if data.count(b'"type"') != 1 or data.count(b'"output_index"') != 1:
+        return None
+    if data.count(b'"delta"') != 1 or _TEXT_TYPE.search(data) is None:
+        return None
+    index = _OUTPUT_INDEX.search(data)
+    delta = _DELTA.search(data)
+    if index is None or delta is None:
+        return None
+    try:
+        text = delta[1].decode()
+        # A JSON string's escapes (\n, \", \uXXXX) as json.loads reads them.
+        return int(index[1]), json.loads(f'"{text}"') if "\\" in text else text
+    except ValueError:  # not UTF-8, or a bad escape: parsing the event says what
+        return None
 
 
 def usage_of(raw: Mapping[str, Any] | None) -> Usage | None:
@@ -64,6 +94,12 @@ class ResponsesStreamDecoder:
         self._next = 0
         self._done = False
 
+    def text(self, output_index: Any, text: str) -> list[StreamEvent]:
+        """The events of a response.output_text.delta event (parsed, or read by
+        `text_delta`)."""
+        block_index = self._blocks.get(output_index)
+        return [] if block_index is None else [TextDelta(block_index, text)]
+
     def feed(self, data: Mapping[str, Any]) -> list[StreamEvent]:
         kind = data.get("type")
         if kind == "response.created":
@@ -93,9 +129,7 @@ class ResponsesStreamDecoder:
             self._next += 1
             return [ContentBlockStart(index, block)]
         if kind == "response.output_text.delta":
-            block_index = self._blocks.get(data.get("output_index", -1))
-            delta = data.get("delta") or ""
-            return [] if block_index is None else [TextDelta(block_index, delta)]
+            return self.text(data.get("output_index", -1), data.get("delta") or "")
         if kind == "response.function_call_arguments.delta":
             block_index = self._blocks.get(data.get("output_index", -1))
             delta = data.get("delta") or ""

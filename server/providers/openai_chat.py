@@ -441,12 +441,18 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         request: GenerationRequest,
     ) -> tuple[bytes, list[StreamEvent], GatewayError | None]:
         """One read of a relayed Responses stream: the bytes to relay, the events read
-        from them (events the decoder has no use for are not parsed), and the error
-        or `response.failed` event that ends them, if any."""
+        from them (events the decoder has no use for are not parsed, text deltas
+        are read by a pattern where they can be), and the error or
+        `response.failed` event that ends them, if any."""
         events: list[StreamEvent] = []
         for sse in batch.events:
             if not sse.data or sse.name in _RESPONSES_UNREAD:
                 continue
+            if sse.name == "response.output_text.delta":
+                read = responses_codec.text_delta(sse.data)
+                if read is not None:
+                    events += decoder.text(*read)
+                    continue
             data = json_object(json.loads(sse.data), f"event {sse.name or '(unnamed)'}")
             kind = data.get("type")
             failure: Any = None
