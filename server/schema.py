@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
     from server.errors import FieldViolation
+    from server.json_members import Members
 
 
 class Role(enum.Enum):
@@ -141,6 +142,9 @@ class Passthrough:
     # What a translation to another API would lose: only a provider that relays
     # `protocol` may serve the request then (server/routing/router.py).
     untranslatable: list[FieldViolation] = field(default_factory=list)
+    # Where `body`'s top-level values lie, so that a value the gateway sets
+    # (the model of an alias) is written into the body as it came.
+    members: Members | None = None
 
 
 @dataclass(slots=True)

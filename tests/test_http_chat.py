@@ -371,6 +371,26 @@ async def test_pass_through_stream_of_an_alias_renames_the_model(
     assert final.choices[0].message.content == "Renamed."
 
 
+async def test_pass_through_writes_what_it_sets_into_the_clients_bytes(
+    url: str, fake: FakeUpstream
+) -> None:
+    """An alias's model and the usage the gateway asks for are written into the
+    body as the client wrote it: its spacing, escapes and number forms kept."""
+    fake.enqueue(Reply(blocks=[Text("Kept.")]))
+    body = (
+        b'{\n  "messages" : [{"role": "user",\n'
+        b'   "content": "Gr\\u00fc\\u00dfe \xe6\x97\xa5 a\\/b"}],\n'
+        b'  "temperature": 1E0, "model": "gpt-test",\t"stream": true,\n'
+        b'  "metadata": {"model": "not this one"}\n}\n'
+    )
+    response = await chat_post(url, body)
+    assert response.status_code == 200
+    expected = b'{"stream_options":{"include_usage":true},' + body[1:].replace(
+        b'"model": "gpt-test"', b'"model": "gpt-upstream-1"'
+    )
+    assert fake.last(CHAT_PATH).raw == expected
+
+
 @pytest.mark.parametrize(
     ("status", "error_class"),
     [

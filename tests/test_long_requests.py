@@ -212,7 +212,7 @@ async def test_large_bodies_are_parsed_a_step_at_a_time(monkeypatch: pytest.Monk
     parsed_at: list[int] = []
     parse = generation.parse_json
 
-    def recorded_parse(body: bytes) -> dict[str, Any]:
+    def recorded_parse(body: bytes) -> tuple[dict[str, Any], Any]:
         parsed_at.append(turn)
         return parse(body)
 
@@ -225,7 +225,8 @@ async def test_large_bodies_are_parsed_a_step_at_a_time(monkeypatch: pytest.Monk
     monkeypatch.setattr(generation, "parse_json", recorded_parse)
     ticker = asyncio.create_task(other_call())
     bodies = [b'{"text": "' + b"x" * 2_000_000 + b'"}' for _ in range(3)]
-    documents = await asyncio.gather(*(generation.read_json(b) for b in bodies))
+    parsed = await asyncio.gather(*(generation.read_json(b) for b in bodies))
+    documents = [document for document, _ in parsed]
     ticker.cancel()
     assert [len(d["text"]) for d in documents] == [2_000_000] * 3
     # Before: the three arrived together and were parsed in one turn of the

@@ -40,8 +40,8 @@ EXCLUDED: dict[type, frozenset[str]] = {
             "incremental",
         }
     ),
-    # `body`, parsed: the body's bytes are in the key already.
-    Passthrough: frozenset({"document"}),
+    # `body`, parsed, and where its values lie: the body's bytes are in the key already.
+    Passthrough: frozenset({"document", "members"}),
 }
 
 

@@ -39,6 +39,7 @@ from server.http_edge.exchange import Exchange
 from server.http_edge.json_decoding import free_of_lone_surrogates
 from server.http_edge.unfinished_answers import STALLED_ANSWER
 from server.identity import require_model_access
+from server.json_members import Members, parse_object
 from server.loop_turns import taking_turns
 from server.routing import Route, Router
 from server.schema import GenerationRequest, GenerationResponse, Passthrough
@@ -116,12 +117,17 @@ class Dialect(ErrorDialect, Protocol):
         ...
 
 
+# Above this size a body's parse notes where its top-level values lie (a few
+# microseconds more, next to a parse of milliseconds): a pass-through that
+# changes one then writes it in place without parsing the body again.
+FIND_MEMBERS_ABOVE_BYTES = 64 * 1024
+
 # A body up to this size is parsed at once (about a millisecond); a larger one
 # in a step of server/loop_turns.py, taking turns with the other heavy work.
 PARSE_AT_ONCE_BYTES = 1024 * 1024
 
 
-async def read_json(body: bytes) -> dict[str, Any]:
+async def read_json(body: bytes) -> tuple[dict[str, Any], Members | None]:
     """parse_json, without letting large bodies that arrive together stall the
     event loop for all of their parses at once.
 
@@ -135,17 +141,23 @@ async def read_json(body: bytes) -> dict[str, Any]:
         return parse_json(body)
 
 
-def parse_json(body: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+def parse_json(body: bytes) -> tuple[dict[str, Any], Members | None]:
+    """The request body as a JSON object and where its top-level values lie (for a
+    pass-through that changes one, server/json_members.py), or a 400 that says
+    what is wrong with it."""
     try:
-        # What json.loads does with bytes, on a decoder made once (json.loads
-        # makes one per call when given an argument).
-        document = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+        if len(body) > FIND_MEMBERS_ABOVE_BYTES:
+            document, members = parse_object(body, _DECODER)
+        else:
+            # What json.loads does, on a decoder made once (json.loads makes
+            # one per call when given an argument).
+            text = body.decode(json.detect_encoding(body), "surrogatepass")
+            document, members = _DECODER.decode(text), None
     except (ValueError, RecursionError) as err:
         raise InvalidArgumentError([FieldViolation("body", f"not valid JSON: {err}")]) from None
     if not isinstance(document, dict):
         raise InvalidArgumentError([FieldViolation("body", "must be a JSON object")])
-    return document
+    return document, members
 
 
 def _no_constant(name: str) -> Any:
@@ -201,7 +213,7 @@ class GenerationEndpoint:
             dialect.protocol, exchange.request_id, exchange.headers, dialect.span_name
         ) as record:
             record.end_user = _session(exchange.headers)
-            document = await read_json(body)
+            document, members = await read_json(body)
             record.model_requested = _recordable(document.get("model"))
             checked = free_of_lone_surrogates(body)
             decoded = dialect.decode(document, exchange.request_id, checked)
@@ -210,7 +222,7 @@ class GenerationEndpoint:
             dialect.routed(decoded, route)
             relayed = dialect.relayed(document)
             if relayed is not None:
-                document = relayed
+                document, members = relayed, None
                 body = json.dumps(relayed, ensure_ascii=False, separators=(",", ":")).encode()
             request.passthrough = Passthrough(
                 dialect.protocol,
@@ -219,6 +231,7 @@ class GenerationEndpoint:
                 dialect.forwarded_headers(exchange.headers),
                 exchange.query,
                 decoded.untranslatable,
+                members,
             )
             cached = await self._cached(record, request, route, dialect.protocol, exchange)
             try:

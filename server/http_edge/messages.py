@@ -87,14 +87,19 @@ class MessagesDialect:
 async def count_tokens(router: Router, exchange: Exchange, body: bytes) -> None:
     """`POST /v1/messages/count_tokens`: the upstream's count for an Anthropic
     deployment (the body relayed), the gateway's estimate otherwise."""
-    document = parse_json(body)
+    document, members = parse_json(body)
     request = decode_count_tokens(
         document, deadline=None, text_checked=free_of_lone_surrogates(body)
     )
     route = resolve(router, request.model)
     require_model_access(request.model, route.model.id)
     request.passthrough = Passthrough(
-        ANTHROPIC_MESSAGES, body, document, anthropic_headers(exchange.headers), exchange.query
+        ANTHROPIC_MESSAGES,
+        body,
+        document,
+        anthropic_headers(exchange.headers),
+        exchange.query,
+        members=members,
     )
     count = await router.count_tokens(request, route)
     tokens = count.input_tokens

@@ -54,6 +54,7 @@ from openai._models import FinalRequestOptions as OpenAIRequestOptions
 
 from server.errors import UpstreamReply
 from server.events import StreamEvent, TextDelta, ThinkingDelta, ToolInputDelta
+from server.json_members import members_of
 from server.providers._http1 import Answer, Http1Pool
 from server.providers._sse import SseBatch, SseEvent
 from server.schema import Passthrough
@@ -72,12 +73,23 @@ _KEPT = frozenset(
 
 
 def relayed_body(passthrough: Passthrough, changes: Mapping[str, Any]) -> bytes:
-    """The client's body, byte for byte unless `changes` (top-level fields) change it."""
+    """The client's body, byte for byte but for the top-level values `changes` sets
+    (written into it where they lie; the document re-encoded only when their
+    place is unknown or a changed key is given twice)."""
     document = passthrough.document
-    if all(document.get(key) == value for key, value in changes.items()):
+    changed = {
+        key: value
+        for key, value in changes.items()
+        if key not in document or document[key] != value
+    }
+    if not changed:
         return passthrough.body
-    changed = {**document, **changes}
-    return json.dumps(changed, ensure_ascii=False, separators=(",", ":")).encode()
+    members = passthrough.members or members_of(passthrough.body)
+    if members is not None:
+        body = members.with_values(passthrough.body, changed)
+        if body is not None:
+            return body
+    return json.dumps({**document, **changed}, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def relayed_options(passthrough: Passthrough, timeout: float, request_id: str) -> dict[str, Any]:

@@ -1,0 +1,162 @@
+"""A JSON body parsed with where its top-level values lie (server/json_members.py).
+
+parse_object must parse exactly as json.loads does (values and errors), and
+Members.with_values must change only the values it sets: the document it
+gives is the old one with them, and every other member's text is the
+client's, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.json_members import parse_object
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+DECODER = json.JSONDecoder(parse_constant=_no_constant)
+
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**20), 10**20)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+_KEYS = st.sampled_from(["model", "messages", "stream", "stream_options", "é", 'a"b', "x"])
+_FORMATS = st.sampled_from(
+    [
+        {"separators": (",", ":")},
+        {},
+        {"indent": 2},
+        {"indent": "\t", "ensure_ascii": False},
+        {"ensure_ascii": False},
+    ]
+)
+
+
+def _text_of(body: bytes, span: tuple[int, int]) -> str:
+    return body.decode("utf-8", "surrogatepass")[span[0] : span[1]]
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(_KEYS, _VALUES, max_size=6), _FORMATS, st.sampled_from(["", " ", "\n"]))
+def test_an_object_parses_as_json_loads_parses_it(
+    document: dict[str, Any], fmt: dict[str, Any], pad: str
+) -> None:
+    body = (pad + json.dumps(document, **fmt) + pad).encode()
+    parsed, members = parse_object(body, DECODER)
+    assert parsed == json.loads(body)
+    assert members is not None
+    for key, span in members.spans.items():
+        assert json.loads(_text_of(body, span)) == parsed[key]
+    assert members.ascii == body.isascii()
+
+
+@settings(max_examples=300)
+@given(
+    st.dictionaries(_KEYS, _VALUES, max_size=6),
+    st.dictionaries(_KEYS, _VALUES, min_size=1, max_size=2),
+    _FORMATS,
+)
+def test_with_values_changes_only_what_it_sets(
+    document: dict[str, Any], changes: dict[str, Any], fmt: dict[str, Any]
+) -> None:
+    body = json.dumps(document, **fmt).encode()
+    _, members = parse_object(body, DECODER)
+    assert members is not None
+    changed = members.with_values(body, changes)
+    assert changed is not None
+    assert json.loads(changed) == {**document, **changes}
+    _, after = parse_object(changed, DECODER)
+    assert after is not None
+    for key, span in members.spans.items():
+        if key not in changes:  # the client's own text of every other value
+            assert _text_of(changed, after.spans[key]) == _text_of(body, span)
+
+
+def test_a_key_given_twice_is_not_changed_in_place() -> None:
+    body = b'{"model": "a", "x": 1, "model": "a"}'
+    parsed, members = parse_object(body, DECODER)
+    assert parsed == {"model": "a", "x": 1}
+    assert members is not None and members.duplicated == {"model"}
+    assert members.with_values(body, {"model": "b"}) is None  # the caller re-encodes
+    assert members.with_values(body, {"x": 2}) == b'{"model": "a", "x": 2, "model": "a"}'
+
+
+def test_a_key_not_there_is_added_first() -> None:
+    _, members = parse_object(b' {"a": 1}', DECODER)
+    assert members is not None
+    assert members.with_values(b' {"a": 1}', {"b": {"c": True}}) == b' {"b":{"c":true},"a": 1}'
+    _, empty = parse_object(b"{ }", DECODER)
+    assert empty is not None and empty.with_values(b"{ }", {"b": 1}) == b'{"b":1 }'
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"[1, 2]",
+        b'"text"',
+        b"{",
+        b'{"a" 1}',
+        b'{"a": 1,}',
+        b'{"a": 1 "b": 2}',
+        b'{"a": }',
+        b"{a: 1}",
+        b'{"a": 1} x',
+        b'{"a": 1}  ]',
+        b'{"a": NaN}',
+        b'{"a": [1, Infinity]}',
+        b'{"a": "\x01"}',
+        b'{"a": "\\x"}',
+        b'{"a": "\xff"}',
+        b'\xef\xbb\xbf{"a": 1}',
+        b'{"a": "\\ud800"}',
+        b'{"a": 1',
+        b'{"a": 1e400}',
+        b'{"a": -}',
+        b'{"a": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+        '{"é": 1}'.encode("utf-16"),
+    ],
+)
+def test_what_json_refuses_it_refuses_the_same_way(body: bytes) -> None:
+    def outcome(parse: Any) -> Any:
+        try:
+            return ("ok", parse(body))
+        except (ValueError, RecursionError) as err:
+            return (type(err).__name__, str(err))
+
+    assert outcome(lambda b: parse_object(b, DECODER)[0]) == outcome(
+        lambda b: DECODER.decode(b.decode(json.detect_encoding(b), "surrogatepass"))
+    )
+
+
+@given(st.binary(max_size=40))
+def test_arbitrary_bytes_get_json_s_own_answer(garbage: bytes) -> None:
+    body = b'{"model": "m", "x": ' + garbage
+
+    def outcome(parse: Any) -> Any:
+        try:
+            return ("ok", parse(body))
+        except (ValueError, RecursionError) as err:
+            return (type(err).__name__, str(err))
+
+    assert outcome(lambda b: parse_object(b, DECODER)[0]) == outcome(
+        lambda b: DECODER.decode(b.decode(json.detect_encoding(b), "surrogatepass"))
+    )
