@@ -54,7 +54,7 @@ def _text_of(body: bytes, span: tuple[int, int]) -> str:
     return body.decode("utf-8", "surrogatepass")[span[0] : span[1]]
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.dictionaries(_KEYS, _VALUES, max_size=6), _FORMATS, st.sampled_from(["", " ", "\n"]))
 def test_an_object_parses_as_json_loads_parses_it(
     document: dict[str, Any], fmt: dict[str, Any], pad: str
@@ -68,7 +68,7 @@ def test_an_object_parses_as_json_loads_parses_it(
     assert members.ascii == body.isascii()
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(
     st.dictionaries(_KEYS, _VALUES, max_size=6),
     st.dictionaries(_KEYS, _VALUES, min_size=1, max_size=2),
@@ -147,6 +147,7 @@ def test_what_json_refuses_it_refuses_the_same_way(body: bytes) -> None:
     )
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=40))
 def test_arbitrary_bytes_get_json_s_own_answer(garbage: bytes) -> None:
     body = b'{"model": "m", "x": ' + garbage

@@ -470,7 +470,7 @@ def _started_decoder() -> Any:
     return decoder
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(chat_chunks(), st.booleans(), st.booleans(), st.booleans())
 def test_a_chunk_read_by_pattern_says_what_parsing_it_says(
     chunk: dict[str, Any], compact: bool, ascii_only: bool, after_text: bool
@@ -579,7 +579,7 @@ def responses_text_events(draw: st.DrawFn) -> dict[str, Any]:
     return {key: data[key] for key in order}
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(responses_text_events(), st.booleans(), st.booleans())
 def test_a_responses_text_delta_read_by_pattern_says_what_parsing_it_says(
     data: dict[str, Any], compact: bool, ascii_only: bool
