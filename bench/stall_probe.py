@@ -9,7 +9,10 @@ burst is served and the gateway's peak RSS above idle. Two bursts:
 - `limit`: requests of the largest size the gateway accepts by default
   (`server.max_receive_message_bytes`, `http.max_body_bytes`), all text;
 - `window`: the longest prose whose estimate fits the largest window, which
-  the gateway must estimate in full, route and answer.
+  the gateway must estimate in full, route and answer;
+- `conversation` (on request, `--burst conversation`): requests as large as
+  `limit`'s, but a conversation of 64 KiB messages, the shape of a long
+  agent session, rather than one text.
 
     .venv/bin/python -m bench.stall_probe                  # both edges, both bursts
     .venv/bin/python -m bench.stall_probe --edge grpc --burst window --rounds 5
@@ -37,9 +40,10 @@ from typing import Any, Literal
 
 ROOT = Path(__file__).resolve().parent.parent
 Edge = Literal["grpc", "http"]
-Burst = Literal["limit", "window"]
+Burst = Literal["limit", "window", "conversation"]
 EDGES: tuple[Edge, ...] = ("grpc", "http")
-BURSTS: tuple[Burst, ...] = ("limit", "window")
+BURSTS: tuple[Burst, ...] = ("limit", "window")  # the default run
+MESSAGE_CHARS = 64 * 1024  # a `conversation` burst's messages
 
 MODEL = "big"
 # The largest context window of the shipped catalog (server/catalog.py).
@@ -259,6 +263,8 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 def burst_payload(edge: Edge, burst: Burst, limit: int) -> bytes:
     """One large request: a serialized GenerateRequest (gRPC) or a JSON body (HTTP)."""
     margin = 4_096
+    if burst == "conversation":
+        return _conversation(edge, limit - margin)
     text = prose(window_chars() if burst == "window" else limit - margin)
     if edge == "grpc":
         from llmgateway.v1 import generation_pb2 as pb
@@ -282,6 +288,32 @@ def burst_payload(edge: Edge, burst: Burst, limit: int) -> bytes:
             document["messages"][0]["content"] = text = text[: len(text) - over - 64]
             body = json.dumps(document).encode()
             over = len(body) - (limit - margin)
+    return body
+
+
+def _conversation(edge: Edge, size: int) -> bytes:
+    """A request of about `size` bytes: messages of MESSAGE_CHARS characters of
+    prose, user and assistant in turn."""
+    texts = []
+    while len(texts) * MESSAGE_CHARS * 1.1 < size:  # JSON's escapes: about a tenth more
+        texts.append(prose(MESSAGE_CHARS))
+    if edge == "grpc":
+        from llmgateway.v1 import generation_pb2 as pb
+
+        roles = (pb.ROLE_USER, pb.ROLE_ASSISTANT)
+        turns = [
+            pb.Message(role=roles[i % 2], content=[pb.ContentBlock(text=t)])
+            for i, t in enumerate(texts)
+        ]
+        return pb.GenerateRequest(
+            model=MODEL, messages=turns, max_tokens=MAX_TOKENS
+        ).SerializeToString()
+    messages = [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(texts)]
+    document = {"model": MODEL, "max_tokens": MAX_TOKENS, "messages": messages}
+    body = json.dumps(document).encode()
+    while len(body) > size:
+        messages.pop()
+        body = json.dumps(document).encode()
     return body
 
 
@@ -486,7 +518,7 @@ async def _probe(probe: GrpcProbe | HttpProbe, done: asyncio.Event, latencies: l
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edge", choices=EDGES, action="append")
-    parser.add_argument("--burst", choices=BURSTS, action="append")
+    parser.add_argument("--burst", choices=(*BURSTS, "conversation"), action="append")
     parser.add_argument("--count", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(

@@ -10,13 +10,18 @@ forms, spacing) and costs, on the event loop, more than parsing it did
 with json's own C scanner for every value, and notes where each top-level
 value lies; `Members.with_values` then writes the changed values into the
 body and keeps every other byte.
+
+The same walk parses a large body in steps (`parse_object_in_steps`: the
+decoding, each top-level value, each element of a top-level array such as
+a conversation's messages), so that the event loop serves other calls
+between them (server/loop_turns.py).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from json.decoder import JSONDecodeError
 from typing import Any
@@ -24,6 +29,7 @@ from typing import Any
 _SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace, as json.decoder skips it
 _COLON = re.compile(r"[ \t\n\r]*:[ \t\n\r]*")  # between a key and its value
 _AFTER = re.compile(r"[ \t\n\r]*(?:(,)[ \t\n\r]*|\})")  # after a value: the next, or the end
+_AFTER_ITEM = re.compile(r"[ \t\n\r]*(?:(,)[ \t\n\r]*|\])")  # the same in an array
 _PLAIN = json.JSONDecoder()
 # json's own string scanner (its C one), which typeshed does not declare.
 _scanstring: Callable[[str, int, bool], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
@@ -97,11 +103,45 @@ def parse_object(body: bytes, decoder: json.JSONDecoder) -> tuple[Any, Members |
     costs a few microseconds a member (so small bodies are parsed at once,
     and their members found by `members_of` only when a value must change).
     """
+    walk = _walk(body, decoder)
+    while True:
+        try:
+            next(walk)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
+async def parse_object_in_steps(
+    body: bytes, decoder: json.JSONDecoder, next_step: Callable[[], Awaitable[None]]
+) -> tuple[Any, Members | None]:
+    """parse_object, awaiting `next_step` between steps of about STEP_CHARS
+    characters: the body's decoding, each top-level value, each element of a
+    top-level array (a conversation's messages). A single value larger than
+    that (one long text) is still one step."""
+    walk = _walk(body, decoder)
+    while True:
+        try:
+            next(walk)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        await next_step()
+
+
+# About a millisecond of json's scanner on this kind of machine.
+STEP_CHARS = 256 * 1024
+
+_Walk = Generator[None, None, tuple[Any, "Members | None"]]
+
+
+def _walk(body: bytes, decoder: json.JSONDecoder) -> _Walk:
+    """The parse, as a generator that stops (yields) between its steps."""
     encoding = json.detect_encoding(body)
     text = body.decode(encoding, "surrogatepass")
     at = _skip(text, 0)
     if encoding != "utf-8" or text[at : at + 1] != "{":
         return decoder.decode(text), None
+    if len(text) > STEP_CHARS:
+        yield
     scan_once = decoder.scan_once  # type: ignore[attr-defined]
     document: dict[str, Any] = {}
     spans: dict[str, tuple[int, int]] = {}
@@ -111,6 +151,7 @@ def parse_object(body: bytes, decoder: json.JSONDecoder) -> tuple[Any, Members |
     closed = text[at : at + 1] == "}"
     if closed:
         at += 1
+    stepped = at  # where the last step ended
     while not closed:
         if text[at : at + 1] != '"':
             raise JSONDecodeError("Expecting property name enclosed in double quotes", text, at)
@@ -119,10 +160,14 @@ def parse_object(body: bytes, decoder: json.JSONDecoder) -> tuple[Any, Members |
         if colon is None:
             raise JSONDecodeError("Expecting ':' delimiter", text, _skip(text, at))
         at = colon.end()
-        try:
-            value, end = scan_once(text, at)
-        except StopIteration as err:
-            raise JSONDecodeError("Expecting value", text, err.value) from None
+        if text[at : at + 1] == "[":
+            value, end = yield from _array(text, at, scan_once)
+            stepped = end
+        else:
+            value, end = _value(text, at, scan_once)
+            if end - stepped > STEP_CHARS:
+                yield
+                stepped = end
         if key in document:
             duplicated.add(key)
         document[key] = value
@@ -136,6 +181,34 @@ def parse_object(body: bytes, decoder: json.JSONDecoder) -> tuple[Any, Members |
     if at != len(text):
         raise JSONDecodeError("Extra data", text, at)
     return document, Members(spans, frozenset(duplicated), after_brace, body.isascii())
+
+
+def _array(text: str, at: int, scan_once: Any) -> Generator[None, None, tuple[list[Any], int]]:
+    """The array at `at` (its `[`), element by element, as json's scanner reads one."""
+    items: list[Any] = []
+    at = _skip(text, at + 1)
+    if text[at : at + 1] == "]":
+        return items, at + 1
+    stepped = at
+    while True:
+        value, end = _value(text, at, scan_once)
+        items.append(value)
+        if end - stepped > STEP_CHARS:
+            yield
+            stepped = end
+        after = _AFTER_ITEM.match(text, end)
+        if after is None:
+            raise JSONDecodeError("Expecting ',' delimiter", text, _skip(text, end))
+        at = after.end()
+        if after[1] is None:  # the bracket, not a comma
+            return items, at
+
+
+def _value(text: str, at: int, scan_once: Any) -> tuple[Any, int]:
+    try:
+        return scan_once(text, at)  # type: ignore[no-any-return]
+    except StopIteration as err:
+        raise JSONDecodeError("Expecting value", text, err.value) from None
 
 
 def members_of(body: bytes) -> Members | None:

@@ -9,8 +9,9 @@ process, however many calls have such work, and after each step the loop
 has a few turns to itself, in which the other calls go on (each await of a
 call that suspends is a turn, and even a small call takes several). A step
 cannot be cut short: the work bounds its own steps (server/token_estimate.py
-counts a slice of text per step; a JSON body is parsed in one step, so its
-size is bounded by `http.max_body_bytes`).
+counts a slice of text per step; server/json_members.py parses a JSON body a
+top-level value, or an element of a top-level array, per step, so only one
+value larger than that, bounded by `http.max_body_bytes`, is one step).
 """
 
 from __future__ import annotations

@@ -16,7 +16,12 @@ import random
 import pytest
 
 from server.errors import InvalidArgumentError
-from server.http_edge.json_decoding import free_of_lone_surrogates, refuse_lone_surrogates
+from server.http_edge import json_decoding
+from server.http_edge.json_decoding import (
+    free_of_lone_surrogates,
+    free_of_lone_surrogates_in_steps,
+    refuse_lone_surrogates,
+)
 
 
 @pytest.mark.parametrize(
@@ -72,3 +77,26 @@ def test_never_free_when_the_document_holds_a_lone_surrogate() -> None:
             refuse_lone_surrogates(document)
         except InvalidArgumentError:
             assert not free_of_lone_surrogates(body), body
+
+
+@pytest.mark.parametrize("at", range(-6, 4))
+async def test_the_search_in_steps_misses_nothing_at_a_step_s_edge(
+    at: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A surrogate's escape or encoding across the boundary of two steps is found."""
+    monkeypatch.setattr(json_decoding, "SCAN_STEP_BYTES", 64)
+    steps = 0
+
+    async def next_step() -> None:
+        nonlocal steps
+        steps += 1
+
+    for mark in (b"\\ud800", b"\xed\xa0\x80"):
+        body = b'{"k":"' + b"x" * (64 * 3 + at - 6) + mark + b"x" * 100 + b'"}'
+        assert not free_of_lone_surrogates(body)
+        assert not await free_of_lone_surrogates_in_steps(body, next_step)
+    clean = b'{"k":"' + b"x \\u00e9 " * 100 + b'"}'
+    assert free_of_lone_surrogates(clean)
+    steps = 0
+    assert await free_of_lone_surrogates_in_steps(clean, next_step)
+    assert steps >= len(clean) // 64

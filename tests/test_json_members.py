@@ -8,6 +8,7 @@ client's, byte for byte.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -15,7 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.json_members import parse_object
+from server import json_members
+from server.json_members import parse_object, parse_object_in_steps
 
 
 def _no_constant(name: str) -> Any:
@@ -131,6 +133,13 @@ def test_a_key_not_there_is_added_first() -> None:
         b'{"a": 1',
         b'{"a": 1e400}',
         b'{"a": -}',
+        b'{"a": [1 2]}',
+        b'{"a": [1,]}',
+        b'{"a": [}',
+        b'{"a": [1',
+        b'{"a": [ ], "b": [ [ ] , {"c": [1, 2]} ]}',
+        b'{"a": [1, NaN]}',
+        b'{"a": [1] "b": 2}',
         b'{"a": ' + b"[" * 3000 + b"]" * 3000 + b"}",
         '{"é": 1}'.encode("utf-16"),
     ],
@@ -161,3 +170,38 @@ def test_arbitrary_bytes_get_json_s_own_answer(garbage: bytes) -> None:
     assert outcome(lambda b: parse_object(b, DECODER)[0]) == outcome(
         lambda b: DECODER.decode(b.decode(json.detect_encoding(b), "surrogatepass"))
     )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(_KEYS, _VALUES, max_size=6), _FORMATS, st.binary(max_size=3))
+def test_the_parse_in_steps_is_the_same_parse(
+    document: dict[str, Any], fmt: dict[str, Any], cut: bytes
+) -> None:
+    """A step after every value and element (STEP_CHARS 0): the same values,
+    places and errors as the parse at once, on whole and on damaged bodies."""
+    body = json.dumps(document, **fmt).encode()
+    damaged = body[: len(body) // 2] + cut
+    stepped = 0
+
+    async def next_step() -> None:
+        nonlocal stepped
+        stepped += 1
+
+    def outcome(parse: Any, text: bytes) -> Any:
+        try:
+            return ("ok", parse(text))
+        except (ValueError, RecursionError) as err:
+            return (type(err).__name__, str(err))
+
+    old = json_members.STEP_CHARS
+    json_members.STEP_CHARS = 0
+    try:
+        for text in (body, damaged):
+            in_steps = outcome(
+                lambda b: asyncio.run(parse_object_in_steps(b, DECODER, next_step)), text
+            )
+            assert in_steps == outcome(lambda b: parse_object(b, DECODER), text)
+    finally:
+        json_members.STEP_CHARS = old
+    if any(isinstance(v, list) and v for v in document.values()):
+        assert stepped > 0

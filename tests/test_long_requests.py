@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 import time
 import tracemalloc
@@ -208,13 +209,18 @@ async def test_a_request_beyond_every_window_is_not_counted_ahead() -> None:
 
 
 async def test_large_bodies_are_parsed_a_step_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three large conversations arriving together are parsed message by message,
+    each step a turn of its own, with turns for the other calls between."""
     turn = 0
-    parsed_at: list[int] = []
-    parse = generation.parse_json
+    steps: list[tuple[int, int]] = []  # (body, turn) at the end of each step
+    parse = generation.parse_object_in_steps
 
-    def recorded_parse(body: bytes) -> tuple[dict[str, Any], Any]:
-        parsed_at.append(turn)
-        return parse(body)
+    async def recorded_parse(body: bytes, decoder: Any, next_step: Any) -> Any:
+        async def step() -> None:
+            steps.append((bodies.index(body), turn))
+            await next_step()
+
+        return await parse(body, decoder, step)
 
     async def other_call() -> None:
         nonlocal turn
@@ -222,13 +228,23 @@ async def test_large_bodies_are_parsed_a_step_at_a_time(monkeypatch: pytest.Monk
             await asyncio.sleep(0)
             turn += 1
 
-    monkeypatch.setattr(generation, "parse_json", recorded_parse)
+    monkeypatch.setattr(generation, "parse_object_in_steps", recorded_parse)
     ticker = asyncio.create_task(other_call())
-    bodies = [b'{"text": "' + b"x" * 2_000_000 + b'"}' for _ in range(3)]
+    conversations = [
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": f"{n} " + "x" * 60_000} for _ in range(40)],
+            "max_tokens": 10,
+        }
+        for n in range(3)
+    ]
+    bodies = [json.dumps(c).encode() for c in conversations]
     parsed = await asyncio.gather(*(generation.read_json(b) for b in bodies))
-    documents = [document for document, _ in parsed]
     ticker.cancel()
-    assert [len(d["text"]) for d in documents] == [2_000_000] * 3
-    # Before: the three arrived together and were parsed in one turn of the
-    # loop; each is a step now, with turns for the other calls between.
-    assert all(b - a >= TURNS_BETWEEN_STEPS for a, b in itertools.pairwise(parsed_at))
+    assert [document for document, _ in parsed] == conversations
+    # 2.4 MB each, in steps of about 256 KiB (STEP_CHARS): before, each was
+    # one step, and the three arrived together were parsed in one turn.
+    for n in range(3):
+        assert sum(1 for body, _ in steps if body == n) >= 8
+    turns = [at for _, at in steps]
+    assert all(b - a >= TURNS_BETWEEN_STEPS for a, b in itertools.pairwise(turns))

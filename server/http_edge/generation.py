@@ -36,10 +36,13 @@ from server.errors import (
 from server.events import RawChunk, ResponseAccumulator, StreamEvent
 from server.http_edge.calls import HttpCalls
 from server.http_edge.exchange import Exchange
-from server.http_edge.json_decoding import free_of_lone_surrogates
+from server.http_edge.json_decoding import (
+    free_of_lone_surrogates,
+    free_of_lone_surrogates_in_steps,
+)
 from server.http_edge.unfinished_answers import STALLED_ANSWER
 from server.identity import require_model_access
-from server.json_members import Members, parse_object
+from server.json_members import Members, parse_object, parse_object_in_steps
 from server.loop_turns import taking_turns
 from server.routing import Route, Router
 from server.schema import GenerationRequest, GenerationResponse, Passthrough
@@ -123,22 +126,32 @@ class Dialect(ErrorDialect, Protocol):
 FIND_MEMBERS_ABOVE_BYTES = 64 * 1024
 
 # A body up to this size is parsed at once (about a millisecond); a larger one
-# in a step of server/loop_turns.py, taking turns with the other heavy work.
+# in steps of server/loop_turns.py, taking turns with the other heavy work.
 PARSE_AT_ONCE_BYTES = 1024 * 1024
 
 
 async def read_json(body: bytes) -> tuple[dict[str, Any], Members | None]:
-    """parse_json, without letting large bodies that arrive together stall the
-    event loop for all of their parses at once.
+    """parse_json, without letting a large body stall the event loop for its whole
+    parse, nor large bodies that arrive together for all of theirs.
 
-    json.loads holds the GIL throughout, so a thread would not help: a body
-    is parsed in one step, a few milliseconds a MiB, bounded by
-    `http.max_body_bytes`.
+    json's scanner holds the GIL throughout, so a thread would not help: a
+    large body is parsed in steps (server/json_members.py: each top-level
+    value, each element of a top-level array such as a conversation's
+    messages), each a turn of `taking_turns`. One value larger than a step
+    (a single long text) is parsed in one, bounded by `http.max_body_bytes`.
     """
     if len(body) <= PARSE_AT_ONCE_BYTES:
         return parse_json(body)
-    async with taking_turns():
-        return parse_json(body)
+    async with taking_turns() as next_step:
+        return _checked(await _parsed(parse_object_in_steps(body, _DECODER, next_step)))
+
+
+async def _free_of_lone_surrogates(body: bytes) -> bool:
+    """free_of_lone_surrogates, a large body's in steps (as read_json parses it)."""
+    if len(body) <= PARSE_AT_ONCE_BYTES:
+        return free_of_lone_surrogates(body)
+    async with taking_turns() as next_step:
+        return await free_of_lone_surrogates_in_steps(body, next_step)
 
 
 def parse_json(body: bytes) -> tuple[dict[str, Any], Members | None]:
@@ -154,10 +167,25 @@ def parse_json(body: bytes) -> tuple[dict[str, Any], Members | None]:
             text = body.decode(json.detect_encoding(body), "surrogatepass")
             document, members = _DECODER.decode(text), None
     except (ValueError, RecursionError) as err:
-        raise InvalidArgumentError([FieldViolation("body", f"not valid JSON: {err}")]) from None
-    if not isinstance(document, dict):
+        raise _not_json(err) from None
+    return _checked((document, members))
+
+
+async def _parsed(parse: Awaitable[tuple[Any, Members | None]]) -> tuple[Any, Members | None]:
+    try:
+        return await parse
+    except (ValueError, RecursionError) as err:
+        raise _not_json(err) from None
+
+
+def _not_json(err: Exception) -> InvalidArgumentError:
+    return InvalidArgumentError([FieldViolation("body", f"not valid JSON: {err}")])
+
+
+def _checked(parsed: tuple[Any, Members | None]) -> tuple[dict[str, Any], Members | None]:
+    if not isinstance(parsed[0], dict):
         raise InvalidArgumentError([FieldViolation("body", "must be a JSON object")])
-    return document, members
+    return parsed
 
 
 def _no_constant(name: str) -> Any:
@@ -215,7 +243,7 @@ class GenerationEndpoint:
             record.end_user = _session(exchange.headers)
             document, members = await read_json(body)
             record.model_requested = _recordable(document.get("model"))
-            checked = free_of_lone_surrogates(body)
+            checked = await _free_of_lone_surrogates(body)
             decoded = dialect.decode(document, exchange.request_id, checked)
             request = decoded.request
             route = resolve(self._router, request.model)

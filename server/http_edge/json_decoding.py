@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from server.errors import FieldViolation, InvalidArgumentError
@@ -32,14 +33,34 @@ Path = tuple["Path", str | int] | None
 NOT_TEXT = "must be valid Unicode text: it holds a lone surrogate (U+D800 to U+DFFF)"
 
 
-def free_of_lone_surrogates(body: bytes) -> bool:
-    """True when a JSON body's bytes cannot decode to a lone surrogate (UTF-8, with
-    neither a surrogate's escape nor its encoding); False when they may."""
+def free_of_lone_surrogates(body: bytes, start: int = 0, end: int | None = None) -> bool:
+    """True when a JSON body's bytes (those from `start` to `end`) cannot decode to a
+    lone surrogate (UTF-8, with neither a surrogate's escape nor its encoding);
+    False when they may."""
     if json.detect_encoding(body) not in ("utf-8", "utf-8-sig"):
         return False
-    if b"\\u" in body and _SURROGATE_ESCAPE.search(body) is not None:
+    end = len(body) if end is None else end
+    if body.find(b"\\u", start, end) >= 0 and _SURROGATE_ESCAPE.search(body, start, end):
         return False
-    return b"\xed" not in body or _ENCODED_SURROGATE.search(body) is None
+    return body.find(b"\xed", start, end) < 0 or not _ENCODED_SURROGATE.search(body, start, end)
+
+
+# About a millisecond or two of the search, on prose whose every accent is escaped.
+SCAN_STEP_BYTES = 1024 * 1024
+
+
+async def free_of_lone_surrogates_in_steps(
+    body: bytes, next_step: Callable[[], Awaitable[None]]
+) -> bool:
+    """free_of_lone_surrogates a MiB at a time, awaiting `next_step` between (for a
+    large body: the search is one step of 20 ms for 11 MiB of such prose)."""
+    for start in range(0, len(body), SCAN_STEP_BYTES):
+        # Windows overlap by a match's length less one: none is missed.
+        end = min(len(body), start + SCAN_STEP_BYTES + 3)
+        if not free_of_lone_surrogates(body, start, end):
+            return False
+        await next_step()
+    return True
 
 
 def refuse_lone_surrogates(document: Any) -> None:
