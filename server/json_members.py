@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from json.decoder import JSONDecodeError
 from typing import Any
@@ -103,12 +103,10 @@ def parse_object(body: bytes, decoder: json.JSONDecoder) -> tuple[Any, Members |
     costs a few microseconds a member (so small bodies are parsed at once,
     and their members found by `members_of` only when a value must change).
     """
-    walk = _walk(body, decoder)
-    while True:
-        try:
-            next(walk)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+    parsed: list[tuple[Any, Members | None]] = []
+    for _ in _steps(body, decoder, parsed):
+        pass
+    return parsed[0]
 
 
 async def parse_object_in_steps(
@@ -118,19 +116,23 @@ async def parse_object_in_steps(
     characters: the body's decoding, each top-level value, each element of a
     top-level array (a conversation's messages). A single value larger than
     that (one long text) is still one step."""
-    walk = _walk(body, decoder)
-    while True:
-        try:
-            next(walk)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+    parsed: list[tuple[Any, Members | None]] = []
+    for _ in _steps(body, decoder, parsed):
         await next_step()
+    return parsed[0]
 
 
 # About a millisecond of json's scanner on this kind of machine.
 STEP_CHARS = 256 * 1024
 
 _Walk = Generator[None, None, tuple[Any, "Members | None"]]
+
+
+def _steps(
+    body: bytes, decoder: json.JSONDecoder, parsed: list[tuple[Any, Members | None]]
+) -> Iterator[None]:
+    """The walk's steps; once they are over, its result is in `parsed`."""
+    parsed.append((yield from _walk(body, decoder)))
 
 
 def _walk(body: bytes, decoder: json.JSONDecoder) -> _Walk:

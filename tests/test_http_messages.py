@@ -48,11 +48,11 @@ def conversation(text: str = "Hello") -> list[dict[str, Any]]:
     ]
 
 
-async def raw_post(url: str, body: dict[str, Any], **headers: str) -> httpx2.Response:
+async def raw_post(url: str, body: dict[str, Any] | bytes, **headers: str) -> httpx2.Response:
     async with httpx2.AsyncClient() as client:
         return await client.post(
             f"{url}/v1/messages",
-            content=json.dumps(body).encode(),
+            content=body if isinstance(body, bytes) else json.dumps(body).encode(),
             headers={
                 "content-type": "application/json",
                 "anthropic-version": "2023-06-01",
@@ -107,26 +107,13 @@ async def test_pass_through_renames_only_the_model_of_an_alias(
         b' "content": "caf\\u00e9 \xe2\x94\x80"}],'
         b'\n "temperature": 5e-1,\r\n "model":"claude-test-latest" }'
     )
-    async with httpx2.AsyncClient() as client:
-        response = await client.post(
-            f"{url}/v1/messages",
-            content=body,
-            headers={"content-type": "application/json", "anthropic-version": "2023-06-01"},
-        )
-    assert response.status_code == 200
-    renamed = body.replace(b'"claude-test-latest"', b'"claude-upstream-1"')
-    assert fake.last("/v1/messages").raw == renamed
     # A large body's members are found as it is parsed (FIND_MEMBERS_ABOVE_BYTES).
     large = body.replace(b"caf\\u00e9", b"caf\\u00e9 " * 20_000)
-    async with httpx2.AsyncClient() as client:
-        response = await client.post(
-            f"{url}/v1/messages",
-            content=large,
-            headers={"content-type": "application/json", "anthropic-version": "2023-06-01"},
-        )
-    assert response.status_code == 200
-    renamed = large.replace(b'"claude-test-latest"', b'"claude-upstream-1"')
-    assert fake.last("/v1/messages").raw == renamed
+    for sent_body in (body, large):
+        response = await raw_post(url, sent_body)
+        assert response.status_code == 200
+        renamed = sent_body.replace(b'"claude-test-latest"', b'"claude-upstream-1"')
+        assert fake.last("/v1/messages").raw == renamed
 
 
 async def test_pass_through_answer_is_the_upstreams_body_byte_for_byte(

@@ -52,6 +52,19 @@ _FORMATS = st.sampled_from(
 )
 
 
+def _outcome(parse: Any, body: bytes) -> Any:
+    """What parsing `body` gives: its value, or its error's type and message."""
+    try:
+        return ("ok", parse(body))
+    except (ValueError, RecursionError) as err:
+        return (type(err).__name__, str(err))
+
+
+def _json_decode(body: bytes) -> Any:
+    """What json.loads does with bytes, on the gateway's decoder."""
+    return DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+
+
 def _text_of(body: bytes, span: tuple[int, int]) -> str:
     return body.decode("utf-8", "surrogatepass")[span[0] : span[1]]
 
@@ -145,31 +158,14 @@ def test_a_key_not_there_is_added_first() -> None:
     ],
 )
 def test_what_json_refuses_it_refuses_the_same_way(body: bytes) -> None:
-    def outcome(parse: Any) -> Any:
-        try:
-            return ("ok", parse(body))
-        except (ValueError, RecursionError) as err:
-            return (type(err).__name__, str(err))
-
-    assert outcome(lambda b: parse_object(b, DECODER)[0]) == outcome(
-        lambda b: DECODER.decode(b.decode(json.detect_encoding(b), "surrogatepass"))
-    )
+    assert _outcome(lambda b: parse_object(b, DECODER)[0], body) == _outcome(_json_decode, body)
 
 
 @settings(deadline=None)
 @given(st.binary(max_size=40))
 def test_arbitrary_bytes_get_json_s_own_answer(garbage: bytes) -> None:
     body = b'{"model": "m", "x": ' + garbage
-
-    def outcome(parse: Any) -> Any:
-        try:
-            return ("ok", parse(body))
-        except (ValueError, RecursionError) as err:
-            return (type(err).__name__, str(err))
-
-    assert outcome(lambda b: parse_object(b, DECODER)[0]) == outcome(
-        lambda b: DECODER.decode(b.decode(json.detect_encoding(b), "surrogatepass"))
-    )
+    assert _outcome(lambda b: parse_object(b, DECODER)[0], body) == _outcome(_json_decode, body)
 
 
 @settings(max_examples=200, deadline=None)
@@ -187,20 +183,14 @@ def test_the_parse_in_steps_is_the_same_parse(
         nonlocal stepped
         stepped += 1
 
-    def outcome(parse: Any, text: bytes) -> Any:
-        try:
-            return ("ok", parse(text))
-        except (ValueError, RecursionError) as err:
-            return (type(err).__name__, str(err))
-
     old = json_members.STEP_CHARS
     json_members.STEP_CHARS = 0
     try:
         for text in (body, damaged):
-            in_steps = outcome(
+            in_steps = _outcome(
                 lambda b: asyncio.run(parse_object_in_steps(b, DECODER, next_step)), text
             )
-            assert in_steps == outcome(lambda b: parse_object(b, DECODER), text)
+            assert in_steps == _outcome(lambda b: parse_object(b, DECODER), text)
     finally:
         json_members.STEP_CHARS = old
     if any(isinstance(v, list) and v for v in document.values()):
