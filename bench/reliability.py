@@ -90,7 +90,7 @@ _STALL = re.compile(
     r"^(?P<edge>grpc|http)\s+(?P<burst>limit|window)\s+(?P<mib>[\d.]+) MiB\s+"
     r"probes\s+(?P<probes>\d+)\s+p50\s+(?P<p50>[\d.]+) ms\s+p99\s+(?P<p99>[\d.]+) ms\s+"
     r"max\s+(?P<max>[\d.]+) ms\s+burst\s+(?P<burst_s>[\d.]+) s\s+peak \+\s*(?P<peak>[\d.]+) MiB"
-    r"\s+\(idle p99 (?P<idle>[\d.]+) ms\)\s+\[(?P<outcomes>[^\]]*)\]"
+    r"\s+\(idle p99 (?P<idle>[\d.]+) ms\)(?:\s+rounds' max[\d ]* ms)?\s+\[(?P<outcomes>[^\]]*)\]"
 )
 _STALL_EXPECTED = {
     ("grpc", "window"): {"OK"},

@@ -23,6 +23,7 @@ from bench.reliability import (
     table,
 )
 from bench.soak import Call, Sample, SoakReport, account, rss_growth_pct
+from bench.stall_probe import Result
 
 STALL_OUTPUT = """\
 5 requests at once, 3 rounds; a probe call every 5 ms; request size limits: grpc 8 MiB, http 12 MiB
@@ -49,6 +50,24 @@ def test_stall_lines_are_judged_by_the_test_suites_bounds() -> None:
 def test_a_stall_burst_answered_otherwise_fails() -> None:
     line = STALL_OUTPUT.splitlines()[2].replace("[OK]", "[OK, UNAVAILABLE]")
     assert [r.ok for r in parse_stall(0, line)] == [False, False]  # and 1 of 4 results
+
+
+def test_the_probes_own_lines_are_read() -> None:
+    """Lines as bench/stall_probe.py prints them today (each round's slowest probe
+    included), so that a change to that format fails here."""
+    results = [
+        Result("grpc", "limit", 8.0, [0.003, 0.04], [0.2], ["INVALID_ARGUMENT: too long"], 107.0,
+               [0.002], [0.04, 0.03]),
+        Result("http", "window", 4.1, [0.001, 0.009], [2.9], ["HTTP 200"], 54.0, [0.002],
+               [0.009]),
+    ]  # fmt: skip
+    rows = parse_stall(0, "\n".join(result.line() for result in results))
+    assert [r.item for r in rows[:2]] == [
+        "stall probe grpc limit (8.0 MiB x5)",
+        "stall probe http window (4.1 MiB x5)",
+    ]
+    assert rows[0].ok and rows[1].ok
+    assert "p99 9 ms (idle 2), peak +54 MiB" in rows[1].measured
 
 
 def test_a_stall_probe_that_died_is_a_failure() -> None:
