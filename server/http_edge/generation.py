@@ -143,7 +143,11 @@ async def read_json(body: bytes) -> tuple[dict[str, Any], Members | None]:
     if len(body) <= PARSE_AT_ONCE_BYTES:
         return parse_json(body)
     async with taking_turns() as next_step:
-        return _checked(await _parsed(parse_object_in_steps(body, _DECODER, next_step)))
+        try:
+            parsed = await parse_object_in_steps(body, _DECODER, next_step)
+        except (ValueError, RecursionError) as err:
+            raise _not_json(err) from None
+    return _checked(parsed)
 
 
 async def _free_of_lone_surrogates(body: bytes) -> bool:
@@ -169,13 +173,6 @@ def parse_json(body: bytes) -> tuple[dict[str, Any], Members | None]:
     except (ValueError, RecursionError) as err:
         raise _not_json(err) from None
     return _checked((document, members))
-
-
-async def _parsed(parse: Awaitable[tuple[Any, Members | None]]) -> tuple[Any, Members | None]:
-    try:
-        return await parse
-    except (ValueError, RecursionError) as err:
-        raise _not_json(err) from None
 
 
 def _not_json(err: Exception) -> InvalidArgumentError:

@@ -51,6 +51,7 @@ from server.events import (
     ThinkingDelta,
     ToolInputDelta,
 )
+from server.providers._sse import JSON_STRING, string_text
 from server.providers._upstream import UnreadableAnswerError
 from server.schema import (
     CacheControl,
@@ -415,10 +416,9 @@ class ChatStreamDecoder:
 
 # The only choice of a chunk, index 0, with text in its delta and nothing else,
 # not finished: how OpenAI streams an answer's text (spaces optional: other
-# servers write JSON with them). The text is a JSON string's inside (escaped
-# quotes and backslashes as pairs).
+# servers write JSON with them).
 _TEXT_CHOICE = re.compile(
-    rb'"choices": ?\[\{"index": ?0, ?"delta": ?\{"content": ?"([^"\\]*(?:\\.[^"\\]*)*)"\}'
+    rb'"choices": ?\[\{"index": ?0, ?"delta": ?\{"content": ?' + JSON_STRING + rb"\}"
     rb'(?:, ?"logprobs": ?null)?, ?"finish_reason": ?null\}\]'
 )
 _NO_USAGE = re.compile(rb'"usage": ?null')
@@ -439,12 +439,7 @@ def plain_text(data: bytes) -> str | None:
     usage = data.count(b'"usage"')
     if usage and len(_NO_USAGE.findall(data)) != usage:
         return None
-    try:
-        text = match[1].decode()
-        # A JSON string's escapes (\n, \", \uXXXX) as json.loads reads them.
-        return json.loads(f'"{text}"') if "\\" in text else text
-    except ValueError:  # not UTF-8, or a bad escape: parsing the chunk says what
-        return None
+    return string_text(match[1])
 
 
 def completion_as_chunks(completion: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -13,7 +13,6 @@ usage. Input token counts include the cached ones, as in Chat Completions.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -30,15 +29,16 @@ from server.events import (
     ThinkingDelta,
     ToolInputDelta,
 )
+from server.providers._sse import JSON_STRING, string_text
 from server.schema import StopReason, TextBlock, ThinkingBlock, ToolUseBlock, Usage
 
 _FINISHED = frozenset({"response.completed", "response.incomplete"})
 
 # A response.output_text.delta event's data as OpenAI writes it (spaces
-# optional): its type, one output index and one delta, a JSON string's inside.
+# optional): its type, one output index and one delta.
 _TEXT_TYPE = re.compile(rb'"type": ?"response\.output_text\.delta"')
 _OUTPUT_INDEX = re.compile(rb'"output_index": ?(\d+)[,}]')
-_DELTA = re.compile(rb'"delta": ?"([^"\\]*(?:\\.[^"\\]*)*)"')
+_DELTA = re.compile(rb'"delta": ?' + JSON_STRING)
 
 
 def text_delta(data: bytes) -> tuple[int, str] | None:
@@ -55,12 +55,8 @@ def text_delta(data: bytes) -> tuple[int, str] | None:
     delta = _DELTA.search(data)
     if index is None or delta is None:
         return None
-    try:
-        text = delta[1].decode()
-        # A JSON string's escapes (\n, \", \uXXXX) as json.loads reads them.
-        return int(index[1]), json.loads(f'"{text}"') if "\\" in text else text
-    except ValueError:  # not UTF-8, or a bad escape: parsing the event says what
-        return None
+    text = string_text(delta[1])
+    return None if text is None else (int(index[1]), text)
 
 
 def usage_of(raw: Mapping[str, Any] | None) -> Usage | None:

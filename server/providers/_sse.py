@@ -13,11 +13,29 @@ error, not unbounded memory.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from server.errors import UpstreamProtocolError
+
+# The inside of a JSON string as a pattern's group, for the events a relay reads
+# by a pattern rather than parsing them (a quote or a backslash inside a JSON
+# string is escaped, so comes as a pair).
+JSON_STRING = rb'"([^"\\]*(?:\\.[^"\\]*)*)"'
+
+
+def string_text(inside: bytes) -> str | None:
+    """The text of a JSON string's inside (JSON_STRING's group), its escapes read as
+    json.loads reads them; None when it is not UTF-8 or an escape is bad (the
+    event must then be parsed, which says what is wrong)."""
+    try:
+        text = inside.decode()
+        return json.loads(f'"{text}"') if "\\" in text else text
+    except ValueError:
+        return None
+
 
 # No event of a provider's stream comes near this (a whole tool input arrives
 # in small deltas); more is a broken upstream.

@@ -49,7 +49,14 @@ from server.events import RawChunk, StreamEvent
 from server.providers import _anthropic_codec as codec
 from server.providers._relay import relayed_body, relayed_options, reply_of, send_relayed
 from server.providers._sdk_provider import SdkProvider
-from server.providers._sse import SseBatch, SseEvent, SseSplitter, after_first, batch_of
+from server.providers._sse import (
+    JSON_STRING,
+    SseBatch,
+    SseEvent,
+    SseSplitter,
+    after_first,
+    batch_of,
+)
 from server.providers._transport import transport_failure
 from server.providers._upstream import (
     FailureKind,
@@ -485,7 +492,7 @@ def _merge_options(kwargs: dict[str, Any], options: dict[str, Any]) -> list[Fiel
 # payload's field, and the payload as escaped on the wire.
 _DELTA = re.compile(
     rb'\{"type": ?"content_block_delta", ?"index": ?(\d+), ?"delta": ?'
-    rb'\{"type": ?"([a-z_]+)", ?"([a-z_]+)": ?"([^"\\]*(?:\\.[^"\\]*)*)"\}\}'
+    rb'\{"type": ?"([a-z_]+)", ?"([a-z_]+)": ?' + JSON_STRING + rb"\}\}"
 )
 _DELTA_FIELDS = {
     b"text_delta": b"text",
