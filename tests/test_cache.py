@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import sqlite3
+import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -38,8 +40,9 @@ from server.cache import (
     directives_from_metadata,
 )
 from server.cache.backends import MemoryBackend
+from server.cache.idempotency import Idempotency
 from server.calls import CallRecord
-from server.config import CacheConfig, RedisConfig
+from server.config import CacheConfig, IdempotencyConfig, RedisConfig, load_config
 from server.errors import InvalidArgumentError
 from server.events import (
     ContentBlockStart,
@@ -54,7 +57,7 @@ from server.events import (
     ThinkingDelta,
 )
 from server.providers.offline import OfflineProvider, OfflineSettings
-from server.routing import Route
+from server.routing import Route, Router
 from server.schema import (
     Cost,
     GenerationRequest,
@@ -69,7 +72,7 @@ from server.schema import (
     ToolChoiceMode,
     Usage,
 )
-from tests.conftest import RunningGateway, started
+from tests.conftest import TEST_CONFIG, RunningGateway, started
 from tests.fake_upstream import FakeUpstream, Reply, Text, Thinking, ToolCall
 from tests.fake_upstream import Usage as FakeUsage
 from tests.http_fixtures import base_url, start_front_door
@@ -747,3 +750,92 @@ async def test_metrics_count_outcomes_bytes_and_lookups(fake: FakeUpstream, tmp_
         assert lookups == 2.0  # the bypass looked nothing up
     finally:
         await gw.aclose()
+
+
+# -- what the memory backend counts is what it holds ---------------------------------
+
+
+async def _kept_bytes_per_answer(
+    store: ResponseCache | Idempotency, backend: MemoryBackend, text: str
+) -> tuple[float, float]:
+    """Makes distinct calls through `store`, the router's echo answering `text`;
+    the memory they left behind per answer, as tracemalloc sees it, and as the
+    backend counts it."""
+    config = load_config(environ={}, overrides=TEST_CONFIG)
+    router = Router.from_config(config)
+    route = router.resolve("echo")
+    assert route is not None
+
+    async def call(i: int) -> None:
+        prompt = f"{i} {text}"  # a text of its own, as every caller's is
+        request = _request(messages=[Message(Role.USER, [TextBlock(prompt)])], max_tokens=4096)
+        request = dataclasses.replace(request, request_id=f"soak-grpc-unary-{i}")
+        record = CallRecord("Generate", request.request_id, key_id="key-a")
+        if isinstance(store, Idempotency):
+            cached = await store.open(record, request, route, protocol="grpc")
+        else:
+            directives = CacheDirectives()
+            cached = await store.open(
+                record, request, route, protocol="grpc", directives=directives
+            )
+        assert cached is not None and cached.outcome == MISS
+        try:
+            async for _ in cached.events(request, route, router.stream):
+                pass
+        finally:
+            await cached.close()
+
+    for i in range(-50, 0):  # warm: the first calls' one-time allocations
+        await call(i)
+    n = 300
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before, counted = tracemalloc.get_traced_memory()[0], backend.bytes
+        for i in range(n):
+            await call(i)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert backend.entries == n + 50
+    await router.aclose()
+    return held / n, (backend.bytes - counted) / n
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["hello", "tell me more about it, " * 20, "日本語のテキスト" * 30, "emoji 🙂 " * 40],
+    ids=["short", "many-deltas", "cjk", "astral"],
+)
+async def test_the_memory_backend_counts_what_its_answers_hold(text: str) -> None:
+    # The bound of `cache.max_bytes` and `idempotency.max_bytes` is what the
+    # process holds: counting only the texts held 2.6 times the bound for short
+    # answers (the idempotency store keeps every call's answer).
+    cache = ResponseCache(CacheConfig(enabled=True), RedisConfig())
+    held, counted = await _kept_bytes_per_answer(cache, cache.backends["memory"], text)
+    assert held <= counted <= 1.6 * held, (held, counted)
+    await cache.aclose()
+    store = Idempotency(IdempotencyConfig(), RedisConfig())
+    backend = store._answers.backends["memory"]
+    held, counted = await _kept_bytes_per_answer(store, backend, text)
+    assert held <= counted <= 1.6 * held, (held, counted)
+    await store.aclose()
+
+
+async def test_the_memory_backend_drops_expired_entries_unasked() -> None:
+    # An idempotency store's answers all live as long: without this, each would
+    # stay until the bound pushed it out, and the store would fill to its bound.
+    clock = Clock()
+    backend = MemoryBackend(max_bytes=10_000, clock=clock)
+    entry = CacheEntry(ANSWER)
+    for key in ("a", "b", "c"):
+        await backend.put(key, entry, 100, 60)
+        clock.now += 10
+    clock.now += 45  # a and b have expired, c has 5 s left
+    await backend.put("d", entry, 100, 60)
+    assert backend.entries == 2 and backend.bytes == 200 and backend.evictions == 0
+    assert await backend.get("c") is not None and await backend.get("d") is not None
+    clock.now += 100
+    await backend.put("e", entry, 100, 60)
+    assert backend.entries == 1 and backend.bytes == 100

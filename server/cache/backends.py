@@ -112,12 +112,26 @@ class MemoryBackend:
             return
         if key in self._entries:
             self._drop(key)
-        self._entries[key] = _Stored(entry, size, self._clock() + ttl_s)
+        now = self._clock()
+        self._drop_expired(now)
+        self._entries[key] = _Stored(entry, size, now + ttl_s)
         self.bytes += size
         while self.bytes > self._max_bytes:
             oldest = next(iter(self._entries))
             self._drop(oldest)
             self.evictions += 1
+
+    def _drop_expired(self, now: float) -> None:
+        """Drops the expired entries at the front (the least recently used): an
+        entry no call asks for again would otherwise stay until the bound
+        pushed it out, and a store whose entries all live as long (the
+        idempotency window's) would hold every one of them until it is full."""
+        entries = self._entries
+        while entries:
+            oldest = next(iter(entries))
+            if entries[oldest].expires_at > now:
+                return
+            self._drop(oldest)
 
     def _drop(self, key: str) -> None:
         stored = self._entries.pop(key)
