@@ -11,7 +11,7 @@ and its SQLite ledger is read: each call the gateway answered has exactly
 one row; a call cancelled (or past its deadline) may have none, when the
 gateway had not seen it yet.
 
-    .venv/bin/python -m bench.soak [--seconds 300] [--rate 120]
+    .venv/bin/python -m bench.soak [--seconds 300] [--rate 120] [--samples rss.jsonl]
 
 It prints a summary, then one line `{"soak": {...}}` that
 bench/reliability.py reads; it exits 1 when a target is missed.
@@ -45,7 +45,15 @@ from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 # `echo` answers at once; `slow` streams a chunk every SLOW_CHUNK_MS, so that
 # a call can be cancelled mid-stream or outlive its deadline.
 SLOW_CHUNK_MS = 20
+# Every gRPC call here names its request id, and the idempotency store keeps
+# each one's answer for its window (by default 10 minutes, longer than the
+# soak: the RSS would grow throughout, by design, about 1.9 KiB an answer).
+# A minute's window brings the store to its steady size within the first
+# half, which is what the second half's RSS is measured against.
+IDEMPOTENCY_WINDOW_S = 60
 CONFIG = f"""
+idempotency:
+  window_s: {IDEMPOTENCY_WINDOW_S}
 providers:
   offline:
     type: offline
@@ -378,7 +386,8 @@ def account(report: SoakReport, calls: list[Call], rows: list[tuple[str, str]]) 
             report.unseen_without_row += 1
 
 
-async def soak(seconds: float, rate: float) -> SoakReport:
+async def soak(seconds: float, rate: float) -> tuple[SoakReport, list[Sample]]:
+    """The report, and the samples it was made from."""
     report = SoakReport(seconds, rate)
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         async with gateway(Path(tmp), config_text=CONFIG) as gw:
@@ -412,15 +421,20 @@ async def soak(seconds: float, rate: float) -> SoakReport:
     report.fd_start, report.fd_end = samples[0].fds, samples[-1].fds
     report.fd_max = max(s.fds for s in samples)
     account(report, calls, rows)
-    return report
+    return report, samples
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--seconds", type=float, default=300.0)
     parser.add_argument("--rate", type=float, default=120.0, help="calls per second")
+    parser.add_argument(
+        "--samples", type=Path, help="write each second's RSS and fd sample here (JSON lines)"
+    )
     args = parser.parse_args(argv)
-    report = asyncio.run(soak(args.seconds, args.rate))
+    report, samples = asyncio.run(soak(args.seconds, args.rate))
+    if args.samples is not None:
+        args.samples.write_text("".join(json.dumps(asdict(s)) + "\n" for s in samples))
     print("\n".join(report.lines()))
     for missed in report.failures():
         print(f"  MISSED: {missed}")
