@@ -104,7 +104,7 @@ def parse_object(body: bytes, decoder: json.JSONDecoder) -> tuple[Any, Members |
     and their members found by `members_of` only when a value must change).
     """
     parsed: list[tuple[Any, Members | None]] = []
-    for _ in _steps(body, decoder, parsed):
+    for _ in _steps(body, decoder, parsed, _Pace(0, False)):
         pass
     return parsed[0]
 
@@ -113,29 +113,66 @@ async def parse_object_in_steps(
     body: bytes, decoder: json.JSONDecoder, next_step: Callable[[], Awaitable[None]]
 ) -> tuple[Any, Members | None]:
     """parse_object, awaiting `next_step` between steps of about STEP_CHARS
-    characters: the body's decoding, each top-level value, each element of a
-    top-level array (a conversation's messages). A single value larger than
-    that (one long text) is still one step."""
+    characters: the body's decoding, then its values as the walk meets them.
+    The walk goes into objects and arrays down to WALKED_DEPTH (a conversation's
+    messages, their content blocks, a tool result's blocks) and reads a long
+    string in pieces, so one long text is many steps; deeper than that, a
+    value is parsed whole by json's scanner."""
     parsed: list[tuple[Any, Members | None]] = []
-    for _ in _steps(body, decoder, parsed):
+    for _ in _steps(body, decoder, parsed, _Pace(WALKED_DEPTH, True)):
         await next_step()
     return parsed[0]
 
 
 # About a millisecond of json's scanner on this kind of machine.
 STEP_CHARS = 256 * 1024
+# How deep the stepped walk goes into objects and arrays: the body (0), its
+# messages (1), a message (2), its content (3), a block (4), a tool result's
+# content (5), its blocks (6). Each container walked costs a few microseconds
+# a member in Python; what lies deeper is parsed by json's scanner in one go.
+WALKED_DEPTH = 6
+# A long string is cut only where none of the 6 characters before the cut is
+# a backslash: no escape (at most 6 characters: \uXXXX), and no surrogate pair
+# of two escapes, spans it. Looked for this far back from each cut.
+_CUT_SEARCH = 4096
+# The first piece of a string (its end looked for, else copied out): most
+# strings end in it.
+_FIRST_PIECE = 16 * 1024
 
 _Walk = Generator[None, None, tuple[Any, "Members | None"]]
+_Parse = Generator[None, None, tuple[Any, int]]
+
+
+class _Pace:
+    """How a walk steps: how deep it goes, whether it reads long strings in
+    pieces, and where its last step ended."""
+
+    __slots__ = ("depth", "last", "pieces")
+
+    def __init__(self, depth: int, pieces: bool) -> None:
+        self.depth = depth
+        self.pieces = pieces
+        self.last = 0
+
+    def due(self, at: int) -> bool:
+        """Whether a step ends at `at` (more than STEP_CHARS since the last)."""
+        if at - self.last > STEP_CHARS:
+            self.last = at
+            return True
+        return False
 
 
 def _steps(
-    body: bytes, decoder: json.JSONDecoder, parsed: list[tuple[Any, Members | None]]
+    body: bytes,
+    decoder: json.JSONDecoder,
+    parsed: list[tuple[Any, Members | None]],
+    pace: _Pace,
 ) -> Iterator[None]:
     """The walk's steps; once they are over, its result is in `parsed`."""
-    parsed.append((yield from _walk(body, decoder)))
+    parsed.append((yield from _walk(body, decoder, pace)))
 
 
-def _walk(body: bytes, decoder: json.JSONDecoder) -> _Walk:
+def _walk(body: bytes, decoder: json.JSONDecoder, pace: _Pace) -> _Walk:
     """The parse, as a generator that stops (yields) between its steps."""
     encoding = json.detect_encoding(body)
     text = body.decode(encoding, "surrogatepass")
@@ -153,7 +190,7 @@ def _walk(body: bytes, decoder: json.JSONDecoder) -> _Walk:
     closed = text[at : at + 1] == "}"
     if closed:
         at += 1
-    stepped = at  # where the last step ended
+    pace.last = at
     while not closed:
         if text[at : at + 1] != '"':
             raise JSONDecodeError("Expecting property name enclosed in double quotes", text, at)
@@ -162,14 +199,7 @@ def _walk(body: bytes, decoder: json.JSONDecoder) -> _Walk:
         if colon is None:
             raise JSONDecodeError("Expecting ':' delimiter", text, _skip(text, at))
         at = colon.end()
-        if text[at : at + 1] == "[":
-            value, end = yield from _array(text, at, scan_once)
-            stepped = end
-        else:
-            value, end = _value(text, at, scan_once)
-            if end - stepped > STEP_CHARS:
-                yield
-                stepped = end
+        value, end = yield from _value_in_steps(text, at, scan_once, 1, pace)
         if key in document:
             duplicated.add(key)
         document[key] = value
@@ -185,25 +215,122 @@ def _walk(body: bytes, decoder: json.JSONDecoder) -> _Walk:
     return document, Members(spans, frozenset(duplicated), after_brace, body.isascii())
 
 
-def _array(text: str, at: int, scan_once: Any) -> Generator[None, None, tuple[list[Any], int]]:
+def _value_in_steps(text: str, at: int, scan_once: Any, depth: int, pace: _Pace) -> _Parse:
+    """The value at `at` (at `depth` in the document), walked into while the pace
+    allows, else parsed whole by json's scanner; a step after it if one is due."""
+    first = text[at : at + 1]
+    if depth <= pace.depth:
+        if first == "[":
+            return (yield from _array(text, at, scan_once, depth, pace))
+        if first == "{":
+            return (yield from _object(text, at, scan_once, depth, pace))
+        if first == '"' and pace.pieces:
+            return (yield from _string(text, at, pace))
+    value, end = _value(text, at, scan_once)
+    if pace.due(end):
+        yield
+    return value, end
+
+
+def _object(text: str, at: int, scan_once: Any, depth: int, pace: _Pace) -> _Parse:
+    """The object at `at` (its `{`), member by member, failing as json's scanner fails."""
+    document: dict[str, Any] = {}
+    at = _skip(text, at + 1)
+    if text[at : at + 1] == "}":
+        return document, at + 1
+    while True:
+        if text[at : at + 1] != '"':
+            raise JSONDecodeError("Expecting property name enclosed in double quotes", text, at)
+        key, at = _scanstring(text, at + 1, True)
+        colon = _COLON.match(text, at)
+        if colon is None:
+            raise JSONDecodeError("Expecting ':' delimiter", text, _skip(text, at))
+        value, end = yield from _value_in_steps(text, colon.end(), scan_once, depth + 1, pace)
+        document[key] = value
+        after = _AFTER.match(text, end)
+        if after is None:
+            raise JSONDecodeError("Expecting ',' delimiter", text, _skip(text, end))
+        at = after.end()
+        if after[1] is None:  # the brace, not a comma
+            return document, at
+
+
+def _array(text: str, at: int, scan_once: Any, depth: int, pace: _Pace) -> _Parse:
     """The array at `at` (its `[`), element by element, as json's scanner reads one."""
     items: list[Any] = []
     at = _skip(text, at + 1)
     if text[at : at + 1] == "]":
         return items, at + 1
-    stepped = at
     while True:
-        value, end = _value(text, at, scan_once)
+        value, end = yield from _value_in_steps(text, at, scan_once, depth + 1, pace)
         items.append(value)
-        if end - stepped > STEP_CHARS:
-            yield
-            stepped = end
         after = _AFTER_ITEM.match(text, end)
         if after is None:
             raise JSONDecodeError("Expecting ',' delimiter", text, _skip(text, end))
         at = after.end()
         if after[1] is None:  # the bracket, not a comma
             return items, at
+
+
+def _string(text: str, at: int, pace: _Pace) -> _Parse:
+    """The string at `at` (its quote), read by json's scanner in pieces of about
+    STEP_CHARS, a step after each: the same text as one read (a piece is cut
+    between escapes, never in one), the same error (read again at once).
+
+    A piece in which the string ends is read in place; a longer string's
+    pieces are copied out first (json's scanner reads to a quote), the first
+    of them small, so that a string that turns out short is not copied far."""
+    start = piece = at + 1
+    pieces: list[str] = []
+    size = min(_FIRST_PIECE, STEP_CHARS)
+    try:
+        while True:
+            quote = text.find('"', piece, piece + size)
+            if quote >= 0 and not _escaped(text, quote, piece):
+                break  # the string ends within this piece
+            if len(text) - piece <= size:
+                break  # the text ends within this piece
+            cut = _cut(text, piece + size, piece)
+            if cut < 0:
+                break  # escapes all along: the rest in one read
+            part, end = _scanstring(text[piece:cut] + '"', 0, True)
+            pieces.append(part)
+            if end < cut - piece + 1:  # the string's own quote, inside the piece
+                end += piece
+                piece = -1
+                break
+            piece = cut
+            pace.last = cut
+            size = min(size * 4, STEP_CHARS)
+            yield
+        if piece >= 0:
+            part, end = _scanstring(text, piece, True)
+            pieces.append(part)
+    except JSONDecodeError:
+        # Read again at once: json's own error, where json puts it.
+        return _scanstring(text, start, True)
+    if pace.due(end):
+        yield
+    return "".join(pieces) if len(pieces) > 1 else pieces[0], end
+
+
+def _escaped(text: str, quote: int, after: int) -> bool:
+    """Whether the quote at `quote` is escaped: an odd run of backslashes before it
+    (counted from `after`, a cut with no backslash just before it)."""
+    before = text[after:quote]
+    return (len(before) - len(before.rstrip("\\"))) % 2 == 1
+
+
+def _cut(text: str, at: int, after: int) -> int:
+    """The nearest place at or before `at`, and after `after`, with no backslash
+    in the 6 characters before it (looked for up to _CUT_SEARCH back; -1 if none)."""
+    low = max(at - _CUT_SEARCH, after)
+    while at > low:
+        backslash = text.rfind("\\", at - 6, at)
+        if backslash < 0:
+            return at
+        at = backslash
+    return -1
 
 
 def _value(text: str, at: int, scan_once: Any) -> tuple[Any, int]:

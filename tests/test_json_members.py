@@ -195,3 +195,74 @@ def test_the_parse_in_steps_is_the_same_parse(
         json_members.STEP_CHARS = old
     if any(isinstance(v, list) and v for v in document.values()):
         assert stepped > 0
+
+
+_TEXTS = st.text(
+    alphabet=st.sampled_from(["a", "b", " ", '"', "\\", "\n", "\t", "é", "日", "🙂", "\x01", "/"]),
+    max_size=60,
+)
+_CONVERSATIONS = st.fixed_dictionaries(
+    {
+        "model": st.just("m"),
+        "messages": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "role": st.just("user"),
+                    "content": _TEXTS
+                    | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": _TEXTS})),
+                }
+            ),
+            max_size=4,
+        ),
+        "system": _TEXTS,
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    _CONVERSATIONS,
+    st.booleans(),
+    st.integers(1, 24),
+    st.tuples(st.integers(0, 400), st.sampled_from([b"", b"\x01", b"\\", b"\\u12", b'"', b"\\x"])),
+)
+def test_long_strings_read_in_pieces_are_json_s_strings(
+    document: dict[str, Any], ascii_only: bool, step: int, damage: tuple[int, bytes]
+) -> None:
+    """Strings read a few characters at a time (cut between escapes: \\n, \\", \\\\,
+    \\u escapes and the surrogate pairs of ensure_ascii's astral characters)
+    give json.loads's value, and a damaged string json.loads's own error."""
+    body = json.dumps(document, ensure_ascii=ascii_only).encode()
+    at, inserted = damage
+    damaged = body[:at] + inserted + body[at:]
+    stepped = 0
+
+    async def next_step() -> None:
+        nonlocal stepped
+        stepped += 1
+
+    old = json_members.STEP_CHARS
+    json_members.STEP_CHARS = step
+    try:
+        for text in (body, damaged):
+            in_steps = _outcome(
+                lambda b: asyncio.run(parse_object_in_steps(b, DECODER, next_step))[0], text
+            )
+            assert in_steps == _outcome(_json_decode, text)
+    finally:
+        json_members.STEP_CHARS = old
+
+
+def test_one_long_text_is_many_steps() -> None:
+    text = ('Some prose, "quoted", with a path C:\\dir and 🙂.\n' * 20_000)[:900_000]
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode()
+    steps = 0
+
+    async def next_step() -> None:
+        nonlocal steps
+        steps += 1
+
+    document, _ = asyncio.run(parse_object_in_steps(body, DECODER, next_step))
+    assert document["messages"][0]["content"] == text
+    # The body is ~1.1 million characters: four or five steps of STEP_CHARS.
+    assert steps >= len(body) // json_members.STEP_CHARS

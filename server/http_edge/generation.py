@@ -135,10 +135,9 @@ async def read_json(body: bytes) -> tuple[dict[str, Any], Members | None]:
     parse, nor large bodies that arrive together for all of theirs.
 
     json's scanner holds the GIL throughout, so a thread would not help: a
-    large body is parsed in steps (server/json_members.py: each top-level
-    value, each element of a top-level array such as a conversation's
-    messages), each a turn of `taking_turns`. One value larger than a step
-    (a single long text) is parsed in one, bounded by `http.max_body_bytes`.
+    large body is parsed in steps (server/json_members.py: the values of its
+    messages and their content blocks as the walk meets them, a long text in
+    pieces), each a turn of `taking_turns`.
     """
     if len(body) <= PARSE_AT_ONCE_BYTES:
         return parse_json(body)
