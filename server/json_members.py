@@ -182,33 +182,10 @@ def _walk(body: bytes, decoder: json.JSONDecoder, pace: _Pace) -> _Walk:
     if len(text) > STEP_CHARS:
         yield
     scan_once = decoder.scan_once  # type: ignore[attr-defined]
-    document: dict[str, Any] = {}
     spans: dict[str, tuple[int, int]] = {}
     duplicated: set[str] = set()
-    after_brace = at + 1
-    at = _skip(text, after_brace)
-    closed = text[at : at + 1] == "}"
-    if closed:
-        at += 1
-    pace.last = at
-    while not closed:
-        if text[at : at + 1] != '"':
-            raise JSONDecodeError("Expecting property name enclosed in double quotes", text, at)
-        key, at = _scanstring(text, at + 1, True)
-        colon = _COLON.match(text, at)
-        if colon is None:
-            raise JSONDecodeError("Expecting ':' delimiter", text, _skip(text, at))
-        at = colon.end()
-        value, end = yield from _value_in_steps(text, at, scan_once, 1, pace)
-        if key in document:
-            duplicated.add(key)
-        document[key] = value
-        spans[key] = (at, end)
-        after = _AFTER.match(text, end)
-        if after is None:
-            raise JSONDecodeError("Expecting ',' delimiter", text, _skip(text, end))
-        at = after.end()
-        closed = after[1] is None  # the brace, not a comma
+    after_brace = pace.last = at + 1
+    document, at = yield from _object(text, at, scan_once, 0, pace, (spans, duplicated))
     at = _skip(text, at)
     if at != len(text):
         raise JSONDecodeError("Extra data", text, at)
@@ -232,8 +209,17 @@ def _value_in_steps(text: str, at: int, scan_once: Any, depth: int, pace: _Pace)
     return value, end
 
 
-def _object(text: str, at: int, scan_once: Any, depth: int, pace: _Pace) -> _Parse:
-    """The object at `at` (its `{`), member by member, failing as json's scanner fails."""
+def _object(
+    text: str,
+    at: int,
+    scan_once: Any,
+    depth: int,
+    pace: _Pace,
+    members: tuple[dict[str, tuple[int, int]], set[str]] | None = None,
+) -> _Parse:
+    """The object at `at` (its `{`), member by member, failing as json's scanner
+    fails; noting, when given `members`, where each value lies and which keys
+    come twice."""
     document: dict[str, Any] = {}
     at = _skip(text, at + 1)
     if text[at : at + 1] == "}":
@@ -245,7 +231,12 @@ def _object(text: str, at: int, scan_once: Any, depth: int, pace: _Pace) -> _Par
         colon = _COLON.match(text, at)
         if colon is None:
             raise JSONDecodeError("Expecting ':' delimiter", text, _skip(text, at))
-        value, end = yield from _value_in_steps(text, colon.end(), scan_once, depth + 1, pace)
+        at = colon.end()
+        value, end = yield from _value_in_steps(text, at, scan_once, depth + 1, pace)
+        if members is not None:
+            if key in document:
+                members[1].add(key)
+            members[0][key] = (at, end)
         document[key] = value
         after = _AFTER.match(text, end)
         if after is None:
