@@ -17,6 +17,8 @@ from typing import Any
 from server.http_edge.errors import HttpError
 
 Scope = MutableMapping[str, Any]
+# How long a call runs before the gateway watches for its client leaving.
+WATCH_AFTER_S = 0.02
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -48,7 +50,8 @@ class Exchange:
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._receive = receive
         self._send = send
-        self._watcher: asyncio.Task[None] | None = None
+        # The disconnect watch: its timer, then its task (watch_disconnect).
+        self._watcher: asyncio.TimerHandle | asyncio.Task[None] | None = None
         self.method: str = scope["method"]
         self.path: str = scope["path"]
         self.query: str = scope.get("query_string", b"").decode("latin-1")
@@ -91,9 +94,17 @@ class Exchange:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def watch_disconnect(self) -> None:
-        """Cancels the current task when the client disconnects (once the body is read)."""
+        """Cancels the current task when the client disconnects (once the body is read).
+
+        The watching starts after WATCH_AFTER_S: a call answered sooner (most
+        unary calls) costs a timer, not a task and its cancellation, and a
+        client that leaves is noticed at most that much later.
+        """
         task = asyncio.current_task()
         assert task is not None
+        self._watcher = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._watch, task)
+
+    def _watch(self, task: asyncio.Task[None]) -> None:
         receive = self._receive
 
         async def watch() -> None:
@@ -114,8 +125,8 @@ class Exchange:
         the call, and the request's task ends without another turn of the loop.
         """
         watcher = self._watcher
-        if watcher is not None and not watcher.done():
-            watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()  # the timer, or the task (a no-op once it is done)
 
     def _headers(self, headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
         encoded = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
