@@ -51,8 +51,8 @@ class CacheBackend(Protocol):
     async def get(self, key: str) -> CacheEntry | None: ...
 
     async def put(self, key: str, entry: CacheEntry, size: int, ttl_s: float) -> None:
-        """Keeps `entry` (about `size` bytes: its texts and bytes, and each event's
-        object) for `ttl_s`."""
+        """Keeps `entry` for `ttl_s`: about `size` bytes in this process (its texts
+        and bytes, each event's object, and the entry's own: server/cache/cache.py)."""
         ...
 
     async def acquire(self, key: str, ttl_s: float) -> str | None:
