@@ -274,6 +274,7 @@ def _string(text: str, at: int, pace: _Pace) -> _Parse:
     start = piece = at + 1
     pieces: list[str] = []
     size = min(_FIRST_PIECE, STEP_CHARS)
+    ended = False  # the string's own quote was met inside a piece
     try:
         while True:
             quote = text.find('"', piece, piece + size)
@@ -287,14 +288,12 @@ def _string(text: str, at: int, pace: _Pace) -> _Parse:
             part, end = _scanstring(text[piece:cut] + '"', 0, True)
             pieces.append(part)
             if end < cut - piece + 1:  # the string's own quote, inside the piece
-                end += piece
-                piece = -1
+                ended, end = True, piece + end
                 break
-            piece = cut
-            pace.last = cut
+            piece = pace.last = cut
             size = min(size * 4, STEP_CHARS)
             yield
-        if piece >= 0:
+        if not ended:
             part, end = _scanstring(text, piece, True)
             pieces.append(part)
     except JSONDecodeError:
@@ -302,12 +301,14 @@ def _string(text: str, at: int, pace: _Pace) -> _Parse:
         return _scanstring(text, start, True)
     if pace.due(end):
         yield
-    return "".join(pieces) if len(pieces) > 1 else pieces[0], end
+    return "".join(pieces), end  # one piece: join gives it back as it is
 
 
 def _escaped(text: str, quote: int, after: int) -> bool:
     """Whether the quote at `quote` is escaped: an odd run of backslashes before it
     (counted from `after`, a cut with no backslash just before it)."""
+    if quote == after or text[quote - 1] != "\\":
+        return False  # nearly always: no copy of the piece to count a run
     before = text[after:quote]
     return (len(before) - len(before.rstrip("\\"))) % 2 == 1
 

@@ -207,7 +207,7 @@ class ResponseCache:
             return
         entry = CacheEntry(events, cost, self._wall(), call.fingerprint)
         try:
-            await call.backend.put(call.key, entry, size + ENTRY_OVERHEAD, call.ttl_s)
+            await call.backend.put(call.key, entry, size + _ENTRY_OVERHEAD, call.ttl_s)
         except CacheUnavailableError:
             return
 
@@ -351,7 +351,7 @@ _EVENT_OVERHEAD = 64
 # and fingerprint. Measured (tests/test_cache.py holds the counts to what
 # tracemalloc sees): about 1,340 bytes for a short answer in the response
 # cache, 1,470 in the idempotency store (a longer key, and the fingerprint).
-ENTRY_OVERHEAD = 1536
+_ENTRY_OVERHEAD = 1536
 
 
 def _size(event: StreamEvent) -> int:

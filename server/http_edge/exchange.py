@@ -17,11 +17,12 @@ from typing import Any
 from server.http_edge.errors import HttpError
 
 Scope = MutableMapping[str, Any]
-# How long a call runs before the gateway watches for its client leaving.
-WATCH_AFTER_S = 0.02
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+# How long a call runs before the gateway watches for its client leaving.
+WATCH_AFTER_S = 0.02
 
 
 class ClientGoneError(Exception):
