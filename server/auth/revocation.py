@@ -175,7 +175,7 @@ class KeyChangeFeed:
                 failures += 1
             finally:
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8.2
                     await client.aclose()
             delay = min(_BACKOFF_MAX_S, _BACKOFF_INITIAL_S * 2 ** min(failures - 1, 16))
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
