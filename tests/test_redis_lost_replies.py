@@ -3,9 +3,10 @@
 The shared Redis client (server/redis_connection.py) retries a command once
 on a new connection when its connection fails. When the connection fails
 after Redis ran the command and before its reply arrived, the retry runs it
-a second time: a settle must not charge the call twice, and a reservation
-must not hold its amount twice (server/accounting/redis_backend.py keeps a
-mark per holder for that), and a call must not wait on the cache lock it took
+a second time: a settle must not charge the call twice, a reservation must
+not hold its amount twice, a per-minute take must not count twice nor its
+give-back return twice (server/accounting/redis_backend.py keeps a mark per
+holder for each), and a call must not wait on the cache lock it took
 (server/cache/backends.py). A real redis-server, behind a proxy that drops
 the connection instead of passing on the next reply.
 """
@@ -96,6 +97,57 @@ async def test_a_settled_holder_leaves_nothing_reserved_once_its_mark_expires(
             client = backend._redis
             assert await client.hkeys("llmgw:budget:k:day:amounts") == [b"call-2"]
             assert await client.zrange("llmgw:budget:k:day:holds", 0, -1) == [b"call-2"]
+        finally:
+            await backend.aclose()
+
+
+async def test_a_per_minute_take_whose_reply_is_lost_counts_once(tmp_path: Path) -> None:
+    """Counted twice, the retry would find the window full and refuse the call
+    that the first run admitted (and the key would wait a minute for nothing)."""
+    async with backend_behind_dropper(tmp_path) as (backend, dropper):
+        assert (await backend.take("tpm:{k}", 10, 1, holder="warm"))[0] == 0.0
+
+        dropper.armed = True
+        wait, slot = await backend.take("tpm:{k}", 10, 6, holder="call-1")
+        assert dropper.dropped == 1
+        assert (wait, slot is not None) == (0.0, True)
+        assert (await backend.take("tpm:{k}", 10, 3, holder="call-2"))[0] == 0.0
+        assert (await backend.take("tpm:{k}", 10, 1, holder="call-3"))[0] > 0  # 1 + 6 + 3: full
+
+
+async def test_a_per_minute_give_back_whose_reply_is_lost_returns_once(tmp_path: Path) -> None:
+    async with backend_behind_dropper(tmp_path) as (backend, dropper):
+        wait, slot = await backend.take("tpm:{k}", 10, 8, holder="call-1")
+        assert wait == 0.0
+        # Scripts loaded before the reply that is lost: 8 + 2 - 1 counted.
+        warm_wait, warm_slot = await backend.take("tpm:{k}", 10, 2, holder="warm")
+        assert warm_wait == 0.0
+        await backend.give_back("tpm:{k}", 10, 1, warm_slot, holder="warm")
+
+        dropper.armed = True
+        await backend.give_back("tpm:{k}", 10, 5, slot, holder="call-1")
+        assert dropper.dropped == 1
+        # 9 - 5 = 4 counted: 6 more fit, 7 do not (returned twice, 7 would).
+        assert (await backend.take("tpm:{k}", 10, 7, holder="call-2"))[0] > 0
+        assert (await backend.take("tpm:{k}", 10, 6, holder="call-3"))[0] == 0.0
+
+
+async def test_per_minute_marks_expire_and_calls_without_a_holder_count_each_time(
+    tmp_path: Path,
+) -> None:
+    async with redis_server(tmp_path) as redis:
+        backend = RedisBackend(RedisConfig(url=redis.url, timeout_s=0.25))
+        try:
+            assert (await backend.take("rpm:{k}", 10, 4, holder="call-1"))[0] == 0.0
+            # The same holder again within the mark's life: the same take, counted once.
+            assert (await backend.take("rpm:{k}", 10, 4, holder="call-1"))[0] == 0.0
+            assert (await backend.take("rpm:{k}", 10, 4))[0] == 0.0
+            assert (await backend.take("rpm:{k}", 10, 4))[0] > 0  # 4 + 4 + 4 > 10
+            client = backend._redis
+            marks = await client.keys("llmgw:rpm:{k}:taken:*")
+            assert marks == [b"llmgw:rpm:{k}:taken:call-1"]
+            ttl = await client.ttl(marks[0])
+            assert 0 < ttl <= backend.window_mark_s
         finally:
             await backend.aclose()
 

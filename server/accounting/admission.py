@@ -151,7 +151,7 @@ class Admission:
         tpm = limits.tokens_per_minute
         if tpm is not None:
             tokens = input_tokens + request.max_tokens * request.choices
-            wait, slot = await self._backend.take(tpm_key(key_id), tpm, tokens)
+            wait, slot = await self._backend.take(tpm_key(key_id), tpm, tokens, hold.holder)
             if math.isinf(wait):
                 raise OverLimitError(
                     [
@@ -227,6 +227,7 @@ class Admission:
                         hold.tokens_per_minute,
                         hold.tokens - used,
                         hold.tokens_slot,
+                        hold.holder,
                     ),
                 )
         if hold.budgets:

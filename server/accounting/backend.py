@@ -118,15 +118,18 @@ def alert_key(budget_key: str, threshold: float) -> str:
 class QuotaBackend(Protocol):
     """The counters behind rate limits and budgets."""
 
-    async def take(self, key: str, capacity: float, amount: float) -> Taken:
+    async def take(self, key: str, capacity: float, amount: float, holder: str = "") -> Taken:
         """Takes `amount` if the key's usage in the last minute leaves room in
-        `capacity`; answers (wait, slot), see `Taken`."""
+        `capacity`; answers (wait, slot), see `Taken`. A `holder` (the call's
+        own random id) makes a take run again (a retry) count once."""
         ...
 
-    async def give_back(self, key: str, capacity: float, amount: float, slot: int | None) -> None:
+    async def give_back(
+        self, key: str, capacity: float, amount: float, slot: int | None, holder: str = ""
+    ) -> None:
         """Returns (amount > 0) part of a take to the `slot` it answered, or
         takes more now (amount < 0), even past the capacity: a call used more
-        than it reserved.
+        than it reserved. A `holder`'s give-back run again does nothing.
 
         At most what the slot still counts is returned, nothing once it has
         left the window: the caller returns no more than it took there.
@@ -265,10 +268,12 @@ class LocalBackend:
             window = self._windows[key] = _Window()
         return window
 
-    async def take(self, key: str, capacity: float, amount: float) -> Taken:
+    async def take(self, key: str, capacity: float, amount: float, holder: str = "") -> Taken:
         return self._window(key).take(self._clock(), self._window_s, capacity, amount)
 
-    async def give_back(self, key: str, capacity: float, amount: float, slot: int | None) -> None:
+    async def give_back(
+        self, key: str, capacity: float, amount: float, slot: int | None, holder: str = ""
+    ) -> None:
         self._window(key).give_back(self._clock(), self._window_s, amount, slot)
 
     async def enter(self, key: str, cap: int, holder: str, ttl_s: float) -> bool:

@@ -71,7 +71,7 @@ class CallGate:
         rpm = limits.requests_per_minute
         if rpm is not None:
             try:
-                wait, _ = await self._backend.take(rpm_key(key_id), rpm, 1)
+                wait, _ = await self._backend.take(rpm_key(key_id), rpm, 1, holder)
             except BaseException:
                 if cap is not None:
                     self.leave(key_id, holder)

@@ -36,16 +36,17 @@ command and before its reply came back: the budget scripts are written to
 be run twice. A reservation whose holder holds already holds once; a settle
 leaves the mark `settled` for its holder (for `settled_mark_s`, dropped by
 the purge like an expired hold), and a settle that finds it charges nothing
-(tests/test_redis_lost_replies.py). The per-minute windows are not: a take
-run twice charges its slot twice (the key waits longer, for at most a
-minute) and a give-back run twice returns its amount twice (the key may
-use one call's surplus more, within that minute).
+(tests/test_redis_lost_replies.py). A per-minute take or give-back leaves a
+mark for its holder (the call's quota hold, a random id: never the caller's
+request id, which a caller could repeat) for a few seconds (`window_mark_s`),
+and run again answers as the first run did and counts nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -105,18 +106,31 @@ local function charge(k, now, width, amount, slots)
 end
 """
 
-# KEYS[1] window; ARGV capacity, amount, window seconds. Returns the index of
-# the slot charged (an integer: the cheapest reply to read) or, as a string,
-# the seconds to wait, "-1" when it never fits (Redis truncates Lua numbers).
+# KEYS[1] window; ARGV capacity, amount, window seconds, holder ('' for none),
+# the holder's mark's life in seconds. Returns the index of the slot charged
+# (an integer: the cheapest reply to read) or, as a string, the seconds to
+# wait, "-1" when it never fits (Redis truncates Lua numbers). A holder's take
+# leaves a mark, K:taken:holder -> the slot: run again (a retry after a lost
+# reply) it answers that slot and charges nothing.
 _TAKE = (
     _WINDOW
     + """
 local cap, amount, width = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local mark = nil
+if ARGV[4] ~= '' then
+  mark = KEYS[1] .. ':taken:' .. ARGV[4]
+  local done = redis.call('GET', mark)
+  if done then return tonumber(done) end
+end
 if amount > cap then return '-1' end
 local now = now_s()
 local slots, amounts, used = window(KEYS[1], now, width)
 local excess = used + amount - cap
-if excess <= 0 then return charge(KEYS[1], now, width, amount, slots) end
+if excess <= 0 then
+  local index = charge(KEYS[1], now, width, amount, slots)
+  if mark then redis.call('SET', mark, string.format('%d', index), 'EX', ARGV[5]) end
+  return index
+end
 for _, index in ipairs(slots) do
   excess = excess - amounts[index]
   if excess <= 0 then return tostring(index * width / 60 + width - now) end
@@ -126,12 +140,19 @@ return tostring(width)
 )
 
 # KEYS[1] window; ARGV amount to give back (< 0: take now), window seconds,
-# the slot index its take was charged to ('' for none). Only that slot is
-# lowered, and only while it is in the window.
+# the slot index its take was charged to ('' for none), holder ('' for none),
+# the holder's mark's life in seconds. Only that slot is lowered, and only
+# while it is in the window. A holder's give-back leaves a mark,
+# K:given:holder: run again it does nothing.
 _GIVE_BACK = (
     _WINDOW
     + """
 local amount, width = tonumber(ARGV[1]), tonumber(ARGV[2])
+if ARGV[4] ~= '' then
+  if not redis.call('SET', KEYS[1] .. ':given:' .. ARGV[4], '1', 'NX', 'EX', ARGV[5]) then
+    return 0
+  end
+end
 local now = now_s()
 if amount < 0 then
   local slots = window(KEYS[1], now, width)
@@ -285,6 +306,7 @@ return 0
 """
 
 _SETTLED_MARK_S = 60
+_WINDOW_MARK_MIN_S = 5
 # Budget counters outlive their period (a month) by a margin.
 _BUDGET_EXPIRY_S = 40 * 86400
 # A budget whose spend the ledger could not give is asked again after this.
@@ -330,6 +352,9 @@ class RedisBackend:
         # How long a settled holder's mark stays (_SETTLE): longer than any retry
         # of the settle comes (at once, within redis.timeout_s).
         self.settled_mark_s = _SETTLED_MARK_S
+        # How long a per-minute take's or give-back's mark stays (_TAKE,
+        # _GIVE_BACK): past the retry, which comes at once, within timeout_s.
+        self.window_mark_s = max(_WINDOW_MARK_MIN_S, math.ceil(3 * config.timeout_s))
         # Operations that failed for want of Redis (a metric reads this).
         self.failures = 0
 
@@ -361,9 +386,12 @@ class RedisBackend:
     def _k(self, key: str) -> str:
         return self._prefix + key
 
-    async def take(self, key: str, capacity: float, amount: float) -> Taken:
+    async def take(self, key: str, capacity: float, amount: float, holder: str = "") -> Taken:
         async def call() -> Taken:
-            result = await self._take(keys=[self._k(key)], args=[capacity, amount, self._window_s])
+            result = await self._take(
+                keys=[self._k(key)],
+                args=[capacity, amount, self._window_s, holder, self.window_mark_s],
+            )
             if isinstance(result, int):
                 return 0.0, result
             wait = float(result)
@@ -372,10 +400,19 @@ class RedisBackend:
         # Failing open, nothing is charged: nothing to give back.
         return await self._run("take", call, (0.0, None))
 
-    async def give_back(self, key: str, capacity: float, amount: float, slot: int | None) -> None:
+    async def give_back(
+        self, key: str, capacity: float, amount: float, slot: int | None, holder: str = ""
+    ) -> None:
         async def call() -> None:
             await self._give_back(
-                keys=[self._k(key)], args=[amount, self._window_s, "" if slot is None else slot]
+                keys=[self._k(key)],
+                args=[
+                    amount,
+                    self._window_s,
+                    "" if slot is None else slot,
+                    holder,
+                    self.window_mark_s,
+                ],
             )
 
         await self._run("give back", call, None)
