@@ -16,7 +16,6 @@ same gate.
 from __future__ import annotations
 
 import inspect
-import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -24,6 +23,7 @@ import grpc
 
 from server.accounting.call_gate import CallGate
 from server.accounting.quotas import EffectiveLimits
+from server.calls import random_id
 from server.errors import GatewayError, set_call_status
 from server.identity import current_identity
 
@@ -78,7 +78,7 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(behavior):
 
             async def streaming(request: Any, context: Context) -> Any:
-                holder = uuid.uuid4().hex
+                holder = random_id()
                 error = await self._gate.admit(key_id, limits, holder)
                 if error is not None:
                     refuse(error, request, context)
@@ -93,7 +93,7 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
             return streaming
 
         async def unary(request: Any, context: Context) -> Any:
-            holder = uuid.uuid4().hex
+            holder = random_id()
             error = await self._gate.admit(key_id, limits, holder)
             if error is not None:
                 refuse(error, request, context)
