@@ -36,10 +36,12 @@ async def test_heavy_work_pauses_after_each_stretch_and_before_its_first_step() 
     pauses = [gap for gap in gaps if gap >= PAUSE_S - EARLY_S]
     # 40 ms of work, in stretches of at most WORK_S and a step.
     assert len(pauses) >= 0.040 / (WORK_S + STEP_S) - 1
+    # A step begins only while its stretch has worked less than WORK_S (robust
+    # to a step the machine stretched: it ends its stretch, as it should).
     stretch = 0.0
     for (started, ended), gap in zip(steps, [*gaps, 1.0], strict=True):
+        assert stretch < WORK_S, f"a step after {stretch * 1000:.1f} ms of work unpaused"
         stretch += ended - started
-        assert stretch < WORK_S + 2 * STEP_S, f"a stretch of {stretch * 1000:.1f} ms"
         if gap >= PAUSE_S - EARLY_S:
             stretch = 0.0
 
@@ -62,7 +64,7 @@ async def test_the_stretch_is_shared_by_the_heavy_work_of_all_calls() -> None:
     ordered = sorted(steps, key=lambda step: step[1])
     starts = [started for _, started, _ in ordered[1:]] + [1e9]
     for (_, started, ended), after in zip(ordered, starts, strict=True):
+        assert stretch < WORK_S, f"a step after {stretch * 1000:.1f} ms of work unpaused"
         stretch += ended - started
-        assert stretch < WORK_S + 2 * STEP_S, f"a stretch of {stretch * 1000:.1f} ms"
         if after - ended >= PAUSE_S - EARLY_S:
             stretch = 0.0
