@@ -48,12 +48,15 @@ class Members:
         """`body` with these top-level values set (added first when absent), every
         other byte as it was; None when a changed key is given more than once
         (which of them an upstream reads is its parser's choice)."""
+        return self.with_encoded(body, {key: encoded(value) for key, value in changes.items()})
+
+    def with_encoded(self, body: bytes, changes: Mapping[str, str]) -> bytes | None:
+        """with_values, given the new values as JSON text."""
         if any(key in self.duplicated for key in changes):
             return None
         edits: list[tuple[int, int, str]] = []
         added: list[str] = []
-        for key, value in changes.items():
-            encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        for key, encoded in changes.items():
             span = self.spans.get(key)
             if span is None:
                 added.append(f"{json.dumps(key, ensure_ascii=False)}:{encoded}")
@@ -69,6 +72,27 @@ class Members:
                 start, end = _byte_offset(body, start), _byte_offset(body, end)
             changed = changed[:start] + text.encode() + changed[end:]
         return changed
+
+
+def encoded(value: Any) -> str:
+    """A value as JSON text, as the gateway writes what it changes in a body."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+async def encoded_in_steps(value: Any, next_step: Callable[[], Awaitable[None]]) -> str:
+    """encoded, awaiting `next_step` after every STEP_CHARS or so of a list's
+    elements (a conversation's items): each element is encoded whole."""
+    if not isinstance(value, list):
+        return encoded(value)
+    parts: list[str] = []
+    written = 0
+    for item in value:
+        parts.append(encoded(item))
+        written += len(parts[-1])
+        if written >= STEP_CHARS:
+            written = 0
+            await next_step()
+    return "[" + ",".join(parts) + "]"
 
 
 # Every byte of UTF-8 but the continuation bytes (0x80-0xBF): each character is

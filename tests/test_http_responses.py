@@ -972,6 +972,43 @@ async def test_claudes_sealed_thinking_is_left_out_of_a_pass_through_to_openai(
     assert not any(SEALED_PREFIX in json.dumps(item) for item in relayed)
 
 
+@pytest.mark.parametrize("padding", [0, 1_200_000])
+async def test_leaving_out_sealed_thinking_keeps_every_other_byte(
+    url: str, fake: FakeUpstream, padding: int
+) -> None:
+    """Only the sealed items leave the body: the other members keep their bytes
+    (spacing, escapes, number spellings), and the input's other items theirs.
+    A body over a MiB (a long Codex session) is written in steps."""
+    fake.enqueue(
+        Reply(blocks=[Thinking("Oslo, then.", signature="sig-1"), ToolCall("toolu_1", "f", {})])
+    )
+    question = [{"role": "user", "content": "Weather in Oslo?"}]
+    first = await openai_client(url).responses.create(
+        model="claude-test",
+        input=question,  # type: ignore[arg-type]
+        tools=[WEATHER_TOOL],
+        reasoning={"effort": "low"},
+        include=["reasoning.encrypted_content"],
+        store=False,
+    )
+    earlier = [{"role": "user", "content": "Some context: " + "x" * padding}] if padding else []
+    items = [*earlier, *question, *as_input(first.output)]
+    items.append({"type": "function_call_output", "call_id": "toolu_1", "output": "5 °C"})
+    kept = [item for item in items if item.get("type") != "reasoning"]
+    assert len(kept) == len(items) - 1
+
+    def compact(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+    head = '{ "model" : "gpt-6-sol",\n  "instructions": "Be terse \\/ brief \\u00e9",'
+    tail = ', "x_future": 1E0, "store": false }'
+    sent = f'{head} "input":  {compact(items)}{tail}'.encode()
+    fake.enqueue(Reply(blocks=[Text("5 C.")]))
+    response = await responses_post(url, sent)
+    assert response.status_code == 200, response.text
+    assert fake.last(RESPONSES_PATH).raw == f'{head} "input":  {compact(kept)}{tail}'.encode()
+
+
 async def test_priority_processing_is_refused_as_unpriced(url: str, fake: FakeUpstream) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         await openai_client(url).responses.create(

@@ -266,3 +266,22 @@ def test_one_long_text_is_many_steps() -> None:
     assert document["messages"][0]["content"] == text
     # The body is ~1.1 million characters: four or five steps of STEP_CHARS.
     assert steps >= len(body) // json_members.STEP_CHARS
+
+
+async def test_a_long_list_is_encoded_in_steps_as_json_dumps_would() -> None:
+    """A conversation's items, as a relayed body's rewrite writes them back
+    (server/http_edge/generation.py `rewritten`): a step every STEP_CHARS or so."""
+    items: list[Any] = [
+        {"role": "user", "content": f'{n} "quoted" \\ é 😀 ' + "x" * 10_000} for n in range(300)
+    ]
+    items.append({"type": "function_call_output", "call_id": "c", "output": 1e5})
+    steps = 0
+
+    async def step() -> None:
+        nonlocal steps
+        steps += 1
+
+    text = await json_members.encoded_in_steps(items, step)
+    assert text == json.dumps(items, ensure_ascii=False, separators=(",", ":"))
+    assert steps >= len(text) // json_members.STEP_CHARS - 1
+    assert await json_members.encoded_in_steps({"a": [1]}, step) == '{"a":[1]}'

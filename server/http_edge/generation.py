@@ -42,7 +42,14 @@ from server.http_edge.json_decoding import (
 )
 from server.http_edge.unfinished_answers import STALLED_ANSWER
 from server.identity import require_model_access
-from server.json_members import Members, parse_object, parse_object_in_steps
+from server.json_members import (
+    Members,
+    encoded,
+    encoded_in_steps,
+    members_of,
+    parse_object,
+    parse_object_in_steps,
+)
 from server.loop_turns import taking_turns
 from server.routing import Route, Router
 from server.schema import GenerationRequest, GenerationResponse, Passthrough
@@ -157,6 +164,29 @@ async def _free_of_lone_surrogates(body: bytes) -> bool:
         return await free_of_lone_surrogates_in_steps(body, next_step)
 
 
+async def rewritten(
+    body: bytes, members: Members | None, document: dict[str, Any], relayed: dict[str, Any]
+) -> bytes:
+    """`body` as `relayed` (`document` with some top-level values replaced): the new
+    values written where the old ones lie, every other byte kept
+    (server/json_members.py); a large body's new values encoded in steps, a
+    list element at a time. Re-encoded whole only when a replaced key is given
+    twice, or a key was dropped."""
+    changed = {key: value for key, value in relayed.items() if document.get(key) is not value}
+    if members is None and len(body) <= FIND_MEMBERS_ABOVE_BYTES:
+        members = members_of(body)
+    if members is not None and relayed.keys() >= document.keys():
+        if len(body) <= PARSE_AT_ONCE_BYTES:
+            texts = {key: encoded(value) for key, value in changed.items()}
+        else:
+            async with taking_turns() as next_step:
+                texts = {key: await encoded_in_steps(v, next_step) for key, v in changed.items()}
+        written = members.with_encoded(body, texts)
+        if written is not None:
+            return written
+    return encoded(relayed).encode()
+
+
 def parse_json(body: bytes) -> tuple[dict[str, Any], Members | None]:
     """The request body as a JSON object and where its top-level values lie (for a
     pass-through that changes one, server/json_members.py), or a 400 that says
@@ -246,8 +276,8 @@ class GenerationEndpoint:
             dialect.routed(decoded, route)
             relayed = dialect.relayed(document)
             if relayed is not None:
+                body = await rewritten(body, members, document, relayed)
                 document, members = relayed, None
-                body = json.dumps(relayed, ensure_ascii=False, separators=(",", ":")).encode()
             request.passthrough = Passthrough(
                 dialect.protocol,
                 body,

@@ -48,7 +48,8 @@ class FakeUpstream:
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
         self._replies: deque[Reply] = deque()
-        app = web.Application()
+        # Anthropic's API takes bodies up to 32 MB (aiohttp's default is 1 MiB).
+        app = web.Application(client_max_size=32 * 1024 * 1024)
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_post("/v1/chat/completions", self._chat_completions)
