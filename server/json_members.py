@@ -56,12 +56,12 @@ class Members:
             return None
         edits: list[tuple[int, int, str]] = []
         added: list[str] = []
-        for key, encoded in changes.items():
+        for key, text in changes.items():
             span = self.spans.get(key)
             if span is None:
-                added.append(f"{json.dumps(key, ensure_ascii=False)}:{encoded}")
+                added.append(f"{json.dumps(key, ensure_ascii=False)}:{text}")
             else:
-                edits.append((span[0], span[1], encoded))
+                edits.append((span[0], span[1], text))
         if added:
             tail = "," if self.spans else ""
             edits.append((self.after_brace, self.after_brace, ",".join(added) + tail))
