@@ -72,7 +72,7 @@ def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 async def _parsed(deferred: _Deferred, deserializer: Callable[[bytes], Any]) -> Any:
     """A large request, parsed in a step of its own; the call is marked large."""
     LARGE_REQUEST.set(True)
-    async with taking_turns():
+    async with taking_turns(pause_first=True):  # after grpc's copies of it
         try:
             return deserializer(deferred.data)
         except Exception:

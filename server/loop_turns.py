@@ -22,9 +22,9 @@ of all calls together holds the loop for at most WORK_S at a stretch (to the
 end of the step that passes it); then it pauses, the loop waiting on its
 sockets and timers for at least PAUSE_S and a quarter as long as the stretch
 worked, and the other calls' data and completions come in and are served.
-Each block of heavy work also begins with such a pause, since the work just
-before it ran unchecked (grpc's copies of a large request, the join of a
-large HTTP body). Heavy work then takes at most about four fifths of the
+A block of heavy work that follows heavy work of its own, unchecked (grpc's
+copies of a large request, the join of a large HTTP body), begins with such
+a pause (`pause_first`). Heavy work then takes at most about four fifths of the
 loop's time, and a probe call waits behind less of it (five 8 MiB gRPC
 requests at once: the probe's slowest call of a burst, median of 11 warm
 bursts, 14-17 ms against 19-22 ms with turns alone; bench/stall_probe.py).
@@ -87,12 +87,18 @@ async def _pause(seconds: float) -> None:
 
 
 @contextlib.asynccontextmanager
-async def taking_turns() -> AsyncIterator[Callable[[], Awaitable[None]]]:
+async def taking_turns(
+    *, pause_first: bool = False
+) -> AsyncIterator[Callable[[], Awaitable[None]]]:
     """Holds the process's turn for heavy work; the work awaits the function
-    it is given between two steps, and the block's end closes the last step."""
+    it is given between two steps, and the block's end closes the last step.
+    `pause_first`: the call has just done heavy work of its own, unchecked
+    (grpc's copies of a large request, the join of a large HTTP body), and
+    pauses before its first step."""
     turns = _turns()
     lock = turns.lock
-    await _pause(PAUSE_S)
+    if pause_first:
+        await _pause(PAUSE_S)
     held: bool = await lock.acquire()
     step_started = time.perf_counter()
 

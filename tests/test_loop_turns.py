@@ -27,7 +27,7 @@ async def test_heavy_work_pauses_after_each_stretch_and_before_its_first_step() 
     (grpc's) waits for the GIL through whole stretches."""
     steps: list[tuple[float, float]] = []
     entered = time.perf_counter()
-    async with taking_turns() as next_step:
+    async with taking_turns(pause_first=True) as next_step:
         for _ in range(40):
             steps.append(_busy(STEP_S))
             await next_step()
@@ -44,6 +44,17 @@ async def test_heavy_work_pauses_after_each_stretch_and_before_its_first_step() 
         stretch += ended - started
         if gap >= PAUSE_S - EARLY_S:
             stretch = 0.0
+
+
+async def test_only_work_after_unchecked_work_pauses_before_its_first_step() -> None:
+    """A long prompt's estimate, say, begins at once: nothing heavy ran before it."""
+    await asyncio.sleep(PAUSE_S * 3)  # the stretch of the tests before has paused
+    firsts: list[float] = []
+    for _ in range(5):
+        entered = time.perf_counter()
+        async with taking_turns():
+            firsts.append(time.perf_counter() - entered)
+    assert min(firsts) < PAUSE_S / 2
 
 
 async def test_the_stretch_is_shared_by_the_heavy_work_of_all_calls() -> None:

@@ -148,7 +148,7 @@ async def read_json(body: bytes) -> tuple[dict[str, Any], Members | None]:
     """
     if len(body) <= PARSE_AT_ONCE_BYTES:
         return parse_json(body)
-    async with taking_turns() as next_step:
+    async with taking_turns(pause_first=True) as next_step:  # after the body's join
         try:
             parsed = await parse_object_in_steps(body, _DECODER, next_step)
         except (ValueError, RecursionError) as err:
