@@ -53,6 +53,7 @@ from server.health import SERVING, HealthService
 from server.http_edge import FrontDoor, GenerationEndpoint, HttpCalls, HttpServer
 from server.http_edge.unfinished_answers import install_unfinished_answer_filter
 from server.identity import SCOPE_GENERATE
+from server.loop_turns import count_calls_with
 from server.process_memory import keep_freed_memory
 from server.reflection import enable_server_reflection
 from server.routing import Router
@@ -304,6 +305,8 @@ class Gateway:
                 " by another program, or the address is not one of this machine's"
             ) from None
         await self.accounting.start()  # the ledger's writer, budgets seeded from it
+        # Heavy work pauses only while other calls are in flight (server/loop_turns.py).
+        count_calls_with(self._calls_in_flight)
         if self.key_changes is not None:
             self.key_changes.start()  # listens in the background; never waits for Redis
         if self.http is not None:
@@ -332,6 +335,9 @@ class Gateway:
     def http_port(self) -> int:
         """The HTTP front door's bound port (0 when it is off)."""
         return self.http.port if self.http is not None else 0
+
+    def _calls_in_flight(self) -> int:
+        return self.overload_gate.in_flight
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains and stops; safe to call more than once (a later call waits)."""
@@ -371,6 +377,7 @@ class Gateway:
         if self.idempotency is not None:
             await self.idempotency.aclose()
         await self.accounting.aclose()  # settle what is pending, flush the ledger
+        count_calls_with(None, counted_by=self._calls_in_flight)
         if self.auth is not None:
             self.auth.store.close()  # the key store's kept connections (PostgreSQL)
         await self.telemetry.stop()  # metrics endpoint down, queued spans flushed

@@ -24,10 +24,17 @@ sockets and timers for at least PAUSE_S and a quarter as long as the stretch
 worked, and the other calls' data and completions come in and are served.
 A block of heavy work that follows heavy work of its own, unchecked (grpc's
 copies of a large request, the join of a large HTTP body), begins with such
-a pause (`pause_first`). Heavy work then takes at most about four fifths of the
-loop's time, and a probe call waits behind less of it (five 8 MiB gRPC
+a pause (`pause_first`). Heavy work then takes at most about four fifths of
+the loop's time, and a probe call waits behind less of it (five 8 MiB gRPC
 requests at once: the probe's slowest call of a burst, median of 11 warm
 bursts, 14-17 ms against 19-22 ms with turns alone; bench/stall_probe.py).
+
+The pauses are for the other calls: when the gateway counts its calls in
+flight (`count_calls_with`: both edges' generation calls,
+server/accounting/overload_gate.py) and none is in flight but those doing
+heavy work, the work goes on without pausing, so a long prompt's estimate on
+an idle gateway takes no longer; a call that arrives meanwhile is counted,
+and the stretch then ends in a pause.
 """
 
 from __future__ import annotations
@@ -49,6 +56,10 @@ WORK_S = 0.004
 PAUSE_S = 0.001
 PAUSE_SHARE = 0.25
 
+# Whether the current call is among those `count_calls_with` counts (set when
+# it is admitted: server/accounting/overload_gate.py).
+COUNTED_CALL: ContextVar[bool] = ContextVar("counted_call", default=False)
+
 # Whether the current call's request is large (set by the gRPC edge when it
 # parses one in a step, interceptors/malformed_request.py): its decoding then
 # takes a step of its own as well.
@@ -56,13 +67,22 @@ LARGE_REQUEST: ContextVar[bool] = ContextVar("large_request", default=False)
 
 
 class _Turns:
-    """The loop's heavy work: one step at a time, and the time worked since the last pause."""
+    """The loop's heavy work: one step at a time, the time worked since the last
+    pause, and the counted calls doing heavy work (holding the turn or waiting)."""
 
-    __slots__ = ("lock", "worked")
+    __slots__ = ("calls_in_flight", "counted", "lock", "worked")
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.worked = 0.0
+        self.counted = 0
+        self.calls_in_flight: Callable[[], int] | None = None
+
+    def others(self) -> bool:
+        """Whether calls other than those doing heavy work may be waiting
+        (unknown, when the calls in flight are not counted: then yes)."""
+        count = self.calls_in_flight
+        return count is None or count() > self.counted
 
 
 _TURNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Turns] = weakref.WeakKeyDictionary()
@@ -74,6 +94,20 @@ def _turns() -> _Turns:
     if turns is None:
         turns = _TURNS[loop] = _Turns()
     return turns
+
+
+def count_calls_with(
+    calls_in_flight: Callable[[], int] | None,
+    *,
+    counted_by: Callable[[], int] | None = None,
+) -> None:
+    """How to count the calls in flight on this event loop (None: not counted,
+    and heavy work always pauses after a stretch); with `counted_by`, only if
+    that is how they are counted now (a gateway that stops leaves another's
+    count alone)."""
+    turns = _turns()
+    if counted_by is None or turns.calls_in_flight == counted_by:
+        turns.calls_in_flight = calls_in_flight
 
 
 async def _others_turns() -> None:
@@ -97,33 +131,39 @@ async def taking_turns(
     pauses before its first step."""
     turns = _turns()
     lock = turns.lock
-    if pause_first:
-        await _pause(PAUSE_S)
-    held: bool = await lock.acquire()
-    step_started = time.perf_counter()
-
-    async def end_step() -> None:
-        """The turns, or the pause, that follow a step (the lock held)."""
-        turns.worked += time.perf_counter() - step_started
-        if turns.worked < WORK_S:
-            await _others_turns()
-            return
-        pause = max(PAUSE_S, turns.worked * PAUSE_SHARE)
-        turns.worked = 0.0
-        await _pause(pause)
-
-    async def next_step() -> None:
-        nonlocal held, step_started
-        await end_step()
-        held = False
-        lock.release()
-        await asyncio.sleep(0)  # a waiting call's work takes the next step
+    counted = COUNTED_CALL.get()
+    turns.counted += counted
+    held = False
+    try:
+        if pause_first and turns.others():
+            await _pause(PAUSE_S)
         held = await lock.acquire()
         step_started = time.perf_counter()
 
-    try:
+        async def end_step() -> None:
+            """The turns, or the pause, that follow a step (the lock held)."""
+            turns.worked += time.perf_counter() - step_started
+            if turns.worked < WORK_S:
+                await _others_turns()
+                return
+            worked, turns.worked = turns.worked, 0.0
+            if turns.others():
+                await _pause(max(PAUSE_S, worked * PAUSE_SHARE))
+            else:
+                await _others_turns()
+
+        async def next_step() -> None:
+            nonlocal held, step_started
+            await end_step()
+            held = False
+            lock.release()
+            await asyncio.sleep(0)  # a waiting call's work takes the next step
+            held = await lock.acquire()
+            step_started = time.perf_counter()
+
         yield next_step
         await end_step()
     finally:
+        turns.counted -= counted
         if held:
             lock.release()

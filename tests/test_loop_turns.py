@@ -6,7 +6,11 @@ import asyncio
 import itertools
 import time
 
-from server.loop_turns import PAUSE_S, WORK_S, taking_turns
+from server import loop_turns
+from server.app import Gateway
+from server.config import load_config
+from server.loop_turns import COUNTED_CALL, PAUSE_S, WORK_S, count_calls_with, taking_turns
+from tests import conftest
 
 STEP_S = 0.001
 # asyncio.sleep may end a clock tick early.
@@ -25,6 +29,7 @@ async def test_heavy_work_pauses_after_each_stretch_and_before_its_first_step() 
     the step that passes it), then leave it waiting on its sockets for at least
     PAUSE_S: with turns alone, a thread that must hand the loop a completion
     (grpc's) waits for the GIL through whole stretches."""
+    count_calls_with(None)  # calls in flight not counted: always pause
     steps: list[tuple[float, float]] = []
     entered = time.perf_counter()
     async with taking_turns(pause_first=True) as next_step:
@@ -60,6 +65,7 @@ async def test_only_work_after_unchecked_work_pauses_before_its_first_step() -> 
 async def test_the_stretch_is_shared_by_the_heavy_work_of_all_calls() -> None:
     """Two calls' steps alternate, and the stretch counts both: the other calls
     wait behind one stretch, not one per heavy call."""
+    count_calls_with(None)  # calls in flight not counted: always pause
     steps: list[tuple[int, float, float]] = []
 
     async def heavy(n: int) -> None:
@@ -79,3 +85,55 @@ async def test_the_stretch_is_shared_by_the_heavy_work_of_all_calls() -> None:
         stretch += ended - started
         if after - ended >= PAUSE_S - EARLY_S:
             stretch = 0.0
+
+
+async def test_heavy_work_pauses_only_while_other_calls_are_in_flight() -> None:
+    """Counted calls in flight (the gateway counts them: server/app.py): none but
+    the heavy one, and its stretches go on unpaused; one more, and they pause."""
+    in_flight = 1  # the heavy call itself
+
+    async def heavy() -> list[tuple[float, float]]:
+        COUNTED_CALL.set(True)  # admitted, as the overload gate marks a call
+        steps: list[tuple[float, float]] = []
+        async with taking_turns(pause_first=True) as next_step:
+            for _ in range(40):
+                steps.append(_busy(STEP_S))
+                await next_step()
+        return steps
+
+    def pauses(steps: list[tuple[float, float]]) -> int:
+        gaps = [b[0] - a[1] for a, b in itertools.pairwise(steps)]
+        return sum(1 for gap in gaps if gap >= PAUSE_S - EARLY_S)
+
+    count_calls_with(lambda: in_flight)
+    try:
+        await asyncio.sleep(PAUSE_S * 3)  # the stretch of the tests before has paused
+        alone = await asyncio.create_task(heavy())
+        in_flight = 2
+        shared = await asyncio.create_task(heavy())
+    finally:
+        count_calls_with(None)
+    # Pauses the machine makes (a step preempted, a slow turn) are possible alone.
+    assert pauses(alone) <= 2
+    assert pauses(shared) >= 0.040 / (WORK_S + STEP_S) - 1
+
+
+async def test_a_gateway_counts_its_admitted_calls_for_the_pauses() -> None:
+    """While a gateway serves, its heavy work pauses for the calls its overload gate
+    admitted; a gateway that stops leaves the count to the one still serving."""
+    config = load_config(environ={}, overrides=conftest.TEST_CONFIG)
+    first = await conftest.started(Gateway(config))
+    second = await conftest.started(Gateway(config))
+    turns = loop_turns._turns()
+    try:
+        assert turns.calls_in_flight is not None
+        assert turns.calls_in_flight() == 0
+        assert await second.gateway.overload_gate.enter() is None
+        assert turns.calls_in_flight() == 1 and COUNTED_CALL.get()
+        second.gateway.overload_gate.leave()
+        await first.aclose()
+        assert turns.calls_in_flight == second.gateway._calls_in_flight
+    finally:
+        await first.aclose()
+        await second.aclose()
+    assert turns.calls_in_flight is None

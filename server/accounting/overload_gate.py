@@ -17,6 +17,7 @@ import asyncio
 from collections import deque
 
 from server.errors import GatewayOverloadedError
+from server.loop_turns import COUNTED_CALL
 
 # When a slot frees up is unknown: suggest retrying this soon (or elsewhere).
 OVERLOAD_RETRY_S = 1.0
@@ -39,7 +40,15 @@ class OverloadGate:
         return len(self._waiting)
 
     async def enter(self) -> GatewayOverloadedError | None:
-        """Takes a slot, waiting up to `max_wait_s` for one, or says why not."""
+        """Takes a slot, waiting up to `max_wait_s` for one, or says why not.
+        A call with a slot is counted among the calls heavy work pauses for
+        (server/loop_turns.py)."""
+        refused = await self._enter()
+        if refused is None:
+            COUNTED_CALL.set(True)
+        return refused
+
+    async def _enter(self) -> GatewayOverloadedError | None:
         if not self.max_calls or (self.in_flight < self.max_calls and not self._waiting):
             self.in_flight += 1
             return None
