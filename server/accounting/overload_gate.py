@@ -43,15 +43,17 @@ class OverloadGate:
         """Takes a slot, waiting up to `max_wait_s` for one, or says why not.
         A call with a slot is counted among the calls heavy work pauses for
         (server/loop_turns.py)."""
-        refused = await self._enter()
+        if not self.max_calls or (self.in_flight < self.max_calls and not self._waiting):
+            self.in_flight += 1
+            COUNTED_CALL.set(True)
+            return None
+        refused = await self._wait()
         if refused is None:
             COUNTED_CALL.set(True)
         return refused
 
-    async def _enter(self) -> GatewayOverloadedError | None:
-        if not self.max_calls or (self.in_flight < self.max_calls and not self._waiting):
-            self.in_flight += 1
-            return None
+    async def _wait(self) -> GatewayOverloadedError | None:
+        """Waits for a slot handed over, or says why not."""
         # Waiters are bounded as calls are: past that, the wait would be long anyway.
         if self.max_wait_s > 0 and len(self._waiting) < self.max_calls:
             slot = asyncio.get_running_loop().create_future()

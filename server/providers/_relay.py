@@ -34,7 +34,6 @@ when something asks for it (an error, the SDK's stream).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 import weakref
@@ -54,7 +53,7 @@ from openai._models import FinalRequestOptions as OpenAIRequestOptions
 
 from server.errors import UpstreamReply
 from server.events import StreamEvent, TextDelta, ThinkingDelta, ToolInputDelta
-from server.json_members import members_of
+from server.json_members import encoded, members_of
 from server.providers._http1 import Answer, Http1Pool
 from server.providers._sse import SseBatch, SseEvent
 from server.schema import Passthrough
@@ -89,7 +88,7 @@ def relayed_body(passthrough: Passthrough, changes: Mapping[str, Any]) -> bytes:
         body = members.with_values(passthrough.body, changed)
         if body is not None:
             return body
-    return json.dumps({**document, **changed}, ensure_ascii=False, separators=(",", ":")).encode()
+    return encoded({**document, **changed}).encode()
 
 
 def relayed_options(passthrough: Passthrough, timeout: float, request_id: str) -> dict[str, Any]:
