@@ -71,7 +71,9 @@ def build_app(chunks: int) -> web.Application:
             body=responses_json, content_type="application/json", headers=openai_headers
         )
 
-    app = web.Application()
+    # Bodies as large as the providers take (aiohttp's default is 1 MiB), for
+    # bench/stall_probe.py's large requests.
+    app = web.Application(client_max_size=32 * 1024 * 1024)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/responses", responses)

@@ -16,6 +16,12 @@ burst is served and the gateway's peak RSS above idle. Two bursts:
 
     .venv/bin/python -m bench.stall_probe                  # both edges, both bursts
     .venv/bin/python -m bench.stall_probe --edge grpc --burst window --rounds 5
+    .venv/bin/python -m bench.stall_probe --burst window --upstream openai
+
+`--upstream anthropic|openai` serves the large requests' model from that
+provider, its official SDK calling bench/fake_upstream.py (its own process),
+so that the gateway's work for a real upstream (the request translated and
+encoded for it) is measured too; by default the offline provider serves it.
 
 tests/test_loop_stalls.py asserts on the same measurement.
 """
@@ -41,7 +47,9 @@ from typing import Any, Literal
 ROOT = Path(__file__).resolve().parent.parent
 Edge = Literal["grpc", "http"]
 Burst = Literal["limit", "window", "conversation"]
+Upstream = Literal["offline", "anthropic", "openai"]
 EDGES: tuple[Edge, ...] = ("grpc", "http")
+UPSTREAMS: tuple[Upstream, ...] = ("offline", "anthropic", "openai")
 BURSTS: tuple[Burst, ...] = ("limit", "window")  # the default run
 MESSAGE_CHARS = 64 * 1024  # a `conversation` burst's messages
 
@@ -64,6 +72,28 @@ providers:
     scripts:
       - models: [{MODEL}]
         reply: {{text: Read it all.}}
+"""
+
+
+def upstream_config(upstream: Upstream, port: int) -> str:
+    """CONFIG with MODEL served by `upstream`'s SDK provider, calling the fake upstream
+    on `port` (the probe model stays offline)."""
+    base = f"http://127.0.0.1:{port}" + ("/v1" if upstream == "openai" else "")
+    return f"""
+providers:
+  offline:
+    type: offline
+    models:
+      - id: echo
+  {upstream}:
+    type: {upstream}
+    api_key: stall-probe
+    base_url: {base}
+    models:
+      - id: {MODEL}
+        upstream_id: bench-model
+        context_window: {WINDOW}
+        max_output_tokens: 128000
 """
 
 
@@ -402,6 +432,7 @@ class Result:
     peak_mib: float  # the gateway's peak RSS above its idle RSS
     idle: list[float]  # seconds, the probe calls before the bursts
     round_max: list[float] = field(default_factory=list)  # the slowest probe of each round
+    upstream: Upstream = "offline"  # what served the large requests' model
 
     def percentile(self, p: float, of: list[float] | None = None) -> float:
         ordered = sorted(self.probes if of is None else of)
@@ -412,7 +443,9 @@ class Result:
     def line(self) -> str:
         ms = 1000
         return (
-            f"{self.edge:4}  {self.burst:6}  {self.payload_mib:7.1f} MiB  "
+            f"{self.edge:4}  {self.burst:6}"
+            + (f" -> {self.upstream}" if self.upstream != "offline" else "")
+            + f"  {self.payload_mib:7.1f} MiB  "
             f"probes {len(self.probes):4}  p50 {self.percentile(50) * ms:6.1f} ms  "
             f"p99 {self.percentile(99) * ms:7.1f} ms  "
             f"max {max(self.probes, default=0) * ms:7.1f} ms"
@@ -424,19 +457,63 @@ class Result:
 
 
 async def measure(
-    edge: Edge, burst: Burst, *, count: int = 5, rounds: int = 3, limit: int | None = None
+    edge: Edge,
+    burst: Burst,
+    *,
+    count: int = 5,
+    rounds: int = 3,
+    limit: int | None = None,
+    upstream: Upstream = "offline",
 ) -> Result:
     """Probes one edge while `rounds` bursts of `count` large requests are served
-    (the request size limits `limit` bytes, else the defaults)."""
+    (the request size limits `limit` bytes, else the defaults; their model served by
+    `upstream`)."""
     with tempfile.TemporaryDirectory(prefix="stall-probe-") as tmp:
-        async with gateway(Path(tmp), limit) as gw:
+        async with contextlib.AsyncExitStack() as stack:
+            config_text = CONFIG
+            if upstream != "offline":
+                port = await stack.enter_async_context(fake_upstream())
+                config_text = upstream_config(upstream, port)
+            gw = await stack.enter_async_context(gateway(Path(tmp), limit, config_text=config_text))
             probe = GrpcProbe(gw.grpc_port) if edge == "grpc" else HttpProbe(gw.http_port)
             port = gw.grpc_port if edge == "grpc" else gw.http_port
             limit = limit or size_limits()[edge]
             try:
-                return await _measure(gw, probe, edge, burst, port, count, rounds, limit)
+                result = await _measure(gw, probe, edge, burst, port, count, rounds, limit)
             finally:
                 await probe.aclose()
+            result.upstream = upstream
+            return result
+
+
+@contextlib.asynccontextmanager
+async def fake_upstream() -> AsyncIterator[int]:
+    """bench/fake_upstream.py in its own process, until the block ends: its port."""
+    from bench.processes import free_port
+
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.fake_upstream",
+        str(port),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            while b"serving on" not in await process.stderr.readline():
+                if process.stderr.at_eof():
+                    raise RuntimeError("the fake upstream exited before serving")
+        drain = asyncio.create_task(_drain(process.stderr, []))
+        yield port
+        drain.cancel()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 async def _measure(
@@ -524,6 +601,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--limit", type=int, help="both request size limits, in bytes (default: the defaults)"
     )
+    parser.add_argument(
+        "--upstream",
+        choices=UPSTREAMS,
+        default="offline",
+        help="what serves the large requests' model (an SDK provider: bench/fake_upstream.py)",
+    )
     parser.add_argument("--send", choices=EDGES, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -539,7 +622,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     for edge in args.edge or EDGES:
         for burst in args.burst or BURSTS:
-            run = measure(edge, burst, count=args.count, rounds=args.rounds, limit=args.limit)
+            run = measure(
+                edge,
+                burst,
+                count=args.count,
+                rounds=args.rounds,
+                limit=args.limit,
+                upstream=args.upstream,
+            )
             result = asyncio.run(run)
             print(result.line(), flush=True)
 

@@ -19,6 +19,7 @@ between them (server/loop_turns.py).
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
@@ -79,20 +80,80 @@ def encoded(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-async def encoded_in_steps(value: Any, next_step: Callable[[], Awaitable[None]]) -> str:
-    """encoded, awaiting `next_step` after every STEP_CHARS or so of a list's
-    elements (a conversation's items): each element is encoded whole."""
-    if not isinstance(value, list):
-        return encoded(value)
+class Base64Text:
+    """A string value that is a prefix and the base64 of `data` (an image's bytes,
+    encoded for an upstream), written by `encoded_in_steps` in steps rather than
+    made whole first: for a large image, the base64 alone is several
+    milliseconds of one step. `encoded_in_steps` writes it a piece at a time
+    where its walk reaches it; deeper, its `encode` must know it (`text`)."""
+
+    __slots__ = ("data", "prefix")
+
+    def __init__(self, data: bytes, prefix: str = "") -> None:
+        self.data = data
+        self.prefix = prefix
+
+    def text(self) -> str:
+        """The whole string, made at once."""
+        return self.prefix + base64.b64encode(self.data).decode("ascii")
+
+    def __repr__(self) -> str:
+        return f"Base64Text({self.prefix!r}, {len(self.data)} bytes)"
+
+
+async def encoded_in_steps(
+    value: Any,
+    next_step: Callable[[], Awaitable[None]],
+    encode: Callable[[Any], str] = encoded,
+) -> str:
+    """`encode(value)`, awaiting `next_step` after every STEP_CHARS or so of text
+    written. The walk goes into objects (with string keys) and arrays down to
+    WALKED_DEPTH and writes a long string, or a Base64Text, a piece at a time;
+    every other value is written by `encode` whole. `encode` is a
+    json.JSONEncoder's `encode` without indent or sorted keys (`encoded`'s by
+    default), so that the pieces joined are what it writes of the whole."""
     parts: list[str] = []
     written = 0
-    for item in value:
-        parts.append(encoded(item))
-        written += len(parts[-1])
+    for part in _pieces(value, encode, 0):
+        parts.append(part)
+        written += len(part)
         if written >= STEP_CHARS:
             written = 0
             await next_step()
-    return "[" + ",".join(parts) + "]"
+    return "".join(parts)
+
+
+def _pieces(value: Any, encode: Callable[[Any], str], depth: int) -> Iterator[str]:
+    kind = type(value)
+    if kind is str and len(value) > STEP_CHARS:
+        # A string is written a character at a time (an escape never spans two),
+        # so its pieces' encodings, quotes taken off, are the whole's.
+        yield '"'
+        for start in range(0, len(value), STEP_CHARS):
+            yield encode(value[start : start + STEP_CHARS])[1:-1]
+        yield '"'
+    elif kind is Base64Text:
+        yield encode(value.prefix)[:-1]  # its opening quote and the prefix
+        data = memoryview(value.data)
+        for start in range(0, len(data), _BASE64_STEP_BYTES):
+            yield base64.b64encode(data[start : start + _BASE64_STEP_BYTES]).decode("ascii")
+        yield '"'
+    elif kind is dict and value and depth < WALKED_DEPTH and all(type(k) is str for k in value):
+        opening = "{"
+        for key, item in value.items():
+            yield f"{opening}{encode(key)}:"
+            yield from _pieces(item, encode, depth + 1)
+            opening = ","
+        yield "}"
+    elif kind is list and value and depth < WALKED_DEPTH:
+        opening = "["
+        for item in value:
+            yield opening
+            yield from _pieces(item, encode, depth + 1)
+            opening = ","
+        yield "]"
+    else:
+        yield encode(value)
 
 
 # Every byte of UTF-8 but the continuation bytes (0x80-0xBF): each character is
@@ -155,6 +216,9 @@ STEP_CHARS = 256 * 1024
 # content (5), its blocks (6). Each container walked costs a few microseconds
 # a member in Python; what lies deeper is parsed by json's scanner in one go.
 WALKED_DEPTH = 6
+# The bytes of a Base64Text written at a time: a multiple of 3, so that only
+# the last piece is padded; about STEP_CHARS of text.
+_BASE64_STEP_BYTES = STEP_CHARS // 4 * 3
 # A long string is cut only where none of the 6 characters before the cut is
 # a backslash: no escape (at most 6 characters: \uXXXX), and no surrogate pair
 # of two escapes, spans it. Looked for this far back from each cut.

@@ -60,9 +60,11 @@ PAUSE_SHARE = 0.25
 # it is admitted: server/accounting/overload_gate.py).
 COUNTED_CALL: ContextVar[bool] = ContextVar("counted_call", default=False)
 
-# Whether the current call's request is large (set by the gRPC edge when it
-# parses one in a step, interceptors/malformed_request.py): its decoding then
-# takes a step of its own as well.
+# Whether the current call's request is large, over a MiB (set by the gRPC edge
+# when it parses one in a step, interceptors/malformed_request.py, and by the
+# HTTP edge's read_json): the gRPC servicer then decodes it in a step of its
+# own, and a provider writes its upstream body in steps
+# (server/providers/_upstream.py request_content).
 LARGE_REQUEST: ContextVar[bool] = ContextVar("large_request", default=False)
 
 

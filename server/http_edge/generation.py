@@ -50,7 +50,7 @@ from server.json_members import (
     parse_object,
     parse_object_in_steps,
 )
-from server.loop_turns import taking_turns
+from server.loop_turns import LARGE_REQUEST, taking_turns
 from server.routing import Route, Router
 from server.schema import GenerationRequest, GenerationResponse, Passthrough
 from server.stall_watch import CURRENT_WATCH
@@ -148,6 +148,8 @@ async def read_json(body: bytes) -> tuple[dict[str, Any], Members | None]:
     """
     if len(body) <= PARSE_AT_ONCE_BYTES:
         return parse_json(body)
+    # A provider that translates it writes its body in steps too (request_content).
+    LARGE_REQUEST.set(True)
     async with taking_turns(pause_first=True) as next_step:  # after the body's join
         try:
             parsed = await parse_object_in_steps(body, _DECODER, next_step)

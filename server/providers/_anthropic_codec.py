@@ -26,7 +26,6 @@ one to one:
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -44,6 +43,7 @@ from server.events import (
     ThinkingDelta,
     ToolInputDelta,
 )
+from server.providers._upstream import image_base64
 from server.schema import (
     CacheControl,
     ContentBlock,
@@ -91,7 +91,7 @@ def content_block(block: ContentBlock) -> dict[str, Any]:
         if block.url is not None:
             out = {"type": "image", "source": {"type": "url", "url": block.url}}
         else:
-            data = base64.b64encode(block.data or b"").decode("ascii")
+            data = image_base64(block.data or b"")  # a large image's written in steps
             source = {"type": "base64", "media_type": block.media_type, "data": data}
             out = {"type": "image", "source": source}
     elif isinstance(block, ToolUseBlock):

@@ -33,7 +33,6 @@ arrive. Rules where the two do not meet one to one:
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from collections.abc import Mapping
@@ -51,8 +50,9 @@ from server.events import (
     ThinkingDelta,
     ToolInputDelta,
 )
+from server.json_members import Base64Text
 from server.providers._sse import JSON_STRING, string_text
-from server.providers._upstream import UnreadableAnswerError
+from server.providers._upstream import UnreadableAnswerError, image_base64
 from server.schema import (
     CacheControl,
     GenerationRequest,
@@ -102,11 +102,12 @@ class _Encoder:
         return part
 
     def image_part(self, block: ImageBlock) -> dict[str, Any]:
+        url: str | Base64Text
         if block.url is not None:
             url = block.url
         else:
-            data = base64.b64encode(block.data or b"").decode("ascii")
-            url = f"data:{block.media_type};base64,{data}"
+            # A large image's base64 is written in steps (request_content).
+            url = image_base64(block.data or b"", f"data:{block.media_type};base64,")
         part: dict[str, Any] = {"type": "image_url", "image_url": {"url": url}}
         self.mark(part, block.cache_control)
         return part

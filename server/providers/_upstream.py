@@ -12,6 +12,7 @@ that would otherwise be written twice.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import inspect
 import json
@@ -49,6 +50,8 @@ from server.errors import (
     UpstreamRejectedError,
     UpstreamUnavailableError,
 )
+from server.json_members import Base64Text, encoded_in_steps
+from server.loop_turns import LARGE_REQUEST, taking_turns
 from server.providers._transport import HttpTransport
 from server.providers.base import ProviderSettings
 from server.schema import (
@@ -517,6 +520,50 @@ def post_arguments(
     if query:
         options["params"] = query
     return body, options
+
+
+class _BodyEncoder(json.JSONEncoder):
+    """The SDKs' body encoder for plain JSON values (their `openapi_dumps`), and a
+    Base64Text that the stepped walk leaves to it, written whole."""
+
+    def default(self, o: Any) -> Any:
+        if isinstance(o, Base64Text):
+            return o.text()
+        return super().default(o)
+
+
+# The settings of both SDKs' `openapi_dumps` (tests/test_request_encoding.py
+# checks that the bytes are theirs).
+_BODY_ENCODER = _BodyEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+# An image larger than this, in a large request, is written in base64 a piece at
+# a time by request_content (image_base64); smaller ones at once.
+IMAGE_AT_ONCE_BYTES = 192 * 1024
+
+
+def image_base64(data: bytes, prefix: str = "") -> str | Base64Text:
+    """An image's bytes as base64 text after `prefix`, for a request body: made now,
+    or, when the request is large (LARGE_REQUEST), a Base64Text that
+    request_content writes in steps."""
+    if len(data) > IMAGE_AT_ONCE_BYTES and LARGE_REQUEST.get():
+        return Base64Text(data, prefix)
+    return prefix + base64.b64encode(data).decode("ascii")
+
+
+async def request_content(body: dict[str, Any], dumps: Callable[[Any], bytes]) -> bytes:
+    """The bytes of a request body: `dumps(body)` (the SDK's `openapi_dumps`), or
+    for a large request (LARGE_REQUEST, set by either edge for a request over a
+    MiB) the same bytes written in steps that take turns with the other calls
+    (server/loop_turns.py): its long texts and images' base64 a piece at a time.
+    Encoding a 4 MB text is 10-14 ms of one step; five such requests at once
+    held the event loop that long five times over (bench/stall_probe.py
+    --upstream openai)."""
+    if not LARGE_REQUEST.get():
+        return dumps(body)
+    async with taking_turns() as next_step:
+        text = await encoded_in_steps(body, next_step, _BODY_ENCODER.encode)
+        await next_step()
+        return text.encode()
 
 
 def _integral_floats_as_ints(value: Any) -> Any:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import aiohttp
@@ -68,6 +68,7 @@ from server.providers._upstream import (
     malformed_answer,
     merge_provider_options,
     post_arguments,
+    request_content,
     retry_after_seconds,
     sampling_arguments,
     sdk_parameters,
@@ -198,7 +199,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
             # The bytes `messages.create` sends, by the SDK's own serializer, sent
             # without the SDK building the same request again (send_relayed).
             if request.incremental:
-                content = openapi_dumps({**body, "stream": True})
+                content = await request_content({**body, "stream": True}, openapi_dumps)
                 stream = response = await send_relayed(
                     client, MESSAGES_PATH, content, options, stream=True
                 )
@@ -218,9 +219,8 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
                 decoder.finish()
                 return
             # Generate: one non-streaming call, replayed through the same decoder.
-            answer = await send_relayed(
-                client, MESSAGES_PATH, openapi_dumps(body), options, stream=False
-            )
+            content = await request_content(body, openapi_dumps)
+            answer = await send_relayed(client, MESSAGES_PATH, content, options, stream=False)
             upstream_request_id = answer.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
             message = json_object(answer.json(), "the body")
             decoder = self._decoder(request, upstream_request_id)
@@ -393,20 +393,33 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
             kwargs["system"] = [codec.content_block(b) for b in request.system]
         if request.tools:
             kwargs["tools"] = codec.tools(request.tools)
-        client = await self._sdk.current()
-        try:
-            timeout = upstream_timeout(request.deadline, self._timeout)
-            counted = await client.messages.count_tokens(**kwargs, timeout=timeout)
-        except (anthropic.AnthropicError, httpx2.HTTPError, aiohttp.ClientError) as err:
-            raise self._failure(err, request.model, "", "") from err
-        return TokenCount(input_tokens=counted.input_tokens, estimated=False)
+        # The body `messages.count_tokens` sends, a large request's written in
+        # steps (request_content), posted as the relayed count's is.
+        options = {"timeout": upstream_timeout(request.deadline, self._timeout)}
+        content = await request_content(kwargs, openapi_dumps)
+        return await self._count(request.model, lambda: (content, options), relayed=False)
 
     async def _relay_count(
         self, request: TokenCountRequest, passthrough: Passthrough
     ) -> TokenCount:
+        return await self._count(
+            request.model,
+            lambda: self._relayed(passthrough, request.model, request.deadline, ""),
+            relayed=True,
+        )
+
+    async def _count(
+        self,
+        model_id: str,
+        arguments: Callable[[], tuple[bytes, dict[str, Any]]],
+        *,
+        relayed: bool,
+    ) -> TokenCount:
+        """Posts a count_tokens body (`arguments`: it and the `client.post` options);
+        a relayed call's upstream error answer is kept to be relayed as it came."""
         client = await self._sdk.current()
         try:
-            body, options = self._relayed(passthrough, request.model, request.deadline, "")
+            body, options = arguments()
             response = await client.post(
                 COUNT_TOKENS_PATH, content=body, options=options, cast_to=httpx2.Response
             )
@@ -421,8 +434,8 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
             KeyError,
             TypeError,
         ) as err:
-            error = self._failure(err, request.model, "", "")
-            if isinstance(err, anthropic.APIStatusError):
+            error = self._failure(err, model_id, "", "")
+            if relayed and isinstance(err, anthropic.APIStatusError):
                 error.upstream_reply = _reply_of(err.response)
             raise error from err
         return TokenCount(input_tokens=counted, estimated=False)

@@ -90,6 +90,7 @@ from server.providers._upstream import (
     malformed_answer,
     merge_provider_options,
     post_arguments,
+    request_content,
     retry_after_seconds,
     sampling_arguments,
     sdk_parameters,
@@ -235,7 +236,7 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
             # The bytes `chat.completions.create` sends, by the SDK's own serializer,
             # sent without the SDK building the same request again (send_relayed).
             if request.incremental:
-                content = openapi_dumps({**body, "stream": True})
+                content = await request_content({**body, "stream": True}, openapi_dumps)
                 stream = response = await send_relayed(
                     client, COMPLETIONS_PATH, content, options, stream=True
                 )
@@ -264,8 +265,9 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
             else:
                 # Generate: one non-streaming call, replayed through the same decoder.
                 body.pop("stream_options", None)
+                content = await request_content(body, openapi_dumps)
                 response = await send_relayed(
-                    client, COMPLETIONS_PATH, openapi_dumps(body), options, stream=False
+                    client, COMPLETIONS_PATH, content, options, stream=False
                 )
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
                 decoder = self._decoder(request, upstream_request_id)
