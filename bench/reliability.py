@@ -38,12 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The stall probe's bounds, as tests/test_loop_stalls.py asserts them: the
 # issue's 20 ms p99 with room for a shared machine (2.5 times, plus the same
-# probe's p99 before the burst); maximum-size bursts are decoded in one turn
-# of the loop, so their bound is 500 ms (plus idle p99) and 2 s to answer.
+# probe's p99 before the burst), for requests as long as the largest window
+# and of the maximum size alike (the latter refused).
 STALL_P99_S = 0.020
 STALL_SLACK = 2.5
-STALL_LIMIT_P99_S = 0.5
-STALL_LIMIT_BURST_S = 2.0
 STALL_PEAK_MIB = 300.0
 UNREAD_KIB = 256.0
 SOAK_RSS_GROWTH_PCT = 5.0
@@ -110,16 +108,11 @@ def parse_stall(code: int, output: str) -> list[Row]:
         p99, idle = float(found["p99"]), float(found["idle"])
         peak, burst_s = float(found["peak"]), float(found["burst_s"])
         outcomes = {o.strip() for o in found["outcomes"].split(",") if o.strip()}
-        ok = outcomes == _STALL_EXPECTED[edge, burst] and peak <= STALL_PEAK_MIB
-        if burst == "window":
-            bound = STALL_P99_S * STALL_SLACK * 1000 + idle
-            target = f"p99 < {STALL_P99_S * 1000:g} ms x{STALL_SLACK:g} + idle p99"
-            ok = ok and p99 < bound
-        else:
-            bound = STALL_LIMIT_P99_S * 1000 + idle
-            target = f"refused; p99 < {STALL_LIMIT_P99_S * 1000:g} ms + idle p99"
-            target += f", burst < {STALL_LIMIT_BURST_S:g} s"
-            ok = ok and p99 < bound and burst_s < STALL_LIMIT_BURST_S
+        bound = STALL_P99_S * STALL_SLACK * 1000 + idle
+        target = f"p99 < {STALL_P99_S * 1000:g} ms x{STALL_SLACK:g} + idle p99"
+        if burst == "limit":
+            target = f"refused; {target}"
+        ok = outcomes == _STALL_EXPECTED[edge, burst] and peak <= STALL_PEAK_MIB and p99 < bound
         rows.append(
             Row(
                 f"stall probe {edge} {burst} ({found['mib']} MiB x5)",

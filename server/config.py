@@ -53,12 +53,15 @@ class _Strict(BaseModel):
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
-    # Twice the longest text any context window takes (1.05M tokens at the
-    # estimate's floor of 4 characters a token: 4.2 MB; longer text is refused
-    # by its length): a full window's text, or a long one beside a full-size
-    # image (5 MB). Each concurrent request this size costs the gateway about
-    # 40 MiB and a few ms of its event loop to decode (bench/stall_probe.py).
-    max_receive_message_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    # The text of the largest context window: 1.05M tokens is at most 4.2M
+    # characters (the estimate's floor is a token per 4; longer text is refused
+    # by its length), and prose that fills it is ~4.17M (bench/stall_probe.py).
+    # grpc's own default too. grpc copies each request on the event loop in one
+    # step, before the gateway sees it, so this bounds how long requests that
+    # arrive together hold the other calls: five of 4 MiB delay a probe call by
+    # 4-6 ms at p99, five of 8 MiB by 40-70 ms (README, "Request size").
+    # Larger images go by URL, or raise this and pay that.
+    max_receive_message_bytes: int = Field(4 * 1024 * 1024, gt=0)
     max_send_message_bytes: int = Field(32 * 1024 * 1024, gt=0)
     # Server pings idle connections so dead peers are noticed behind proxies.
     keepalive_time_s: float = Field(60.0, gt=0)
@@ -115,8 +118,10 @@ class HttpConfig(_Strict):
     # None: the gRPC server's host (server.host).
     host: str | None = None
     port: int = Field(8080, ge=0, le=65535)
-    # A larger body is refused (413) before it is read. The gRPC limit's 8 MiB
-    # in JSON, where images are base64 (4/3 as large) and text has escapes.
+    # A larger body is refused (413) before it is read. Room for a full-size
+    # image (5 MB: 6.7 MB in base64) beside a long text; the body is read and
+    # parsed in steps that take turns with the other calls, so this can be
+    # larger than gRPC's limit (README, "Request size").
     max_body_bytes: int = Field(12 * 1024 * 1024, gt=0)
     # While an upstream is silent, a streamed answer gets `event: ping` this
     # often, so that no client gives up on it.

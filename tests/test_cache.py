@@ -41,6 +41,7 @@ from server.cache import (
 )
 from server.cache.backends import MemoryBackend
 from server.cache.idempotency import Idempotency
+from server.cache.key import cache_key_async
 from server.calls import CallRecord
 from server.config import CacheConfig, IdempotencyConfig, RedisConfig, load_config
 from server.errors import InvalidArgumentError
@@ -56,6 +57,7 @@ from server.events import (
     TextDelta,
     ThinkingDelta,
 )
+from server.loop_turns import LARGE_REQUEST
 from server.providers.offline import OfflineProvider, OfflineSettings
 from server.routing import Route, Router
 from server.schema import (
@@ -341,6 +343,37 @@ def test_every_request_field_is_in_the_key_unless_excluded() -> None:
     # The edge's protocol and the tenant scope are in the key too.
     assert cache_key(_request(), route, protocol="anthropic.messages", scope="k") != base
     assert cache_key(_request(), route, protocol="grpc", scope="other") != base
+
+
+async def test_a_large_requests_key_is_hashed_while_the_loop_serves_others() -> None:
+    """A large request's key (LARGE_REQUEST) is the same key, its SHA-256 computed
+    in a thread (hashlib lets go of the GIL), so other tasks run meanwhile."""
+    route = _route()
+    large = _request(messages=[Message(Role.USER, [TextBlock("word é 😀 " * 600_000)])])
+    small = _request()
+    for request in (small, large):
+        expected = cache_key(request, route, protocol="grpc", scope="k")
+        assert await cache_key_async(request, route, protocol="grpc", scope="k") == expected
+    ticks, done = 0, False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    token = LARGE_REQUEST.set(True)
+    try:
+        await asyncio.sleep(0)
+        ticks = 0
+        keyed = await cache_key_async(large, route, protocol="grpc", scope="k")
+    finally:
+        LARGE_REQUEST.reset(token)
+        done = True
+        await task
+    assert keyed == cache_key(large, route, protocol="grpc", scope="k")
+    assert ticks > 0
 
 
 def test_pass_through_bytes_and_headers_are_in_the_key() -> None:

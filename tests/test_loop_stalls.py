@@ -41,25 +41,19 @@ async def test_requests_as_long_as_the_largest_window_leave_other_calls_alone(
     assert result.peak_mib <= PEAK_MIB, _report(result)
 
 
-# Five maximum-size requests arriving in the same turn of the loop are
-# decoded by the edges at once (grpc's deserializer and the decoder's copy of
-# each text, json.loads of each body one step at a time): tens of ms on a
-# shared machine, up to 200 ms when it is busy, never the seconds it was.
-LIMIT_P99_S = 0.5
-
-
 @pytest.mark.parametrize("edge", ["grpc", "http"])
-async def test_requests_of_the_maximum_size_are_refused_by_length_in_bounded_memory(
+async def test_requests_of_the_maximum_size_are_refused_and_leave_other_calls_alone(
     edge: Edge,
 ) -> None:
-    # Five texts as large as the default request size limits allow: far
-    # beyond the largest window, they are refused by their length, untokenized
-    # (tokenizing them would take seconds).
+    # Five texts as large as the default request size limits allow, longer
+    # than the largest window: gRPC's (4 MiB) is estimated in full, HTTP's
+    # (12 MiB) refused by its length, untokenized.
     result = await measure(edge, "limit", count=5, rounds=3)
     print(result.line())
     refused = "INVALID_ARGUMENT: prompt is too long" if edge == "grpc" else "HTTP 400"
     assert all(o.startswith(refused) for o in result.outcomes), result.outcomes
     assert all("prompt is too long" in o for o in result.outcomes), result.outcomes
+    assert result.percentile(99) < P99_TARGET_S * SLACK + _idle_p99(result), _report(result)
     assert result.peak_mib <= PEAK_MIB, _report(result)
-    assert max(result.burst_s) < 2.0, _report(result)
-    assert result.percentile(99) < LIMIT_P99_S + _idle_p99(result), _report(result)
+    if edge == "http":
+        assert max(result.burst_s) < 2.0, _report(result)

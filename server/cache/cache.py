@@ -43,7 +43,7 @@ from server.cache.backends import (
 )
 from server.cache.directives import CacheDirectives
 from server.cache.entry import CacheEntry
-from server.cache.key import cache_key
+from server.cache.key import cache_key_async
 from server.calls import CallRecord
 from server.config import CacheConfig, RedisConfig
 from server.events import (
@@ -157,7 +157,7 @@ class ResponseCache:
         if directives.ttl_s is not None:
             call.ttl_s = min(call.ttl_s, directives.ttl_s)
         try:
-            call.key = cache_key(
+            call.key = await cache_key_async(
                 request, route, protocol=protocol, scope=policy.namespace or f"key:{record.key_id}"
             )
         except TypeError:

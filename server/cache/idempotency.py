@@ -34,7 +34,7 @@ import time
 
 from server.cache.backends import CacheUnavailableError, Clock
 from server.cache.cache import HIT, MISS, CachedCall, ResponseCache
-from server.cache.key import cache_key
+from server.cache.key import cache_key_async
 from server.calls import CallRecord
 from server.config import CacheConfig, IdempotencyConfig, RedisConfig
 from server.routing import Route
@@ -88,7 +88,7 @@ class Idempotency:
         scope = f"key:{record.key_id}"
         call.key = "idem:" + hashlib.sha256(f"{scope}\0{request.request_id}".encode()).hexdigest()
         try:
-            call.fingerprint = cache_key(request, route, protocol=protocol, scope=scope)
+            call.fingerprint = await cache_key_async(request, route, protocol=protocol, scope=scope)
             await answers.look_up(call, request)
         except CacheUnavailableError:
             log.warning("idempotency: the store cannot be reached; the call runs as a new one")

@@ -19,11 +19,13 @@ requests can never encode alike.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import hashlib
 from typing import Any
 
+from server.loop_turns import LARGE_REQUEST
 from server.routing import Route
 from server.schema import GenerationRequest, Passthrough
 
@@ -47,6 +49,31 @@ EXCLUDED: dict[type, frozenset[str]] = {
 
 def cache_key(request: GenerationRequest, route: Route, *, protocol: str, scope: str) -> str:
     """The hex SHA-256 key of `request` on `route`, asked over `protocol` by `scope`."""
+    return hashlib.sha256(b"".join(_parts(request, route, protocol, scope))).hexdigest()
+
+
+async def cache_key_async(
+    request: GenerationRequest, route: Route, *, protocol: str, scope: str
+) -> str:
+    """cache_key; a large request's (LARGE_REQUEST) hashed in a thread, as hashlib
+    lets go of the GIL while it hashes: SHA-256 of a 4 MB text is 2.5-3.5 ms
+    that the event loop spends on the other calls instead (the whole key was
+    7 ms of one step)."""
+    parts = _parts(request, route, protocol, scope)
+    if not LARGE_REQUEST.get():
+        return hashlib.sha256(b"".join(parts)).hexdigest()
+    return await asyncio.to_thread(_digest, parts)
+
+
+def _digest(parts: list[bytes]) -> str:
+    """The hex SHA-256 of the parts joined, without joining them."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def _parts(request: GenerationRequest, route: Route, protocol: str, scope: str) -> list[bytes]:
     parts: list[bytes] = [KEY_VERSION]
     _encode(protocol, parts)
     _encode(scope, parts)
@@ -56,7 +83,7 @@ def cache_key(request: GenerationRequest, route: Route, *, protocol: str, scope:
         # A smart alias picks its tier from the request, a hint tag included.
         _encode(request.metadata.tags, parts)
     _encode(request, parts)
-    return hashlib.sha256(b"".join(parts)).hexdigest()
+    return parts
 
 
 def _encode(value: Any, out: list[bytes]) -> None:
