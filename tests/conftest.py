@@ -13,9 +13,10 @@ import re
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -175,6 +176,31 @@ def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
     bad_request = detail(rich_status(error), error_details_pb2.BadRequest)
     assert isinstance(bad_request, error_details_pb2.BadRequest), "no BadRequest detail"
     return {v.field: v.description for v in bad_request.field_violations}
+
+
+_T = TypeVar("_T")
+
+
+async def ticks_during(work: Awaitable[_T]) -> tuple[_T, int]:
+    """What `work` returns, and how many times another task got the event loop
+    while it ran (0: it held the loop throughout)."""
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)  # the ticker started
+    ticks = 0
+    try:
+        return await work, ticks
+    finally:
+        done = True
+        await task
 
 
 def free_port() -> int:

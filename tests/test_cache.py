@@ -74,7 +74,7 @@ from server.schema import (
     ToolChoiceMode,
     Usage,
 )
-from tests.conftest import TEST_CONFIG, RunningGateway, started
+from tests.conftest import TEST_CONFIG, RunningGateway, started, ticks_during
 from tests.fake_upstream import FakeUpstream, Reply, Text, Thinking, ToolCall
 from tests.fake_upstream import Usage as FakeUsage
 from tests.http_fixtures import base_url, start_front_door
@@ -354,24 +354,11 @@ async def test_a_large_requests_key_is_hashed_while_the_loop_serves_others() -> 
     for request in (small, large):
         expected = cache_key(request, route, protocol="grpc", scope="k")
         assert await cache_key_async(request, route, protocol="grpc", scope="k") == expected
-    ticks, done = 0, False
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not done:
-            await asyncio.sleep(0)
-            ticks += 1
-
-    task = asyncio.create_task(ticker())
     token = LARGE_REQUEST.set(True)
     try:
-        await asyncio.sleep(0)
-        ticks = 0
-        keyed = await cache_key_async(large, route, protocol="grpc", scope="k")
+        keyed, ticks = await ticks_during(cache_key_async(large, route, protocol="grpc", scope="k"))
     finally:
         LARGE_REQUEST.reset(token)
-        done = True
-        await task
     assert keyed == cache_key(large, route, protocol="grpc", scope="k")
     assert ticks > 0
 

@@ -27,6 +27,7 @@ from server import json_members
 from server.json_members import Base64Text, encoded_in_steps
 from server.loop_turns import LARGE_REQUEST
 from server.providers._upstream import _BODY_ENCODER, image_base64, request_content
+from tests.conftest import ticks_during
 from tests.fake_upstream import FakeUpstream, Reply, Text
 from tests.upstream_fixtures import generate, stream_all, text
 from tests.upstream_fixtures import user_blocks as user
@@ -100,27 +101,6 @@ def test_images_are_left_to_the_steps_only_in_large_requests() -> None:
         LARGE_REQUEST.reset(token)
 
 
-async def _ticks_during(work: Any) -> tuple[Any, int]:
-    """What `work` returns, and how many times another task ran meanwhile."""
-    ticks = 0
-    done = False
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not done:
-            await asyncio.sleep(0)
-            ticks += 1
-
-    task = asyncio.create_task(ticker())
-    await asyncio.sleep(0)
-    ticks = 0
-    try:
-        return await work, ticks
-    finally:
-        done = True
-        await task
-
-
 async def test_a_large_requests_body_is_written_in_turns_with_other_calls() -> None:
     rng = random.Random(3)
     words = ["tea", '"quoted"', "back\\slash", "é", "😀", "line\n", "naïve"]
@@ -139,14 +119,14 @@ async def test_a_large_requests_body_is_written_in_turns_with_other_calls() -> N
         ],
     }
     # A small request: the SDK's own dumps, at once.
-    written, ticks = await _ticks_during(request_content(eager, anthropic_dumps))
+    written, ticks = await ticks_during(request_content(eager, anthropic_dumps))
     assert (written, ticks) == (anthropic_dumps(eager), 0)
     # A large one: the same bytes, while the other tasks run between its steps.
     token = LARGE_REQUEST.set(True)
     try:
         stepped = json.loads(json.dumps(eager))
         stepped["messages"][0]["content"][1]["data"] = image_base64(image)
-        written, ticks = await _ticks_during(request_content(stepped, anthropic_dumps))
+        written, ticks = await ticks_during(request_content(stepped, anthropic_dumps))
     finally:
         LARGE_REQUEST.reset(token)
     assert written == anthropic_dumps(eager)
