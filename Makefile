@@ -108,23 +108,33 @@ bench/.bin/loadgen: $(wildcard bench/loadgen/*.go) bench/build-loadgen.sh
 	bench/build-loadgen.sh
 
 $(VENV)/.bench-installed: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev,bench]'
 	touch $@
 
-$(STAMP): pyproject.toml
+# The runtime dependencies at requirements.lock's pins (what the image ships),
+# so that a new release of one cannot fail a fresh clone's checks unannounced;
+# the development tools are pinned in pyproject.toml. pip takes the pins
+# without their hashes (hashes would demand them of the editable install too).
+CONSTRAINTS := $(VENV)/constraints.txt
+$(CONSTRAINTS): requirements.lock
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	grep -E '^[A-Za-z0-9_.-]+==' requirements.lock | sed 's/ *\\$$//' > $@
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,pii]'
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev,pii]'
 	touch $(STAMP)
 
-## lock: regenerate requirements.lock, the runtime dependencies pinned with their hashes (the Docker image installs it), with uv in a throwaway venv
+## lock: regenerate requirements.lock, the runtime dependencies pinned with their hashes (the Docker image installs them, and `make test` tests them), with uv in a throwaway venv; existing pins are kept where pyproject.toml allows them, `make lock LOCK_ARGS=--upgrade` moves each to its newest release
 LOCK_TOOL := uv==0.13.9
 lock:
 	@LOCK_VENV=$$(mktemp -d) && trap 'rm -rf "$$LOCK_VENV"' EXIT && \
 		$(PYTHON) -m venv "$$LOCK_VENV" && \
 		"$$LOCK_VENV/bin/pip" install --quiet $(LOCK_TOOL) && \
 		"$$LOCK_VENV/bin/uv" pip compile pyproject.toml --universal --python-version 3.11 \
-			--generate-hashes --custom-compile-command "make lock" --quiet -o requirements.lock
+			--generate-hashes --custom-compile-command "make lock" --quiet $(LOCK_ARGS) \
+			-o requirements.lock
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
