@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from json.decoder import JSONDecodeError
 from typing import Any
 
+from server.loop_turns import taking_turns
+
 _SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace, as json.decoder skips it
 _COLON = re.compile(r"[ \t\n\r]*:[ \t\n\r]*")  # between a key and its value
 _AFTER = re.compile(r"[ \t\n\r]*(?:(,)[ \t\n\r]*|\})")  # after a value: the next, or the end
@@ -121,6 +123,15 @@ async def encoded_in_steps(
             written = 0
             await next_step()
     return "".join(parts)
+
+
+async def encoded_body(value: Any, encode: Callable[[Any], str] = encoded) -> bytes:
+    """`encode(value)` in UTF-8, for a large body: written by encoded_in_steps,
+    taking turns with the other calls' heavy work (server/loop_turns.py)."""
+    async with taking_turns() as next_step:
+        text = await encoded_in_steps(value, next_step, encode)
+        await next_step()
+        return text.encode()
 
 
 def _pieces(value: Any, encode: Callable[[Any], str], depth: int) -> Iterator[str]:

@@ -4,7 +4,9 @@ A provider serializes the body it sends with the SDK's own `openapi_dumps`
 (server/providers/_upstream.py `request_content`); for a request over a MiB
 (LARGE_REQUEST, set by either edge) it writes the same bytes in steps that
 take turns with the other calls, long texts and images' base64 a piece at a
-time (server/json_members.py `encoded_in_steps`, `Base64Text`).
+time (server/json_members.py `encoded_in_steps`, `Base64Text`). A
+pass-through body that must be encoded again whole (server/providers/_relay.py
+`relayed_body`) is written the same way when large.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from server import json_members
 from server.json_members import Base64Text, encoded_in_steps
 from server.loop_turns import LARGE_REQUEST
+from server.providers._relay import ENCODE_AT_ONCE_BYTES, relayed_body
 from server.providers._upstream import _BODY_ENCODER, image_base64, request_content
+from server.schema import Passthrough
 from tests.conftest import ticks_during
 from tests.fake_upstream import FakeUpstream, Reply, Text
 from tests.upstream_fixtures import generate, stream_all, text
@@ -202,3 +206,30 @@ async def test_a_large_count_tokens_request_reaches_the_upstream_as_the_sdk_writ
     assert received.body["messages"][0]["content"][1]["source"]["data"] == (
         base64.b64encode(_IMAGE).decode("ascii")
     )
+
+
+# -- A pass-through body re-encoded whole ----------------------------------------
+
+
+@pytest.mark.parametrize("size", [50_000, 1_500_000])
+async def test_a_relayed_body_with_a_changed_key_given_twice_is_re_encoded_in_turns(
+    size: int,
+) -> None:
+    """Where the changed value cannot be written in place (the key is given
+    twice: which one an upstream reads is its parser's choice), the document is
+    encoded again; a large one while other tasks run, a small one at once."""
+    text = ('a "quote" \\ é 😀 \n' * (size // 16))[:size]
+    body = json.dumps(
+        {"model": "first", "max_tokens": 5, "messages": [{"role": "user", "content": text}]}
+    )
+    body = body.replace('"max_tokens"', '"model": "second", "max_tokens"').encode()
+    document, members = json_members.parse_object(body, json.JSONDecoder())
+    assert members is not None and members.duplicated == {"model"}
+    passthrough = Passthrough("anthropic.messages", body, document, members=members)
+    written, ticks = await ticks_during(relayed_body(passthrough, {"model": "upstream-1"}))
+    assert json.loads(written) == {**document, "model": "upstream-1"}
+    assert written == json_members.encoded({**document, "model": "upstream-1"}).encode()
+    if size > ENCODE_AT_ONCE_BYTES:
+        assert ticks >= len(written) // json_members.STEP_CHARS
+    else:
+        assert ticks == 0

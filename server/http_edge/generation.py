@@ -45,6 +45,7 @@ from server.identity import require_model_access
 from server.json_members import (
     Members,
     encoded,
+    encoded_body,
     encoded_in_steps,
     members_of,
     parse_object,
@@ -186,6 +187,8 @@ async def rewritten(
         written = members.with_encoded(body, texts)
         if written is not None:
             return written
+    if len(body) > PARSE_AT_ONCE_BYTES:
+        return await encoded_body(relayed)
     return encoded(relayed).encode()
 
 

@@ -50,8 +50,8 @@ from server.errors import (
     UpstreamRejectedError,
     UpstreamUnavailableError,
 )
-from server.json_members import Base64Text, encoded_in_steps
-from server.loop_turns import LARGE_REQUEST, taking_turns
+from server.json_members import Base64Text, encoded_body
+from server.loop_turns import LARGE_REQUEST
 from server.providers._transport import HttpTransport
 from server.providers.base import ProviderSettings
 from server.schema import (
@@ -560,10 +560,7 @@ async def request_content(body: dict[str, Any], dumps: Callable[[Any], bytes]) -
     --upstream openai)."""
     if not LARGE_REQUEST.get():
         return dumps(body)
-    async with taking_turns() as next_step:
-        text = await encoded_in_steps(body, next_step, _BODY_ENCODER.encode)
-        await next_step()
-        return text.encode()
+    return await encoded_body(body, _BODY_ENCODER.encode)
 
 
 def _integral_floats_as_ints(value: Any) -> Any:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import aiohttp
@@ -239,11 +239,11 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
             if stream is not None:
                 await stream.aclose()
 
-    def _relayed(
+    async def _relayed(
         self, passthrough: Passthrough, model_id: str, deadline: float | None, request_id: str
     ) -> tuple[bytes, dict[str, Any]]:
         """The body and `client.post` options of a pass-through call."""
-        body = relayed_body(passthrough, {"model": self._model(model_id).upstream_name})
+        body = await relayed_body(passthrough, {"model": self._model(model_id).upstream_name})
         timeout = upstream_timeout(deadline, self._timeout)
         return body, relayed_options(passthrough, timeout, request_id)
 
@@ -256,7 +256,7 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
         stream: Any = None
         client = await self._sdk.current()
         try:
-            body, options = self._relayed(
+            body, options = await self._relayed(
                 passthrough, request.model, request.deadline, request.request_id
             )
             if passthrough.document.get("stream") is not True:
@@ -396,30 +396,22 @@ class AnthropicProvider(SdkProvider[AnthropicModel]):
         # The body `messages.count_tokens` sends, a large request's written in
         # steps (request_content), posted as the relayed count's is.
         options = {"timeout": upstream_timeout(request.deadline, self._timeout)}
-        content = await request_content(kwargs, openapi_dumps)
-        return await self._count(request.model, lambda: (content, options), relayed=False)
+        body = await request_content(kwargs, openapi_dumps)
+        return await self._count(request.model, body, options, relayed=False)
 
     async def _relay_count(
         self, request: TokenCountRequest, passthrough: Passthrough
     ) -> TokenCount:
-        return await self._count(
-            request.model,
-            lambda: self._relayed(passthrough, request.model, request.deadline, ""),
-            relayed=True,
-        )
+        body, options = await self._relayed(passthrough, request.model, request.deadline, "")
+        return await self._count(request.model, body, options, relayed=True)
 
     async def _count(
-        self,
-        model_id: str,
-        arguments: Callable[[], tuple[bytes, dict[str, Any]]],
-        *,
-        relayed: bool,
+        self, model_id: str, body: bytes, options: dict[str, Any], *, relayed: bool
     ) -> TokenCount:
-        """Posts a count_tokens body (`arguments`: it and the `client.post` options);
-        a relayed call's upstream error answer is kept to be relayed as it came."""
+        """Posts a count_tokens body with these `client.post` options; a relayed
+        call's upstream error answer is kept to be relayed as it came."""
         client = await self._sdk.current()
         try:
-            body, options = arguments()
             response = await client.post(
                 COUNT_TOKENS_PATH, content=body, options=options, cast_to=httpx2.Response
             )

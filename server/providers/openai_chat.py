@@ -288,11 +288,11 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
 
     # -- relayed calls (the HTTP front door's pass-through) ---------------------------
 
-    def _relayed(
+    async def _relayed(
         self, request: GenerationRequest, passthrough: Passthrough, changes: dict[str, Any]
     ) -> tuple[bytes, dict[str, Any]]:
         upstream_name = self._model(request.model).upstream_name
-        body = relayed_body(passthrough, {"model": upstream_name, **changes})
+        body = await relayed_body(passthrough, {"model": upstream_name, **changes})
         timeout = upstream_timeout(request.deadline, self._timeout)
         options = relayed_options(passthrough, timeout, request.request_id)
         options["security"] = {"bearer_auth": True}
@@ -318,7 +318,7 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         stream: Any = None
         client = await self._sdk.current()
         try:
-            body, options = self._relayed(request, passthrough, changes)
+            body, options = await self._relayed(request, passthrough, changes)
             if not streaming:
                 response = await send_relayed(client, COMPLETIONS_PATH, body, options, stream=False)
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
@@ -363,7 +363,7 @@ class OpenAIChatProvider(SdkProvider[OpenAIModel]):
         stream: Any = None
         client = await self._sdk.current()
         try:
-            body, options = self._relayed(request, passthrough, {})
+            body, options = await self._relayed(request, passthrough, {})
             if passthrough.document.get("stream") is not True:
                 response = await send_relayed(client, RESPONSES_PATH, body, options, stream=False)
                 upstream_request_id = response.headers.get(UPSTREAM_REQUEST_ID_HEADER, "")
