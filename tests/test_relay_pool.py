@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 import yarl
 
+from server.providers import _http1
 from server.providers._http1 import CHUNK, Http1Pool
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
@@ -290,3 +291,88 @@ async def test_an_answer_closed_before_its_end_closes_the_connection_at_once() -
         assert up.open == 0 and up.closed_by_client == 1
         assert p._open == 0
         await p.aclose()
+
+
+# -- Addresses looked up as aiohttp's connector does (its DNS cache) ----------------
+
+
+def counted_lookups(p: Http1Pool, *, failing: int = 0) -> list[str]:
+    """Counts the pool's address lookups (each host looked up); the first `failing`
+    of them fail as an unknown host does."""
+    looked_up: list[str] = []
+    real = p.lookup
+
+    async def lookup(host: str, port: int, **kwargs: object) -> list[tuple[object, ...]]:
+        looked_up.append(host)
+        await asyncio.sleep(0.01)  # a lookup takes time: calls meanwhile share it
+        if len(looked_up) <= failing:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return await real(host, port, **kwargs)
+
+    p.lookup = lookup  # type: ignore[method-assign]
+    return looked_up
+
+
+async def test_the_new_connections_of_a_burst_share_one_address_lookup() -> None:
+    async def slow(_: int, __: bytes, writer: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(0.02)
+        writer.write(OK)
+        return True
+
+    async with upstream(slow) as up:
+        p = pool(limit=10)
+        looked_up = counted_lookups(p)
+        url = yarl.URL(f"http://localhost:{up.port}/v1/messages")
+        answers = await asyncio.gather(
+            *(p.post(url, head(url, 2), b"{}", 5.0, None) for _ in range(10))
+        )
+        assert [await a.read() for a in answers] == [b"{}"] * 10
+        assert up.connections == 10
+        assert looked_up == ["localhost"]
+        await p.aclose()
+
+
+async def test_addresses_are_looked_up_again_after_the_ttl(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_http1, "DNS_TTL_S", 0.05)
+
+    async def once(_: int, __: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(OK.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+        await writer.drain()
+        return False  # a new connection for each call
+
+    async with upstream(once) as up:
+        p = pool()
+        looked_up = counted_lookups(p)
+        url = yarl.URL(f"http://localhost:{up.port}/v1/messages")
+        for pause in (0.0, 0.0, 0.1):
+            await asyncio.sleep(pause)
+            answer = await p.post(url, head(url, 2), b"{}", 5.0, None)
+            assert await answer.read() == b"{}"
+        # Three connections (the upstream closes each): looked up for the first and
+        # once more after the TTL.
+        assert (up.connections, looked_up) == (3, ["localhost", "localhost"])
+        await p.aclose()
+
+
+async def test_a_failed_lookup_and_addresses_that_did_not_answer_are_not_kept() -> None:
+    async with upstream(await write(OK)) as up:
+        p = pool()
+        looked_up = counted_lookups(p, failing=1)
+        url = yarl.URL(f"http://localhost:{up.port}/v1/messages")
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await p.post(url, head(url, 2), b"{}", 5.0, None)
+        answer = await p.post(url, head(url, 2), b"{}", 5.0, None)
+        assert await answer.read() == b"{}"
+        assert looked_up == ["localhost", "localhost"]  # the failure was not kept
+        await p.aclose()
+    # The upstream is gone: its kept addresses answer no more and are dropped.
+    p = pool()
+    looked_up = counted_lookups(p)
+    url = yarl.URL(f"http://localhost:{up.port}/v1/messages")
+    for _ in range(2):
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await p.post(url, head(url, 2), b"{}", 1.0, None)
+    assert looked_up == ["localhost", "localhost"]
+    await p.aclose()

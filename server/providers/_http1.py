@@ -20,7 +20,10 @@ reads stops being read from the upstream: tests/test_slow_readers.py), and
 the exceptions aiohttp raises for each failure (the SDKs' transports map
 those to httpx2's, and _transport.transport_failure reads them back), with
 aiohttp's timeouts: `connect` for a pooled connection or a new one,
-`sock_read` between two reads. A proxy, or anything else only aiohttp does,
+`sock_read` between two reads, and aiohttp's DNS cache: a host's addresses
+are looked up once for DNS_TTL_S, the new connections of a burst share one
+lookup (the loop's getaddrinfo runs in a small thread pool), and a host none
+of whose addresses answered is looked up again. A proxy, or anything else only aiohttp does,
 stays on the SDK's own path (_relay._direct_transport).
 """
 
@@ -30,7 +33,7 @@ import asyncio
 import collections
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -43,6 +46,11 @@ import yarl
 # unread stream holds stays small, and so does what its reader holds at a time.
 READ_AHEAD = 32 * 1024
 CHUNK = 16 * 1024
+# How long a host's looked-up addresses are used (aiohttp's TCPConnector's
+# default `ttl_dns_cache`).
+DNS_TTL_S = 10.0
+
+Addresses = list[tuple[Any, ...]]  # what getaddrinfo answers
 
 
 class _Connection(asyncio.Protocol):
@@ -285,6 +293,11 @@ class Http1Pool:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._sweep: asyncio.TimerHandle | None = None
         self.closed = False
+        # (host, port) -> (when the addresses expire, the addresses), and the
+        # lookups under way; `lookup` is the loop's getaddrinfo (tests count it).
+        self._addresses: dict[tuple[str, int], tuple[float, Addresses]] = {}
+        self._lookups: dict[tuple[str, int], asyncio.Future[Addresses]] = {}
+        self.lookup: Callable[..., Awaitable[Addresses]] = self.loop.getaddrinfo
 
     async def post(
         self,
@@ -368,9 +381,7 @@ class Http1Pool:
         self, key: tuple[str, int, bool], server_hostname: str | None
     ) -> _Connection:
         host, port, secure = key
-        addresses = await self.loop.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-        )
+        addresses = await self._addresses_of(host, port)
         error: OSError = OSError(f"Cannot resolve {host}")
         for address in addresses:
             sock = self._socket(address)
@@ -392,7 +403,32 @@ class Http1Pool:
                 server_hostname=(server_hostname or host) if secure else None,
             )
             return connection
+        self._addresses.pop((host, port), None)  # none answered: look them up again
         raise error
+
+    async def _addresses_of(self, host: str, port: int) -> Addresses:
+        """The host's addresses, as looked up less than DNS_TTL_S ago, or by the
+        lookup under way, or by a new one."""
+        known = self._addresses.get((host, port))
+        if known is not None and known[0] > self.loop.time():
+            return known[1]
+        lookup = self._lookups.get((host, port))
+        if lookup is None:
+            # A task of its own: a caller that gives up does not cancel the
+            # lookup the others wait for.
+            lookup = self._lookups[host, port] = self.loop.create_task(self._look_up(host, port))
+            lookup.add_done_callback(_retrieved)
+        return await asyncio.shield(lookup)
+
+    async def _look_up(self, host: str, port: int) -> Addresses:
+        try:
+            addresses = await self.lookup(
+                host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+            self._addresses[host, port] = (self.loop.time() + DNS_TTL_S, addresses)
+            return addresses
+        finally:
+            del self._lookups[host, port]
 
     def release(self, connection: _Connection) -> None:
         """Takes back a connection whose answer is done with."""
@@ -454,6 +490,12 @@ class Http1Pool:
             for connection in list(idle):
                 connection.close()
         self._idle.clear()
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Marks a failed lookup's exception seen: each caller that waited for it got it."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
