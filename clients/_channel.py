@@ -32,7 +32,9 @@ def channel_options() -> list[tuple[str, str | int]]:
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 0),
-        # Inline images make requests large; the gateway accepts 32 MiB.
+        # Inline images make requests large. The gateway sets its own limit
+        # (server.max_receive_message_bytes, 4 MiB by default) and refuses a
+        # larger request with RESOURCE_EXHAUSTED; the client does not guess it.
         ("grpc.max_send_message_length", 32 * 1024 * 1024),
         ("grpc.max_receive_message_length", 32 * 1024 * 1024),
         ("grpc.primary_user_agent", USER_AGENT),
