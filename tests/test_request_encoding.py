@@ -26,6 +26,7 @@ from openai._utils._json import openapi_dumps as openai_dumps
 from llmgateway.v1 import generation_pb2 as pb
 from llmgateway.v1 import generation_pb2_grpc as pb_grpc
 from server import json_members
+from server.http_edge.generation import read_json
 from server.json_members import Base64Text, encoded_in_steps
 from server.loop_turns import LARGE_REQUEST
 from server.providers._relay import ENCODE_AT_ONCE_BYTES, relayed_body
@@ -33,6 +34,7 @@ from server.providers._upstream import _BODY_ENCODER, image_base64, request_cont
 from server.schema import Passthrough
 from tests.conftest import ticks_during
 from tests.fake_upstream import FakeUpstream, Reply, Text
+from tests.http_fixtures import sdk_client
 from tests.upstream_fixtures import generate, stream_all, text
 from tests.upstream_fixtures import user_blocks as user
 
@@ -233,3 +235,53 @@ async def test_a_relayed_body_with_a_changed_key_given_twice_is_re_encoded_in_tu
         assert ticks >= len(written) // json_members.STEP_CHARS
     else:
         assert ticks == 0
+
+
+async def test_a_large_http_body_translated_reaches_the_upstream_as_the_sdk_writes_it(
+    url: str, fake: FakeUpstream
+) -> None:
+    """A Messages body over a MiB for an OpenAI model: parsed in steps by the front
+    door (which marks the request large), translated, its image's base64 and
+    long text written in steps for the OpenAI SDK's bytes."""
+    fake.enqueue(Reply(blocks=[Text("Seen.")]))
+    encoded_image = base64.b64encode(_IMAGE).decode("ascii")
+    client = sdk_client(url)
+    answer = await client.messages.create(
+        model="gpt-test",
+        max_tokens=64,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": _LONG_TEXT},
+                    {
+                        "type": "image",
+                        "source": {
+                            "type": "base64",
+                            "media_type": "image/png",
+                            "data": encoded_image,
+                        },
+                    },
+                ],
+            }
+        ],
+    )
+    assert answer.content[0].text == "Seen."  # type: ignore[union-attr]
+    received = fake.last("/v1/chat/completions")
+    assert len(received.raw) > 1024 * 1024
+    assert received.raw == openai_dumps(received.body)  # the SDK's bytes
+    content = received.body["messages"][0]["content"]
+    assert content[0]["text"] == _LONG_TEXT
+    assert content[1]["image_url"]["url"] == f"data:image/png;base64,{encoded_image}"
+
+
+@pytest.mark.parametrize(("chars", "large"), [(500_000, False), (1_200_000, True)])
+async def test_the_front_door_marks_a_body_over_a_mib_large(chars: int, large: bool) -> None:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * chars}]})
+
+    async def read() -> bool:
+        await read_json(body.encode())
+        return LARGE_REQUEST.get()
+
+    assert await asyncio.create_task(read()) is large  # in the call's own context
+    assert LARGE_REQUEST.get() is False
