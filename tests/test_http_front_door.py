@@ -31,6 +31,7 @@ from server.auth.cli import create_key
 from server.auth.keys import KeyStore
 from server.config import GatewayConfig, load_config
 from server.identity import KeyLimits
+from server.schema import ANTHROPIC_MESSAGES, OPENAI_CHAT, OPENAI_RESPONSES
 from server.token_estimate import count_text
 from tests.anthropic_grammar import check_anthropic_stream
 from tests.conftest import RunningGateway, request, started
@@ -450,6 +451,45 @@ async def test_a_body_over_the_limit_is_a_413_before_it_is_read(small_door: str)
     small = message_body(metadata={"user_id": "x" * 700})
     assert len(small) < 1024
     assert (await post(small_door, "/v1/messages", small)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "protocol"),
+    [
+        ("/v1/messages", ANTHROPIC_MESSAGES),
+        ("/v1/chat/completions", OPENAI_CHAT),
+        ("/v1/responses", OPENAI_RESPONSES),
+    ],
+)
+@pytest.mark.usefixtures("_openai_key_in_environment")
+async def test_a_body_over_the_limit_is_recorded_as_a_refused_call(
+    fake_upstream: FakeUpstream,
+    tmp_path: Path,
+    path: str,
+    protocol: str,
+) -> None:
+    """Refused before it is read, it is a call all the same: a ledger row
+    (RESOURCE_EXHAUSTED, as grpc answers a message over its limit), the call
+    log and the metrics, like a body that does not parse."""
+    gateway = await start_front_door(fake_upstream, tmp_path, **{"http.max_body_bytes": 1024})
+    try:
+        request_id = rid("too-large")
+        headers = {
+            "content-type": "application/json",
+            "anthropic-version": "2023-06-01",
+            "x-request-id": request_id,
+        }
+        async with httpx2.AsyncClient(timeout=10) as client:
+            response = await client.post(
+                base_url(gateway) + path, content=b" " * 2048, headers=headers
+            )
+        assert response.status_code == 413
+        assert response.headers["x-should-retry"] == "false"
+        row = await ledger_row(gateway, request_id)
+        assert (row["status"], row["error_reason"]) == ("RESOURCE_EXHAUSTED", "REQUEST_TOO_LARGE")
+        assert (row["edge"], row["method"]) == ("http", protocol)
+    finally:
+        await gateway.aclose()
 
 
 async def test_an_exhausted_budget_is_a_429_not_worth_retrying(

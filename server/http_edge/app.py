@@ -26,7 +26,7 @@ from server.credentials import undecryptable_stored_keys
 from server.errors import GatewayError, MissingScopeError, ShuttingDownError
 from server.http_edge import models
 from server.http_edge.chat import ChatDialect
-from server.http_edge.errors import JSON, HttpError, OpenAIErrors
+from server.http_edge.errors import JSON, BodyTooLargeError, HttpError, OpenAIErrors
 from server.http_edge.exchange import ClientGoneError, Exchange, Receive, Scope, Send
 from server.http_edge.generation import Dialect, ErrorDialect, GenerationEndpoint
 from server.http_edge.messages import MessagesDialect, count_tokens
@@ -53,7 +53,7 @@ OPENAI_ERRORS = OpenAIErrors(OPENAI_CHAT)
 
 
 class _Endpoint:
-    __slots__ = ("dialect", "handler", "private", "reads_body")
+    __slots__ = ("dialect", "generation", "handler", "private", "reads_body")
 
     def __init__(
         self,
@@ -62,6 +62,7 @@ class _Endpoint:
         private: bool = True,
         reads_body: bool = False,
         dialect: ErrorDialect | None = None,
+        generation: Dialect | None = None,
     ):
         self.handler = handler
         self.private = private  # needs credentials
@@ -69,6 +70,9 @@ class _Endpoint:
         # The wire format its errors are written in; None: the client's (its
         # `anthropic-version` header says Anthropic's, OpenAI's otherwise).
         self.dialect = dialect
+        # A generation endpoint's dialect: a call refused before its body is read
+        # is recorded as one of its calls.
+        self.generation = generation
 
 
 class FrontDoor:
@@ -115,7 +119,7 @@ class FrontDoor:
         }
         for path, dialect in generation_paths.items():
             self._routes["POST", path] = _Endpoint(
-                self._generator(dialect), reads_body=True, dialect=dialect
+                self._generator(dialect), reads_body=True, dialect=dialect, generation=dialect
             )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -167,7 +171,12 @@ class FrontDoor:
             body = argument.encode()
             if endpoint.reads_body:
                 _require_json(exchange)
-                body = await exchange.body(self._limit)
+                try:
+                    body = await exchange.body(self._limit)
+                except BodyTooLargeError as err:
+                    if endpoint.generation is not None:  # recorded as its call, refused
+                        await self._generation.refused(endpoint.generation, exchange, err)
+                    raise
                 exchange.watch_disconnect()
             await endpoint.handler(exchange, body)
         except (GatewayError, HttpError) as err:

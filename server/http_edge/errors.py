@@ -45,9 +45,19 @@ _BY_CODE: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.UNAVAILABLE: (529, "overloaded_error"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
 }
+
+
+class BodyTooLargeError(GatewayError):
+    """A request body over `http.max_body_bytes`: 413, refused before it is all read.
+    RESOURCE_EXHAUSTED in the ledger, as grpc answers a message over its limit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "REQUEST_TOO_LARGE"
+
+
 # Errors no retry can cure, however soon: a spent budget, a request larger
-# than the key's limit allows, a billing problem upstream.
-_FINAL = (BudgetExceededError, OverLimitError, QuotaExhaustedError)
+# than the key's limit allows, a billing problem upstream, a body too large.
+_FINAL = (BudgetExceededError, OverLimitError, QuotaExhaustedError, BodyTooLargeError)
 
 
 class HttpError(Exception):
@@ -62,7 +72,7 @@ class HttpError(Exception):
 
 def status_of(error: GatewayError) -> tuple[int, str]:
     """The HTTP status and Anthropic error type of a gateway error."""
-    if isinstance(error, RequestTooLargeError):
+    if isinstance(error, RequestTooLargeError | BodyTooLargeError):
         return 413, "request_too_large"
     if isinstance(error, OverLimitError):
         return 429, "rate_limit_error"

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from server.http_edge.errors import HttpError
+from server.http_edge.errors import BodyTooLargeError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -75,7 +75,7 @@ class Exchange:
         """The whole request body; a body over `limit` bytes is refused before it is all read."""
         declared = self.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise HttpError(413, "request_too_large", f"the request body exceeds {limit} bytes")
+            raise BodyTooLargeError(f"the request body exceeds {limit} bytes")
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -86,9 +86,7 @@ class Exchange:
             if chunk:
                 size += len(chunk)
                 if size > limit:
-                    raise HttpError(
-                        413, "request_too_large", f"the request body exceeds {limit} bytes"
-                    )
+                    raise BodyTooLargeError(f"the request body exceeds {limit} bytes")
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 break

@@ -267,6 +267,16 @@ class GenerationEndpoint:
         # The response cache (server/cache/), when the configuration enables it.
         self.cache = cache
 
+    async def refused(self, dialect: Dialect, exchange: Exchange, error: GatewayError) -> None:
+        """Records a call refused before its body was read (too large) and raises
+        `error`: the ledger, the call log and the metrics see it like any
+        refusal (or the gates' own refusal, should one come first)."""
+        async with self._calls.call(
+            dialect.protocol, exchange.request_id, exchange.headers, dialect.span_name
+        ) as record:
+            record.end_user = _session(exchange.headers)
+            raise error
+
     async def run(self, dialect: Dialect, exchange: Exchange, body: bytes) -> None:
         async with self._calls.call(
             dialect.protocol, exchange.request_id, exchange.headers, dialect.span_name
