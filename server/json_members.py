@@ -134,6 +134,44 @@ async def encoded_body(value: Any, encode: Callable[[Any], str] = encoded) -> by
         return text.encode()
 
 
+# A body up to this size has its changed values, or itself, encoded and its
+# members found at once (about a millisecond); a larger one in steps.
+AT_ONCE_BYTES = 1024 * 1024
+
+
+async def written_with(
+    body: bytes, members: Members | None, changes: Mapping[str, Any], document: Mapping[str, Any]
+) -> bytes:
+    """`body` with the top-level values `changes` sets written where they lie
+    (`members`), every other byte as it came; when their place is unknown (no
+    `members`) or a changed key is given twice, `document` (the body's, changed)
+    encoded again whole. For a body over AT_ONCE_BYTES either is encoded in
+    steps that take turns with the other calls."""
+    large = len(body) > AT_ONCE_BYTES
+    if members is not None:
+        if not large:
+            texts = {key: encoded(value) for key, value in changes.items()}
+        else:
+            async with taking_turns() as next_step:
+                texts = {key: await encoded_in_steps(v, next_step) for key, v in changes.items()}
+        written = members.with_encoded(body, texts)
+        if written is not None:
+            return written
+    return await encoded_body(document) if large else encoded(document).encode()
+
+
+async def members_found(body: bytes) -> Members | None:
+    """members_of, a body over AT_ONCE_BYTES found in steps that take turns with
+    the other calls (the whole body is parsed again)."""
+    if len(body) <= AT_ONCE_BYTES:
+        return members_of(body)
+    async with taking_turns() as next_step:
+        try:
+            return (await parse_object_in_steps(body, _PLAIN, next_step))[1]
+        except (ValueError, RecursionError):
+            return None
+
+
 def _pieces(value: Any, encode: Callable[[Any], str], depth: int) -> Iterator[str]:
     kind = type(value)
     if kind is str and len(value) > STEP_CHARS:

@@ -29,7 +29,7 @@ from server import json_members
 from server.http_edge.generation import read_json
 from server.json_members import Base64Text, encoded_in_steps
 from server.loop_turns import LARGE_REQUEST
-from server.providers._relay import ENCODE_AT_ONCE_BYTES, relayed_body
+from server.providers._relay import relayed_body
 from server.providers._upstream import _BODY_ENCODER, image_base64, request_content
 from server.schema import Passthrough
 from tests.conftest import ticks_during
@@ -231,10 +231,22 @@ async def test_a_relayed_body_with_a_changed_key_given_twice_is_re_encoded_in_tu
     written, ticks = await ticks_during(relayed_body(passthrough, {"model": "upstream-1"}))
     assert json.loads(written) == {**document, "model": "upstream-1"}
     assert written == json_members.encoded({**document, "model": "upstream-1"}).encode()
-    if size > ENCODE_AT_ONCE_BYTES:
+    if size > json_members.AT_ONCE_BYTES:
         assert ticks >= len(written) // json_members.STEP_CHARS
     else:
         assert ticks == 0
+
+
+async def test_a_large_relayed_body_whose_members_are_unknown_finds_them_in_turns() -> None:
+    """A body rewritten by the front door (a Responses input without sealed
+    reasoning) reaches the provider without its members' places: a large one's
+    are found again in steps, and the model is still written in place."""
+    text = ('a "quote" \\ é 😀 \n' * 100_000)[:1_500_000]
+    body = json.dumps({"model": "first", "input": text}, indent=1).encode()  # its own spacing
+    passthrough = Passthrough("openai.responses", body, json.loads(body))
+    written, ticks = await ticks_during(relayed_body(passthrough, {"model": "upstream-1"}))
+    assert written == body.replace(b'"first"', b'"upstream-1"', 1)
+    assert ticks >= len(body) // json_members.STEP_CHARS
 
 
 async def test_a_large_http_body_translated_reaches_the_upstream_as_the_sdk_writes_it(

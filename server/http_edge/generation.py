@@ -44,12 +44,10 @@ from server.http_edge.unfinished_answers import STALLED_ANSWER
 from server.identity import require_model_access
 from server.json_members import (
     Members,
-    encoded,
-    encoded_body,
-    encoded_in_steps,
     members_of,
     parse_object,
     parse_object_in_steps,
+    written_with,
 )
 from server.loop_turns import LARGE_REQUEST, taking_turns
 from server.routing import Route, Router
@@ -171,25 +169,15 @@ async def rewritten(
     body: bytes, members: Members | None, document: dict[str, Any], relayed: dict[str, Any]
 ) -> bytes:
     """`body` as `relayed` (`document` with some top-level values replaced): the new
-    values written where the old ones lie, every other byte kept
-    (server/json_members.py); a large body's new values encoded in steps, a
-    list element at a time. Re-encoded whole only when a replaced key is given
-    twice, or a key was dropped."""
+    values written where the old ones lie, every other byte kept, a large body's
+    in steps (json_members.written_with). Re-encoded whole only when a replaced
+    key is given twice, or a key was dropped."""
     changed = {key: value for key, value in relayed.items() if document.get(key) is not value}
     if members is None and len(body) <= FIND_MEMBERS_ABOVE_BYTES:
         members = members_of(body)
-    if members is not None and relayed.keys() >= document.keys():
-        if len(body) <= PARSE_AT_ONCE_BYTES:
-            texts = {key: encoded(value) for key, value in changed.items()}
-        else:
-            async with taking_turns() as next_step:
-                texts = {key: await encoded_in_steps(v, next_step) for key, v in changed.items()}
-        written = members.with_encoded(body, texts)
-        if written is not None:
-            return written
-    if len(body) > PARSE_AT_ONCE_BYTES:
-        return await encoded_body(relayed)
-    return encoded(relayed).encode()
+    if not relayed.keys() >= document.keys():
+        members = None  # a key dropped: written whole
+    return await written_with(body, members, changed, relayed)
 
 
 def parse_json(body: bytes) -> tuple[dict[str, Any], Members | None]:

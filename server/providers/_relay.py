@@ -53,14 +53,10 @@ from openai._models import FinalRequestOptions as OpenAIRequestOptions
 
 from server.errors import UpstreamReply
 from server.events import StreamEvent, TextDelta, ThinkingDelta, ToolInputDelta
-from server.json_members import encoded, encoded_body, members_of
+from server.json_members import members_found, written_with
 from server.providers._http1 import Answer, Http1Pool
 from server.providers._sse import SseBatch, SseEvent
 from server.schema import Passthrough
-
-# A body re-encoded whole up to this size is written at once (about a
-# millisecond); a larger one in steps (json_members.encoded_body).
-ENCODE_AT_ONCE_BYTES = 1024 * 1024
 
 # The headers of an upstream error answer that a relayed error keeps.
 _KEPT = frozenset(
@@ -77,8 +73,9 @@ _KEPT = frozenset(
 
 async def relayed_body(passthrough: Passthrough, changes: Mapping[str, Any]) -> bytes:
     """The client's body, byte for byte but for the top-level values `changes` sets
-    (written into it where they lie; the document re-encoded only when their
-    place is unknown or a changed key is given twice, a large one in steps)."""
+    (json_members.written_with: written where they lie, found in steps for a
+    large body; the document encoded again only when a changed key is given
+    twice)."""
     document = passthrough.document
     changed = {
         key: value
@@ -87,14 +84,8 @@ async def relayed_body(passthrough: Passthrough, changes: Mapping[str, Any]) -> 
     }
     if not changed:
         return passthrough.body
-    members = passthrough.members or members_of(passthrough.body)
-    if members is not None:
-        body = members.with_values(passthrough.body, changed)
-        if body is not None:
-            return body
-    if len(passthrough.body) > ENCODE_AT_ONCE_BYTES:
-        return await encoded_body({**document, **changed})
-    return encoded({**document, **changed}).encode()
+    members = passthrough.members or await members_found(passthrough.body)
+    return await written_with(passthrough.body, members, changed, {**document, **changed})
 
 
 def relayed_options(passthrough: Passthrough, timeout: float, request_id: str) -> dict[str, Any]:
